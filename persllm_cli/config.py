@@ -1,0 +1,292 @@
+"""Settings: finding the project, reading persllm.toml, and resolving every command's settings.
+
+Precedence, lowest to highest, in one function (`resolve`):
+built-in defaults < `[section]` of persllm.toml < `PERSLLM_<SECTION>_<KEY>` environment variables
+< command-line flags. Paths from defaults and persllm.toml resolve against the project root; paths
+from the environment or the command line resolve against the current directory, like any CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from persllm_cli.errors import PersllmError
+
+PROJECT_FILE = "persllm.toml"
+
+T = TypeVar("T")
+
+
+def roman(n: int) -> str:
+    """1 -> 'I', 4 -> 'IV', 14 -> 'XIV' (stage tokens are <TIME-I>, <TIME-II>, ...)."""
+    if n < 1:
+        raise ValueError(n)
+    out = []
+    for value, sym in ((1000, "M"), (900, "CM"), (500, "D"), (400, "CD"), (100, "C"), (90, "XC"),
+                       (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I")):
+        while n >= value:
+            out.append(sym)
+            n -= value
+    return "".join(out)
+
+
+def time_token(index: int) -> str:
+    """The time token of the stage at 1-based position `index`."""
+    return f"<TIME-{roman(index)}>"
+
+
+@dataclass(frozen=True)
+class Stage:
+    id: str
+    label: str
+    index: int  # 1-based, chronological (file order)
+
+    @property
+    def token(self) -> str:
+        return time_token(self.index)
+
+
+@dataclass
+class Project:
+    root: Path
+    name: str
+    description: str
+    stages: list[Stage]
+    toml: dict[str, Any] = field(default_factory=dict)
+
+    def stage(self, stage_id: str) -> Stage:
+        for s in self.stages:
+            if s.id == stage_id:
+                return s
+        known = ", ".join(s.id for s in self.stages) or "none"
+        raise PersllmError(f"unknown stage {stage_id!r} (stages in {self.root / PROJECT_FILE}: {known})")
+
+    def select_stages(self, ids: list[str] | None) -> list[Stage]:
+        """The stages named (in chronological order), or all of them when none are named."""
+        if not ids:
+            return list(self.stages)
+        wanted = {self.stage(i).id for i in ids}
+        return [s for s in self.stages if s.id in wanted]
+
+    def knowledge_file(self, stage: Stage) -> Path:
+        return self.root / "data" / stage.id / "knowledge.txt"
+
+    def style_file(self, stage: Stage) -> Path:
+        return self.root / "data" / stage.id / "style.txt"
+
+    def section(self, name: str) -> dict[str, Any]:
+        value = self.toml.get(name, {})
+        if not isinstance(value, dict):
+            raise PersllmError(f"{self.root / PROJECT_FILE}: [{name}] must be a table")
+        return value
+
+
+def find_project_root(start: Path | None = None) -> Path | None:
+    """The nearest directory at or above `start` holding persllm.toml, like git finds .git."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / PROJECT_FILE).is_file():
+            return d
+    return None
+
+
+def load_project(root: Path) -> Project:
+    path = root / PROJECT_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PersllmError(f"no {PROJECT_FILE} in {root} (create a project with `persllm init DIR`)") from None
+    except UnicodeDecodeError:
+        raise PersllmError(f"{path} is not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PersllmError(f"{path}: invalid TOML: {e}") from None
+    persona = data.get("persona", {})
+    if not isinstance(persona, dict) or not isinstance(persona.get("name"), str) or not persona["name"].strip():
+        raise PersllmError(f"{path}: [persona] needs a name, e.g. name = \"Harry Potter\"")
+    raw_stages = data.get("stages", [])
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise PersllmError(f"{path}: no [[stages]]; add at least one with an id and a label")
+    stages: list[Stage] = []
+    seen: set[str] = set()
+    for i, s in enumerate(raw_stages, start=1):
+        if not isinstance(s, dict) or not isinstance(s.get("id"), str):
+            raise PersllmError(f"{path}: stage {i} needs an id (a string)")
+        sid = s["id"]
+        check_stage_id(sid, where=str(path))
+        if sid in seen:
+            raise PersllmError(f"{path}: stage id {sid!r} appears twice")
+        seen.add(sid)
+        label = s.get("label", sid)
+        if not isinstance(label, str):
+            raise PersllmError(f"{path}: stage {sid!r}: label must be a string")
+        stages.append(Stage(id=sid, label=label, index=i))
+    return Project(root=root, name=persona["name"].strip(), description=str(persona.get("description", "")),
+                   stages=stages, toml=data)
+
+
+def check_stage_id(sid: str, where: str = "stage") -> None:
+    ok = sid and all(c.isalnum() or c in "-_" for c in sid)
+    if not ok:
+        raise PersllmError(f"{where}: bad stage id {sid!r} (use letters, digits, '-' or '_')")
+
+
+def open_project(explicit: Path | None = None, required: bool = True) -> Project | None:
+    """The project for this command: `-C DIR` if given, else found from the working directory."""
+    if explicit is not None:
+        root = Path(explicit).resolve()
+        if not (root / PROJECT_FILE).is_file():
+            raise PersllmError(f"{root} is not a persllm project (no {PROJECT_FILE})")
+        return load_project(root)
+    root = find_project_root()
+    if root is None:
+        if required:
+            raise PersllmError(
+                f"not inside a persllm project (no {PROJECT_FILE} here or above); "
+                "run `persllm init DIR` or pass -C DIR")
+        return None
+    return load_project(root)
+
+
+def persllm_home() -> Path:
+    """Where caches live (converted models, embedders): PERSLLM_HOME or ~/.cache/persllm."""
+    home = os.environ.get("PERSLLM_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "persllm"
+
+
+# ---------------------------------------------------------------- settings resolution
+
+SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def _is_path(tp: Any) -> bool:
+    if tp is Path:
+        return True
+    args = typing.get_args(tp)
+    return Path in args
+
+
+def _base_type(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def _coerce(value: Any, tp: Any, name: str, origin: str) -> Any:
+    base = _base_type(tp)
+    if value is None:
+        return None
+    try:
+        if typing.get_origin(base) is list:
+            (inner,) = typing.get_args(base) or (str,)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            return [_coerce(v, inner, name, origin) for v in value]
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is Path:
+            return Path(value).expanduser()
+        if base is str:
+            return str(value)
+        if typing.get_origin(base) is dict or base is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise PersllmError(f"{origin}: {name} = {value!r} is not a valid {getattr(base, '__name__', base)}") from None
+    return value
+
+
+def env_name(section: str, key: str) -> str:
+    return f"PERSLLM_{section}_{key}".upper().replace("-", "_")
+
+
+def resolve(cls: type[T], section: str, flags: dict[str, Any], project: Project | None) -> T:
+    """Build settings `cls` (a dataclass) for one command.
+
+    defaults (the dataclass's) < persllm.toml [section] < PERSLLM_SECTION_KEY < flags that are not None.
+    Relative paths from defaults or the toml resolve against the project root; those from the
+    environment or flags against the current directory. Unknown toml keys are an error (a typo
+    in a setting should not be silently ignored).
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    toml_section = project.section(section) if project else {}
+    toml_path = project.root / PROJECT_FILE if project else None
+    unknown = sorted(k for k in toml_section if k.replace("-", "_") not in fields)
+    if unknown:
+        raise PersllmError(f"{toml_path}: unknown setting(s) in [{section}]: {', '.join(unknown)} "
+                           f"(known: {', '.join(sorted(fields))})")
+    root = project.root if project else Path.cwd()
+    cwd = Path.cwd()
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        tp = hints[name]
+        value, base_dir = dataclasses.MISSING, root
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
+        for key in (name, name.replace("_", "-")):
+            if key in toml_section:
+                value = _coerce(toml_section[key], tp, f"[{section}] {key}", str(toml_path))
+                base_dir = root
+        env = os.environ.get(env_name(section, name))
+        if env is not None and env != "":
+            value = _coerce(env, tp, env_name(section, name), "environment")
+            base_dir = cwd
+        if flags.get(name) is not None:
+            value = _coerce(flags[name], tp, f"--{name.replace('_', '-')}", "command line")
+            base_dir = cwd
+        if value is dataclasses.MISSING:
+            raise PersllmError(f"{section}: a value for {name} is required")
+        if _is_path(tp) and isinstance(value, Path) and not value.is_absolute():
+            value = (base_dir / value).resolve()
+        values[name] = value
+    return cls(**values)
+
+
+def public_settings(settings: Any) -> dict[str, Any]:
+    """Settings as JSON-ready data for sidecars and run.json, with anything secret-looking removed."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        if any(w in f.name.lower() for w in SECRET_WORDS) and "tokens" not in f.name.lower():
+            continue
+        v = getattr(settings, f.name)
+        out[f.name] = _jsonable(v)
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if dataclasses.is_dataclass(v):
+        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    return v

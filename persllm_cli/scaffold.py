@@ -1,0 +1,116 @@
+"""`persllm init`: create a project (persllm.toml + data/<stage>/ files), or copy the example."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from persllm_cli import console
+from persllm_cli.config import PROJECT_FILE, check_stage_id, load_project, time_token
+from persllm_cli.errors import PersllmError
+from persllm_cli.resources import examples_dir, render, template_text
+
+EXAMPLES = ("harry",)
+
+
+@dataclass
+class InitSettings:
+    directory: Path
+    name: str | None = None
+    description: str = ""
+    stages: list[str] = field(default_factory=list)  # "ID" or "ID:LABEL"
+    example: str | None = None
+    force: bool = False
+
+
+def parse_stage(spec: str) -> tuple[str, str]:
+    """'early:first year' -> ('early', 'first year'); 'early' -> ('early', 'early')."""
+    sid, _, label = spec.partition(":")
+    sid, label = sid.strip(), label.strip()
+    check_stage_id(sid, where=f"--stage {spec!r}")
+    return sid, label or sid
+
+
+def _toml_str(s: str) -> str:
+    # JSON string escapes are valid TOML basic-string escapes.
+    return json.dumps(s, ensure_ascii=False)
+
+
+def project_toml(name: str, description: str, stages: list[tuple[str, str]]) -> str:
+    blocks = "".join(f"[[stages]]\nid = {_toml_str(i)}\nlabel = {_toml_str(lab)}\n\n" for i, lab in stages)
+    return render("scaffold/persllm.toml", name=name, name_toml=_toml_str(name),
+                  description_toml=_toml_str(description), stages=blocks)
+
+
+def _check_target(directory: Path, force: bool) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise PersllmError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise PersllmError(f"{directory} is not empty (use --force to create the project there anyway)")
+
+
+def _fill(staging: Path, s: InitSettings) -> tuple[str, list[tuple[str, str]]]:
+    """Write the project into `staging`; returns (persona name, stages)."""
+    if s.example:
+        if s.example not in EXAMPLES:
+            raise PersllmError(f"unknown example {s.example!r} (available: {', '.join(EXAMPLES)})")
+        if s.stages:
+            raise PersllmError("--stage cannot be combined with --example (the example has its own stages)")
+        shutil.copytree(examples_dir() / s.example, staging, dirs_exist_ok=True)
+        project = load_project(staging)
+        name = project.name
+        stages = [(st.id, st.label) for st in project.stages]
+        if s.name and s.name != name:
+            raise PersllmError(f"--example {s.example} is about {name}; leave out --name or drop --example")
+    else:
+        if not s.name or not s.name.strip():
+            raise PersllmError("a persona name is needed: persllm init DIR --name \"Harry Potter\" --stage early:\"first year\"")
+        name = s.name.strip()
+        stages = [parse_stage(x) for x in s.stages] or [("main", "main")]
+        ids = [i for i, _ in stages]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise PersllmError(f"stage id given twice: {', '.join(dup)}")
+        (staging / PROJECT_FILE).write_text(project_toml(name, s.description, stages), encoding="utf-8")
+        for sid, _ in stages:
+            d = staging / "data" / sid
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "knowledge.txt").touch()
+            (d / "style.txt").touch()
+    (staging / ".gitignore").write_text(template_text("scaffold/gitignore"), encoding="utf-8")
+    return name, stages
+
+
+def run(s: InitSettings) -> int:
+    target = s.directory.resolve()
+    _check_target(target, s.force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build the whole project in a temporary sibling, then move it into place: a failure midway
+    # leaves nothing behind.
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
+        staging = Path(tmp) / "project"
+        staging.mkdir()
+        name, stages = _fill(staging, s)
+        if not target.exists():
+            staging.rename(target)
+        else:
+            for src in sorted(staging.rglob("*")):
+                dst = target / src.relative_to(staging)
+                if src.is_dir():
+                    dst.mkdir(parents=True, exist_ok=True)
+                elif src.stat().st_size or not dst.exists():
+                    # --force keeps a user's existing material rather than blanking it.
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, dst)
+    console.info(f"Created persllm project for {name} in {target}")
+    for i, (sid, label) in enumerate(stages, start=1):
+        console.info(f"  stage {sid:<10} {time_token(i):<10} {label}")
+    if not s.example:
+        console.info("Next: put one paragraph per line in data/<stage>/knowledge.txt and style.txt, "
+                     f"then `cd {target} && persllm annotate`.")
+    else:
+        console.info(f"Next: cd {target} && persllm annotate --backend local --limit 6")
+    return 0

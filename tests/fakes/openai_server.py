@@ -1,0 +1,238 @@
+"""A local fake OpenAI-compatible server for tests and benchmarks (127.0.0.1 only, never the network).
+
+It answers POST /v1/chat/completions and GET /v1/models like the real API, with switches for what
+real servers do to clients: latency, 429 with Retry-After, 500, malformed answers, a wrong key, an
+unknown model. Every request is logged (headers and body) so tests can assert on what was sent.
+
+    with FakeOpenAI(latency=0.3) as fake:
+        fake.push(Fail(429, retry_after=1), Fail(500), Malformed())   # the next three requests
+        ... base_url=fake.url, key=fake.api_key ...
+        fake.requests  # what arrived
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+DEFAULT_KEY = "sk-fake-test-key-0123456789"
+
+
+@dataclass
+class Fail:
+    """Answer the next request with an HTTP error."""
+
+    status: int
+    retry_after: float | None = None
+    message: str = "fake failure"
+
+
+@dataclass
+class Malformed:
+    """Answer the next request with 200 but a reply that has no [Response] section."""
+
+    text: str = "I am not following the format at all."
+
+
+@dataclass
+class Reply:
+    """Answer the next request with exactly this text."""
+
+    text: str
+
+
+@dataclass
+class Hang:
+    """Wait this many seconds before answering normally (for client timeouts)."""
+
+    seconds: float
+
+
+@dataclass
+class Logged:
+    time: float
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None
+    status: int = 0
+
+
+def default_responder(body: dict[str, Any], n: int) -> str:
+    """A well-formed annotator reply built from the request, different for every request."""
+    prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+    words = re.findall(r"[A-Za-z]{4,}", prompt)
+    topic = words[-1] if words else "this"
+    parts = [f"[Question]\nWhat happened with {topic} (question {n})?"]
+    if "[Analysis]" in prompt:
+        parts.append(f"[Analysis]\nHe would think about {topic} carefully, as item {n}.")
+    parts.append(f"[Response]\nWell, about {topic}: it mattered to me, and I remember it (answer {n}).")
+    return "\n".join(parts)
+
+
+@dataclass
+class FakeOpenAI:
+    latency: float = 0.0
+    api_key: str = DEFAULT_KEY
+    models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4-turbo", "fake-model")
+    responder: Callable[[dict[str, Any], int], str] = default_responder
+    requests: list[Logged] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._script: deque = deque()
+        self._lock = threading.Lock()
+        self._count = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- control
+    def push(self, *actions: Fail | Malformed | Reply | Hang) -> None:
+        with self._lock:
+            self._script.extend(actions)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "start() the server first"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def completions(self) -> list[Logged]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    def start(self) -> "FakeOpenAI":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output clean
+                pass
+
+            def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _error(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+                self._send(status, {"error": {"message": message, "type": "fake_error", "code": code}}, headers)
+
+            def _authorized(self) -> bool:
+                return self.headers.get("Authorization", "") == f"Bearer {fake.api_key}"
+
+            def do_GET(self) -> None:
+                entry = Logged(time.time(), self.path, dict(self.headers), None)
+                with fake._lock:
+                    fake.requests.append(entry)
+                if not self._authorized():
+                    entry.status = 401
+                    return self._error(401, "Incorrect API key provided", "invalid_api_key")
+                if self.path.rstrip("/").endswith("/models"):
+                    entry.status = 200
+                    return self._send(200, {"object": "list", "data": [
+                        {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in fake.models]})
+                entry.status = 404
+                self._error(404, "not found")
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw or b"{}")
+                except json.JSONDecodeError:
+                    body = None
+                entry = Logged(time.time(), self.path, dict(self.headers), body)
+                with fake._lock:
+                    fake.requests.append(entry)
+                    fake._count += 1
+                    n = fake._count
+                    action = fake._script.popleft() if fake._script else None
+                if fake.latency:
+                    time.sleep(fake.latency)
+                if isinstance(action, Hang):
+                    time.sleep(action.seconds)
+                    action = None
+                if not self._authorized():
+                    entry.status = 401
+                    return self._error(401, "Incorrect API key provided", "invalid_api_key")
+                if not self.path.endswith("/chat/completions") or body is None:
+                    entry.status = 404
+                    return self._error(404, "not found")
+                model = body.get("model")
+                if model not in fake.models:
+                    entry.status = 404
+                    return self._error(404, f"The model `{model}` does not exist", "model_not_found")
+                if isinstance(action, Fail):
+                    entry.status = action.status
+                    headers = {"Retry-After": str(action.retry_after)} if action.retry_after is not None else None
+                    return self._error(action.status, action.message, None, headers)
+                if isinstance(action, (Malformed, Reply)):
+                    text = action.text
+                else:
+                    text = fake.responder(body, n)
+                prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+                completion_tokens = len(text.split())
+                entry.status = 200
+                self._send(200, {
+                    "id": f"chatcmpl-fake-{n}", "object": "chat.completion", "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens},
+                })
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 256
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "FakeOpenAI":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    """Run the fake server in the foreground (for subprocess tests and benchmarks)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--port-file", required=True, help="write the base URL here once listening")
+    args = ap.parse_args()
+    fake = FakeOpenAI(latency=args.latency).start()
+    with open(args.port_file + ".tmp", "w") as f:
+        f.write(fake.url)
+    import os
+
+    os.replace(args.port_file + ".tmp", args.port_file)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()

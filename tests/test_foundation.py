@@ -1,0 +1,357 @@
+"""The base every command stands on: the CLI shell, settings, records, init."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from persllm_cli import records
+from persllm_cli.config import load_project, resolve, roman, time_token
+from persllm_cli.errors import PersllmError
+from tests.conftest import REPO, persllm_cmd, run_persllm, subprocess_env
+
+# ---------------------------------------------------------------- the CLI shell
+
+
+def test_help_lists_commands_and_loads_no_torch():
+    code = ("import sys, time; t=time.perf_counter(); from persllm_cli.cli import app; "
+            "print(time.perf_counter()-t); print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.split()[1:] == ["False", "False"]
+    proc = run_persllm("--help")
+    assert proc.returncode == 0
+    for command in ("init", "annotate", "dedup", "split", "dpo", "tokenize", "train", "chat"):
+        assert command in proc.stdout, f"{command} missing from --help"
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("persllm ")
+
+
+def test_usage_error_exits_2(cli):
+    result = cli("init")
+    assert result.exit_code == 2
+    result = cli("no-such-command")
+    assert result.exit_code == 2
+
+
+# ---------------------------------------------------------------- init
+
+
+def test_init_creates_layout(tmp_path, cli):
+    target = tmp_path / "proj"
+    result = cli("init", str(target), "--name", "Harry Potter", "--description", "a wizard",
+                 "--stage", "early:first year", "--stage", "late:after the war")
+    assert result.exit_code == 0, result.output
+    project = load_project(target)
+    assert project.name == "Harry Potter"
+    assert [(s.id, s.label, s.token) for s in project.stages] == [
+        ("early", "first year", "<TIME-I>"), ("late", "after the war", "<TIME-II>")]
+    for sid in ("early", "late"):
+        assert (target / "data" / sid / "knowledge.txt").read_text() == ""
+        assert (target / "data" / sid / "style.txt").exists()
+
+
+def test_init_quotes_are_safe_in_toml(tmp_path, cli):
+    target = tmp_path / "q"
+    assert cli("init", str(target), "--name", 'Ron "Won-Won" Weasley', "--stage", 'a:the "early" days').exit_code == 0
+    project = load_project(target)
+    assert project.name == 'Ron "Won-Won" Weasley'
+    assert project.stages[0].label == 'the "early" days'
+
+
+def test_init_refuses_non_empty_dir(tmp_path, cli):
+    target = tmp_path / "busy"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    result = cli("init", str(target), "--name", "X", "--stage", "a")
+    assert result.exit_code == 1
+    assert "not empty" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    # --force creates the project and keeps the user's file.
+    assert cli("init", str(target), "--name", "X", "--stage", "a", "--force").exit_code == 0
+    assert (target / "notes.txt").read_text() == "mine"
+    assert (target / "persllm.toml").exists()
+
+
+@pytest.mark.parametrize("spec", ["bad id:label", ":nolabel", "a/b"])
+def test_init_bad_stage_spec(tmp_path, cli, spec):
+    result = cli("init", str(tmp_path / "p"), "--name", "X", "--stage", spec)
+    assert result.exit_code == 1
+    assert "stage" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "p").exists()
+
+
+def test_init_duplicate_stage(tmp_path, cli):
+    result = cli("init", str(tmp_path / "p"), "--name", "X", "--stage", "a", "--stage", "a:again")
+    assert result.exit_code == 1
+    assert not (tmp_path / "p").exists()
+
+
+def test_init_needs_a_name(tmp_path, cli):
+    result = cli("init", str(tmp_path / "p"))
+    assert result.exit_code == 1
+    assert "name" in result.stderr
+
+
+def test_init_example_harry(harry):
+    project = load_project(harry)
+    assert project.name == "Harry Potter"
+    assert [s.id for s in project.stages] == ["early", "middle", "late"]
+    for s in project.stages:
+        knowledge = [x for x in project.knowledge_file(s).read_text(encoding="utf-8").splitlines() if x.strip()]
+        style = [x for x in project.style_file(s).read_text(encoding="utf-8").splitlines() if x.strip()]
+        assert len(knowledge) >= 20 and len(style) >= 12
+    sample = records.read_jsonl(harry / "annotations.sample.jsonl")
+    assert len(sample) >= 60
+    assert {r["pattern"] for r in sample} == {"ordinary", "error", "thought"}
+    assert {r["stage"] for r in sample} == {"early", "middle", "late"}
+    for r in sample:
+        assert r["annotator"]["backend"] == "hand-written"
+        assert r["id"] == records.record_id(r["persona"], r["stage"], r["pattern"], r["source"]["file"],
+                                            r["source"]["line"], 0) or len(r["id"]) == 64
+        assert records.unusable_reason(r) is None
+
+
+def test_init_unknown_example(tmp_path, cli):
+    result = cli("init", str(tmp_path / "p"), "--example", "nope")
+    assert result.exit_code == 1
+    assert "harry" in result.stderr
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass
+class _Demo:
+    concurrency: int = 8
+    model: str = "gpt-4o-mini"
+    output: Path = Path("build/out.jsonl")
+    cot: bool = False
+
+
+def test_roman_and_tokens():
+    assert [roman(i) for i in (1, 2, 3, 4, 9, 14, 40)] == ["I", "II", "III", "IV", "IX", "XIV", "XL"]
+    assert time_token(3) == "<TIME-III>"
+
+
+def test_settings_precedence(tmp_path, monkeypatch, cli):
+    root = tmp_path / "p"
+    assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0
+    with open(root / "persllm.toml", "a") as f:
+        f.write('\n[demo]\nconcurrency = 3\nmodel = "from-toml"\noutput = "elsewhere/o.jsonl"\n')
+    project = load_project(root)
+    s = resolve(_Demo, "demo", {}, project)
+    assert (s.concurrency, s.model, s.cot) == (3, "from-toml", False)
+    assert s.output == root / "elsewhere" / "o.jsonl"  # toml paths: relative to the project root
+    monkeypatch.setenv("PERSLLM_DEMO_CONCURRENCY", "5")
+    monkeypatch.setenv("PERSLLM_DEMO_COT", "yes")
+    s = resolve(_Demo, "demo", {}, project)
+    assert (s.concurrency, s.model, s.cot) == (5, "from-toml", True)
+    s = resolve(_Demo, "demo", {"concurrency": 9, "model": None, "output": Path("x.jsonl")}, project)
+    assert (s.concurrency, s.model) == (9, "from-toml")
+    assert s.output == Path.cwd() / "x.jsonl"  # flag paths: relative to where the user is
+    monkeypatch.setenv("PERSLLM_DEMO_CONCURRENCY", "many")
+    with pytest.raises(PersllmError, match="PERSLLM_DEMO_CONCURRENCY"):
+        resolve(_Demo, "demo", {}, project)
+
+
+def test_settings_default_path_resolves_against_root(tmp_path, cli, monkeypatch):
+    root = tmp_path / "p"
+    assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0
+    (root / "sub").mkdir()
+    monkeypatch.chdir(root / "sub")
+    from persllm_cli.config import open_project
+
+    project = open_project()
+    assert project.root == root.resolve()
+    assert resolve(_Demo, "demo", {}, project).output == root.resolve() / "build" / "out.jsonl"
+
+
+def test_unknown_toml_setting_is_an_error(tmp_path, cli):
+    root = tmp_path / "p"
+    assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0
+    with open(root / "persllm.toml", "a") as f:
+        f.write("\n[demo]\nconcurency = 3\n")
+    with pytest.raises(PersllmError, match="concurency"):
+        resolve(_Demo, "demo", {}, load_project(root))
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[persona\nname=1", "invalid TOML"),
+    ("[persona]\ndescription='x'\n", "name"),
+    ("[persona]\nname='X'\n", "stages"),
+    ("[persona]\nname='X'\n[[stages]]\nid='a b'\n", "bad stage id"),
+])
+def test_broken_project_file(tmp_path, text, needle):
+    (tmp_path / "persllm.toml").write_text(text)
+    with pytest.raises(PersllmError, match=needle):
+        load_project(tmp_path)
+
+
+# ---------------------------------------------------------------- records
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"id": "1"}\n\n{"id": 2\n{"id": "3"}\n')
+    with pytest.raises(PersllmError, match=r"a\.jsonl:3: not valid JSON"):
+        records.read_jsonl(p)
+    p.write_text('{"id": "1"}\n[1, 2]\n')
+    with pytest.raises(PersllmError, match=r":2: expected a JSON object"):
+        records.read_jsonl(p)
+    p.write_bytes(b'{"id": "1"}\n{"id": "\xff"}\n')
+    with pytest.raises(PersllmError, match=r":2: not UTF-8"):
+        records.read_jsonl(p)
+    with pytest.raises(PersllmError, match="file not found"):
+        records.read_jsonl(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(PersllmError, match="empty"):
+        records.read_records(tmp_path / "empty.jsonl")
+
+
+def test_torn_tail_is_repaired_not_parsed(tmp_path):
+    p = tmp_path / "out.jsonl"
+    p.write_text('{"id": "a", "status": "ok"}\n{"id": "b", "sta')
+    assert [r["id"] for r in records.read_jsonl(p)] == ["a"]
+    assert records.repair_tail(p) is True
+    assert p.read_text() == '{"id": "a", "status": "ok"}\n'
+    with records.Appender(p) as app:
+        app.append({"id": "b", "status": "ok"})
+    assert [r["id"] for r in records.read_jsonl(p)] == ["a", "b"]
+    # A complete last line that only lost its newline is kept.
+    p.write_text('{"id": "a"}\n{"id": "b"}')
+    assert records.repair_tail(p) is False
+    assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+
+
+def test_resume_state_last_record_wins(tmp_path):
+    p = tmp_path / "out.jsonl"
+    with records.Appender(p) as app:
+        app.append({"id": "x", "status": "failed", "error": "429"})
+        app.append({"id": "y", "status": "ok"})
+        app.append({"id": "x", "status": "ok"})
+        app.append({"id": "z", "status": "failed"})
+    st = records.resume_state(p)
+    assert st.ok == {"x", "y"} and st.failed == {"z"}
+
+
+def test_appender_survives_kill_9(tmp_path):
+    """Records appended before a kill -9 are all there; the torn tail (if any) is cut on reopen."""
+    p = tmp_path / "out.jsonl"
+    code = (
+        "import sys, time\n"
+        "from persllm_cli.records import Appender\n"
+        "a = Appender(sys.argv[1])\n"
+        "i = 0\n"
+        "while True:\n"
+        "    a.append({'id': str(i), 'status': 'ok', 'pad': 'x' * 5000})\n"
+        "    i += 1\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(p)], env=subprocess_env())
+    time.sleep(1.5)
+    proc.kill()
+    proc.wait()
+    st = records.resume_state(p)
+    ids = sorted(int(i) for i in st.ok)
+    assert ids and ids == list(range(len(ids)))
+    assert p.read_text().endswith("\n")
+
+
+def test_write_atomic_leaves_old_file_on_failure(tmp_path):
+    p = tmp_path / "o.jsonl"
+    records.write_jsonl_atomic(p, [{"id": "1"}])
+
+    def boom():
+        yield {"id": "2"}
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        records.write_jsonl_atomic(p, boom())
+    assert records.read_jsonl(p) == [{"id": "1"}]
+    assert not [x.name for x in tmp_path.iterdir() if x.name.endswith(".tmp")]
+
+
+def test_sidecar_has_no_secrets(tmp_path, monkeypatch):
+    from persllm_cli.config import public_settings
+
+    @dataclass
+    class S:
+        model: str = "m"
+        api_key: str = "sk-secret"
+        max_tokens: int = 5
+
+    p = tmp_path / "o.jsonl"
+    p.write_text("")
+    meta = records.write_meta(p, command="demo", settings=public_settings(S()), inputs=[p], counts={"n": 0})
+    text = meta.read_text()
+    assert "sk-secret" not in text
+    data = json.loads(text)
+    assert data["settings"] == {"model": "m", "max_tokens": 5}
+    assert str(p) in data["inputs"]
+
+
+def test_record_id_is_stable():
+    a = records.record_id("Harry Potter", "early", "thought", "data/early/knowledge.txt", 12, 0)
+    assert a == records.record_id("Harry Potter", "early", "thought", "data/early/knowledge.txt", 12, 0)
+    assert a != records.record_id("Harry Potter", "early", "thought", "data/early/knowledge.txt", 12, 1)
+    assert len(a) == 64
+
+
+# ---------------------------------------------------------------- material files
+
+
+def test_read_paragraphs(tmp_path):
+    from persllm_cli.corpus import count_words, read_paragraphs
+
+    p = tmp_path / "k.txt"
+    p.write_text("first paragraph\n\n[Harry] I said this.\n哈利】我来了。\n  \n", encoding="utf-8")
+    paras = read_paragraphs(p)
+    assert [(x.line, x.text) for x in paras] == [(1, "first paragraph"), (3, "I said this."), (4, "我来了。")]
+    assert count_words("hello world") == 2
+    assert count_words("我来了 ok") == 4
+    p.write_text("")
+    with pytest.raises(PersllmError, match="empty"):
+        read_paragraphs(p)
+    p.write_bytes(b"fine\n\xff\xfe bad\n")
+    with pytest.raises(PersllmError, match=r"k\.txt:2: not UTF-8"):
+        read_paragraphs(p)
+
+
+# ---------------------------------------------------------------- fake server
+
+
+def test_fake_server_scripts_failures(fake_openai):
+    import urllib.request
+    from urllib.error import HTTPError
+
+    from tests.fakes.openai_server import Fail, Malformed
+
+    fake_openai.push(Fail(429, retry_after=2), Malformed())
+
+    def post():
+        req = urllib.request.Request(
+            fake_openai.url + "/chat/completions",
+            data=json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi [Analysis]"}]}).encode(),
+            headers={"Authorization": f"Bearer {fake_openai.api_key}", "Content-Type": "application/json"})
+        return urllib.request.urlopen(req, timeout=5)
+
+    with pytest.raises(HTTPError) as e:
+        post()
+    assert e.value.code == 429 and e.value.headers["Retry-After"] == "2"
+    assert "[Response]" not in json.loads(post().read())["choices"][0]["message"]["content"]
+    body = json.loads(post().read())
+    assert "[Response]" in body["choices"][0]["message"]["content"]
+    assert body["usage"]["prompt_tokens"] == 2
+    assert len(fake_openai.completions()) == 3
