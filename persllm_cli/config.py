@@ -164,7 +164,14 @@ def persllm_home() -> Path:
 
 # ---------------------------------------------------------------- settings resolution
 
-SECRET_WORDS = ("key", "token", "secret", "password")
+SECRET_NAMES = ("key", "api_key", "token", "secret", "password")
+SECRET_SUFFIXES = ("_key", "_token", "_secret", "_password")
+
+
+def is_secret_name(name: str) -> bool:
+    """Setting names that may hold a credential (never written to sidecars or run.json)."""
+    n = name.lower()
+    return n in SECRET_NAMES or n.endswith(SECRET_SUFFIXES)
 
 
 def _is_path(tp: Any) -> bool:
@@ -273,7 +280,7 @@ def public_settings(settings: Any) -> dict[str, Any]:
     """Settings as JSON-ready data for sidecars and run.json, with anything secret-looking removed."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(settings):
-        if any(w in f.name.lower() for w in SECRET_WORDS) and "tokens" not in f.name.lower():
+        if is_secret_name(f.name):
             continue
         v = getattr(settings, f.name)
         out[f.name] = _jsonable(v)

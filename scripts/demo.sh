@@ -1,16 +1,57 @@
 #!/usr/bin/env bash
-# The whole pipeline on the Harry Potter example, offline, with the embedded model.
-# Run through `make demo` (which installs everything first). Output goes to $DEMO_DIR (default demo/).
+# The whole pipeline on the Harry Potter example, offline, with the embedded model (smollm2-135m).
+# Run through `make demo`, which installs everything first. The project lands in $DEMO_DIR
+# (default demo/); PERSLLM_HOME defaults to ~/.cache/persllm as usual.
 set -euo pipefail
 DEMO_DIR="${DEMO_DIR:-demo}"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+SFT_STEPS="${SFT_STEPS:-24}"
+DPO_STEPS="${DPO_STEPS:-8}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
+step() { printf '\n==> %s\n' "$*" >&2; }
+# Exit 3 means "some items failed after retries" (rerun to retry them): fine for a demo.
+partial_ok() { "$@" || { rc=$?; [ "$rc" -eq 3 ] || exit "$rc"; echo "(exit 3: some items failed; a rerun retries them)" >&2; }; }
 
 rm -rf "$DEMO_DIR"
 step "persllm init $DEMO_DIR --example harry"
 persllm init "$DEMO_DIR" --example harry
 cd "$DEMO_DIR"
 
+step "hand-written sample (66 records, no API key needed) -> build/annotations.jsonl"
+mkdir -p build
+cp annotations.sample.jsonl build/annotations.jsonl
+
+step "persllm annotate --backend local --limit 3 (the embedded model writes a few more records)"
+partial_ok persllm annotate --backend local --limit 3 --pattern ordinary --max-retries 1
+
+step "persllm dedup"
+persllm dedup
+
+step "persllm split --test-size 0.2 --seed 0"
+persllm split --test-size 0.2 --seed 0
+
+step "persllm dpo (rejected answers from other stages)"
+persllm dpo --skip 1
+
+step "persllm tokenize --base smollm2-135m --time-tokens 3 --general general.jsonl --repeat 2"
+persllm tokenize --base smollm2-135m --time-tokens 3 --general general.jsonl --repeat 2 --max-length 512
+
+step "persllm train --method sft+dpo (a few dozen steps on CPU)"
+persllm train --method sft+dpo --max-steps "$SFT_STEPS" --batch-size 4 --grad-accum 1 --output runs/demo
+
+for stage in early middle late; do
+  step "persllm chat --stage $stage --prompt 'Who are your best friends?'"
+  persllm chat --stage "$stage" --temperature 0 --max-new-tokens 60 --prompt "Who are your best friends?"
+done
+
 end=$(date +%s)
-step "demo finished in $((end - start)) s; project in $DEMO_DIR/"
+step "demo finished in $((end - start)) s"
+cat >&2 <<TXT
+Where everything went (in $DEMO_DIR/):
+  persllm.toml, data/<stage>/{knowledge,style}.txt   the project
+  build/annotations.jsonl  -> dedup.jsonl -> train.jsonl / test.jsonl, dpo.jsonl  (each with .meta.json)
+  build/tokenized/         token ids, label masks, tokenizer with <TIME-I..III>, stats.json
+  runs/demo/               adapter/, tokenizer/, metrics.jsonl, loss.png, run.json, README.md
+  runs/latest -> demo
+Talk to it:  cd $DEMO_DIR && persllm chat --stage early
+TXT
