@@ -157,7 +157,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
         for k, name in enumerate(names):
             vals = [_get(result["systems"][name], p) or 0.0 for _, p in wanted]
             xs = [x + (k - (len(names) - 1) / 2) * width for x in range(len(wanted))]
-            ax.bar(xs, vals, width, label=name)
+            raw = [_get(result["systems"][name], p) for _, p in wanted]
+            bars = ax.bar(xs, vals, width, label=name)
+            ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.1f}" for v in raw], fontsize=7, padding=2)
         ax.set_xticks(range(len(wanted)), [label.replace(" vs reference", "").replace(" (same stage)", "")
                                            for label, _ in wanted], rotation=20, ha="right", fontsize=8)
         ax.set_title(title)

@@ -182,16 +182,18 @@ def read_test(path: Path, limit: int | None) -> list[TestItem]:
 
 
 def read_pools(paths: list[Path]) -> dict[str, list[str]]:
-    """Answers of other personas, by persona, from answer or record files."""
+    """Answers of other personas, by persona, from answer or record files (records marked
+    failed and records without an answer are left out; a missing status counts as ok)."""
     pools: dict[str, list[str]] = defaultdict(list)
     for path in paths:
         for i, r in enumerate(records.read_records(path, what="answers"), start=1):
-            if records.unusable_reason(r):
+            text = records.answer(r)
+            if r.get("status", "ok") != "ok" or not text or not text.strip():
                 continue
             persona = r.get("persona")
             if not isinstance(persona, str) or not persona.strip():
                 raise PersllmError(f"{path}: record {i} has no persona; --pool files need a persona field per record")
-            pools[persona.strip()].append(records.answer(r))
+            pools[persona.strip()].append(text)
     return dict(pools)
 
 
@@ -336,7 +338,7 @@ def run(project: Project | None, s: EvalSettings) -> int:
 def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
               answers: dict[str, dict[str, records.Record]], s: EvalSettings, result: dict[str, Any]) -> int:
     """Ask the judge about every answered item of every system; fill result['systems'][*]['judge']."""
-    total = judge.Spend()
+    total, new = judge.Spend(), judge.Spend()
     failed = 0
     for system in systems:
         jitems = []
@@ -350,11 +352,13 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
         summary = judge.summarize(jitems, verdicts, backend.model)
         result["systems"][system.name]["judge"] = summary
         failed += summary["failed"]
-        total.requests += spend.requests
-        total.prompt_tokens += spend.prompt_tokens
-        total.completion_tokens += spend.completion_tokens
-        total.cost_usd = None if spend.cost_usd is None or total.cost_usd is None else total.cost_usd + spend.cost_usd
-    result["judge"] = {"model": backend.model, **total.__dict__}
+        for acc, part in ((total, judge.total_spend(verdicts)), (new, spend)):
+            acc.requests += part.requests
+            acc.prompt_tokens += part.prompt_tokens
+            acc.completion_tokens += part.completion_tokens
+            acc.cost_usd = None if part.cost_usd is None or acc.cost_usd is None else acc.cost_usd + part.cost_usd
+    # Totals cover every verdict in the report (asked now or by an earlier run); this_run is what this run spent.
+    result["judge"] = {"model": backend.model, **total.__dict__, "this_run": dict(new.__dict__)}
     if failed:
         console.warn(f"the judge gave no verdict on {failed} item(s); rerun to ask again")
     return failed

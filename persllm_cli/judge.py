@@ -175,6 +175,19 @@ def run(backend: Backend, items: list[Item], path, *, max_tokens: int = 512,
     return {k: r for k, r in state.records.items() if k in wanted}, spend
 
 
+def total_spend(verdicts: dict[str, Record]) -> Spend:
+    """What the verdicts in use cost when they were asked (this run or earlier ones)."""
+    total = Spend()
+    for r in verdicts.values():
+        j = r.get("judge") or {}
+        total.requests += int(j.get("attempts") or 0)
+        total.prompt_tokens += int(j.get("prompt_tokens") or 0)
+        total.completion_tokens += int(j.get("completion_tokens") or 0)
+        cost = j.get("cost_usd")
+        total.cost_usd = None if cost is None or total.cost_usd is None else total.cost_usd + cost
+    return total
+
+
 def summarize(items: list[Item], verdicts: dict[str, Record], judge_model: str) -> dict[str, Any]:
     """Win/tie/loss against the reference (both orders must agree), consistency, premise rejection.
 

@@ -235,7 +235,7 @@ def test_pool_gives_cross_persona(project, cli, monkeypatch, tmp_path):
     run = _make_run(project, "sft")
     _use_generators(monkeypatch, {"sft": FakeGenerator()})
     pool = tmp_path / "draco.jsonl"
-    pool.write_text(json.dumps({"persona": "Draco Malfoy", "stage": "early", "status": "ok", "messages": [
+    pool.write_text(json.dumps({"persona": "Draco Malfoy", "stage": "early", "messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "My father will hear about this, Potter."}]}) + "\n")
     result = cli("eval", str(run), "--pool", str(pool), "--json")
     assert result.exit_code == 0, result.output
@@ -278,8 +278,12 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     assert spend["cost_usd"] == pytest.approx(want)
     assert "OPENAI" not in (run / "eval" / "judge.jsonl").read_text() and fake_openai.api_key not in (run / "eval" / "eval.json").read_text()
     # A rerun asks nothing again; a judge stuck on "A" shows its position bias as ties.
-    assert cli("eval", str(run), "--judge", "gpt-4o-mini").exit_code == 0
+    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--json")
+    assert result.exit_code == 0
     assert len(fake_openai.completions()) == 16
+    again = json.loads(result.stdout)["judge"]
+    assert again["this_run"]["requests"] == 0
+    assert (again["requests"], again["prompt_tokens"], again["cost_usd"]) == (16, spend["prompt_tokens"], pytest.approx(want))
     fake_openai.responder = lambda body, n: "Verdict: A" if "[Answer A]" in body["messages"][-1]["content"] else "Verdict: no"
     result = cli("eval", str(run), "--judge", "fake-model", "--json")
     j = json.loads(result.stdout)["systems"]["sft"]["judge"]
