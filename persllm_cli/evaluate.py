@@ -14,6 +14,7 @@ Where files go:
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections import Counter, defaultdict
@@ -75,6 +76,7 @@ class System:
     dir: Path                     # holds answers.jsonl and judge.jsonl
     info: RunInfo | None = None
     description: str = ""
+    fingerprint: str = ""         # what made the answers; a change means they are made again
 
     @property
     def answers_path(self) -> Path:
@@ -225,15 +227,24 @@ def systems_for(project: Project | None, s: EvalSettings, items: list[TestItem])
         sysdir = s.output / _slug(name) if s.output else d / "eval"
         out.append(System(name=name, kind="run", model=str(info.data.get("base", "?")),
                           persona=str(info.data.get("persona") or default_persona),
-                          labels={st["id"]: st.get("label", st["id"]) for st in info.stages}, dir=sysdir, info=info))
+                          labels={st["id"]: st.get("label", st["id"]) for st in info.stages}, dir=sysdir, info=info,
+                          fingerprint=_fingerprint(records.file_sha256(d / "run.json"), s)))
     if s.api_model:
         name = f"api:{s.api_model}"
         sysdir = (s.output or root / "build" / "eval") / _slug(f"api-{s.api_model}")
         order = [st for st in project_labels if st in needed] + [st for st in needed if st not in project_labels]
         labels = {st: project_labels.get(st, st) for st in order}
         out.append(System(name=name, kind="api", model=s.api_model, persona=default_persona, labels=labels, dir=sysdir,
-                          description=project.description if project else ""))
+                          description=project.description if project else "",
+                          fingerprint=_fingerprint(f"api:{s.api_model}", s)))
     return out
+
+
+def _fingerprint(source: str, s: EvalSettings) -> str:
+    """Answers depend on the model (run.json changes when a run is trained again) and on how it
+    was asked to answer; the stage prompts are part of the model or of the template."""
+    key = f"{source}|max_new_tokens={s.max_new_tokens}|temperature={s.temperature}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- generation
@@ -248,7 +259,13 @@ def generate(system: System, items: list[TestItem], s: EvalSettings,
     when something is left to answer."""
     path = system.answers_path
     state = records.resume_state(path)
-    pending = [i for i in items if i.id not in state.ok]
+    fresh = {rid for rid in state.ok
+             if (state.records[rid].get("generator") or {}).get("fingerprint") == system.fingerprint}
+    pending = [i for i in items if i.id not in fresh]
+    stale = sum(1 for i in pending if i.id in state.ok)
+    if stale:
+        console.note(f"{system.name}: {stale} saved answer(s) came from another version of the model or other "
+                     "generation settings; answering them again")
     spend = None
     if pending:
         gen = (open_gen or open_generator)(system, s)
@@ -271,7 +288,7 @@ def generate(system: System, items: list[TestItem], s: EvalSettings,
                                "messages": [{"role": "user", "content": item.question}]
                                            + ([{"role": "assistant", "content": text}] if ok else []),
                                "generator": {"system": system.name, "kind": system.kind, "model": gen.model,
-                                             "seconds": round(secs, 3)},
+                                             "fingerprint": system.fingerprint, "seconds": round(secs, 3)},
                                "status": "ok" if ok else "failed", "error": None if ok else "no answer"}
                         out.append(rec)
                         state.records[item.id] = rec

@@ -227,6 +227,10 @@ def test_generation_resumes_after_interrupt(project, cli, monkeypatch):
     _use_generators(monkeypatch, {"sft": third})
     assert cli("eval", str(run), "-o", "out").exit_code == 0
     assert third.asked == []
+    # Other generation settings (or a retrained run) make the saved answers stale.
+    result = cli("eval", str(run), "--max-new-tokens", "64", "-o", "out")
+    assert result.exit_code == 0 and "answering them again" in result.stderr
+    assert sum(n for _, n in third.asked) == 7
     assert (project / "out" / "eval.md").exists() and (project / "out" / "eval.png").exists()
 
 
