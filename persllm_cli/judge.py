@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from statistics import fmean
 from typing import Any, Callable, Iterable
@@ -129,6 +130,8 @@ def ask(backend: Backend, key: str, kind: str, item: Item, *, max_tokens: int, a
             c = backend.complete(prompt(item, kind), max_tokens=max_tokens, temperature=0.0)
         except TransientError as e:
             error = f"transient: {e}"
+            if attempt < attempts:
+                time.sleep(min(e.retry_after if e.retry_after is not None else 0.5, 30.0))
             continue
         cost = cost_usd(backend.model, c.prompt_tokens, c.completion_tokens, prices)
         if spend is not None:

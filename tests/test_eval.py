@@ -12,6 +12,7 @@ import pytest
 
 from persllm_cli import evaluate, judge, metrics
 from tests.fakes.openai_backend import OpenAITestBackend
+from tests.fakes.openai_server import Fail
 
 STAGES = [("early", "first year"), ("late", "after the war")]
 
@@ -300,9 +301,12 @@ def test_judge_without_verdict_is_partial(project, cli, monkeypatch, fake_openai
     run = _make_run(project, "sft")
     _use_generators(monkeypatch, {"sft": FakeGenerator()})
     monkeypatch.setattr(evaluate, "open_backend", lambda kind, model, base_url, timeout: OpenAITestBackend(model, base_url, timeout))
+    fake_openai.push(Fail(500))                    # a transient error uses up the first attempt
     fake_openai.responder = lambda body, n: "I cannot decide." if n <= 2 else "Verdict: tie\n" if "[Answer A]" in body["messages"][-1]["content"] else "Verdict: yes"
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1")
-    assert result.exit_code == 3                   # first request: no verdict twice -> failed
+    assert result.exit_code == 3                   # first question: a 500, then no verdict -> failed
+    first = json.loads((run / "eval" / "judge.jsonl").read_text().splitlines()[0])
+    assert (first["status"], first["judge"]["attempts"], first["error"]) == ("failed", 2, "no verdict in the judge's reply")
     assert "rerun" in result.stderr
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1", "--json")
     assert result.exit_code == 0
@@ -346,3 +350,26 @@ def test_errors(project, cli, monkeypatch, tmp_path):
     assert result.exit_code == 1 and "--tokenize" in result.stderr
     assert not (run / "eval").exists()            # nothing written by any failed attempt
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_chinese_material_is_scored_per_character(project, cli, monkeypatch):
+    monkeypatch.chdir(project)
+    run = _make_run(project, "sft")
+    recs = [{"id": f"z{i}", "persona": "哈利·波特", "stage": stage, "pattern": "ordinary", "status": "ok",
+             "messages": [{"role": "user", "content": f"你记得第{i}件事吗？"},
+                          {"role": "assistant", "content": f"我记得第{i}件事，那是在城堡里。"}]}
+            for i, stage in enumerate(["early", "early", "late"])]
+    (project / "build" / "test.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+
+    class ChineseGenerator(FakeGenerator):
+        def answer_batch(self, conversations, stage):
+            return ["我记得那件事，在城堡里。" for _ in conversations]
+
+    _use_generators(monkeypatch, {"sft": ChineseGenerator()})
+    result = cli("eval", str(run), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["tokenize"] == "zh"
+    sft = data["systems"]["sft"]
+    assert sft["distinction"]["intra"] == pytest.approx(100.0)   # the two early answers are identical
+    assert 0 < sft["reference"]["rouge_l"] < 100
