@@ -96,6 +96,10 @@ class Generator(Protocol):
 # ---------------------------------------------------------------- seams to the other modules
 
 
+# TODO(merge): these two seams call into llm.py (make_backend) and inference.py (load_run and a
+# batched generate helper) from the other branches; tests replace them with doubles.
+
+
 def open_backend(kind: str, model: str, base_url: str | None, timeout: float) -> Backend:
     """The judge's or baseline's backend (llm.py)."""
     from persllm_cli.llm import make_backend  # type: ignore[attr-defined]  # lands with llm.py's backends
