@@ -279,6 +279,40 @@ def chat(
     return stage.run(project, settings)
 
 
+# ----------------------------------------------------------------------------------------- eval
+
+@app.command("eval")
+@guarded
+def eval_(
+    ctx: typer.Context,
+    run: Annotated[Optional[list[Path]], typer.Argument(help="Run directories to evaluate side by side, e.g. runs/sft runs/sft-dpo. [default: runs/latest, unless --api-model is given]", metavar="RUN")] = None,
+    test: Annotated[Optional[Path], Opt(help="Test records (questions with reference answers). [default: build/test.jsonl]", metavar="FILE")] = None,
+    api_model: Annotated[Optional[str], Opt(help="Also evaluate this OpenAI-compatible model, prompted with the persona and stage (a baseline without training).", metavar="M")] = None,
+    base_url: Annotated[Optional[str], Opt(help="Server URL for --api-model (else OPENAI_BASE_URL). The key is read from OPENAI_API_KEY only.", metavar="URL")] = None,
+    pool: Annotated[Optional[list[Path]], Opt(help="Answers of other personas (JSONL with persona and messages, e.g. another project's eval answers) for cross-persona BLEU; repeatable.", metavar="FILE")] = None,
+    judge: Annotated[Optional[str], Opt(help="Judge model (OpenAI-compatible): compares each answer with the reference in both orders and checks false-premise questions were rejected.", metavar="M")] = None,
+    judge_base_url: Annotated[Optional[str], Opt(help="Server URL for --judge. [default: --base-url, else OPENAI_BASE_URL]", metavar="URL")] = None,
+    max_new_tokens: Annotated[Optional[int], Opt(help="Longest answer, in tokens. [default: 256]", min=1)] = None,
+    batch_size: Annotated[Optional[int], Opt(help="Questions generated together. [default: 8]", min=1)] = None,
+    temperature: Annotated[Optional[float], Opt(help="Sampling temperature; 0 is greedy and repeatable. [default: 0]")] = None,
+    limit: Annotated[Optional[int], Opt(help="Evaluate only the first N test questions.", min=1)] = None,
+    max_pairs: Annotated[Optional[int], Opt(help="Answer pairs per BLEU group before sampling. [default: 2000]", min=1)] = None,
+    seed: Annotated[Optional[int], Opt(help="Seed for sampling answer pairs. [default: 0]")] = None,
+    tokenize: Annotated[Optional[str], Opt(help="BLEU/ROUGE tokenizer: auto (zh or char for CJK text, else 13a), 13a, zh, char, intl. [default: auto]")] = None,
+    timeout: Annotated[Optional[float], Opt(help="Seconds to wait for one API request. [default: 120]", metavar="S")] = None,
+    json_output: Annotated[Optional[bool], Opt("--json", help="Print all metrics as JSON on stdout.")] = None,
+    output: Annotated[Optional[Path], Opt("-o", "--output", help="Folder for answers and the report. [default: <run>/eval/ for answers; the report there with one run, else build/eval/]", metavar="DIR")] = None,
+) -> int:
+    """Answer the test questions and measure how well each persona stays itself and in its stage.
+
+    Reports BLEU between answers (within a stage, across stages, across personas), BLEU and ROUGE-L against the reference answers and, with --judge, an LLM judge's verdicts. Answers are saved and reused: a rerun only generates what is missing. Writes eval.md, eval.png and eval.json; exits 3 when some answers or verdicts are missing (rerun to retry).
+    """
+    from persllm_cli import evaluate as stage
+
+    project, settings = _settings(ctx, stage.EvalSettings, "eval", dict(locals()), project_required=False)
+    return stage.run(project, settings)
+
+
 def main() -> None:
     """Console-script entry point. Typer's standalone mode turns usage errors into exit 2."""
     app(prog_name="persllm")

@@ -1,0 +1,385 @@
+"""`persllm eval`: answer the test questions with trained runs (or a prompted API model), then
+measure distinction, overlap with the references and, optionally, an LLM judge's verdicts.
+
+Flow: validate every input (test set, runs, pools, judge) -> generate the missing answers per
+system, stage by stage in batches, appending to `answers.jsonl` (a rerun skips answered ids)
+-> metrics (metrics.py) -> judge (judge.py) -> table on stderr, `--json` on stdout, and
+eval.md / eval.png / eval.json (evalreport.py).
+
+Where files go:
+  answers   <run>/eval/answers.jsonl (and judge.jsonl) for a run; build/eval/api-<model>/ for
+            --api-model; with -o DIR: DIR/<system>/answers.jsonl.
+  report    with one system, next to its answers; with several, build/eval/; with -o, DIR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from persllm_cli import console, judge, metrics, records, resources
+from persllm_cli.config import Project, public_settings
+from persllm_cli.errors import EXIT_PARTIAL, PersllmError
+from persllm_cli.llm import Backend, Message, TransientError
+from persllm_cli.runs import RunInfo, read_run, resolve_run
+
+
+@dataclass
+class EvalSettings:
+    run: list[Path] = field(default_factory=list)
+    test: Path = Path("build/test.jsonl")
+    api_model: str | None = None
+    base_url: str | None = None
+    pool: list[Path] = field(default_factory=list)
+    judge: str | None = None
+    judge_base_url: str | None = None
+    judge_max_tokens: int = 512
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    temperature: float = 0.0
+    limit: int | None = None
+    max_pairs: int = 2000
+    seed: int = 0
+    tokenize: str = "auto"
+    timeout: float = 120.0
+    json_output: bool = False
+    output: Path | None = None
+
+
+# ---------------------------------------------------------------- what is evaluated
+
+
+@dataclass
+class TestItem:
+    id: str
+    persona: str
+    stage: str
+    pattern: str
+    question: str
+    reference: str
+
+
+@dataclass
+class System:
+    """One column of the comparison: a trained run or a prompted API model."""
+
+    name: str
+    kind: str                     # "run" or "api"
+    model: str
+    persona: str
+    labels: dict[str, str]        # stage id -> label
+    dir: Path                     # holds answers.jsonl and judge.jsonl
+    info: RunInfo | None = None
+    description: str = ""
+    fingerprint: str = ""         # what made the answers; a change means they are made again
+
+    @property
+    def answers_path(self) -> Path:
+        return self.dir / "answers.jsonl"
+
+
+class Generator(Protocol):
+    """Answers questions in the persona's voice at one stage."""
+
+    model: str
+
+    def answer_batch(self, conversations: list[list[Message]], stage: str) -> list[str | None]:
+        """One answer per conversation (None when that one failed), all at stage id `stage`."""
+        ...
+
+
+# ---------------------------------------------------------------- seams to the other modules
+
+
+# TODO(merge): these two seams call into llm.py (make_backend) and inference.py (load_run and a
+# batched generate helper) from the other branches; tests replace them with doubles.
+
+
+def open_backend(kind: str, model: str, base_url: str | None, timeout: float) -> Backend:
+    """The judge's or baseline's backend (llm.py)."""
+    from persllm_cli.llm import make_backend  # type: ignore[attr-defined]  # lands with llm.py's backends
+
+    return make_backend(kind, model, base_url, timeout)
+
+
+class RunGenerator:
+    """A trained run answering with its stage's time token (inference.py does the loading and
+    the chat template, exactly as training rendered it)."""
+
+    def __init__(self, info: RunInfo, max_new_tokens: int, temperature: float):
+        from persllm_cli import inference  # type: ignore[attr-defined]
+
+        self.info = info
+        self.model = info.path.name
+        self._model, self._tokenizer, _ = inference.load_run(info.path)
+        self._max_new_tokens, self._temperature = max_new_tokens, temperature
+
+    def answer_batch(self, conversations: list[list[Message]], stage: str) -> list[str | None]:
+        from persllm_cli import inference  # type: ignore[attr-defined]
+
+        _, token = self.info.stage_token(stage)
+        return inference.generate_batch(self._model, self._tokenizer, conversations, stage_token=token,
+                                        max_new_tokens=self._max_new_tokens, temperature=self._temperature)
+
+
+class ApiGenerator:
+    """The prompted baseline: an API model told who it is and when (no training)."""
+
+    def __init__(self, backend: Backend, persona: str, description: str, labels: dict[str, str],
+                 max_new_tokens: int, temperature: float):
+        self.backend, self.model = backend, backend.model
+        self.persona, self.description, self.labels = persona, description, labels
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.spend = judge.Spend()
+
+    def answer_batch(self, conversations: list[list[Message]], stage: str) -> list[str | None]:
+        system = resources.render("eval/baseline_system.txt", persona=self.persona, description=self.description,
+                                  stage_label=self.labels.get(stage, stage)).strip()
+        out: list[str | None] = []
+        for conv in conversations:
+            try:
+                c = self.backend.complete([{"role": "system", "content": system}, *conv],
+                                          max_tokens=self.max_new_tokens, temperature=self.temperature)
+            except TransientError:
+                out.append(None)
+                continue
+            self.spend.add(c, judge.cost_usd(self.model, c.prompt_tokens, c.completion_tokens))
+            out.append(c.text.strip() or None)
+        return out
+
+
+def open_generator(system: System, s: EvalSettings) -> Generator:
+    if system.kind == "run":
+        assert system.info is not None
+        return RunGenerator(system.info, s.max_new_tokens, s.temperature)
+    backend = open_backend("openai", system.model, s.base_url, s.timeout)
+    backend.check()
+    return ApiGenerator(backend, system.persona, system.description, system.labels,
+                        s.max_new_tokens, s.temperature)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_test(path: Path, limit: int | None) -> list[TestItem]:
+    recs = records.read_records(path, what="test records")
+    items, dropped = [], Counter()
+    for r in recs:
+        why = records.unusable_reason(r) or (None if isinstance(r.get("id"), str) else "no id")
+        why = why or (None if isinstance(r.get("stage"), str) else "no stage")
+        if why:
+            dropped[why] += 1
+            continue
+        items.append(TestItem(id=r["id"], persona=str(r.get("persona") or ""), stage=r["stage"],
+                              pattern=str(r.get("pattern") or "ordinary"),
+                              question=records.question(r), reference=records.answer(r)))
+    if dropped:
+        console.warn(f"{path}: left out {sum(dropped.values())} unusable record(s) "
+                     f"({', '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))})")
+    if not items:
+        raise PersllmError(f"{path}: no usable test records (each needs an id, a stage, a question and an answer)")
+    items = list({i.id: i for i in items}.values())  # a repeated id: the last record wins
+    return items[:limit] if limit is not None else items
+
+
+def read_pools(paths: list[Path]) -> dict[str, list[str]]:
+    """Answers of other personas, by persona, from answer or record files (records marked
+    failed and records without an answer are left out; a missing status counts as ok)."""
+    pools: dict[str, list[str]] = defaultdict(list)
+    for path in paths:
+        for i, r in enumerate(records.read_records(path, what="answers"), start=1):
+            text = records.answer(r)
+            if r.get("status", "ok") != "ok" or not text or not text.strip():
+                continue
+            persona = r.get("persona")
+            if not isinstance(persona, str) or not persona.strip():
+                raise PersllmError(f"{path}: record {i} has no persona; --pool files need a persona field per record")
+            pools[persona.strip()].append(text)
+    return dict(pools)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "model"
+
+
+def systems_for(project: Project | None, s: EvalSettings, items: list[TestItem]) -> list[System]:
+    root = project.root if project else Path.cwd()
+    default_persona = project.name if project else Counter(i.persona for i in items).most_common(1)[0][0]
+    project_labels = {st.id: st.label for st in project.stages} if project else {}
+    run_dirs = [resolve_run(r, project) for r in s.run]
+    if not run_dirs and not s.api_model:
+        run_dirs = [resolve_run(None, project)]
+    out: list[System] = []
+    names: Counter[str] = Counter()
+    needed = sorted({i.stage for i in items})
+    for d in run_dirs:
+        info = read_run(d)
+        known = {st["id"] for st in info.stages}
+        missing = [st for st in needed if st not in known]
+        if missing:
+            raise PersllmError(f"run {d} has no stage {', '.join(missing)} that the test set uses "
+                               f"(its stages: {', '.join(sorted(known)) or 'none'})")
+        name = d.name
+        names[name] += 1
+        if names[name] > 1:
+            name = f"{name}#{names[name]}"
+        sysdir = s.output / _slug(name) if s.output else d / "eval"
+        out.append(System(name=name, kind="run", model=str(info.data.get("base", "?")),
+                          persona=str(info.data.get("persona") or default_persona),
+                          labels={st["id"]: st.get("label", st["id"]) for st in info.stages}, dir=sysdir, info=info,
+                          fingerprint=_fingerprint(records.file_sha256(d / "run.json"), s)))
+    if s.api_model:
+        name = f"api:{s.api_model}"
+        sysdir = (s.output or root / "build" / "eval") / _slug(f"api-{s.api_model}")
+        order = [st for st in project_labels if st in needed] + [st for st in needed if st not in project_labels]
+        labels = {st: project_labels.get(st, st) for st in order}
+        out.append(System(name=name, kind="api", model=s.api_model, persona=default_persona, labels=labels, dir=sysdir,
+                          description=project.description if project else "",
+                          fingerprint=_fingerprint(f"api:{s.api_model}", s)))
+    return out
+
+
+def _fingerprint(source: str, s: EvalSettings) -> str:
+    """Answers depend on the model (run.json changes when a run is trained again) and on how it
+    was asked to answer; the stage prompts are part of the model or of the template."""
+    key = f"{source}|max_new_tokens={s.max_new_tokens}|temperature={s.temperature}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- generation
+
+
+def generate(system: System, items: list[TestItem], s: EvalSettings,
+             open_gen=None) -> tuple[dict[str, records.Record], int, judge.Spend | None]:
+    """Answer every item not answered yet, appending to the system's answers.jsonl.
+
+    Returns the latest answer record per test id (of these items), how many have no answer, and
+    what an API generator spent. The generator is only opened (a model loaded, a server checked)
+    when something is left to answer."""
+    path = system.answers_path
+    state = records.resume_state(path)
+    fresh = {rid for rid in state.ok
+             if (state.records[rid].get("generator") or {}).get("fingerprint") == system.fingerprint}
+    pending = [i for i in items if i.id not in fresh]
+    stale = sum(1 for i in pending if i.id in state.ok)
+    if stale:
+        console.note(f"{system.name}: {stale} saved answer(s) came from another version of the model or other "
+                     "generation settings; answering them again")
+    spend = None
+    if pending:
+        gen = (open_gen or open_generator)(system, s)
+        by_stage: dict[str, list[TestItem]] = defaultdict(list)
+        for i in pending:
+            by_stage[i.stage].append(i)
+        with records.Appender(path) as out, console.progress() as bar:
+            task = bar.add_task(f"answering ({system.name})", total=len(pending))
+            for stage, group in by_stage.items():
+                for k in range(0, len(group), s.batch_size):
+                    batch = group[k:k + s.batch_size]
+                    t0 = time.perf_counter()
+                    texts = gen.answer_batch([[{"role": "user", "content": i.question}] for i in batch], stage)
+                    if len(texts) != len(batch):
+                        raise RuntimeError(f"generator returned {len(texts)} answers for {len(batch)} questions")
+                    secs = (time.perf_counter() - t0) / len(batch)
+                    for item, text in zip(batch, texts):
+                        ok = bool(text and text.strip())
+                        rec = {"id": item.id, "persona": system.persona, "stage": item.stage, "pattern": item.pattern,
+                               "messages": [{"role": "user", "content": item.question}]
+                                           + ([{"role": "assistant", "content": text}] if ok else []),
+                               "generator": {"system": system.name, "kind": system.kind, "model": gen.model,
+                                             "fingerprint": system.fingerprint, "seconds": round(secs, 3)},
+                               "status": "ok" if ok else "failed", "error": None if ok else "no answer"}
+                        out.append(rec)
+                        state.records[item.id] = rec
+                    bar.advance(task, len(batch))
+        records.write_meta(path, command="eval", settings=public_settings(s), inputs=[s.test],
+                           counts={"answered": len(pending), "items": len(items)},
+                           extra={"system": system.name, "model": system.model})
+        spend = getattr(gen, "spend", None)
+    ids = {i.id for i in items}
+    got = {k: r for k, r in state.records.items() if k in ids}
+    failed = sum(1 for i in items if got.get(i.id, {}).get("status") != "ok")
+    return got, failed, spend
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run(project: Project | None, s: EvalSettings) -> int:
+    """Validate everything, generate what is missing, score, judge, report."""
+    t0 = time.perf_counter()
+    if s.tokenize not in metrics.TOKENIZE_CHOICES:
+        raise PersllmError(f"--tokenize must be one of {', '.join(metrics.TOKENIZE_CHOICES)}, not {s.tokenize!r}")
+    for name in ("batch_size", "max_new_tokens", "max_pairs"):
+        if getattr(s, name) < 1:
+            raise PersllmError(f"--{name.replace('_', '-')} must be at least 1")
+    if s.limit is not None and s.limit < 1:
+        raise PersllmError("--limit must be at least 1")
+    s.output = Path(s.output).resolve() if s.output else None
+    s.pool = [Path(p).resolve() for p in s.pool]
+    items = read_test(Path(s.test), s.limit)
+    systems = systems_for(project, s, items)
+    pools = read_pools(s.pool)
+    judge_backend = None
+    if s.judge:
+        judge_backend = open_backend("openai", s.judge, s.judge_base_url or s.base_url, s.timeout)
+        judge_backend.check()
+
+    answers: dict[str, dict[str, records.Record]] = {}
+    spends: dict[str, judge.Spend] = {}
+    failed_total = 0
+    for system in systems:
+        answers[system.name], failed, spend = generate(system, items, s)
+        if spend is not None:
+            spends[system.name] = spend
+        failed_total += failed
+        if failed:
+            console.warn(f"{system.name}: {failed} question(s) without an answer; rerun to retry them")
+
+    from persllm_cli import evalreport
+
+    result = evalreport.score(systems, items, answers, pools, s)
+    if judge_backend is not None:
+        failed_total += judge_all(judge_backend, systems, items, answers, s, result)
+    for name, spend in spends.items():
+        result["systems"][name]["generation_spend"] = dict(spend.__dict__)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    report_dir = s.output or (systems[0].dir if len(systems) == 1 else (project.root if project else Path.cwd()) / "build" / "eval")
+    evalreport.write(report_dir, result, s)
+    if failed_total:
+        return EXIT_PARTIAL
+    return 0
+
+
+def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
+              answers: dict[str, dict[str, records.Record]], s: EvalSettings, result: dict[str, Any]) -> int:
+    """Ask the judge about every answered item of every system; fill result['systems'][*]['judge']."""
+    total, new = judge.Spend(), judge.Spend()
+    failed = 0
+    for system in systems:
+        jitems = []
+        for i in items:
+            r = answers[system.name].get(i.id)
+            if r and r.get("status") == "ok":
+                jitems.append(judge.Item(test_id=i.id, persona=system.persona,
+                                         stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
+                                         question=i.question, reference=i.reference, answer=records.answer(r)))
+        verdicts, spend = judge.run(backend, jitems, system.dir / "judge.jsonl", max_tokens=s.judge_max_tokens)
+        summary = judge.summarize(jitems, verdicts, backend.model)
+        result["systems"][system.name]["judge"] = summary
+        failed += summary["failed"]
+        for acc, part in ((total, judge.total_spend(verdicts)), (new, spend)):
+            acc.requests += part.requests
+            acc.prompt_tokens += part.prompt_tokens
+            acc.completion_tokens += part.completion_tokens
+            acc.cost_usd = None if part.cost_usd is None or acc.cost_usd is None else acc.cost_usd + part.cost_usd
+    # Totals cover every verdict in the report (asked now or by an earlier run); this_run is what this run spent.
+    result["judge"] = {"model": backend.model, **total.__dict__, "this_run": dict(new.__dict__)}
+    if failed:
+        console.warn(f"the judge gave no verdict on {failed} item(s); rerun to ask again")
+    return failed

@@ -1,0 +1,375 @@
+"""`persllm eval`: metrics on hand-made answers, pair formation, the judge against the fake server,
+resumable generation with a fake generator, the report files, and input errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from persllm_cli import evaluate, judge, metrics
+from tests.fakes.openai_backend import OpenAITestBackend
+from tests.fakes.openai_server import Fail
+
+STAGES = [("early", "first year"), ("late", "after the war")]
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_bleu_identical_and_disjoint():
+    tok = metrics.tokenizer("13a")
+    a = tok("The castle was cold and the stairs kept moving under my feet.")
+    assert metrics.pair_bleu(a, a) == pytest.approx(100.0)
+    assert metrics.sentence_bleu(a, a) == pytest.approx(100.0)
+    b = tok("Quidditch practice starts tomorrow at dawn, Wood insists")
+    assert metrics.pair_bleu(a, b) < 1.0
+    assert metrics.corpus_bleu([a, a], [a, a]) == pytest.approx(100.0)
+    assert metrics.corpus_bleu([a], [b]) < 1.0
+    assert metrics.corpus_bleu([], []) is None
+
+
+def test_pair_bleu_is_symmetric():
+    tok = metrics.tokenizer("13a")
+    a, b = tok("I was afraid of the dark forest at night"), tok("I was afraid of the forest")
+    assert metrics.pair_bleu(a, b) == pytest.approx(metrics.pair_bleu(b, a))
+    assert metrics.sentence_bleu(a, b) != pytest.approx(metrics.sentence_bleu(b, a))
+
+
+def test_rouge_l_known_values():
+    # LCS("the cat sat on the mat", "the cat lay on the mat") = 5 of 6 tokens each way: F1 = 5/6.
+    assert metrics.rouge_l("the cat sat on the mat".split(), "the cat lay on the mat".split()) == pytest.approx(500 / 6)
+    # LCS = 2 ("a", "c"): P = 2/3, R = 2/4, F1 = 2PR/(P+R) = 4/7.
+    assert metrics.rouge_l(["a", "b", "c"], ["a", "x", "c", "y"]) == pytest.approx(400 / 7)
+    assert metrics.rouge_l(["Same", "Words"], ["same", "words"]) == pytest.approx(100.0)
+    assert metrics.rouge_l(["a"], ["b"]) == 0.0
+    assert metrics.rouge_l([], ["b"]) == 0.0
+
+
+def test_lcs_matches_dynamic_programming():
+    def dp(a, b):
+        t = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+        for i in range(len(a)):
+            for j in range(len(b)):
+                t[i + 1][j + 1] = t[i][j] + 1 if a[i] == b[j] else max(t[i][j + 1], t[i + 1][j])
+        return t[-1][-1]
+
+    rng = random.Random(7)
+    for _ in range(200):
+        a = [rng.choice("abcd") for _ in range(rng.randrange(0, 90))]
+        b = [rng.choice("abcd") for _ in range(rng.randrange(0, 90))]
+        assert metrics.lcs_length(a, b) == dp(a, b)
+
+
+def test_tokenizer_choice_and_cjk_scores():
+    assert metrics.choose_tokenize(["Hello there, Hermione."]) == "13a"
+    assert metrics.choose_tokenize(["我第一次看到霍格沃茨的城堡。"]) == "zh"
+    assert metrics.choose_tokenize(["ホグワーツの城を初めて見た。"]) == "char"
+    zh = metrics.tokenizer("zh")
+    a, b = zh("我第一次看到城堡"), zh("我第一次看到湖")
+    assert a == ["我", "第", "一", "次", "看", "到", "城", "堡"]
+    assert metrics.pair_bleu(a, a) == pytest.approx(100.0)
+    assert 0 < metrics.pair_bleu(a, b) < 100
+    # Without CJK tokenisation the two sentences would share no token at all.
+    assert metrics.pair_bleu(metrics.tokenizer("13a")("我第一次看到城堡"), metrics.tokenizer("13a")("我第一次看到湖")) == 0.0
+    assert metrics.rouge_l(a, b) == pytest.approx(100 * 2 * (6 / 8) * (6 / 7) / (6 / 8 + 6 / 7))
+
+
+def test_pair_formation_and_sampling():
+    rng = random.Random(0)
+    assert metrics.sample_pairs(3, None, 10, rng) == [(0, 1), (0, 2), (1, 2)]
+    assert metrics.sample_pairs(2, 2, 10, rng) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    big = metrics.sample_pairs(100, None, 50, random.Random("s"))
+    assert len(big) == len(set(big)) == 50 and all(i < j for i, j in big)
+    assert big == metrics.sample_pairs(100, None, 50, random.Random("s"))  # deterministic
+    cross = metrics.sample_pairs(30, 40, 25, random.Random(1))
+    assert len(set(cross)) == 25 and all(i < 30 and j < 40 for i, j in cross)
+
+
+def test_distinction_groups_and_order():
+    tok = metrics.tokenizer("13a")
+    early = [tok(f"as a first year I loved the feast and the moving stairs {x}") for x in ("today", "again", "truly")]
+    late = [tok(f"after the war I teach defence and remember the fallen {x}") for x in ("today", "often")]
+    other = [tok("Father says mudbloods should not be at this school at all")]
+    d = metrics.distinction({"early": early, "late": late}, {"Draco Malfoy": other}, cap=100, seed=0)
+    groups = d["groups"]
+    assert [(g["name"], g["pairs"]) for g in groups["intra"]] == [("early", 3), ("late", 1)]
+    assert [(g["name"], g["pairs"]) for g in groups["cross_stage"]] == [("early|late", 6)]
+    assert [(g["name"], g["pairs"]) for g in groups["cross_persona"]] == [("Draco Malfoy", 5)]
+    # Macro average: the mean of the two stage groups, not of the four pairs.
+    assert d["intra"] == pytest.approx((groups["intra"][0]["score"] + groups["intra"][1]["score"]) / 2)
+    assert d["intra"] > d["cross_stage"] > d["cross_persona"]
+    capped = metrics.distinction({"early": early, "late": late}, {}, cap=2, seed=0)
+    assert [g["pairs"] for g in capped["groups"]["cross_stage"]] == [2]
+    assert capped["cross_persona"] is None
+
+
+# ---------------------------------------------------------------- judge parsing
+
+
+@pytest.mark.parametrize("text,choices,want", [
+    ("A is warmer.\nVerdict: A", "ab", "a"),
+    ("Verdict: B\n\nOn reflection... **Verdict:** **A**", "ab", "a"),
+    ("verdict：tie", ("a", "b", "tie"), "tie"),
+    ("B", "ab", "b"),
+    ("**A**.", "ab", "a"),
+    ("Answer A is about apples. No verdict here.", "ab", None),
+    ("Verdict: maybe", ("yes", "no"), None),
+    ("It does. Verdict: Yes", ("yes", "no"), "yes"),
+    ("", ("yes", "no"), None),
+])
+def test_parse_verdict(text, choices, want):
+    assert judge.parse_verdict(text, choices) == want
+
+
+# ---------------------------------------------------------------- end to end with test doubles
+
+
+def _record(i: int, stage: str, pattern: str = "ordinary") -> dict:
+    q = f"Question {i} about the {stage} years?"
+    ref = f"In my {stage} years I remember the thing number {i} and the castle."
+    return {"id": f"t{i:02d}", "persona": "Harry Potter", "stage": stage, "pattern": pattern,
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ref}], "status": "ok"}
+
+
+@pytest.fixture
+def project(tmp_path, cli) -> Path:
+    root = tmp_path / "proj"
+    args = ["init", str(root), "--name", "Harry Potter"]
+    for sid, label in STAGES:
+        args += ["--stage", f"{sid}:{label}"]
+    assert cli(*args).exit_code == 0
+    recs = [_record(i, "early" if i < 4 else "late", "error" if i in (1, 5) else "ordinary") for i in range(7)]
+    (root / "build").mkdir()
+    (root / "build" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return root
+
+
+def _make_run(root: Path, name: str, persona: str = "Harry Potter") -> Path:
+    run = root / "runs" / name
+    (run / "adapter").mkdir(parents=True)
+    (run / "tokenizer").mkdir()
+    stages = [{"id": sid, "label": label, "token": f"<TIME-{'I' * k}>"} for k, (sid, label) in enumerate(STAGES, 1)]
+    (run / "run.json").write_text(json.dumps({"persona": persona, "base": "smollm2-135m", "stages": stages,
+                                              "complete": True}))
+    return run
+
+
+class FakeGenerator:
+    """Answers with a stage-flavoured sentence; counts what it was asked."""
+
+    def __init__(self, flavour: str = "", fail_after: int | None = None):
+        self.model, self.flavour, self.fail_after = "fake", flavour, fail_after
+        self.asked: list[tuple[str, int]] = []
+
+    def answer_batch(self, conversations, stage):
+        if self.fail_after is not None and len(self.asked) >= self.fail_after:
+            raise KeyboardInterrupt
+        self.asked.append((stage, len(conversations)))
+        return [f"In my {stage} years {self.flavour} I remember {c[-1]['content'].split()[1]} and the castle."
+                for c in conversations]
+
+
+def _use_generators(monkeypatch, gens: dict[str, FakeGenerator]):
+    monkeypatch.setattr(evaluate, "open_generator", lambda system, s: gens[system.name])
+
+
+def test_eval_two_runs_side_by_side(project, cli, monkeypatch):
+    monkeypatch.chdir(project)
+    _make_run(project, "sft")
+    _make_run(project, "sft-dpo")
+    gens = {"sft": FakeGenerator("plainly"), "sft-dpo": FakeGenerator("")}
+    _use_generators(monkeypatch, gens)
+    result = cli("eval", "runs/sft", "runs/sft-dpo", "--batch-size", "2", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert list(data["systems"]) == ["sft", "sft-dpo"]
+    # Batches never mix stages: early has 4 questions, late 3.
+    assert gens["sft"].asked == [("early", 2), ("early", 2), ("late", 2), ("late", 1)]
+    dpo = data["systems"]["sft-dpo"]
+    assert dpo["answered"] == 7
+    assert dpo["reference"]["items"] == 7 and dpo["reference"]["bleu"] > data["systems"]["sft"]["reference"]["bleu"]
+    assert dpo["distinction"]["intra"] > dpo["distinction"]["cross_stage"]
+    assert dpo["distinction"]["cross_persona"] is None     # same persona, no --pool
+    assert "sft-dpo" in result.stderr and "BLEU intra" in result.stderr
+    report = project / "build" / "eval"
+    md = (report / "eval.md").read_text()
+    assert "| metric | sft | sft-dpo |" in md
+    assert (report / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((report / "eval.json").read_text())["systems"]["sft"]["answered"] == 7
+    answers = [json.loads(x) for x in (project / "runs" / "sft" / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 7 and {a["status"] for a in answers} == {"ok"}
+    assert answers[0]["messages"][1]["content"].startswith("In my early years plainly")
+
+
+def test_generation_resumes_after_interrupt(project, cli, monkeypatch):
+    monkeypatch.chdir(project)
+    run = _make_run(project, "sft")
+    first = FakeGenerator(fail_after=2)
+    _use_generators(monkeypatch, {"sft": first})
+    result = cli("eval", "--batch-size", "2", "-o", "out")  # runs/latest is absent: the run is named below
+    assert result.exit_code == 1 and "no trained run yet" in result.stderr
+    result = cli("eval", str(run), "--batch-size", "2", "-o", "out")
+    assert result.exit_code == 130
+    path = project / "out" / "sft" / "answers.jsonl"
+    assert len(path.read_text().splitlines()) == 4
+    assert not (project / "out" / "eval.md").exists()
+    second = FakeGenerator()
+    _use_generators(monkeypatch, {"sft": second})
+    result = cli("eval", str(run), "--batch-size", "2", "-o", "out")
+    assert result.exit_code == 0, result.output
+    assert second.asked == [("late", 2), ("late", 1)]      # only the 3 missing answers
+    ids = [json.loads(x)["id"] for x in path.read_text().splitlines()]
+    assert sorted(ids) == [f"t{i:02d}" for i in range(7)]
+    third = FakeGenerator()
+    _use_generators(monkeypatch, {"sft": third})
+    assert cli("eval", str(run), "-o", "out").exit_code == 0
+    assert third.asked == []
+    # Other generation settings (or a retrained run) make the saved answers stale.
+    result = cli("eval", str(run), "--max-new-tokens", "64", "-o", "out")
+    assert result.exit_code == 0 and "answering them again" in result.stderr
+    assert sum(n for _, n in third.asked) == 7
+    assert (project / "out" / "eval.md").exists() and (project / "out" / "eval.png").exists()
+
+
+def test_pool_gives_cross_persona(project, cli, monkeypatch, tmp_path):
+    monkeypatch.chdir(project)
+    run = _make_run(project, "sft")
+    _use_generators(monkeypatch, {"sft": FakeGenerator()})
+    pool = tmp_path / "draco.jsonl"
+    pool.write_text(json.dumps({"persona": "Draco Malfoy", "stage": "early", "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "My father will hear about this, Potter."}]}) + "\n")
+    result = cli("eval", str(run), "--pool", str(pool), "--json")
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)["systems"]["sft"]["distinction"]
+    assert d["groups"]["cross_persona"][0]["name"] == "Draco Malfoy"
+    assert d["groups"]["cross_persona"][0]["pairs"] == 7
+    assert d["intra"] > d["cross_persona"]
+    assert (run / "eval" / "eval.md").exists()                 # one run: the report sits with its answers
+
+
+def _judge_responder(body, n):
+    """Prefers the system's answer, wherever it is shown; says yes to premises."""
+    text = body["messages"][-1]["content"]
+    if "[Answer to check]" in text:
+        return "It corrects the mistake.\nVerdict: yes"
+    a = text.split("[Answer A]")[1].split("[Answer B]")[0]
+    return "Verdict: B" if "the thing number" in a else "Verdict: A"   # references say "the thing number"
+
+
+def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_openai):
+    monkeypatch.chdir(project)
+    run = _make_run(project, "sft")
+    _use_generators(monkeypatch, {"sft": FakeGenerator()})
+    monkeypatch.setattr(evaluate, "open_backend", lambda kind, model, base_url, timeout: OpenAITestBackend(model, base_url, timeout))
+    fake_openai.responder = _judge_responder
+    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--json")
+    assert result.exit_code == 0, result.output
+    calls = fake_openai.completions()
+    assert len(calls) == 7 * 2 + 2                  # both orders for 7 answers, premise check for the 2 error items
+    prompts = [c.body["messages"][-1]["content"] for c in calls]
+    assert sum("[Answer to check]" in p for p in prompts) == 2
+    data = json.loads(result.stdout)
+    j = data["systems"]["sft"]["judge"]
+    assert j["win"] == 100.0 and j["preference"] == 100.0 and j["consistency"] == 100.0
+    assert j["premise_rejected"] == 100.0 and j["premise_items"] == 2
+    spend = data["judge"]
+    assert spend["requests"] == 16
+    assert spend["prompt_tokens"] == sum(sum(len(m["content"].split()) for m in c.body["messages"]) for c in calls)
+    want = (spend["prompt_tokens"] * 0.15 + spend["completion_tokens"] * 0.60) / 1e6
+    assert spend["cost_usd"] == pytest.approx(want)
+    assert "OPENAI" not in (run / "eval" / "judge.jsonl").read_text() and fake_openai.api_key not in (run / "eval" / "eval.json").read_text()
+    # A rerun asks nothing again; a judge stuck on "A" shows its position bias as ties.
+    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--json")
+    assert result.exit_code == 0
+    assert len(fake_openai.completions()) == 16
+    again = json.loads(result.stdout)["judge"]
+    assert again["this_run"]["requests"] == 0
+    assert (again["requests"], again["prompt_tokens"], again["cost_usd"]) == (16, spend["prompt_tokens"], pytest.approx(want))
+    fake_openai.responder = lambda body, n: "Verdict: A" if "[Answer A]" in body["messages"][-1]["content"] else "Verdict: no"
+    result = cli("eval", str(run), "--judge", "fake-model", "--json")
+    j = json.loads(result.stdout)["systems"]["sft"]["judge"]
+    assert (j["win"], j["tie"], j["loss"], j["consistency"], j["premise_rejected"]) == (0.0, 100.0, 0.0, 0.0, 0.0)
+    assert json.loads(result.stdout)["judge"]["cost_usd"] is None   # no known price for fake-model
+
+
+def test_judge_without_verdict_is_partial(project, cli, monkeypatch, fake_openai):
+    monkeypatch.chdir(project)
+    run = _make_run(project, "sft")
+    _use_generators(monkeypatch, {"sft": FakeGenerator()})
+    monkeypatch.setattr(evaluate, "open_backend", lambda kind, model, base_url, timeout: OpenAITestBackend(model, base_url, timeout))
+    fake_openai.push(Fail(500))                    # a transient error uses up the first attempt
+    fake_openai.responder = lambda body, n: "I cannot decide." if n <= 2 else "Verdict: tie\n" if "[Answer A]" in body["messages"][-1]["content"] else "Verdict: yes"
+    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1")
+    assert result.exit_code == 3                   # first question: a 500, then no verdict -> failed
+    first = json.loads((run / "eval" / "judge.jsonl").read_text().splitlines()[0])
+    assert (first["status"], first["judge"]["attempts"], first["error"]) == ("failed", 2, "no verdict in the judge's reply")
+    assert "rerun" in result.stderr
+    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["systems"]["sft"]["judge"]["tie"] == 100.0
+
+
+def test_api_model_baseline(project, cli, monkeypatch, fake_openai):
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(evaluate, "open_backend", lambda kind, model, base_url, timeout: OpenAITestBackend(model, base_url, timeout))
+    fake_openai.responder = lambda body, n: f"Well, answer {n}, as I remember it."
+    result = cli("eval", "--api-model", "gpt-4o-mini", "--limit", "3", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert list(data["systems"]) == ["api:gpt-4o-mini"]
+    system_prompt = fake_openai.completions()[0].body["messages"][0]["content"]
+    assert "Harry Potter" in system_prompt and "first year" in system_prompt
+    assert data["systems"]["api:gpt-4o-mini"]["generation_spend"]["requests"] == 3
+    assert (project / "build" / "eval" / "api-gpt-4o-mini" / "answers.jsonl").exists()
+    assert (project / "build" / "eval" / "api-gpt-4o-mini" / "eval.md").exists()
+
+
+def test_errors(project, cli, monkeypatch, tmp_path):
+    monkeypatch.chdir(project)
+    run = _make_run(project, "sft")
+    _use_generators(monkeypatch, {"sft": FakeGenerator()})
+    result = cli("eval", str(run), "--test", "nope.jsonl")
+    assert result.exit_code == 1 and "nope.jsonl: file not found" in result.stderr
+    result = cli("eval", "runs/missing")
+    assert result.exit_code == 1 and "run directory not found" in result.stderr
+    other = _make_run(project, "other")
+    (other / "run.json").write_text(json.dumps({"persona": "H", "base": "b", "complete": True,
+                                                "stages": [{"id": "early", "label": "x", "token": "<TIME-I>"}]}))
+    result = cli("eval", str(other))
+    assert result.exit_code == 1 and "no stage late" in result.stderr
+    bad_pool = tmp_path / "pool.jsonl"
+    bad_pool.write_text(json.dumps({"status": "ok", "messages": [{"role": "user", "content": "q"},
+                                                                  {"role": "assistant", "content": "a"}]}) + "\n")
+    result = cli("eval", str(run), "--pool", str(bad_pool))
+    assert result.exit_code == 1 and "no persona" in result.stderr
+    result = cli("eval", str(run), "--tokenize", "nope")
+    assert result.exit_code == 1 and "--tokenize" in result.stderr
+    assert not (run / "eval").exists()            # nothing written by any failed attempt
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_chinese_material_is_scored_per_character(project, cli, monkeypatch):
+    monkeypatch.chdir(project)
+    run = _make_run(project, "sft")
+    recs = [{"id": f"z{i}", "persona": "哈利·波特", "stage": stage, "pattern": "ordinary", "status": "ok",
+             "messages": [{"role": "user", "content": f"你记得第{i}件事吗？"},
+                          {"role": "assistant", "content": f"我记得第{i}件事，那是在城堡里。"}]}
+            for i, stage in enumerate(["early", "early", "late"])]
+    (project / "build" / "test.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+
+    class ChineseGenerator(FakeGenerator):
+        def answer_batch(self, conversations, stage):
+            return ["我记得那件事，在城堡里。" for _ in conversations]
+
+    _use_generators(monkeypatch, {"sft": ChineseGenerator()})
+    result = cli("eval", str(run), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["tokenize"] == "zh"
+    sft = data["systems"]["sft"]
+    assert sft["distinction"]["intra"] == pytest.approx(100.0)   # the two early answers are identical
+    assert 0 < sft["reference"]["rouge_l"] < 100
