@@ -62,6 +62,7 @@ class AnnotateSettings:
     style_words: int = 500
     prices: dict[str, list[float]] = field(default_factory=dict)
     review_samples: int = 3
+    backoff_seconds: float = 1.0   # first retry waits up to this long; doubles per attempt (with jitter)
 
 
 @dataclass
@@ -300,9 +301,10 @@ def run(project: Project, s: AnnotateSettings) -> int:
         price, known = Price(), True
     else:
         price, known = price_for(model, s.prices)
-        if not known:
-            console.note(f"no price known for {model!r}: counting $0 (add it under [annotate.prices] in persllm.toml)")
+    unpriced = f"no price known for {model!r}: counting $0 (add it under [annotate.prices] in persllm.toml)"
     if s.dry_run:
+        if not known:
+            console.note(unpriced)
         return _dry_run(items, ann, s, model, price, output)
 
     from persllm_cli.llm import make_backend
@@ -310,7 +312,8 @@ def run(project: Project, s: AnnotateSettings) -> int:
     backend = make_backend(s.backend, model, s.base_url, s.timeout)
     backend.check()
     rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries, max_tokens=s.max_tokens,
-                        temperature=s.temperature, budget_usd=s.budget_usd, limit=s.limit)
+                        temperature=s.temperature, budget_usd=s.budget_usd, limit=s.limit,
+                        backoff_base=s.backoff_seconds)
     before = resume_state(output).ok if output.exists() else set()
     if s.review and s.limit != 0:
         _review(items, backend, ann, rs, price, output, standards)
@@ -320,6 +323,8 @@ def run(project: Project, s: AnnotateSettings) -> int:
     stats = run_items(items, backend, build_messages=ann.messages, parse=ann.parse, make_record=ann.record,
                       output=output, settings=rs, price=price)
     summary(stats)
+    if not known:
+        console.note(unpriced)
     final = resume_state(output) if output.exists() else None
     if final is not None:
         settings = public_settings(s)

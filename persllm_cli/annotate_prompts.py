@@ -111,6 +111,8 @@ def build_messages(*, persona: str, description: str, stage_label: str, pattern:
         fmt = render("annotate/format_cot.txt" if cot else "annotate/format_plain.txt", persona=persona)
     user = render("annotate/request.txt", persona=persona,
                   time_line=(time_line(stage_label) + "\n\n") if time_prefix else "",
+                  knowledge_intro=(f"What {persona} knows:" if pattern == "instruction" else
+                                   f"What {persona} knows (the first paragraph is the one to ask about):"),
                   knowledge="\n\n".join(knowledge) or "(none)", style="\n".join(style) or "(none)",
                   task=task.strip(), format=fmt.strip(), standards=standards_block(standards))
     return [{"role": "system", "content": system.strip()}, {"role": "user", "content": user.strip() + "\n"}]

@@ -178,8 +178,7 @@ class OpenAIBackend:
     def check(self) -> None:
         """GET /models: an unreachable server or a rejected key stop here, before any work."""
         try:
-            listing = self._client.models.list()
-            ids = [m.id for m in listing.data]
+            ids = [m.id for m in self._client.models.list().data]
         except self._openai.NotFoundError:
             return  # some servers have no /models; the first completion will tell
         except self._openai.APIConnectionError:
@@ -190,10 +189,9 @@ class OpenAIBackend:
             if isinstance(err, FatalError):
                 raise err from None
             return  # a transient problem on /models is not a reason to refuse to start
-        if ids and self.model not in ids:
-            from persllm_cli import console
-
-            console.note(f"{self.model!r} is not in {self.where}/models; trying it anyway")
+        # A model missing from the list is not refused here: some servers (llama.cpp) answer to
+        # any name. A real "model not found" comes back as 404 from the first request (fatal).
+        del ids
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float) -> Completion:
         import time
