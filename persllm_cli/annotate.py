@@ -330,9 +330,9 @@ def run(project: Project, s: AnnotateSettings) -> int:
         settings = public_settings(s)
         settings["model"] = model
         if settings.get("base_url"):
-            from persllm_cli.llm import _redact_url
+            from persllm_cli.llm import redact_url
 
-            settings["base_url"] = _redact_url(settings["base_url"])
+            settings["base_url"] = redact_url(settings["base_url"])
         write_meta(output, command="annotate", settings=settings,
                    inputs=_inputs(project, s),
                    counts={"ok": len(final.ok), "failed": len(final.failed), "items": len(items)},

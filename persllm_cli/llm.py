@@ -10,7 +10,14 @@ them from worker threads.
   directory, or a trained runs/NAME), so the pipeline works offline.
 
 Errors: `TransientError` (timeouts, connection errors, 429, 5xx: retry, honouring `retry_after`),
-`FatalError` (a PersllmError: bad key, unknown model, unreachable server before anything worked).
+`FatalError` (a PersllmError: bad key, unknown model, unreachable server before anything worked),
+`RequestError` (this one request cannot work, e.g. a 400 for a too-long prompt: fail the item).
+
+    backend = make_backend("openai", "gpt-4o-mini", base_url=None, timeout=120)   # or "local"
+    backend.check()                                   # fail fast, before any output is written
+    c = backend.complete(messages, max_tokens=1024, temperature=0.7)   # -> Completion
+
+`estimate_tokens` / `estimate_prompt_tokens` give generous token counts for budgets and --dry-run.
 """
 
 from __future__ import annotations
@@ -100,7 +107,7 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
-def _redact_url(url: str | None) -> str:
+def redact_url(url: str | None) -> str:
     """A base URL fit for messages and sidecars: user:password@ and query strings dropped."""
     if not url:
         return "https://api.openai.com/v1"
@@ -136,7 +143,7 @@ class OpenAIBackend:
             raise FatalError("OPENAI_API_KEY is not set; export your key (it is read only from the "
                              "environment), or use --backend local or --dry-run")
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        self.where = _redact_url(self.base_url)
+        self.where = redact_url(self.base_url)
         import openai
 
         self._openai = openai
