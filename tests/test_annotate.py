@@ -17,7 +17,7 @@ from persllm_cli.annotate_prompts import parse_reply
 from persllm_cli.records import read_jsonl, record_id
 from persllm_cli.runner import Malformed
 from tests.conftest import REPO, persllm_cmd, run_persllm, subprocess_env
-from tests.fakes.openai_server import Fail, Malformed as BadReply, Reply
+from tests.fakes.openai_server import Fail, Hang, Malformed as BadReply, Reply
 
 EARLY = [
     "Harry lived in the cupboard under the stairs at number four, Privet Drive, with the Dursleys.",
@@ -132,6 +132,14 @@ def test_retries_on_429_500_and_malformed(cli, proj, fake_openai):
     # The malformed reply's tokens were paid for, so they are counted.
     words = sum(len(m["content"].split()) for m in fake_openai.completions()[-1].body["messages"])
     assert rec["annotator"]["prompt_tokens"] == 2 * words
+
+
+def test_timeout_is_retried(cli, proj, fake_openai):
+    fake_openai.push(Hang(1.0))
+    r = cli("annotate", "--stage", "late", "--timeout", "0.3")
+    assert r.exit_code == 0, r.output
+    (rec,) = records(proj)
+    assert rec["annotator"]["attempts"] == 2 and len(fake_openai.completions()) == 2
 
 
 def test_retry_after_is_honoured(cli, proj, fake_openai):
@@ -265,15 +273,21 @@ def test_resume_after_kill_9(tmp_path, cli):
             time.sleep(0.05)
         env.update(OPENAI_API_KEY="sk-fake-test-key-0123456789", OPENAI_BASE_URL=port_file.read_text())
         out = root / "build/annotations.jsonl"
-        proc = subprocess.Popen([*persllm_cmd(), "annotate", "--stage", "early", "--concurrency", "3"], cwd=root,
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        first = read_jsonl(out)
-        assert 5 <= len(first) < 24
+
+        def start_and_stop(sig: int, at_least: int) -> int:
+            proc = subprocess.Popen([*persllm_cmd(), "annotate", "--stage", "early", "--concurrency", "3"],
+                                    cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.time() + 30
+            while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < at_least):
+                time.sleep(0.05)
+            os.kill(proc.pid, sig)
+            proc.communicate(timeout=30)
+            return proc.returncode
+
+        assert start_and_stop(signal.SIGINT, 3) == 130          # Ctrl-C: stop sending, keep what is written
+        n_after_ctrl_c = len(read_jsonl(out))
+        assert start_and_stop(signal.SIGKILL, n_after_ctrl_c + 3) == -signal.SIGKILL
+        assert n_after_ctrl_c + 3 <= len(read_jsonl(out)) < 24
         r = run_persllm("annotate", "--stage", "early", "--concurrency", "8", cwd=root, env=env)
         assert r.returncode == 0, r.stderr
     finally:
@@ -310,3 +324,28 @@ def test_local_backend_with_smollm2(cli, proj, smollm2):
         # A 135M model rarely keeps the labelled format in 24 tokens: then the record is failed,
         # as malformed, and says so; when it does, the answer is stored.
         assert (x["status"] == "ok" and x["messages"][-1]["role"] == "assistant") or "malformed" in x["error"]
+
+
+# ------------------------------------------------------------------------------ retrieval and prices
+
+def test_retrieval_seed_first_budget_counted_cjk():
+    from persllm_cli.corpus import Paragraph
+    from persllm_cli.retrieval import Index
+
+    paras = [Paragraph(1, "哈利在霍格沃茨打魁地奇"), Paragraph(3, "罗恩和哈利是朋友"),
+             Paragraph(4, "魁地奇比赛很精彩"), Paragraph(7, "今天下雨了很冷很冷很冷很冷")]
+    idx = Index(paras, "tfidf")
+    # 11 + 8 + 8 + 13 CJK "words": a budget of 20 holds the seed (line 4, 8 words) and line 1.
+    assert idx.context("魁地奇比赛很精彩", 20, first=4) == [4, 1]
+    assert idx.context("魁地奇比赛很精彩", 0, first=4) == [4]
+    assert idx.context("罗恩和哈利", 100)[0] == 3 and len(idx.context("罗恩和哈利", 100)) == 4
+    assert idx.text([3, 1]) == ["罗恩和哈利是朋友", "哈利在霍格沃茨打魁地奇"]
+
+
+def test_prices_known_prefixed_and_overridden():
+    from persllm_cli.annotate import price_for
+
+    assert price_for("gpt-4o-mini-2024-07-18", {})[0].input == 0.15       # longest prefix wins
+    assert price_for("gpt-4o-2024-08-06", {})[0].output == 10.0
+    assert price_for("my-llama", {"my-llama": [1, 2]})[0].cost(1_000_000, 1_000_000) == 3.0
+    assert price_for("my-llama", {}) == (price_for("my-llama", {})[0], False)
