@@ -322,7 +322,10 @@ def run(project: Project, s: AnnotateSettings) -> int:
             rs.limit = max(0, s.limit - done_now)
     stats = run_items(items, backend, build_messages=ann.messages, parse=ann.parse, make_record=ann.record,
                       output=output, settings=rs, price=price)
-    summary(stats)
+    if stats.planned == 0 and stats.skipped:
+        console.info(f"nothing to do: all {stats.skipped} items are already in {output}")
+    else:
+        summary(stats)
     if not known:
         console.note(unpriced)
     final = resume_state(output) if output.exists() else None

@@ -116,6 +116,7 @@ class _Shared:
 
     def __init__(self, settings: RunnerSettings, price: Price):
         self.lock = threading.Lock()
+        self.settled = threading.Condition(self.lock)
         self.stop = threading.Event()
         self.settings = settings
         self.price = price
@@ -129,14 +130,19 @@ class _Shared:
         self.fatal: FatalError | None = None
 
     def reserve(self, messages: list[Message]) -> float | None:
-        """Reserve the worst-case cost of one request, or None when it could pass the budget."""
+        """Reserve the worst-case cost of one request, or None when it could pass the budget.
+
+        While other requests are in flight their reservations (worst cases) may free up, so wait
+        for them to settle before giving up."""
         worst = self.price.cost(estimate_prompt_tokens(messages), self.settings.max_tokens)
         with self.lock:
             budget = self.settings.budget_usd
-            if budget is not None and self.spent + self.reserved + worst > budget:
-                self.budget_hit = True
-                self.stop.set()
-                return None
+            while budget is not None and self.spent + self.reserved + worst > budget:
+                if self.in_flight == 0 or self.stop.is_set():
+                    self.budget_hit = self.budget_hit or self.in_flight == 0
+                    self.stop.set()
+                    return None
+                self.settled.wait(0.5)
             self.reserved += worst
             self.in_flight += 1
             return worst
@@ -151,6 +157,7 @@ class _Shared:
             if c:
                 self.prompt_tokens += c.prompt_tokens
                 self.completion_tokens += c.completion_tokens
+            self.settled.notify_all()
         return cost
 
 
