@@ -349,3 +349,28 @@ def test_prices_known_prefixed_and_overridden():
     assert price_for("gpt-4o-2024-08-06", {})[0].output == 10.0
     assert price_for("my-llama", {"my-llama": [1, 2]})[0].cost(1_000_000, 1_000_000) == 3.0
     assert price_for("my-llama", {}) == (price_for("my-llama", {})[0], False)
+
+
+def test_key_rejected_mid_run_keeps_what_was_written(cli, proj, fake_openai):
+    fake_openai.push(Reply("[Question] Q?\n[Response] A."), Fail(401))
+    r = cli("annotate", "--stage", "early", "--concurrency", "1")
+    assert r.exit_code == 1 and "rejected the API key" in r.output
+    assert [x["status"] for x in records(proj)] == ["ok"]
+    assert len(fake_openai.completions()) == 2                 # nothing sent after the fatal error
+
+
+def test_read_instructions_txt_and_jsonl(tmp_path):
+    from persllm_cli.annotate import read_instructions
+    from persllm_cli.errors import PersllmError
+
+    f = tmp_path / "i.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "old"}, {"role": "user", "content": "again"},
+                                          {"role": "assistant", "content": "drop me"}]}) + "\n\n"
+                 + json.dumps({"instruction": "Sing."}) + "\n", encoding="utf-8")
+    (a, conv), (b, conv2) = read_instructions(f)
+    assert (a, b) == (1, 3) and [m["content"] for m in conv] == ["hi", "old", "again"]
+    assert conv2 == [{"role": "user", "content": "Sing."}]
+    f.write_text('{"messages": [{"role": "assistant", "content": "x"}]}\n', encoding="utf-8")
+    with pytest.raises(PersllmError, match=r"i.jsonl:1: no user message"):
+        read_instructions(f)
