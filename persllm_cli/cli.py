@@ -133,12 +133,12 @@ def annotate(
     output: Annotated[Optional[Path], Opt("-o", "--output", help="Output JSONL (appended; reruns resume). [default: build/annotations.jsonl]", metavar="FILE")] = None,
 ) -> int:
     """Write persona Q&A records from the project's material with an LLM (resumable, accounted)."""
-    from persllm_cli import annotate as stage
-
     flags = dict(locals())
     flags["stages"] = flags.pop("stage")
-    project, settings = _settings(ctx, stage.AnnotateSettings, "annotate", flags)
-    return stage.run(project, settings)
+    from persllm_cli import annotate as annotate_stage
+
+    project, settings = _settings(ctx, annotate_stage.AnnotateSettings, "annotate", flags)
+    return annotate_stage.run(project, settings)
 
 
 # ---------------------------------------------------------------------------------------- dedup

@@ -10,7 +10,14 @@ them from worker threads.
   directory, or a trained runs/NAME), so the pipeline works offline.
 
 Errors: `TransientError` (timeouts, connection errors, 429, 5xx: retry, honouring `retry_after`),
-`FatalError` (a PersllmError: bad key, unknown model, unreachable server before anything worked).
+`FatalError` (a PersllmError: bad key, unknown model, unreachable server before anything worked),
+`RequestError` (this one request cannot work, e.g. a 400 for a too-long prompt: fail the item).
+
+    backend = make_backend("openai", "gpt-4o-mini", base_url=None, timeout=120)   # or "local"
+    backend.check()                                   # fail fast, before any output is written
+    c = backend.complete(messages, max_tokens=1024, temperature=0.7)   # -> Completion
+
+`estimate_tokens` / `estimate_prompt_tokens` give generous token counts for budgets and --dry-run.
 """
 
 from __future__ import annotations
@@ -56,3 +63,255 @@ class Backend(Protocol):
         """Fail fast (FatalError) when the backend cannot work at all: no key, server unreachable,
         unknown model. Called once before a run starts."""
         ...
+
+
+class RequestError(Exception):
+    """This one request cannot succeed (e.g. 400: prompt too long); record the item as failed and go on."""
+
+
+def estimate_tokens(text: str) -> int:
+    """A deliberately generous token count for budgets and --dry-run: ~3 characters per token, and
+    one token per CJK character (tokenizers rarely do better on those)."""
+    cjk = sum(1 for ch in text if "\u3040" <= ch <= "\u9fff" or "\uac00" <= ch <= "\ud7af")
+    return cjk + (len(text) - cjk + 2) // 3
+
+
+def estimate_prompt_tokens(messages: list[Message]) -> int:
+    return sum(estimate_tokens(m.get("content", "")) + 4 for m in messages) + 3
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from Retry-After (seconds or an HTTP date) or retry-after-ms, if the server sent one."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+    import datetime as dt
+
+    try:
+        when = parsedate_to_datetime(value)
+        return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def redact_url(url: str | None) -> str:
+    """A base URL fit for messages and sidecars: user:password@ and query strings dropped."""
+    if not url:
+        return "https://api.openai.com/v1"
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+# Reasoning models take max_completion_tokens instead of max_tokens.
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat server through the `openai` package (sync client, thread-safe).
+
+    The client never retries by itself (`max_retries=0`): the runner owns retries, backoff and
+    accounting. The key is read from OPENAI_API_KEY, kept in the client only, and scrubbed from
+    every message this class raises.
+    """
+
+    name = "openai"
+
+    def __init__(self, model: str, base_url: str | None = None, timeout: float = 120.0):
+        import os
+
+        self.model = model
+        self._key = os.environ.get("OPENAI_API_KEY", "")
+        if not self._key.strip():
+            raise FatalError("OPENAI_API_KEY is not set; export your key (it is read only from the "
+                             "environment), or use --backend local or --dry-run")
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        self.where = redact_url(self.base_url)
+        import openai
+
+        self._openai = openai
+        self._client = openai.OpenAI(api_key=self._key, base_url=self.base_url, timeout=timeout, max_retries=0)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def _message(self, e: Exception) -> str:
+        body = getattr(e, "body", None)
+        msg = body.get("message") if isinstance(body, dict) and isinstance(body.get("message"), str) else None
+        if msg is None and isinstance(body, dict) and isinstance(body.get("error"), dict):
+            msg = body["error"].get("message")
+        return self._scrub(" ".join(str(msg or e).split()))[:300]
+
+    def _translate(self, e: Exception) -> Exception:
+        """Map an openai exception to TransientError / FatalError / RequestError."""
+        o = self._openai
+        if isinstance(e, o.APITimeoutError):
+            return TransientError(f"request timed out ({self.where})")
+        if isinstance(e, o.APIConnectionError):
+            return TransientError(f"cannot connect to {self.where}")
+        if isinstance(e, o.APIStatusError):
+            status = e.status_code
+            retry = _retry_after(getattr(e.response, "headers", None))
+            if isinstance(e, o.RateLimitError) or status == 429:
+                return TransientError(f"rate limited (429): {self._message(e)}", retry_after=retry)
+            if status >= 500 or status == 408 or status == 409:
+                return TransientError(f"server error ({status}): {self._message(e)}", retry_after=retry)
+            if isinstance(e, (o.AuthenticationError, o.PermissionDeniedError)) or status in (401, 403):
+                return FatalError(f"{self.where} rejected the API key ({status}): {self._message(e)} "
+                                  "(check OPENAI_API_KEY)")
+            if isinstance(e, o.NotFoundError) or status == 404:
+                return FatalError(f"model {self.model!r} not found at {self.where} (404): {self._message(e)} "
+                                  "(check --model and --base-url)")
+            return RequestError(f"request refused ({status}): {self._message(e)}")
+        return e
+
+    def check(self) -> None:
+        """GET /models: an unreachable server or a rejected key stop here, before any work."""
+        try:
+            ids = [m.id for m in self._client.models.list().data]
+        except self._openai.NotFoundError:
+            return  # some servers have no /models; the first completion will tell
+        except self._openai.APIConnectionError:
+            raise FatalError(f"cannot reach the server at {self.where} (is it running? check --base-url "
+                             "or OPENAI_BASE_URL)") from None
+        except self._openai.APIError as e:
+            err = self._translate(e)
+            if isinstance(err, FatalError):
+                raise err from None
+            return  # a transient problem on /models is not a reason to refuse to start
+        # A model missing from the list is not refused here: some servers (llama.cpp) answer to
+        # any name. A real "model not found" comes back as 404 from the first request (fatal).
+        del ids
+
+    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float) -> Completion:
+        import time
+
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
+        if self.model.startswith(_REASONING_PREFIXES):
+            kwargs["max_completion_tokens"] = max_tokens
+        else:
+            kwargs["max_tokens"] = max_tokens
+            kwargs["temperature"] = temperature
+        t0 = time.perf_counter()
+        try:
+            resp = self._client.chat.completions.create(**kwargs)
+        except self._openai.APIError as e:
+            raise self._translate(e) from None
+        seconds = time.perf_counter() - t0
+        text = ""
+        if resp.choices:
+            text = resp.choices[0].message.content or ""
+        usage = resp.usage
+        if usage is not None and usage.prompt_tokens is not None:
+            pt, ct = int(usage.prompt_tokens), int(usage.completion_tokens or 0)
+        else:  # servers without usage: estimate, so accounting still adds up
+            pt, ct = estimate_prompt_tokens(messages), estimate_tokens(text)
+        return Completion(text=text, prompt_tokens=pt, completion_tokens=ct, seconds=seconds,
+                          model=resp.model or self.model)
+
+
+class LocalBackend:
+    """A transformers causal LM on this machine: the embedded smollm2-135m, a model directory or
+    hub id, or a trained persllm run (base + adapter). Loaded on first use; generation is
+    serialised with a lock because one model object is not safe to drive from several threads."""
+
+    name = "local"
+
+    def __init__(self, model: str = "smollm2-135m", device: str | None = None):
+        import threading
+
+        self.model = model
+        self._device = device
+        self._lock = threading.Lock()
+        self._loaded: tuple[Any, Any] | None = None
+
+    def _load(self) -> tuple[Any, Any]:
+        if self._loaded is not None:
+            return self._loaded
+        import torch
+        from pathlib import Path
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from persllm_cli import models
+
+        device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
+        path = Path(self.model).expanduser()
+        if (path / "run.json").is_file() and (path / "adapter").is_dir():
+            from peft import PeftModel
+
+            from persllm_cli.runs import read_run
+
+            info = read_run(path)
+            base = models.resolve_base(info.data.get("base_path") or info.base)
+            tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            model.resize_token_embeddings(len(tok))
+            model = PeftModel.from_pretrained(model, path / "adapter")
+        else:
+            base = models.resolve_base(self.model)
+            tok = AutoTokenizer.from_pretrained(base)
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model.to(device).eval()
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        self._loaded = (model, tok)
+        return self._loaded
+
+    def check(self) -> None:
+        self._load()
+
+    def _prompt_ids(self, tok: Any, messages: list[Message]) -> Any:
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)["input_ids"]
+        text = "".join(f"{'User' if m['role'] != 'assistant' else 'Assistant'}: {m['content']}\n"
+                       for m in messages) + "Assistant:"
+        return tok(text, return_tensors="pt")["input_ids"]
+
+    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float) -> Completion:
+        import time
+
+        import torch
+
+        model, tok = self._load()
+        with self._lock:
+            t0 = time.perf_counter()
+            ids = self._prompt_ids(tok, messages).to(model.device)
+            sample = temperature > 0
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                     do_sample=sample, temperature=temperature if sample else None,
+                                     top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+            new = out[0, ids.shape[1]:]
+            text = tok.decode(new, skip_special_tokens=True)
+            return Completion(text=text, prompt_tokens=int(ids.shape[1]), completion_tokens=int(new.shape[0]),
+                              seconds=time.perf_counter() - t0, model=self.model)
+
+
+def make_backend(kind: str, model: str | None, base_url: str | None = None, timeout: float = 120.0) -> Backend:
+    """'openai' (model required) or 'local' (default the embedded smollm2-135m)."""
+    if kind == "openai":
+        if not model:
+            raise PersllmError("--backend openai needs --model (or model in [annotate] of persllm.toml)")
+        return OpenAIBackend(model, base_url=base_url, timeout=timeout)
+    if kind == "local":
+        return LocalBackend(model or "smollm2-135m")
+    raise PersllmError(f"unknown backend {kind!r} (use openai or local)")

@@ -1,0 +1,352 @@
+"""`persllm annotate`: persona Q&A records from the project's material, written by an LLM.
+
+For each knowledge paragraph of each selected stage (or each line of --instructions), retrieve
+knowledge and style context of the same stage, ask the annotator for a question in the chosen
+pattern and the persona's answer, and append one record per item to build/annotations.jsonl.
+The concurrent runner (runner.py) does retries, accounting, the budget and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from persllm_cli import console
+from persllm_cli.annotate_prompts import PATTERNS, build_messages, parse_reply, time_line
+from persllm_cli.config import Project, Stage, public_settings
+from persllm_cli.corpus import Paragraph, read_paragraphs
+from persllm_cli.errors import EXIT_PARTIAL, PersllmError
+from persllm_cli.llm import estimate_prompt_tokens
+from persllm_cli.records import Record, record_id, resume_state, write_meta
+from persllm_cli.runner import Item, Price, RunnerSettings, run_items, summary
+
+# Dollars per million tokens [input, output]; persllm.toml [annotate.prices] adds or overrides.
+DEFAULT_PRICES: dict[str, list[float]] = {
+    "gpt-4o": [2.5, 10.0], "gpt-4o-mini": [0.15, 0.6], "gpt-4-turbo": [10.0, 30.0], "gpt-4": [30.0, 60.0],
+    "gpt-4.1": [2.0, 8.0], "gpt-4.1-mini": [0.4, 1.6], "gpt-4.1-nano": [0.1, 0.4],
+    "gpt-3.5-turbo": [0.5, 1.5], "o1": [15.0, 60.0], "o3": [2.0, 8.0], "o3-mini": [1.1, 4.4],
+    "o4-mini": [1.1, 4.4],
+}
+DEFAULT_MODEL = {"openai": "gpt-4o-mini", "local": "smollm2-135m"}
+
+
+@dataclass
+class AnnotateSettings:
+    stages: list[str] | None = None
+    pattern: str = "ordinary"
+    cot: bool = False
+    time_prefix: bool = True
+    questions_per_paragraph: int = 1
+    limit: int | None = None
+    instructions: Path | None = None
+    backend: str = "openai"
+    model: str | None = None
+    base_url: str | None = None
+    concurrency: int = 8
+    max_retries: int = 5
+    timeout: float = 120.0
+    budget_usd: float | None = None
+    dry_run: bool = False
+    review: bool = False
+    feedback: Path | None = None
+    embedder: str = "tfidf"
+    output: Path = Path("build/annotations.jsonl")
+    # persllm.toml only
+    max_tokens: int = 1024
+    temperature: float = 0.7
+    knowledge_words: int = 1500
+    style_words: int = 500
+    prices: dict[str, list[float]] = field(default_factory=dict)
+    review_samples: int = 3
+    backoff_seconds: float = 1.0   # first retry waits up to this long; doubles per attempt (with jitter)
+
+
+@dataclass
+class Job:
+    """What one item needs to become a request and a record."""
+
+    stage: Stage
+    pattern: str
+    k: int
+    source: dict[str, Any]
+    knowledge_lines: list[int]
+    style_lines: list[int]
+    knowledge: list[str]
+    style: list[str]
+    instruction: list[dict[str, str]] | None = None
+
+
+def price_for(model: str, table: dict[str, list[float]]) -> tuple[Price, bool]:
+    """The model's price (exact name, else the longest known prefix, e.g. gpt-4o-2024-08-06 -> gpt-4o)."""
+    prices = {**DEFAULT_PRICES, **table}
+    key = model if model in prices else max((k for k in prices if model.startswith(k + "-")), key=len, default=None)
+    if key is None:
+        return Price(), False
+    value = prices[key]
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        raise PersllmError(f"[annotate.prices] {key!r} must be [input, output] dollars per million tokens")
+    return Price(float(value[0]), float(value[1])), True
+
+
+def _rel(project: Project, path: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(project.root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _validate(s: AnnotateSettings) -> None:
+    if s.pattern not in PATTERNS:
+        raise PersllmError(f"unknown pattern {s.pattern!r} (use {', '.join(PATTERNS)})")
+    if s.backend not in DEFAULT_MODEL:
+        raise PersllmError(f"unknown backend {s.backend!r} (use openai or local)")
+    for name in ("concurrency", "questions_per_paragraph", "max_tokens"):
+        if getattr(s, name) < 1:
+            raise PersllmError(f"{name} must be at least 1")
+    if s.budget_usd is not None and s.budget_usd < 0:
+        raise PersllmError("--budget-usd must not be negative")
+
+
+def read_feedback(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PersllmError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise PersllmError(f"{path}: not UTF-8 text") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def read_instructions(path: Path) -> list[tuple[int, list[dict[str, str]]]]:
+    """(line, conversation ending with the user's instruction) per instruction: txt one per line,
+    or JSONL with `messages` (or `instruction`/`prompt` strings)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise PersllmError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise PersllmError(f"{path}: not UTF-8 text") from None
+    out: list[tuple[int, list[dict[str, str]]]] = []
+    jsonl = Path(path).suffix.lower() in (".jsonl", ".json")
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            out.append((i, [{"role": "user", "content": line.strip()}]))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PersllmError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        msgs = obj.get("messages") if isinstance(obj, dict) else None
+        if msgs is None and isinstance(obj, dict):
+            one = obj.get("instruction") or obj.get("prompt")
+            msgs = [{"role": "user", "content": one}] if isinstance(one, str) else None
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
+            raise PersllmError(f"{path}:{i}: expected an object with messages: [{{role, content}}, ...]")
+        users = [j for j, m in enumerate(msgs) if m.get("role") == "user"]
+        if not users:
+            raise PersllmError(f"{path}:{i}: no user message")
+        conv = [{"role": m["role"], "content": m["content"]} for m in msgs[: users[-1] + 1] if m.get("role") != "system"]
+        out.append((i, conv))
+    if not out:
+        raise PersllmError(f"{path}: no instructions in the file (it is empty)")
+    return out
+
+
+def plan(project: Project, s: AnnotateSettings) -> list[Item]:
+    """Every item of the run (done or not), in order, with its context: validates all inputs."""
+    from persllm_cli.embedding import get_embedder
+    from persllm_cli.retrieval import Index
+
+    stages = project.select_stages(s.stages)
+    instructions = read_instructions(s.instructions) if s.instructions else None
+    shared = get_embedder(s.embedder)
+    fresh = (lambda: get_embedder(s.embedder)) if s.embedder == "tfidf" else (lambda: shared)
+    material: list[tuple[Stage, Path, list[Paragraph], list[Paragraph]]] = []
+    for st in stages:  # read everything first: a bad file stops the run before any request
+        kfile, sfile = project.knowledge_file(st), project.style_file(st)
+        know = read_paragraphs(kfile)
+        style = read_paragraphs(sfile, required=False)
+        if not style:
+            console.warn(f"{_rel(project, sfile)} is missing or empty: answers get no style examples")
+        material.append((st, kfile, know, style))
+    items: list[Item] = []
+    for st, kfile, know, style in material:
+        kidx, sidx = Index(know, fresh()), Index(style, fresh())
+        if instructions is not None:
+            src_file = _rel(project, s.instructions)
+            for line, conv in instructions:
+                query = conv[-1]["content"]
+                kl, sl = kidx.context(query, s.knowledge_words), sidx.context(query, s.style_words)
+                job = Job(st, "instruction", 0, {"file": src_file, "line": line, "text": query}, kl, sl,
+                          kidx.text(kl), sidx.text(sl), instruction=conv)
+                items.append(Item(record_id(project.name, st.id, "instruction", src_file, line, 0), job))
+            continue
+        src_file = _rel(project, kfile)
+        for p in know:
+            kl = kidx.context(p.text, s.knowledge_words, first=p.line)
+            sl = sidx.context(p.text, s.style_words)
+            for k in range(s.questions_per_paragraph):
+                job = Job(st, s.pattern, k, {"file": src_file, "line": p.line, "text": p.text}, kl, sl,
+                          kidx.text(kl), sidx.text(sl))
+                items.append(Item(record_id(project.name, st.id, s.pattern, src_file, p.line, k), job))
+    return items
+
+
+class Annotator:
+    """The callbacks the runner needs, bound to one project and settings (standards can grow)."""
+
+    def __init__(self, project: Project, s: AnnotateSettings, standards: list[str]):
+        self.project, self.s, self.standards = project, s, standards
+
+    def messages(self, item: Item) -> list[dict[str, str]]:
+        j: Job = item.data
+        return build_messages(persona=self.project.name, description=self.project.description,
+                              stage_label=j.stage.label, pattern=j.pattern, cot=self.s.cot,
+                              time_prefix=self.s.time_prefix, knowledge=j.knowledge, style=j.style,
+                              standards=list(self.standards), instruction=j.instruction, variant=j.k)
+
+    def parse(self, item: Item, completion: Any):
+        j: Job = item.data
+        prefix = time_line(j.stage.label) if self.s.time_prefix else None
+        return parse_reply(completion.text, cot=self.s.cot, want_question=j.instruction is None, strip_prefix=prefix)
+
+    def record(self, item: Item, reply: Any, usage: Any, error: str | None) -> Record:
+        j: Job = item.data
+        if j.instruction is not None:
+            messages = [dict(m) for m in j.instruction]
+        else:
+            messages = [{"role": "user", "content": reply.question}] if reply else []
+        if reply:
+            messages.append({"role": "assistant", "content": reply.response})
+        return {
+            "id": item.id, "persona": self.project.name, "stage": j.stage.id, "pattern": j.pattern,
+            "source": j.source, "messages": messages, "analysis": reply.analysis if reply else None,
+            "context": {"knowledge": j.knowledge_lines, "style": j.style_lines},
+            "annotator": usage.as_dict(), "status": "ok" if reply else "failed", "error": error,
+        }
+
+
+def _dry_run(items: list[Item], ann: Annotator, s: AnnotateSettings, model: str, price: Price, output: Path) -> int:
+    state = resume_state(output) if output.exists() else None
+    todo = [it for it in items if not state or it.id not in state.ok]
+    if s.limit is not None:
+        todo = todo[: s.limit]
+    prompt = sum(estimate_prompt_tokens(ann.messages(it)) for it in todo)
+    completion = len(todo) * s.max_tokens
+    typical = len(todo) * min(s.max_tokens, 400)
+    rows = [["requests", len(todo)], ["already done (skipped)", len(items) - len([i for i in items if not state or i.id not in state.ok])],
+            ["prompt tokens (estimate)", f"{prompt:,}"],
+            ["completion tokens (at most)", f"{completion:,}"],
+            ["cost (typical)", f"${price.cost(prompt, typical):.4f}"],
+            ["cost (at most)", f"${price.cost(prompt, completion):.4f}"]]
+    console.table(f"dry run: {model} (nothing sent)", ["", "value"], rows)
+    return 0
+
+
+def _review(items: list[Item], backend: Any, ann: Annotator, rs: RunnerSettings, price: Price,
+            output: Path, standards: list[str]) -> None:
+    """Show the first answers and take 'ok' or a standard; repeat on fresh items until 'ok'."""
+    done_ids: set[str] = set()
+    while True:
+        shown: list[Record] = []
+        batch = RunnerSettings(**{**rs.__dict__, "limit": ann.s.review_samples, "budget_usd": rs.budget_usd})
+        stats = run_items([it for it in items if it.id not in done_ids], backend, build_messages=ann.messages,
+                          parse=ann.parse, make_record=ann.record, output=output, settings=batch, price=price,
+                          on_record=shown.append)
+        if rs.budget_usd is not None:
+            rs.budget_usd -= stats.cost_usd
+        done_ids.update(r["id"] for r in shown)
+        ok = [r for r in shown if r["status"] == "ok"]
+        if not ok:
+            return
+        for r in ok:
+            console.info(f"\n[{r['stage']}] Q: {r['messages'][0]['content']}")
+            if r.get("analysis"):
+                console.info(f"   analysis: {r['analysis']}")
+            console.info(f"   A: {r['messages'][-1]['content']}")
+        console.info("\nType ok to go on, or a standard to add to the instructions:")
+        line = sys.stdin.readline()
+        answer = line.strip()
+        if not line or answer.lower() in ("", "ok", "y", "yes"):
+            return
+        standards.append(answer)
+        console.note(f"standard added: {answer}")
+
+
+def _inputs(project: Project, s: AnnotateSettings) -> list[Path]:
+    paths = [s.instructions] if s.instructions else []
+    for st in project.select_stages(s.stages):
+        paths += [project.knowledge_file(st), project.style_file(st)]
+    return paths
+
+
+def run(project: Project, s: AnnotateSettings) -> int:
+    """Annotate; returns the exit code (0 all ok, 3 some failed or left for a rerun)."""
+    t0 = time.perf_counter()
+    _validate(s)
+    model = s.model or DEFAULT_MODEL[s.backend]
+    standards = read_feedback(s.feedback)
+    items = plan(project, s)
+    ann = Annotator(project, s, standards)
+    output = Path(s.output)
+    if s.backend == "local":
+        price, known = Price(), True
+    else:
+        price, known = price_for(model, s.prices)
+    unpriced = f"no price known for {model!r}: counting $0 (add it under [annotate.prices] in persllm.toml)"
+    if s.dry_run:
+        if not known:
+            console.note(unpriced)
+        return _dry_run(items, ann, s, model, price, output)
+
+    from persllm_cli.llm import make_backend
+
+    backend = make_backend(s.backend, model, s.base_url, s.timeout)
+    backend.check()
+    rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries, max_tokens=s.max_tokens,
+                        temperature=s.temperature, budget_usd=s.budget_usd, limit=s.limit,
+                        backoff_base=s.backoff_seconds)
+    before = resume_state(output).ok if output.exists() else set()
+    if s.review and s.limit != 0:
+        _review(items, backend, ann, rs, price, output, standards)
+        if s.limit is not None:
+            done_now = len(resume_state(output).ok - before)
+            rs.limit = max(0, s.limit - done_now)
+    stats = run_items(items, backend, build_messages=ann.messages, parse=ann.parse, make_record=ann.record,
+                      output=output, settings=rs, price=price)
+    if stats.planned == 0 and stats.skipped:
+        console.info(f"nothing to do: all {stats.skipped} items are already in {output}")
+    else:
+        summary(stats)
+    if not known:
+        console.note(unpriced)
+    final = resume_state(output) if output.exists() else None
+    if final is not None:
+        settings = public_settings(s)
+        settings["model"] = model
+        if settings.get("base_url"):
+            from persllm_cli.llm import redact_url
+
+            settings["base_url"] = redact_url(settings["base_url"])
+        write_meta(output, command="annotate", settings=settings,
+                   inputs=_inputs(project, s),
+                   counts={"ok": len(final.ok), "failed": len(final.failed), "items": len(items)},
+                   seconds=time.perf_counter() - t0,
+                   extra={"standards": standards, "price_per_million": [price.input, price.output],
+                          "last_run": stats.as_dict()})
+    if stats.stopped == "budget":
+        console.warn(f"budget of ${s.budget_usd} reached: {stats.not_sent} item(s) not sent; "
+                     "rerun with a higher --budget-usd to continue")
+        return EXIT_PARTIAL
+    if stats.failed:
+        console.warn(f"{stats.failed} item(s) failed after retries; rerun to retry them")
+        return EXIT_PARTIAL
+    return 0
