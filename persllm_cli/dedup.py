@@ -3,7 +3,7 @@
 Reads the annotations (append-only: the last record per id wins), drops records that failed or
 lack a question, an answer or a stage, counting each reason, then walks the rest in file order and
 keeps a record when its question's cosine similarity to every question kept so far is below the
-threshold. The rule is computed in blocks (persllm_cli/neardup.py), never as an n x n matrix.
+threshold ("file order": a retried record keeps the place of its first attempt). The rule is computed in blocks (persllm_cli/neardup.py), never as an n x n matrix.
 """
 
 from __future__ import annotations

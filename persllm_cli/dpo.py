@@ -49,7 +49,7 @@ class DpoSettings:
     model: str | None = None
     base_url: str | None = None
     concurrency: int | None = None
-    embedder: str = "tfidf"  # question similarity for --mode retrieve (persllm.toml / environment only)
+    embedder: str = "tfidf"  # question similarity for --mode retrieve
 
 
 @dataclass
@@ -66,7 +66,8 @@ def pair_id(chosen_id: str, mode: str) -> str:
 
 def prompt_messages(r: Record) -> list[dict[str, str]]:
     """The conversation up to (not including) the last assistant message."""
-    msgs = [m for m in r["messages"] if isinstance(m, dict)]
+    msgs = [m for m in r["messages"]
+            if isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)]
     last = max(i for i, m in enumerate(msgs) if m.get("role") == "assistant")
     return [{"role": m["role"], "content": m["content"]} for m in msgs[:last]]
 
