@@ -121,9 +121,11 @@ def ranked(sims: np.ndarray, k: int) -> np.ndarray:
     return top[np.lexsort((top, -sims[top]))]
 
 
-def pick_rejected(sims: np.ndarray, universe: list[Candidate], chosen_key: str, skip: int) -> tuple[int | None, str]:
-    """The first candidate past the `skip` nearest whose answer differs: (index, "") or (None, why)."""
-    valid = int(np.isfinite(sims).sum())
+def pick_rejected(sims: np.ndarray, universe: list[Candidate], chosen_key: str, skip: int,
+                  valid: int) -> tuple[int | None, str]:
+    """The first candidate past the `skip` nearest whose answer differs: (index, "") or (None, why).
+
+    `valid`: how many candidates the row has (those of other groups; the rest are -inf)."""
     if valid <= skip:
         return None, NO_CANDIDATE
     k = skip + 32
@@ -148,6 +150,7 @@ def retrieve_pairs(inputs: list[Record], universe: list[Candidate], skip: int,
     keys = {(c.persona, c.stage) for c in universe}
     group_of = {k: i for i, k in enumerate(sorted(keys))}
     groups = np.array([group_of[(c.persona, c.stage)] for c in universe])
+    outside = len(universe) - np.bincount(groups)  # candidates per group: everyone outside it
     questions = [records.question(c.record) for c in universe]
     vectors = get_embedder(embedder).fit(questions).transform(questions)
     if hasattr(vectors, "tocsr"):
@@ -162,7 +165,7 @@ def retrieve_pairs(inputs: list[Record], universe: list[Candidate], skip: int,
             sims = similarity_rows(vectors, rows, groups)
             for r_i, i in enumerate(rows):
                 chosen = universe[i]
-                j, why = pick_rejected(sims[r_i], universe, chosen.answer_key, skip)
+                j, why = pick_rejected(sims[r_i], universe, chosen.answer_key, skip, int(outside[groups[i]]))
                 if j is None:
                     missing[chosen.record["id"]] = why
                     continue

@@ -92,40 +92,76 @@ def clean_answer(text: str) -> str:
     return t
 
 
-def generate_pairs(inputs: Iterable[Record], project: Project, answer: Callable[[list[Message]], str],
-                   ) -> tuple[list[Record], dict[str, str]]:
-    """One pair per record whose generated answer is usable; the ids of the others, with why.
+@dataclass
+class Planned:
+    """One request: the record whose question is asked, the stage that answers, the prompt."""
 
-    `answer(messages) -> text` asks the annotator (any backend); this function owns only which stage
-    answers, from what material, and how the pair is recorded.
-    """
-    from persllm_cli.dpo import make_pair
+    id: str            # the pair's id (stable: a rerun can skip it)
+    record: Record
+    stage: Stage
+    messages: list[Message]
+
+
+def plan(inputs: Iterable[Record], project: Project) -> list[Planned]:
+    """The request for each record: which other stage answers it, from what material."""
+    from persllm_cli.dpo import pair_id
 
     materials: dict[str, StageMaterial] = {}
-    pairs: list[Record] = []
-    missing: dict[str, str] = {}
+    out = []
     for r in inputs:
         stage = other_stage(project, r["stage"], r["id"])
         if stage.id not in materials:
             materials[stage.id] = StageMaterial.load(project, stage)
-        text = clean_answer(answer(build_messages(project, stage, materials[stage.id], records.question(r))))
-        if not text:
-            missing[r["id"]] = EMPTY_ANSWER
-        elif normalise(text) == normalise(records.answer(r)):
-            missing[r["id"]] = SAME_ANSWER
+        out.append(Planned(pair_id(r["id"], "generate"), r, stage,
+                           build_messages(project, stage, materials[stage.id], records.question(r))))
+    return out
+
+
+def to_pair(p: Planned, reply: str, project: Project) -> tuple[Record | None, str]:
+    """The pair for a reply, or (None, why) when the reply cannot be a rejected answer."""
+    from persllm_cli.dpo import make_pair
+
+    text = clean_answer(reply)
+    if not text:
+        return None, EMPTY_ANSWER
+    if normalise(text) == normalise(records.answer(p.record)):
+        return None, SAME_ANSWER
+    return make_pair(p.record, text, rejected_id=None, rejected_stage=p.stage.id,
+                     rejected_persona=p.record.get("persona") or project.name, similarity=None,
+                     mode="generate"), ""
+
+
+def generate_pairs(inputs: Iterable[Record], project: Project, answer: Callable[[list[Message]], str],
+                   ) -> tuple[list[Record], dict[str, str]]:
+    """One pair per record whose generated answer is usable; the ids of the others, with why.
+
+    `answer(messages) -> text` asks the annotator (any backend), one request at a time; the
+    concurrent, resumable run uses `plan` and `to_pair` the same way (see `run`).
+    """
+    pairs: list[Record] = []
+    missing: dict[str, str] = {}
+    for p in plan(inputs, project):
+        pair, why = to_pair(p, answer(p.messages), project)
+        if pair is None:
+            missing[p.record["id"]] = why
         else:
-            pairs.append(make_pair(r, text, rejected_id=None, rejected_stage=stage.id,
-                                   rejected_persona=r.get("persona") or project.name, similarity=None,
-                                   mode="generate"))
+            pairs.append(pair)
     return pairs, missing
 
 
 def run(project: Project, s) -> int:
-    # TODO(runner): wire generate_pairs to the annotator backend and the concurrent runner from the
-    # annotate work (persllm_cli.llm.make_backend + persllm_cli.runner), which are not on this branch:
-    # build the backend from s.backend/s.model/s.base_url/s.concurrency over the [annotate] settings,
-    # run one item per input record through the runner (retries, accounting, progress), append each
-    # pair to s.output as it completes and skip pair ids already there, so a rerun resumes like
-    # annotate; then write the sidecar with dpo.report. Until then the mode says so and exits 1.
+    # TODO(runner): wire this mode to the annotator backend and the concurrent runner of the annotate
+    # work (persllm_cli.llm.make_backend, persllm_cli.runner.run_items), which are not on this branch:
+    #   1. read and check the input as retrieve does (dpo.load_inputs), `plan(inputs, project)`;
+    #   2. backend = make_backend(s.backend or [annotate] backend, s.model or [annotate] model,
+    #      s.base_url or [annotate] base_url); RunnerSettings(concurrency=s.concurrency or 8, ...);
+    #   3. run_items(Item(p.id, p) ..., build_messages=lambda it: it.data.messages,
+    #      parse=lambda it, c: clean_answer(c.text) or raise Malformed, make_record=a raw record
+    #      {id, status, rejected text, annotator usage}, output=<output>.generate.jsonl): append-only,
+    #      so a rerun skips pair ids already ok and retries failed ones, like annotate;
+    #   4. build the pairs with `to_pair` from the ok raw records, write s.output atomically and its
+    #      sidecar with dpo.report (records without a usable reply counted, not invented); exit 3
+    #      when some requests failed after retries.
+    # Until then the mode says so and exits 1, writing nothing.
     raise PersllmError("dpo --mode generate is not available in this build yet (it needs the annotator "
                        "runner); use --mode retrieve")
