@@ -193,6 +193,7 @@ def dpo(
     model: Annotated[Optional[str], Opt(help="For --mode generate: the annotator model.")] = None,
     base_url: Annotated[Optional[str], Opt(help="For --mode generate: OpenAI-compatible server URL.", metavar="URL")] = None,
     concurrency: Annotated[Optional[int], Opt(help="For --mode generate: requests in flight.", min=1)] = None,
+    embedder: Annotated[Optional[str], Opt(help="For --mode retrieve: question similarity, tfidf or st:NAME. [default: tfidf]")] = None,
 ) -> int:
     """Build chosen/rejected preference pairs (TRL's conversational format, with provenance)."""
     from persllm_cli import dpo as stage
