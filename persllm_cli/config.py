@@ -174,13 +174,6 @@ def is_secret_name(name: str) -> bool:
     return n in SECRET_NAMES or n.endswith(SECRET_SUFFIXES)
 
 
-def _is_path(tp: Any) -> bool:
-    if tp is Path:
-        return True
-    args = typing.get_args(tp)
-    return Path in args
-
-
 def _base_type(tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -270,8 +263,10 @@ def resolve(cls: type[T], section: str, flags: dict[str, Any], project: Project 
             base_dir = cwd
         if value is dataclasses.MISSING:
             raise PersllmError(f"{section}: a value for {name} is required")
-        if _is_path(tp) and isinstance(value, Path) and not value.is_absolute():
+        if isinstance(value, Path) and not value.is_absolute():
             value = (base_dir / value).resolve()
+        elif isinstance(value, list):
+            value = [(base_dir / v).resolve() if isinstance(v, Path) and not v.is_absolute() else v for v in value]
         values[name] = value
     return cls(**values)
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,7 @@ class _Demo:
     model: str = "gpt-4o-mini"
     output: Path = Path("build/out.jsonl")
     cot: bool = False
+    pool: list[Path] = dataclasses.field(default_factory=list)
 
 
 def test_roman_and_tokens():
@@ -155,6 +157,9 @@ def test_settings_precedence(tmp_path, monkeypatch, cli):
     s = resolve(_Demo, "demo", {}, project)
     assert (s.concurrency, s.model, s.cot) == (3, "from-toml", False)
     assert s.output == root / "elsewhere" / "o.jsonl"  # toml paths: relative to the project root
+    with open(root / "persllm.toml", "a") as f:
+        f.write('pool = ["pools/a.jsonl", "/abs/b.jsonl"]\n')
+    assert resolve(_Demo, "demo", {}, load_project(root)).pool == [root / "pools" / "a.jsonl", Path("/abs/b.jsonl")]
     monkeypatch.setenv("PERSLLM_DEMO_CONCURRENCY", "5")
     monkeypatch.setenv("PERSLLM_DEMO_COT", "yes")
     s = resolve(_Demo, "demo", {}, project)
