@@ -271,11 +271,19 @@ def chat(
     base_url: Annotated[Optional[str], Opt(help="Server URL for --api-model.", metavar="URL")] = None,
     json_output: Annotated[Optional[bool], Opt("--json", help="With piped input: one JSON object per answer.")] = None,
 ) -> int:
-    """Talk to a trained persona (streaming), or answer once with --prompt."""
-    from persllm_cli import chat as stage
+    """Talk to a trained persona (streaming), or answer once with --prompt.
 
-    project, settings = _settings(ctx, stage.ChatSettings, "chat", dict(locals()), project_required=False)
-    return stage.run(project, settings)
+    In a terminal: type a message, answers stream as they are generated; /stage ID, /reset,
+    /save FILE, /help, /exit (or Ctrl-D). Ctrl-C stops an answer; at the prompt it leaves (exit 130).
+    With stdin not a terminal: each non-blank line is answered on its own (no history), one answer
+    per line on stdout (line breaks in an answer become spaces), or one JSON object per line with
+    --json ({"stage", "prompt", "answer"}).
+    """
+    flags = dict(locals())  # taken before the import below adds a name
+    from persllm_cli import chat as chat_stage
+
+    project, settings = _settings(ctx, chat_stage.ChatSettings, "chat", flags, project_required=False)
+    return chat_stage.run(project, settings)
 
 
 def main() -> None:
