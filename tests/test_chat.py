@@ -217,6 +217,14 @@ def test_api_model_unknown_model(cli, project, fake_openai):
 
 # ----------------------------------------------------------------------------- a real terminal
 
+def _styled(text: str) -> str:
+    """A regex for `text` as rich prints it on a terminal: maybe wrapped in style escape codes."""
+    import re
+
+    esc = r"(?:\x1b\[[0-9;]*m)*"
+    return esc + re.escape(text.rstrip()) + esc + (" " if text.endswith(" ") else "")
+
+
 @pytest.mark.slow
 def test_interactive_session_in_a_pty(chat_run, tmp_path):
     pexpect = pytest.importorskip("pexpect")
@@ -226,16 +234,16 @@ def test_interactive_session_in_a_pty(chat_run, tmp_path):
                           encoding="utf-8", timeout=120, dimensions=(40, 200))
     try:
         child.expect("Talking to Harry Potter at stage late")
-        child.expect_exact("you (late)> ")
+        child.expect(_styled("you (late)> "))
         child.sendline("Who are you?")
-        child.expect_exact("Harry Potter> ")
-        child.expect_exact("you (late)> ")
+        child.expect(_styled("Harry Potter> "))
+        child.expect(_styled("you (late)> "))
         answer = child.before.strip()
         assert answer and any(c.isalpha() for c in answer)
 
         child.sendline("/stage early")
         child.expect_exact("(now at stage early: first year at Hogwarts)")
-        child.expect_exact("you (early)> ")
+        child.expect(_styled("you (early)> "))
         child.sendline("/stage")
         child.expect_exact("* early: first year at Hogwarts")
         child.sendline("/save conv.jsonl")
