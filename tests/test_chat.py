@@ -230,12 +230,14 @@ def test_interactive_session_in_a_pty(chat_run, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     env = subprocess_env(NO_COLOR="1", TERM="xterm", COLUMNS="200")
     cmd = persllm_cmd()
-    child = pexpect.spawn(cmd[0], [*cmd[1:], "chat", str(chat_run), *GREEDY], cwd=str(tmp_path), env=env,
+    # Room for a long answer, so that Ctrl-C can stop one while it streams.
+    child = pexpect.spawn(cmd[0], [*cmd[1:], "chat", str(chat_run), "--temperature", "0", "--max-new-tokens", "64"],
+                          cwd=str(tmp_path), env=env,
                           encoding="utf-8", timeout=120, dimensions=(40, 200))
     try:
         child.expect("Talking to Harry Potter at stage late")
         child.expect(_styled("you (late)> "))
-        child.sendline("Who are you?")
+        child.sendline("Hello")
         child.expect(_styled("Harry Potter> "))
         child.expect(_styled("you (late)> "))
         answer = child.before.strip()
@@ -254,6 +256,14 @@ def test_interactive_session_in_a_pty(chat_run, tmp_path):
         child.expect_exact("/save FILE")
         child.sendline("/bogus")
         child.expect_exact("unknown command /bogus")
+
+        child.sendline("Tell me a very long story about a dragon.")
+        child.expect(_styled("Harry Potter> ") + r"\S")  # the answer has begun streaming
+        child.sendintr()
+        child.expect_exact("(answer stopped; it is not kept in the conversation)")
+        child.expect(_styled("you (early)> "))
+        child.sendline("/save conv.jsonl")
+        child.expect_exact("(nothing to save yet)")  # reset, and the stopped answer was not kept
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:
@@ -261,5 +271,5 @@ def test_interactive_session_in_a_pty(chat_run, tmp_path):
     assert child.exitstatus == 0
     (saved,) = [json.loads(line) for line in (tmp_path / "conv.jsonl").read_text().splitlines()]
     assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
-    assert saved["messages"][0]["content"] == "Who are you?"
+    assert saved["messages"][0]["content"] == "Hello"
     assert saved["messages"][1]["content"].split() == answer.split()
