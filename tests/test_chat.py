@@ -273,3 +273,34 @@ def test_interactive_session_in_a_pty(chat_run, tmp_path):
     assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
     assert saved["messages"][0]["content"] == "Hello"
     assert saved["messages"][1]["content"].split() == answer.split()
+
+
+def test_api_model_and_a_run_together_is_a_usage_error(cli, project, fake_openai, tmp_path):
+    r = cli("chat", str(tmp_path), "--api-model", "fake-model", "--prompt", "hi")
+    assert r.exit_code == 2 and "not both" in r.stderr
+    assert fake_openai.completions() == []
+
+
+def test_conversation_drops_old_turns_and_says_so_once(capsys):
+    from persllm_cli.chat import Conversation
+
+    class Echo:
+        persona = "Echo"
+        stages = [("a", "the start")]
+
+        def fit(self, messages, stage_id):
+            # Pretend the window holds the system message plus the last three messages.
+            keep = messages[:1] + messages[-3:] if messages[0]["role"] == "system" else messages[-3:]
+            return keep, len(messages) - len(keep)
+
+        def stream(self, messages, stage_id):
+            yield "  re: "
+            yield messages[-1]["content"]
+
+    conv = Conversation(Echo(), "a", system="sys")
+    for q in ("one", "two", "three"):
+        assert "".join(conv.ask(q)) == f"re: {q}"  # leading whitespace of the answer is dropped
+    assert [m["content"] for m in conv.history] == ["two", "re: two", "three", "re: three"]
+    assert capsys.readouterr().err.count("oldest turns are dropped") == 1
+    assert "".join(conv.ask("alone", remember=False)) == "re: alone"
+    assert len(conv.history) == 4
