@@ -304,3 +304,20 @@ def test_conversation_drops_old_turns_and_says_so_once(capsys):
     assert capsys.readouterr().err.count("oldest turns are dropped") == 1
     assert "".join(conv.ask("alone", remember=False)) == "re: alone"
     assert len(conv.history) == 4
+
+
+def test_api_conversation_sends_history_and_retrieves_per_message(project, fake_openai):
+    from persllm_cli.chat import Conversation
+    from persllm_cli.chat_api import ApiTalker
+    from persllm_cli.config import open_project
+
+    fake_openai.push(Reply("Hagrid came."), Reply("The snitch, yes."))
+    conv = Conversation(ApiTalker(open_project(project), "fake-model", None, 64, 0.0), "early")
+    assert "".join(conv.ask("Who told you that you were a wizard on your birthday?")) == "Hagrid came."
+    conv.set_stage("late")
+    assert "".join(conv.ask("Do you remember your son James?")) == "The snitch, yes."
+    first, second = (r.body["messages"] for r in fake_openai.completions())
+    assert "Hagrid told me" in first[0]["content"]
+    assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
+    assert second[2]["content"] == "Hagrid came."
+    assert "after the war" in second[0]["content"] and second[0]["content"].index("James Sirius") < second[0]["content"].index("Auror")
