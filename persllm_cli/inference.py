@@ -29,12 +29,14 @@ _PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _PLAIN_STOP = "\nUser:"
 
 
-def load_run(run_dir: Path) -> tuple[Any, Any, runs.RunInfo]:
+def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, runs.RunInfo]:
     """(model, tokenizer, info) for a complete run directory, ready to generate (eval mode).
 
     The base is the one run.json names; on CUDA it loads in 4-bit NF4 as in training, on CPU in
     float32. Its embeddings are resized to the run's tokenizer before the adapter (LoRA weights and
-    the trained time-token rows) goes on top.
+    the trained time-token rows) goes on top. `merge` (default: on CPU only) folds the adapter into
+    the float32 weights, which makes CPU generation about three times faster for the cost of a
+    second; merging into 4-bit weights would lose precision, so on CUDA the adapter stays apart.
     """
     info = runs.read_run(Path(run_dir))
     run = info.path
@@ -79,6 +81,8 @@ def load_run(run_dir: Path) -> tuple[Any, Any, runs.RunInfo]:
     # (transformers' default) would only cost time.
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model = _attach_adapter(model, run, info.base)
+    if merge if merge is not None else not torch.cuda.is_available():
+        model = model.merge_and_unload()
     model.eval()
     return model, tokenizer, info
 
