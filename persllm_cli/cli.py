@@ -263,21 +263,29 @@ def train(
 @guarded
 def chat(
     ctx: typer.Context,
-    run: Annotated[Optional[Path], typer.Argument(help="Run directory. [default: runs/latest]", metavar="RUN")] = None,
-    stage: Annotated[Optional[str], Opt(help="Stage to speak from. [default: the last stage]", metavar="ID")] = None,
+    run: Annotated[Optional[Path], typer.Argument(help="Run directory (default: runs/latest of the project).", metavar="RUN")] = None,
+    stage: Annotated[Optional[str], Opt(help="Stage to speak from (default: the last stage).", metavar="ID")] = None,
     prompt: Annotated[Optional[str], Opt(help="Answer this once and print only the answer.", metavar="TEXT")] = None,
-    system: Annotated[Optional[str], Opt(help="A system message.", metavar="TEXT")] = None,
-    max_new_tokens: Annotated[Optional[int], Opt(help="[default: 256]")] = None,
-    temperature: Annotated[Optional[float], Opt(help="0 for greedy. [default: 0.7]")] = None,
+    system: Annotated[Optional[str], Opt(help="A system message (with --api-model: added to the persona prompt).", metavar="TEXT")] = None,
+    max_new_tokens: Annotated[Optional[int], Opt(help="Longest answer, in tokens (default: 256).")] = None,
+    temperature: Annotated[Optional[float], Opt(help="Sampling temperature; 0 for greedy (default: 0.7).")] = None,
     api_model: Annotated[Optional[str], Opt(help="Chat through an OpenAI-compatible model with retrieval over the project's material instead.", metavar="M")] = None,
     base_url: Annotated[Optional[str], Opt(help="Server URL for --api-model.", metavar="URL")] = None,
-    json_output: Annotated[Optional[bool], Opt("--json", help="With piped input: one JSON object per answer.")] = None,
+    json_output: Annotated[Optional[bool], Opt("--json", help="One JSON object per answer ({\"stage\", \"prompt\", \"answer\"}), reading questions line by line.")] = None,
 ) -> int:
-    """Talk to a trained persona (streaming), or answer once with --prompt."""
-    from persllm_cli import chat as stage
+    """Talk to a trained persona (streaming), or answer once with --prompt.
 
-    project, settings = _settings(ctx, stage.ChatSettings, "chat", dict(locals()), project_required=False)
-    return stage.run(project, settings)
+    In a terminal: type a message and the answer streams as it is generated. Commands: /stage ID, /reset, /save FILE (appends the conversation as a JSON line), /help, /exit or Ctrl-D. Ctrl-C stops an answer; at the prompt it leaves (exit 130).
+
+    With stdin not a terminal: each non-blank line is a question answered on its own (no history), one answer per line on stdout (line breaks inside an answer become spaces); with --json one object per line, the answer exact.
+
+    --api-model M talks to an OpenAI-compatible model instead (key from OPENAI_API_KEY), giving it the chosen stage's knowledge and style paragraphs closest to each message.
+    """
+    flags = dict(locals())  # taken before the import below adds a name
+    from persllm_cli import chat as chat_stage
+
+    project, settings = _settings(ctx, chat_stage.ChatSettings, "chat", flags, project_required=False)
+    return chat_stage.run(project, settings)
 
 
 # ----------------------------------------------------------------------------------------- eval

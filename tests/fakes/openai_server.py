@@ -1,6 +1,7 @@
 """A local fake OpenAI-compatible server for tests and benchmarks (127.0.0.1 only, never the network).
 
-It answers POST /v1/chat/completions and GET /v1/models like the real API, with switches for what
+It answers POST /v1/chat/completions (streamed as server-sent events when the request asks for
+`stream`) and GET /v1/models like the real API, with switches for what
 real servers do to clients: latency, 429 with Retry-After, 500, malformed answers, a wrong key, an
 unknown model. Every request is logged (headers and body) so tests can assert on what was sent.
 
@@ -125,6 +126,27 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _stream(self, n: int, model: str, text: str) -> None:
+                """Server-sent events as the real API streams them: a chunk per word, then [DONE]."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+
+                def event(delta: dict[str, Any], finish: str | None) -> None:
+                    chunk = {"id": f"chatcmpl-fake-{n}", "object": "chat.completion.chunk",
+                             "created": int(time.time()), "model": model,
+                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+
+                for i, piece in enumerate(re.findall(r"\S+\s*|\s+", text)):
+                    event({"role": "assistant", "content": piece} if i == 0 else {"content": piece}, None)
+                event({}, "stop")
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+
             def _error(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> None:
                 self._send(status, {"error": {"message": message, "type": "fake_error", "code": code}}, headers)
 
@@ -184,6 +206,8 @@ class FakeOpenAI:
                 prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
                 completion_tokens = len(text.split())
                 entry.status = 200
+                if body.get("stream"):
+                    return self._stream(n, model, text)
                 self._send(200, {
                     "id": f"chatcmpl-fake-{n}", "object": "chat.completion", "created": int(time.time()),
                     "model": model,

@@ -1,0 +1,99 @@
+"""How long `persllm chat` makes a user wait: loading a run from the cache, and the first token.
+
+    python benchmarks/chat_latency.py [RUN] [--repeats 3]
+
+Without RUN it builds a smollm2-135m run (untrained LoRA + time tokens, as tests/run_factory.py
+does) in a temporary folder first; the embedded model must be converted already or it is converted
+once (not timed). Times, on this machine's CPU (or GPU when there is one):
+  import   torch/transformers/peft imports (paid once per process)
+  load     inference.load_run: base from the PERSLLM_HOME cache, resize, adapter (goal < 10 s)
+  first    time to the first streamed text piece of a short greedy answer (goal < 1 s): for the
+           first answer after loading (weights still paging in) and the median of the next ones
+  tok/s    new tokens per second over a 32-token answer
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GOALS = {"load": 10.0, "first": 1.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", nargs="?", type=Path)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
+                    help="fold the adapter into the weights (load_run's default: on CPU)")
+    args = ap.parse_args()
+
+    from persllm_cli.models import ensure_embedded
+
+    base_dir = ensure_embedded("smollm2-135m")
+    tmp = None
+    run = args.run
+    if run is None:
+        from tests.run_factory import make_run
+
+        tmp = tempfile.TemporaryDirectory(prefix="persllm-bench-")
+        run = make_run(Path(tmp.name) / "runs" / "bench", base_dir)
+
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # as load_run does
+    t0 = time.perf_counter()
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    t_import = time.perf_counter() - t0
+
+    from persllm_cli.inference import load_run, stream_reply
+
+    t0 = time.perf_counter()
+    model, tok, info = load_run(run, merge=args.merge)
+    t_load = time.perf_counter() - t0
+    _, token = info.stage_token(None)
+    messages = [{"role": "user", "content": "Where did you grow up?"}]
+
+    firsts = []
+    for _ in range(args.repeats + 1):  # the first answer after loading (cold) is reported apart
+        t0 = time.perf_counter()
+        for _piece in stream_reply(model, tok, messages, token, max_new_tokens=8, temperature=0):
+            firsts.append(time.perf_counter() - t0)
+            break
+    cold, firsts = firsts[0], firsts[1:]
+    t0 = time.perf_counter()
+    text = "".join(stream_reply(model, tok, messages, token, max_new_tokens=32, temperature=0))
+    gen = time.perf_counter() - t0
+    n_new = len(tok(text, add_special_tokens=False)["input_ids"])
+
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    first = statistics.median(firsts)
+    rows = [
+        ("import", t_import, None),
+        ("load (from cache)", t_load, GOALS["load"]),
+        ("first token, 1st answer", cold, GOALS["first"]),
+        ("first token (median)", first, GOALS["first"]),
+    ]
+    merged = "merged" if not hasattr(model, "peft_config") else "adapter apart"
+    print(f"persllm chat latency, smollm2-135m run {run} on {device}, {merged}")
+    print(f"{'what':<24}{'seconds':>10}{'goal':>8}{'ratio':>8}")
+    for name, value, goal in rows:
+        g = f"{goal:.1f}" if goal else "-"
+        r = f"{value / goal:.2f}" if goal else "-"
+        print(f"{name:<24}{value:>10.2f}{g:>8}{r:>8}")
+    print(f"{'tokens/s (32 new)':<24}{n_new / gen:>10.1f}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Loading a trained run and generating from it: what `chat` (and anything else that talks to a
+run) uses.
+
+A run is a base model plus a PEFT adapter plus the tokenizer that knows the time tokens
+(see runs.py). The prompt is rendered the way training rendered conversations: the stage's time
+token first, then the chat template of the tokenizer (a plain `User:`/`Assistant:` layout when the
+tokenizer has none), ending with the assistant's turn opened.
+
+    model, tokenizer, info = load_run(Path("runs/latest"))
+    stage_id, token = info.stage_token("early")
+    for piece in stream_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], token, 64, 0.0):
+        print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from persllm_cli import models, runs
+from persllm_cli.errors import PersllmError
+
+Message = dict[str, str]
+
+# Said when the tokenizer has no chat template; `tokenize` renders the same layout.
+_PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+_PLAIN_STOP = "\nUser:"
+
+
+def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, runs.RunInfo]:
+    """(model, tokenizer, info) for a complete run directory, ready to generate (eval mode).
+
+    The base is the one run.json names; on CUDA it loads in 4-bit NF4 as in training, on CPU in
+    float32. Its embeddings are resized to the run's tokenizer before the adapter (LoRA weights and
+    the trained time-token rows) goes on top. `merge` (default: on CPU only) folds the adapter into
+    the float32 weights, which makes CPU generation about three times faster for the cost of a
+    second; merging into 4-bit weights would lose precision, so on CUDA the adapter stays apart.
+    """
+    info = runs.read_run(Path(run_dir))
+    run = info.path
+    base = models.resolve_base(info.base)
+
+    import logging
+
+    # bitsandbytes (imported by peft) warns about an optional CPU kernel package on every start.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # a chat screen is no place for loader chatter
+    hf_logging.disable_progress_bar()
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    except (OSError, ValueError) as e:
+        raise PersllmError(f"the tokenizer in {run / 'tokenizer'} could not be loaded: {_first_line(e)}") from None
+    vocab = tokenizer.get_vocab()
+    missing = [s["token"] for s in info.stages if s["token"] not in vocab]
+    if missing:
+        raise PersllmError(f"the tokenizer in {run / 'tokenizer'} lacks the time token(s) {', '.join(missing)}")
+
+    kwargs: dict[str, Any] = {}
+    if torch.cuda.is_available():
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["dtype"] = torch.bfloat16
+    else:
+        kwargs["dtype"] = torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as e:
+        raise PersllmError(f"base model {info.base} could not be loaded: {_first_line(e)}") from None
+    # The new rows' values come from the adapter; drawing them from the old rows' statistics
+    # (transformers' default) would only cost time.
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model = _attach_adapter(model, run, info.base)
+    if merge if merge is not None else not torch.cuda.is_available():
+        model = model.merge_and_unload()
+    model.eval()
+    return model, tokenizer, info
+
+
+def _attach_adapter(model: Any, run: Path, base_name: str) -> Any:
+    from peft import PeftModel
+
+    where = run / "adapter"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = PeftModel.from_pretrained(model, where)
+        except (RuntimeError, ValueError, KeyError) as e:
+            # e.g. "size mismatch for ...lora_A.weight": trained on another base.
+            raise PersllmError(f"adapter in {run} does not fit base {base_name}: {_first_line(e, 300)}") from None
+    for w in caught:
+        text = str(w.message)
+        if "missing adapter keys" in text:
+            raise PersllmError(f"adapter in {run} does not fit base {base_name}: {text[:300]}")
+    return model
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_prompt(tokenizer: Any, messages: list[Message], stage_token: str) -> str:
+    """The text the model continues: time token, then the conversation, then the assistant's turn."""
+    if has_chat_template(tokenizer):
+        body = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        body = "".join(f"{_PLAIN_ROLES.get(m['role'], m['role'].title())}: {m['content']}\n" for m in messages)
+        body += "Assistant:"
+    return stage_token + body
+
+
+def prompt_ids(tokenizer: Any, messages: list[Message], stage_token: str) -> list[int]:
+    # The template writes its own special tokens; adding a BOS again would differ from training.
+    return tokenizer(build_prompt(tokenizer, messages, stage_token), add_special_tokens=False)["input_ids"]
+
+
+def context_size(model: Any) -> int:
+    """How many tokens the model attends over (prompt plus answer)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def fit_messages(tokenizer: Any, messages: list[Message], stage_token: str, budget: int) -> tuple[list[Message], int]:
+    """Drop the oldest turns (never the system message or the last user message) until the prompt
+    takes at most `budget` tokens. Returns (kept messages, number of messages dropped)."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest = messages[len(system):]
+    dropped = 0
+    while len(prompt_ids(tokenizer, system + rest, stage_token)) > budget:
+        if len(rest) <= 1:
+            raise PersllmError(f"the message is too long for the model's context ({budget} tokens left for the "
+                               "prompt); shorten it or lower --max-new-tokens")
+        # Drop a whole exchange (user + assistant) so the conversation still starts with the user.
+        cut = 2 if len(rest) > 2 and rest[0]["role"] == "user" and rest[1]["role"] == "assistant" else 1
+        rest = rest[cut:]
+        dropped += cut
+    return system + rest, dropped
+
+
+def stream_reply(model: Any, tokenizer: Any, messages: list[Message], stage_token: str,
+                 max_new_tokens: int = 256, temperature: float = 0.7) -> Iterator[str]:
+    """Generate the assistant's answer, yielding text pieces as they come (greedy when temperature is 0).
+
+    Generation runs in a thread; closing the iterator early (or Ctrl-C while waiting on it) stops
+    the thread at the next token.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    stop = threading.Event()
+
+    class _StopFlag(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001 - transformers' signature
+            return stop.is_set()
+
+    ids = prompt_ids(tokenizer, messages, stage_token)
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    eos = [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+           if isinstance(i, int) and i != tokenizer.unk_token_id]
+    kwargs: dict[str, Any] = dict(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+        streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopFlag()]),
+        eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0],
+    )
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=0.95, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if not has_chat_template(tokenizer):
+        kwargs.update(stop_strings=[_PLAIN_STOP], tokenizer=tokenizer)
+
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread below
+            failure.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, name="persllm-generate", daemon=True)
+    thread.start()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+    finally:
+        stop.set()
+        thread.join()
+    if failure:
+        raise failure[0]
