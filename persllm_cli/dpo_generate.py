@@ -10,6 +10,13 @@ the record's id decides, so the choice is fixed for a record and spread evenly o
 
 The material: the other stage's knowledge and style paragraphs most similar to the question
 (TF-IDF), within a word budget, most similar first.
+
+The run (`run`): the annotator is the one `annotate` uses (dpo's --backend/--model/--base-url/
+--concurrency, else the project's [annotate] settings; the key only from OPENAI_API_KEY). The
+concurrent runner appends every raw answer to build/dpo.generate.jsonl (next to -o; one record per
+chosen record and answering stage, `ok` or `failed`), so a rerun asks only what is not `ok` yet.
+The pairs are then written atomically from the `ok` answers; provenance `rejected_id` is the work
+record's id.
 """
 
 from __future__ import annotations

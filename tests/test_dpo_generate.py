@@ -146,3 +146,30 @@ def test_generate_flags_override_annotate_settings(project, cli, fake_openai):
     assert result.exit_code == 0, result.output
     assert {r.body["model"] for r in fake_openai.completions()} == {"gpt-4o-mini"}
     assert read(project / "build" / "dpo.jsonl")[0]["rejected"][0]["content"] == "A quiet answer."
+
+
+def test_generate_ctrl_c_keeps_answers_and_exits_130(project, cli, fake_openai, monkeypatch):
+    from persllm_cli import dpo_generate
+
+    real = dpo_generate._work_record
+    made = []
+
+    def interrupt_on_second(item, text, usage, error):  # Ctrl-C lands while the second answer comes in
+        made.append(item.id)
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        return real(item, text, usage, error)
+
+    monkeypatch.setattr(dpo_generate, "_work_record", interrupt_on_second)
+    result = cli("-C", str(project), "dpo", "--mode", "generate", "--concurrency", "1")
+    assert result.exit_code == 130
+    assert not (project / "build" / "dpo.jsonl").exists()
+    assert [w["status"] for w in read(project / "build" / "dpo.generate.jsonl")] == ["ok"]
+
+    monkeypatch.setattr(dpo_generate, "_work_record", real)
+    before = len(fake_openai.completions())
+    result = cli("-C", str(project), "dpo", "--mode", "generate")
+    assert result.exit_code == 0, result.output
+    saved_question = "Where do you sleep?"  # the first record's, answered before the Ctrl-C
+    assert not any(saved_question in prompt_of(r) for r in fake_openai.completions()[before:])
+    assert len(read(project / "build" / "dpo.jsonl")) == 3
