@@ -208,8 +208,12 @@ def run(project: Project, s: DpoSettings) -> int:
 
 
 def report(project: Project, s: DpoSettings, inputs: list[Record], pairs: list[Record], missing: dict[str, str],
-           *, pool_records: int, unusable_pool: int, seconds: float) -> None:
-    """Write the pairs and their sidecar, and print the per-stage summary."""
+           *, pool_records: int, unusable_pool: int, seconds: float, settings: dict[str, Any] | None = None,
+           extra: dict[str, Any] | None = None) -> None:
+    """Write the pairs and their sidecar, and print the per-stage summary.
+
+    `settings` replaces the sidecar's settings (--mode generate adds the annotator's, redacted);
+    `extra` adds keys to the sidecar."""
     by_stage: dict[str, Counter[str]] = {}
     for r in inputs:
         by_stage.setdefault(r["stage"], Counter())["records"] += 1
@@ -229,13 +233,14 @@ def report(project: Project, s: DpoSettings, inputs: list[Record], pairs: list[R
               "pool_unusable": unusable_pool,
               "by_stage": {k: dict(v) for k, v in by_stage.items()}}
     records.write_jsonl_atomic(s.output, pairs)
-    records.write_meta(s.output, command="dpo", settings=public_settings(s), inputs=[s.input, *s.pool],
-                       counts=counts, seconds=seconds, extra={"no_rejected_ids": missing})
+    records.write_meta(s.output, command="dpo", settings=settings if settings is not None else public_settings(s),
+                       inputs=[s.input, *s.pool], counts=counts, seconds=seconds,
+                       extra={"no_rejected_ids": missing, **(extra or {})})
     rows = []
     for sid in stage_order(project, set(by_stage)):
         c = by_stage[sid]
         rows.append([sid, c["records"], c["pairs"], c["rejected_other_stage"], c["rejected_other_persona"], c["no_rejected"]])
-    console.table(f"dpo --mode {s.mode} (skip {s.skip})",
+    console.table(f"dpo --mode {s.mode}" + (f" (skip {s.skip})" if s.mode == "retrieve" else ""),
                   ["stage", "records", "pairs", "rejected: other stage", "rejected: other persona", "no rejected"],
                   rows)
     if missing:

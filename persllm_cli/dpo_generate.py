@@ -10,24 +10,38 @@ the record's id decides, so the choice is fixed for a record and spread evenly o
 
 The material: the other stage's knowledge and style paragraphs most similar to the question
 (TF-IDF), within a word budget, most similar first.
+
+The run (`run`): the annotator is the one `annotate` uses (dpo's --backend/--model/--base-url/
+--concurrency, else the project's [annotate] settings; the key only from OPENAI_API_KEY). The
+concurrent runner appends every raw answer to build/dpo.generate.jsonl (next to -o; one record per
+chosen record and answering stage, `ok` or `failed`), so a rerun asks only what is not `ok` yet.
+The pairs are then written atomically from the `ok` answers; provenance `rejected_id` is the work
+record's id.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
-from persllm_cli import records
+from persllm_cli import console, records
 from persllm_cli.config import Project, Stage
 from persllm_cli.corpus import count_words, read_paragraphs
 from persllm_cli.curation import normalise
-from persllm_cli.errors import PersllmError
+from persllm_cli.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.records import Record
 from persllm_cli.resources import render
+from persllm_cli.runner import Item, Malformed, Price, RunnerSettings, run_items, summary
 
 Message = dict[str, str]
 EMPTY_ANSWER = "the annotator's answer was empty"
 SAME_ANSWER = "the generated answer equals the chosen one"
+FAILED = "the request failed after retries (rerun to retry)"
+NOT_ANSWERED = "not sent yet (rerun to continue)"
 
 
 def other_stage(project: Project, stage_id: str, record_id: str) -> Stage:
@@ -83,13 +97,14 @@ def build_messages(project: Project, stage: Stage, material: StageMaterial, ques
     return [{"role": "user", "content": prompt}]
 
 
+_ANSWER_LABEL = re.compile(r"^\s*(?:\*\*)?\[(?:Response|Answer)\](?:\*\*)?:?[ \t]*", re.IGNORECASE | re.MULTILINE)
+
+
 def clean_answer(text: str) -> str:
-    """The reply without a `[Response]`/`[Answer]` label the model may have added anyway."""
-    t = text.strip()
-    for label in ("[Response]", "[Answer]", "**[Response]**", "**[Answer]**"):
-        if t.startswith(label):
-            t = t[len(label):].strip()
-    return t
+    """The reply's answer: the text after the last `[Response]`/`[Answer]` label when the model
+    added one anyway (perhaps after echoing the `[Question]`), else the whole reply."""
+    labels = list(_ANSWER_LABEL.finditer(text))
+    return (text[labels[-1].end():] if labels else text).strip()
 
 
 @dataclass
@@ -117,7 +132,7 @@ def plan(inputs: Iterable[Record], project: Project) -> list[Planned]:
     return out
 
 
-def to_pair(p: Planned, reply: str, project: Project) -> tuple[Record | None, str]:
+def to_pair(p: Planned, reply: str, project: Project, rejected_id: str | None = None) -> tuple[Record | None, str]:
     """The pair for a reply, or (None, why) when the reply cannot be a rejected answer."""
     from persllm_cli.dpo import make_pair
 
@@ -126,7 +141,7 @@ def to_pair(p: Planned, reply: str, project: Project) -> tuple[Record | None, st
         return None, EMPTY_ANSWER
     if normalise(text) == normalise(records.answer(p.record)):
         return None, SAME_ANSWER
-    return make_pair(p.record, text, rejected_id=None, rejected_stage=p.stage.id,
+    return make_pair(p.record, text, rejected_id=rejected_id, rejected_stage=p.stage.id,
                      rejected_persona=p.record.get("persona") or project.name, similarity=None,
                      mode="generate"), ""
 
@@ -149,19 +164,131 @@ def generate_pairs(inputs: Iterable[Record], project: Project, answer: Callable[
     return pairs, missing
 
 
+def work_id(chosen_id: str, stage_id: str) -> str:
+    """The id of one request in the work file: the chosen record and the stage that answers (so a
+    project whose stages changed asks again instead of reusing an answer from the wrong stage)."""
+    return hashlib.sha256(f"dpo|generate|{chosen_id}|{stage_id}".encode("utf-8")).hexdigest()
+
+
+def work_path(output: Path) -> Path:
+    """build/dpo.jsonl -> build/dpo.generate.jsonl: the append-only file of raw answers."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.generate{output.suffix or '.jsonl'}")
+
+
+@dataclass
+class Annotator:
+    """The annotator settings for this mode: dpo flags first, else the project's [annotate]."""
+
+    backend: str
+    model: str
+    base_url: str | None
+    concurrency: int
+    settings: Any  # the resolved AnnotateSettings (retries, timeout, max_tokens, prices, ...)
+
+    @classmethod
+    def resolve(cls, project: Project, s) -> "Annotator":
+        from persllm_cli.annotate import DEFAULT_MODEL, AnnotateSettings
+        from persllm_cli.config import resolve
+
+        a = resolve(AnnotateSettings, "annotate", {}, project)
+        backend = s.backend or a.backend
+        if backend not in DEFAULT_MODEL:
+            raise PersllmError(f"unknown backend {backend!r} (use openai or local)")
+        # [annotate] model belongs to [annotate] backend: a different --backend takes its own default.
+        same = backend == a.backend
+        model = s.model or (a.model if same else None) or DEFAULT_MODEL[backend]
+        base_url = s.base_url or (a.base_url if same else None)
+        concurrency = s.concurrency if s.concurrency is not None else a.concurrency
+        if concurrency < 1 or a.max_tokens < 1:
+            raise PersllmError("concurrency and max_tokens must be at least 1")
+        return cls(backend, model, base_url, concurrency, a)
+
+    def public(self) -> dict[str, Any]:
+        from persllm_cli.llm import redact_url
+
+        return {"backend": self.backend, "model": self.model,
+                "base_url": redact_url(self.base_url) if self.base_url else None,
+                "concurrency": self.concurrency, "max_retries": self.settings.max_retries,
+                "max_tokens": self.settings.max_tokens, "temperature": self.settings.temperature}
+
+
+def _parse(item: Item, completion: Any) -> str:
+    text = clean_answer(completion.text)
+    if not text:
+        raise Malformed(EMPTY_ANSWER)
+    return text
+
+
+def _work_record(item: Item, text: str | None, usage: Any, error: str | None) -> Record:
+    p: Planned = item.data
+    return {"id": item.id, "chosen_id": p.record["id"], "stage": p.record["stage"], "rejected_stage": p.stage.id,
+            "text": text, "annotator": usage.as_dict(), "status": "ok" if text is not None else "failed",
+            "error": error}
+
+
 def run(project: Project, s) -> int:
-    # TODO(runner): wire this mode to the annotator backend and the concurrent runner of the annotate
-    # work (persllm_cli.llm.make_backend, persllm_cli.runner.run_items), which are not on this branch:
-    #   1. read and check the input as retrieve does (dpo.load_inputs), `plan(inputs, project)`;
-    #   2. backend = make_backend(s.backend or [annotate] backend, s.model or [annotate] model,
-    #      s.base_url or [annotate] base_url); RunnerSettings(concurrency=s.concurrency or 8, ...);
-    #   3. run_items(Item(p.id, p) ..., build_messages=lambda it: it.data.messages,
-    #      parse=lambda it, c: clean_answer(c.text) or raise Malformed, make_record=a raw record
-    #      {id, status, rejected text, annotator usage}, output=<output>.generate.jsonl): append-only,
-    #      so a rerun skips pair ids already ok and retries failed ones, like annotate;
-    #   4. build the pairs with `to_pair` from the ok raw records, write s.output atomically and its
-    #      sidecar with dpo.report (records without a usable reply counted, not invented); exit 3
-    #      when some requests failed after retries.
-    # Until then the mode says so and exits 1, writing nothing.
-    raise PersllmError("dpo --mode generate is not available in this build yet (it needs the annotator "
-                       "runner); use --mode retrieve")
+    """Ask the annotator for the rejected answers (resumable), then write the pairs; the exit code."""
+    from persllm_cli import dpo
+    from persllm_cli.annotate import price_for
+    from persllm_cli.config import public_settings
+    from persllm_cli.llm import make_backend
+
+    started = time.perf_counter()
+    inputs, _, _ = dpo.load_inputs(project, s)
+    if s.pool:
+        console.note("--pool is not used by --mode generate (the annotator writes the rejected answers)")
+    ann = Annotator.resolve(project, s)
+    planned = plan(inputs, project)
+    items = [Item(work_id(p.record["id"], p.stage.id), p) for p in planned]
+    work = work_path(s.output)
+    a = ann.settings
+    price, known = (Price(), True) if ann.backend == "local" else price_for(ann.model, a.prices)
+
+    backend = make_backend(ann.backend, ann.model, ann.base_url, a.timeout)
+    backend.check()
+    rs = RunnerSettings(concurrency=ann.concurrency, max_retries=a.max_retries, max_tokens=a.max_tokens,
+                        temperature=a.temperature, budget_usd=a.budget_usd, backoff_base=a.backoff_seconds,
+                        title="dpo generate")
+    stats = run_items(items, backend, build_messages=lambda it: it.data.messages, parse=_parse,
+                      make_record=_work_record, output=work, settings=rs, price=price)
+    if stats.planned == 0 and stats.skipped:
+        console.info(f"nothing to ask: all {stats.skipped} answers are already in {work}")
+    else:
+        summary(stats, "dpo --mode generate")
+    if not known:
+        console.note(f"no price known for {ann.model!r}: counting $0 (add it under [annotate.prices])")
+
+    done = records.resume_state(work).records if work.exists() else {}
+    pairs: list[Record] = []
+    missing: dict[str, str] = {}
+    not_ok = 0
+    for it in items:
+        p: Planned = it.data
+        w = done.get(it.id)
+        if w is None or w.get("status") != "ok":
+            not_ok += 1
+            missing[p.record["id"]] = NOT_ANSWERED if w is None else FAILED
+            continue
+        pair, why = to_pair(p, str(w.get("text") or ""), project, rejected_id=it.id)
+        if pair is None:
+            missing[p.record["id"]] = why
+        else:
+            pairs.append(pair)
+    if not pairs:
+        if not_ok:
+            console.warn(f"no pair yet: {not_ok} request(s) failed or were not sent; rerun to retry them "
+                         f"(answers so far are kept in {work})")
+            return EXIT_PARTIAL
+        raise PersllmError(f"no generated answer differs from the chosen one ({len(missing)} record(s)); "
+                           "nothing written")
+    settings = public_settings(s)
+    settings.update(ann.public())
+    dpo.report(project, s, inputs, pairs, missing, pool_records=0, unusable_pool=0,
+               seconds=time.perf_counter() - started, settings=settings,
+               extra={"work_file": str(work), "price_per_million": [price.input, price.output],
+                      "last_run": stats.as_dict()})
+    if not_ok:
+        console.warn(f"{not_ok} request(s) failed or were not sent; rerun to retry them")
+        return EXIT_PARTIAL
+    return 0

@@ -426,7 +426,7 @@ def test_dpo_single_stage_needs_a_pool(tmp_path, cli):
     ("empty", [], 1, "empty"),
     (None, ["--pool", "missing.jsonl"], 1, "missing.jsonl: file not found"),
     (None, ["--mode", "nope"], 2, "--mode"),
-    (None, ["--mode", "generate"], 1, "--mode generate is not available"),
+    (None, ["--mode", "generate"], 1, "knowledge.txt: no paragraphs"),  # material checked before any request
 ])
 def test_dpo_bad_input_writes_nothing(tmp_path, cli, bad, flags, code, message):
     proj = make_project(cli, tmp_path / "p")
