@@ -14,44 +14,13 @@ from typing import Any, Iterator
 from persllm_cli import corpus, resources
 from persllm_cli.config import Project, Stage
 from persllm_cli.errors import PersllmError
+from persllm_cli.retrieval import Index
 
 Message = dict[str, str]
 
 KNOWLEDGE_WORDS = 600  # per turn: enough to ground an answer, small enough for any context window
 STYLE_WORDS = 200
 EMBEDDER = "tfidf"
-
-
-class _Index:
-    """One material file of one stage, ready for similarity queries."""
-
-    def __init__(self, paragraphs: list[corpus.Paragraph]) -> None:
-        from persllm_cli.embedding import get_embedder
-
-        self.paragraphs = paragraphs
-        self.embedder = get_embedder(EMBEDDER)
-        self.matrix = self.embedder.fit([p.text for p in paragraphs]).transform([p.text for p in paragraphs]) if paragraphs else None
-
-    def top(self, query: str, budget_words: int) -> list[corpus.Paragraph]:
-        """The most similar paragraphs whose words fit the budget (the best one always)."""
-        if not self.paragraphs:
-            return []
-        import numpy as np
-
-        q = self.embedder.transform([query])
-        sims = self.matrix @ q.T
-        scores = np.asarray(sims.toarray() if hasattr(sims, "toarray") else sims).ravel()
-        chosen, used = [], 0
-        for i in np.argsort(-scores, kind="stable"):
-            p = self.paragraphs[int(i)]
-            words = corpus.count_words(p.text)
-            if chosen and used + words > budget_words:
-                continue
-            chosen.append(p)
-            used += words
-            if used >= budget_words:
-                break
-        return chosen
 
 
 class ApiTalker:
@@ -72,23 +41,24 @@ class ApiTalker:
         self.temperature = temperature
         self.client = OpenAI(api_key=key, base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None,
                              max_retries=2, timeout=120)
-        self._indexes: dict[tuple[str, str], _Index] = {}
+        self._indexes: dict[tuple[str, str], Index] = {}
 
-    def _index(self, stage: Stage, kind: str) -> _Index:
+    def _top(self, stage: Stage, kind: str, query: str, budget_words: int) -> list[str]:
         if (stage.id, kind) not in self._indexes:
             path = self.project.knowledge_file(stage) if kind == "knowledge" else self.project.style_file(stage)
-            self._indexes[(stage.id, kind)] = _Index(corpus.read_paragraphs(path, required=False))
-        return self._indexes[(stage.id, kind)]
+            self._indexes[(stage.id, kind)] = Index(corpus.read_paragraphs(path, required=False), EMBEDDER)
+        index = self._indexes[(stage.id, kind)]
+        return index.text(index.context(query, budget_words))
 
     def system_prompt(self, stage_id: str, query: str) -> str:
         stage = self.project.stage(stage_id)
-        knowledge = self._index(stage, "knowledge").top(query, KNOWLEDGE_WORDS)
-        style = self._index(stage, "style").top(query, STYLE_WORDS)
+        knowledge = self._top(stage, "knowledge", query, KNOWLEDGE_WORDS)
+        style = self._top(stage, "style", query, STYLE_WORDS)
         return resources.render(
             "chat/api_system.txt", persona=self.persona, description=self.project.description,
             stage_label=stage.label,
-            knowledge="\n".join(f"- {p.text}" for p in knowledge) or "(no material for this stage)",
-            style="\n".join(f"- {p.text}" for p in style) or "(no samples for this stage)",
+            knowledge="\n".join(f"- {t}" for t in knowledge) or "(no material for this stage)",
+            style="\n".join(f"- {t}" for t in style) or "(no samples for this stage)",
         ).strip()
 
     def fit(self, messages: list[Message], stage_id: str) -> tuple[list[Message], int]:

@@ -30,11 +30,12 @@ from typing import Any, Callable, Iterable
 
 from persllm_cli import console, records
 from persllm_cli.config import Project, Stage
-from persllm_cli.corpus import count_words, read_paragraphs
+from persllm_cli.corpus import Paragraph, read_paragraphs
 from persllm_cli.curation import normalise
 from persllm_cli.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.records import Record
 from persllm_cli.resources import render
+from persllm_cli.retrieval import Index
 from persllm_cli.runner import Item, Malformed, Price, RunnerSettings, run_items, summary
 
 Message = dict[str, str]
@@ -55,35 +56,23 @@ def other_stage(project: Project, stage_id: str, record_id: str) -> Stage:
     return tied[int(record_id[:8], 16) % len(tied)] if len(tied) > 1 else tied[0]
 
 
-@dataclass
 class StageMaterial:
-    """One stage's paragraphs and a TF-IDF index to pick those nearest a question."""
+    """One stage's knowledge and style paragraphs, indexed once, to pick those nearest a question."""
 
-    knowledge: list[str]
-    style: list[str]
+    def __init__(self, knowledge: list[Paragraph], style: list[Paragraph]):
+        self.knowledge = Index(knowledge)
+        self.style = Index(style)
 
     @classmethod
     def load(cls, project: Project, stage: Stage) -> "StageMaterial":
-        knowledge = [p.text for p in read_paragraphs(project.knowledge_file(stage))]
-        style = [p.text for p in read_paragraphs(project.style_file(stage), required=False)]
-        return cls(knowledge, style)
+        return cls(read_paragraphs(project.knowledge_file(stage)),
+                   read_paragraphs(project.style_file(stage), required=False))
 
     @staticmethod
-    def nearest(paragraphs: list[str], question: str, budget_words: int) -> str:
-        if not paragraphs or budget_words <= 0:
+    def nearest(index: Index, question: str, budget_words: int) -> str:
+        if budget_words <= 0:
             return ""
-        from persllm_cli.embedding import get_embedder
-
-        emb = get_embedder("tfidf").fit(paragraphs + [question])
-        sims = (emb.transform(paragraphs) @ emb.transform([question]).T).toarray().ravel()
-        picked, words = [], 0
-        for i in sorted(range(len(paragraphs)), key=lambda i: (-sims[i], i)):
-            n = count_words(paragraphs[i])
-            if picked and words + n > budget_words:
-                break
-            picked.append(paragraphs[i])
-            words += n
-        return "\n".join(picked)
+        return "\n".join(index.text(index.context(question, budget_words)))
 
 
 def build_messages(project: Project, stage: Stage, material: StageMaterial, question: str,

@@ -42,7 +42,8 @@ class Index:
 
     def context(self, query: str, budget_words: int, first: int | None = None) -> list[int]:
         """Line numbers for `query`: `first` (a line of this file) always leads, then the most
-        similar paragraphs while they fit in `budget_words`. Ties keep file order."""
+        similar paragraphs while they fit in `budget_words` (without `first`, the most similar
+        one comes even when it alone passes the budget). Ties keep file order."""
         if not self.paragraphs:
             return []
         chosen: list[int] = []
@@ -59,8 +60,8 @@ class Index:
             if line == first:
                 continue
             w = self._words[i]
-            if used + w > budget_words:
-                continue
+            if used + w > budget_words and chosen:
+                continue  # the best match always comes, even alone over the budget
             chosen.append(line)
             used += w
             if used >= budget_words:
