@@ -120,3 +120,47 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.hf_quantizer = None
     model.save_pretrained(out)
     tok.save_pretrained(out)
+
+
+def load_for_training(base: str, *, qlora: bool, device: str, local_rank: int = 0, vocab_size: int | None = None):
+    """A base model ready for LoRA training.
+
+    On CUDA: with `qlora` a 4-bit NF4 copy (bf16 compute, double quantisation) prepared for k-bit
+    training, else bf16; either way on GPU `local_rank` (`device_map={"": local_rank}`: under DDP each
+    process must hold its own whole copy, never a sharded "auto" map). On CPU: float32.
+    The embeddings are resized to `vocab_size` (the tokenizer with the time tokens) and the model is
+    put in training mode (from_pretrained returns it in eval mode, where gradient checkpointing is off).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {}
+    if device == "cuda":
+        kwargs["device_map"] = {"": local_rank}
+        kwargs["dtype"] = torch.bfloat16
+        if qlora:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        kwargs["dtype"] = torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except OSError as e:
+        raise PersllmError(f"cannot load base model {base}: {e}") from None
+    if vocab_size is not None and model.get_input_embeddings().weight.shape[0] != vocab_size:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if device == "cuda":
+        if qlora:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    model.train()
+    return model
