@@ -139,6 +139,7 @@ class ProgressCallback(TrainerCallback):
         self.tokens_per_second: float | None = None
         self._tok_total = 0
         self._time_total = 0.0
+        self._seen_num_tokens = 0
 
     def on_train_begin(self, args, state, control, **kw):
         self._t0 = self._last = time.monotonic()
@@ -156,6 +157,10 @@ class ProgressCallback(TrainerCallback):
         samples: list[int] = []
         if self.stats is not None:
             tokens, padded, samples = self.stats.take()
+        elif isinstance(logs.get("num_tokens"), (int, float)):  # TRL counts tokens (all ranks, cumulative)
+            tokens = int(logs["num_tokens"]) - self._seen_num_tokens
+            self._seen_num_tokens = int(logs["num_tokens"])
+            tokens //= self.world  # multiplied back below
         if not state.is_world_process_zero or "train_runtime" in logs:
             return
         tokens *= self.world

@@ -155,6 +155,7 @@ def _dpo(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
                          peft_config=peft_config, callbacks=[progress])
     _remove_printer(trainer)
     _copy_ref_token_rows(trainer.model)
+    _expose_head_bias(trainer.model)
     t0 = time.monotonic()
     out = _train(trainer, resume)
     tokens = sum(2 * len(x["prompt_ids"]) + len(x["chosen_ids"]) + len(x["rejected_ids"]) for x in trainer.train_dataset)
@@ -173,6 +174,18 @@ def _copy_ref_token_rows(model) -> None:
             ref = params.get(name[: -len(".default")] + ".ref")
             if ref is not None:
                 ref.data.copy_(p.data)
+
+
+def _expose_head_bias(model) -> None:
+    """TRL's fused LM-head loss reads `lm_head.bias`; PEFT's trainable-token wrapper (the head is tied
+    to the embedding, so it is wrapped too) forwards only `.weight` (merged with the trained rows)."""
+    head = model.get_output_embeddings()
+    if head is not None and "bias" not in dir(head):
+        try:
+            head.bias
+        except AttributeError:
+            base = getattr(getattr(head, "token_adapter", None), "base_layer", None)
+            head.bias = getattr(base, "bias", None)
 
 
 def lora_hash(model) -> str:
