@@ -138,8 +138,12 @@ def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
     if data_stages != [st.id for st in project.stages]:
         raise PersllmError(f"{s.data} was tokenized for stages {data_stages}, but the project has "
                            f"{[st.id for st in project.stages]}; run `persllm tokenize` again")
+    if launched_by_torchrun() and s.output is None:
+        raise PersllmError("under torchrun/accelerate launch, name the run with --output runs/NAME "
+                           "(every process must write to the same run)")
     run_dir = _pick_run_dir(project, s)
-    if not s.resume and run_dir.exists() and any(run_dir.iterdir()):
+    first_rank = os.environ.get("RANK", "0") == "0"  # other ranks may see the directory rank 0 just made
+    if first_rank and not s.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise PersllmError(f"{run_dir} already exists; continue it with --resume or choose another --output")
     if s.resume:
         if not (run_dir / "checkpoints").is_dir():
