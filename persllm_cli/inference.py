@@ -25,7 +25,7 @@ def load_run(run_dir: Path | str, device: str | None = None) -> tuple[Any, Any, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from persllm_cli.models import resolve_base
+    from persllm_cli.models import resize_embeddings, resolve_base
 
     info = read_run(Path(run_dir))
     base_path = resolve_base(info.base)
@@ -47,8 +47,7 @@ def load_run(run_dir: Path | str, device: str | None = None) -> tuple[Any, Any, 
         model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     except OSError as e:
         raise PersllmError(f"cannot load the run's base model {info.base}: {e}") from None
-    if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    resize_embeddings(model, len(tokenizer))
     model = PeftModel.from_pretrained(model, str(info.path / "adapter"))
     model.eval()
     return model, tokenizer, info

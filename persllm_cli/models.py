@@ -150,8 +150,8 @@ def load_for_training(base: str, *, qlora: bool, device: str, local_rank: int = 
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except OSError as e:
         raise PersllmError(f"cannot load base model {base}: {e}") from None
-    if vocab_size is not None and model.get_input_embeddings().weight.shape[0] != vocab_size:
-        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if vocab_size is not None:
+        resize_embeddings(model, vocab_size)
     if device == "cuda":
         if qlora:
             from peft import prepare_model_for_kbit_training
@@ -164,3 +164,22 @@ def load_for_training(base: str, *, qlora: bool, device: str, local_rank: int = 
     model.config.use_cache = False
     model.train()
     return model
+
+
+def resize_embeddings(model, vocab_size: int) -> None:
+    """Grow the vocabulary to `vocab_size` (the time tokens); new rows start as the mean of the old ones.
+
+    Deterministic on purpose: the adapter stores the trained input rows, but an untied output head's
+    new rows are not trained, so training and inference must build the very same ones.
+    """
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    if old == vocab_size:
+        return
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if vocab_size > old:
+        with torch.no_grad():
+            for layer in {id(x): x for x in (model.get_input_embeddings(), model.get_output_embeddings()) if x is not None}.values():
+                w = layer.weight
+                w[old:] = w[:old].float().mean(0, keepdim=True).to(w.dtype)

@@ -118,6 +118,7 @@ def _sft(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
     set_seed(s.seed)
     model = load_for_training(base_path, qlora=s.qlora, device=device, local_rank=rank.local, vocab_size=len(tok))
     model = get_peft_model(model, lora_config(s, token_ids))
+    _small_saves(model)
     model.train()
     args = _training_args(TrainingArguments, s, ckpt, device, rank.world, len(dataset))
     stats = BatchStats()
@@ -154,6 +155,7 @@ def _dpo(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft_config, callbacks=[progress])
     _remove_printer(trainer)
+    _small_saves(trainer.model)
     _copy_ref_token_rows(trainer.model)
     _expose_head_bias(trainer.model)
     t0 = time.monotonic()
@@ -174,6 +176,13 @@ def _copy_ref_token_rows(model) -> None:
             ref = params.get(name[: -len(".default")] + ".ref")
             if ref is not None:
                 ref.data.copy_(p.data)
+
+
+def _small_saves(model) -> None:
+    """Checkpoints too: never the whole (resized) embedding matrices, only LoRA and the time-token rows."""
+    import functools
+
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
 
 
 def _expose_head_bias(model) -> None:
@@ -304,7 +313,8 @@ def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) ->
     loss_plot(metrics, run_dir / "loss.png")
     rows = [r for r in read_metrics(metrics) if isinstance(r.get("loss"), (int, float))]
     last = results[phases[-1]]
-    info.update(tokens_per_second=last.get("tokens_per_second") or results.get("sft", {}).get("tokens_per_second"),
+    tps = last.get("tokens_per_second") or results.get("sft", {}).get("tokens_per_second")
+    info.update(tokens_per_second=round(tps, 1) if tps else None,
                 peak_memory_gb=_peak_memory_gb(device), padding_waste=results.get("sft", {}).get("padding_waste"),
                 phases=results, steps=last["steps"], final_loss=rows[-1]["loss"] if rows else None,
                 seconds=round(time.monotonic() - t_start, 1),

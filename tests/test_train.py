@@ -70,7 +70,7 @@ def test_sft_smollm2_complete_run_and_small_adapter(cli, smollm2, tmp_path, monk
     p = make_project(cli, tmp_path / "proj", n_records=6)
     monkeypatch.chdir(p)
     assert cli("-q", "tokenize", "--max-length", "64").exit_code == 0
-    r = cli("train", *STEP_FLAGS, "--output", "runs/smol")
+    r = cli("train", *STEP_FLAGS, "--save-steps", "2", "--output", "runs/smol")
     assert r.exit_code == 0, r.output
     assert "float32" in r.stderr  # the one-line CPU notice
     run = p / "runs" / "smol"
@@ -84,6 +84,8 @@ def test_sft_smollm2_complete_run_and_small_adapter(cli, smollm2, tmp_path, monk
     assert info["steps"] == 2 and info["tokens_per_second"] > 0 and 0 <= info["padding_waste"] < 1
     size = (run / "adapter" / "adapter_model.safetensors").stat().st_size
     assert size < 30e6, size
+    checkpoint = run / "checkpoints" / "sft" / "checkpoint-2" / "adapter_model.safetensors"
+    assert checkpoint.stat().st_size < 30e6  # checkpoints hold no whole embedding matrices either
     with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     assert not [k for k, s in shapes.items() if s[0] > 10_000], "a whole embedding matrix was saved"
@@ -134,6 +136,20 @@ def test_nproc_2_ranks_end_identical(tiny_project, tmp_path):
     info = json.loads((tiny_project / "runs" / "ddp" / "run.json").read_text())
     assert info["complete"] and info["hardware"]["processes"] == 2
     assert "Launching 2 processes" in r.stderr and not r.stdout.strip()
+
+
+def test_started_by_torchrun_does_not_relaunch(tiny_project):
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "persllm_cli", "train", *STEP_FLAGS, "--output", "runs/external"]
+    import subprocess
+
+    r = subprocess.run(cmd, cwd=tiny_project, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Launching" not in r.stderr
+    info = json.loads((tiny_project / "runs" / "external" / "run.json").read_text())
+    assert info["complete"] and info["hardware"]["processes"] == 2
 
 
 def test_resume_continues_exactly(cli, tiny_project, monkeypatch):
