@@ -153,7 +153,7 @@ def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
     return meta, run_dir
 
 
-def _check_tokenizer(meta: dict, s: TrainSettings, base_path: str, tok) -> None:
+def check_tokenizer(meta: dict, s: TrainSettings, base_path: str, tok) -> None:
     from persllm_cli.tokenization import load_tokenizer, tokenizer_fingerprint
 
     if tokenizer_fingerprint(tok) != meta.get("tokenizer_sha256"):

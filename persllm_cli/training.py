@@ -20,7 +20,7 @@ import torch
 from persllm_cli import console, runs
 from persllm_cli.config import Project, public_settings
 from persllm_cli.errors import PersllmError
-from persllm_cli.train import TrainSettings, data_hashes, versions
+from persllm_cli.train import TrainSettings, check_tokenizer, data_hashes, versions
 from persllm_cli.trainer_utils import (BatchStats, ProgressCallback, SFTTrainer, loss_plot, model_card, pad_collate,
                                        read_metrics, trim_metrics)
 
@@ -158,12 +158,10 @@ def _dpo(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
     _small_saves(trainer.model)
     _copy_ref_token_rows(trainer.model)
     _expose_head_bias(trainer.model)
-    t0 = time.monotonic()
     out = _train(trainer, resume)
     tokens = sum(2 * len(x["prompt_ids"]) + len(x["chosen_ids"]) + len(x["rejected_ids"]) for x in trainer.train_dataset)
     samples = out.metrics.get("train_samples_per_second")
     tps = round(samples * tokens / len(trainer.train_dataset), 1) if samples else None
-    del t0
     return trainer, trainer.model, {"tokens_per_second": tps, "steps": trainer.state.global_step,
                                     "train_loss": out.training_loss}
 
@@ -237,37 +235,10 @@ def _peak_memory_gb(device: str) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
-def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) -> int:
-    from persllm_cli.models import resolve_base
-    from persllm_cli.tokenization import load_tokenizer
-
-    _quiet_libraries()
-    rank = Rank()
-    device = "cpu" if (s.nproc or not torch.cuda.is_available()) else "cuda"
-    if s.gpus is not None and device != "cuda":
-        raise PersllmError("--gpus asks for CUDA, but no CUDA device is visible")
-    if device == "cuda":
-        torch.cuda.set_device(rank.local)
-    base_name = s.base or meta["base"]
-    base_path = resolve_base(base_name)
-    tok = load_tokenizer(Path(s.data) / "tokenizer")
-    from persllm_cli.train import _check_tokenizer
-
-    _check_tokenizer(meta, s, base_path, tok)
-    token_ids = [st["token_id"] for st in meta["stages"]]
-    if rank.main and device == "cpu":
-        console.note("No CUDA here (or --nproc): training LoRA on a float32 base on CPU; QLoRA needs a GPU.")
+def _run_phases(s, rank, device, tok, meta, run_dir, token_ids, base_path):
+    """SFT and/or DPO; in sft+dpo the SFT adapter is saved first and DPO starts from it."""
     ckpt_root = run_dir / "checkpoints"
     metrics = run_dir / "metrics.jsonl"
-    info = {"persona": project.name, "base": base_name, "base_path": base_path,
-            "stages": [{"id": st["id"], "label": st["label"], "token": st["token"]} for st in meta["stages"]],
-            "method": s.method, "settings": public_settings(s), "data": data_hashes(s.data, meta),
-            "versions": versions(), "hardware": _hardware(device, rank, s), "run_name": f"runs/{run_dir.name}",
-            "complete": False}
-    if rank.main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        runs.write_run_json(run_dir, {**info, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    t_start = time.monotonic()
     results: dict[str, dict] = {}
     phases = s.method.split("+")
     sft_adapter = ckpt_root / "sft-adapter"
@@ -293,6 +264,43 @@ def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) ->
         else:
             trainer, model, results[phase] = _dpo(s, rank, device, tok, s.data, ckpt_root / "dpo", metrics, resume,
                                                   token_ids, base_path, sft_adapter if "sft" in phases else None, meta)
+    return trainer, model, results
+
+
+def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) -> int:
+    from persllm_cli.models import resolve_base
+    from persllm_cli.tokenization import load_tokenizer
+
+    _quiet_libraries()
+    rank = Rank()
+    device = "cpu" if (s.nproc or not torch.cuda.is_available()) else "cuda"
+    if s.gpus is not None and device != "cuda":
+        raise PersllmError("--gpus asks for CUDA, but no CUDA device is visible")
+    if device == "cuda":
+        torch.cuda.set_device(rank.local)
+    base_name = s.base or meta["base"]
+    base_path = resolve_base(base_name)
+    tok = load_tokenizer(Path(s.data) / "tokenizer")
+    check_tokenizer(meta, s, base_path, tok)
+    token_ids = [st["token_id"] for st in meta["stages"]]
+    if rank.main and device == "cpu":
+        console.note("No CUDA here (or --nproc): training LoRA on a float32 base on CPU; QLoRA needs a GPU.")
+    ckpt_root = run_dir / "checkpoints"
+    metrics = run_dir / "metrics.jsonl"
+    info = {"persona": project.name, "base": base_name, "base_path": base_path,
+            "stages": [{"id": st["id"], "label": st["label"], "token": st["token"]} for st in meta["stages"]],
+            "method": s.method, "settings": public_settings(s), "data": data_hashes(s.data, meta),
+            "versions": versions(), "hardware": _hardware(device, rank, s), "run_name": f"runs/{run_dir.name}",
+            "complete": False}
+    if rank.main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        runs.write_run_json(run_dir, {**info, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    t_start = time.monotonic()
+    phases = s.method.split("+")
+    try:
+        trainer, model, results = _run_phases(s, rank, device, tok, meta, run_dir, token_ids, base_path)
+    except torch.cuda.OutOfMemoryError:
+        raise PersllmError(OOM_HINT) from None
     if model is None:
         raise PersllmError("nothing to train")
     unwrapped = trainer.accelerator.unwrap_model(model)
