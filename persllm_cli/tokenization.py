@@ -242,8 +242,11 @@ def _dpo_pair(tokenizer, project: Project, r: dict, where: str) -> dict:
 
 def run(project: Project, settings: TokenizeSettings) -> int:
     """Render, mask and save; validate everything before writing anything."""
+    import time
+
     from persllm_cli.models import resolve_base
 
+    t0 = time.monotonic()
     n_stages = len(project.stages)
     if settings.time_tokens is not None and settings.time_tokens != n_stages:
         raise PersllmError(f"--time-tokens {settings.time_tokens} does not match the project's {n_stages} stage(s) "
@@ -323,7 +326,7 @@ def run(project: Project, settings: TokenizeSettings) -> int:
             "tokenizer_sha256": tokenizer_fingerprint(tok), "vocab_size": len(tok), "stages": stages,
             "max_length": settings.max_length, "chat_template": bool(getattr(tok, "chat_template", None)),
             "files": {"sft": "sft.jsonl", "dpo": "dpo.jsonl" if pairs else None},
-            "inputs": inputs, "settings": public_settings(settings)}
+            "inputs": inputs, "settings": public_settings(settings), "seconds": round(time.monotonic() - t0, 2)}
     _write_dir(settings.output, tok, examples, pairs, meta, stats)
     _print_stats(stats, settings.output)
     return 0

@@ -179,11 +179,26 @@ def run(project: Project, settings: TrainSettings) -> int:
     elif settings.nproc:
         n = settings.nproc
     settings.output = run_dir
-    if n > 1 and not launched_by_torchrun():
-        return _relaunch(project, settings, n)
-    from persllm_cli.training import train_rank
+    existed = run_dir.exists()
+    try:
+        if n > 1 and not launched_by_torchrun():
+            return _relaunch(project, settings, n)
+        from persllm_cli.training import train_rank
 
-    return train_rank(project, settings, meta, run_dir)
+        return train_rank(project, settings, meta, run_dir)
+    except (PersllmError, KeyboardInterrupt):
+        _drop_if_empty(run_dir, existed)
+        raise
+
+
+def _drop_if_empty(run_dir: Path, existed: bool) -> None:
+    """A run that failed before its first checkpoint leaves nothing behind (there is nothing to resume)."""
+    if existed or os.environ.get("RANK", "0") != "0" or not run_dir.is_dir():
+        return
+    if not any((run_dir / "checkpoints").glob("*/checkpoint-*")):
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _relaunch(project: Project, settings: TrainSettings, n: int) -> int:

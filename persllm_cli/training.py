@@ -161,7 +161,8 @@ def _dpo(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
     out = _train(trainer, resume)
     tokens = sum(2 * len(x["prompt_ids"]) + len(x["chosen_ids"]) + len(x["rejected_ids"]) for x in trainer.train_dataset)
     samples = out.metrics.get("train_samples_per_second")
-    tps = round(samples * tokens / len(trainer.train_dataset), 1) if samples else None
+    # TRL's own token count (through the callback) when it logs one, else an estimate from samples/s.
+    tps = progress.tokens_per_second or (round(samples * tokens / len(trainer.train_dataset), 1) if samples else None)
     return trainer, trainer.model, {"tokens_per_second": tps, "steps": trainer.state.global_step,
                                     "train_loss": out.training_loss}
 

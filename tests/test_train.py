@@ -196,7 +196,8 @@ def test_errors(cli, tiny_project, tiny_base, tmp_path):
     tok.add_tokens(["<wizard>"])
     tok.save_pretrained(other)
     (other / "config.json").write_text((tiny_base / "config.json").read_text())
-    fails("--base", str(other), *STEP_FLAGS, says="whose tokenizer differs")
+    fails("--base", str(other), *STEP_FLAGS, "--output", "runs/other", says="whose tokenizer differs")
+    assert not (tiny_project / "runs" / "other").exists()  # nothing half-made is left behind
     (tiny_project / "build" / "tokenized" / "dpo.jsonl").unlink()
     meta_path = tiny_project / "build" / "tokenized" / "meta.json"
     meta = json.loads(meta_path.read_text())
