@@ -18,7 +18,8 @@ Output directory (default build/tokenized/), written to a temporary folder and r
 
 The stage token goes at the very start of the conversation (after a BOS token when the template
 writes one), before any system prompt, so one token sets the time for everything that follows.
-General instruction data (`--general`) gets no stage token: it teaches skills that belong to no
+With `--general F`, persona examples are written `--repeat` times (the paper used 5) next to the
+general ones; without it `--repeat` has no effect. General instruction data gets no stage token: it teaches skills that belong to no
 point in the persona's life, and tying it to a stage would blur what the tokens mean.
 """
 

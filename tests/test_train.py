@@ -209,3 +209,23 @@ def test_errors(cli, tiny_project, tiny_base, tmp_path):
     fails("--output", "runs/taken", says="already exists")
     fails("--output", "runs/taken", "--resume", says="no checkpoints")
     assert not (tiny_project / "runs" / "latest").exists()
+
+
+def test_gpu_count_and_out_of_memory_messages(cli, tiny_project, monkeypatch):
+    import torch
+
+    import persllm_cli.training as training
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "device_count", lambda: 1)
+        r = cli("train", "--gpus", "2")
+        assert r.exit_code == 1 and "more than the 1 visible GPU" in r.stderr
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(training, "_run_phases", oom)
+    r = cli("train", "--output", "runs/oom")
+    assert r.exit_code == 1 and "--batch-size" in r.stderr and "--grad-accum" in r.stderr and "--qlora" in r.stderr
+    assert not (tiny_project / "runs" / "oom").exists()
