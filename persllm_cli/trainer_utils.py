@@ -159,11 +159,13 @@ class ProgressCallback(TrainerCallback):
         elif isinstance(logs.get("num_tokens"), (int, float)):  # TRL counts tokens (all ranks, cumulative)
             tokens = int(logs["num_tokens"]) - self._seen_num_tokens
             self._seen_num_tokens = int(logs["num_tokens"])
-            tokens //= self.world  # multiplied back below
+            tokens //= self.world  # TRL's count covers every rank; multiplied back below
+        if self.world > 1 and self.stats is not None:
+            tokens, padded, samples = _gather(tokens, padded, samples)
+        elif self.world > 1:
+            tokens *= self.world
         if not state.is_world_process_zero or "train_runtime" in logs:
             return
-        tokens *= self.world
-        padded *= self.world
         tps = tokens / elapsed if elapsed > 0 and tokens else None
         if tokens:
             self._tok_total += tokens
@@ -198,6 +200,17 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kw):
         self._stack.close()
+
+
+def _gather(tokens: int, padded: int, samples: list[int]) -> tuple[int, int, list[int]]:
+    """Sum the token counts and join the sample indices of every rank (every rank logs each step)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tokens, padded, samples
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (tokens, padded, samples))
+    return sum(p[0] for p in parts), sum(p[1] for p in parts), [i for p in parts for i in p[2]]
 
 
 def _fmt_s(s: float) -> str:

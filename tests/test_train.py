@@ -135,6 +135,9 @@ def test_nproc_2_ranks_end_identical(tiny_project, tmp_path):
     assert hashes[0] == hashes[1] and len(hashes[0]) == 64
     info = json.loads((tiny_project / "runs" / "ddp" / "run.json").read_text())
     assert info["complete"] and info["hardware"]["processes"] == 2
+    steps = metrics(tiny_project / "runs" / "ddp")
+    seen = [i for m in steps for i in m["samples"]]
+    assert len(seen) == 8 and len(set(seen)) == 8  # 2 steps x 2 ranks x batch 2, no sample twice
     assert "Launching 2 processes" in r.stderr and not r.stdout.strip()
 
 
