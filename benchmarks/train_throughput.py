@@ -219,7 +219,11 @@ def gpu_part(a) -> dict:
             except torch.cuda.OutOfMemoryError as e:
                 out[f"{size}/{mode}"] = {"error": f"OOM: {str(e)[:200]}"}
             print(f"  {size}/{mode}: {out[f'{size}/{mode}']}", file=sys.stderr, flush=True)
+            trainer.accelerator.free_memory()
             del trainer, model
+            import gc
+
+            gc.collect()
     return out
 
 
