@@ -184,14 +184,13 @@ class ProgressCallback(TrainerCallback):
         left = state.max_steps - state.global_step
         eta = (now - self._t0) / done * left if done else float("nan")
         loss = logs.get("loss")
-        line = (f"{self.phase} step {state.global_step}/{state.max_steps}"
-                + (f"  loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
-                + (f"  {tps:,.0f} tok/s" if tps else "")
-                + (f"  eta {_fmt_s(eta)}" if not math.isnan(eta) else ""))
-        if console.live():
-            self._progress.update(self._task, completed=state.global_step, info=line.split("  ", 1)[-1])
+        fields = ((f"loss {loss:.4f}  " if isinstance(loss, (int, float)) else "")
+                  + (f"{tps:,.0f} tok/s" if tps else ""))
+        if console.live():  # the bar has its own elapsed/eta columns
+            self._progress.update(self._task, completed=state.global_step, info=fields)
         else:
-            console.info(line)
+            console.info(f"{self.phase} step {state.global_step}/{state.max_steps}  {fields}"
+                         + (f"  eta {_fmt_s(eta)}" if not math.isnan(eta) else ""))
 
     def on_save(self, args, state, control, **kw):
         # Test hook: behave like Ctrl-C right after a checkpoint, to test --resume.

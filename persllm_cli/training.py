@@ -333,7 +333,8 @@ def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) ->
     runs.write_run_json(run_dir, info)
     runs.update_latest(run_dir)
     console.table(f"Trained {run_dir}", ["", "value"], [
-        ["method", s.method], ["steps", info["steps"]], ["final loss", info["final_loss"]],
+        ["method", s.method], ["steps", info["steps"]],
+        ["final loss", round(info["final_loss"], 4) if info["final_loss"] is not None else None],
         ["tokens/s", info["tokens_per_second"]], ["padding waste", info["padding_waste"]],
         ["peak memory GB", info["peak_memory_gb"]], ["adapter MB", round(info["adapter_bytes"] / 1e6, 1)],
         ["seconds", info["seconds"]]])
