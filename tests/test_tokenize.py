@@ -57,6 +57,14 @@ def test_label_mask_token_by_token(tok):
     assert answer == "Ron, of course. Hermione too.<|im_end|>\nMalfoy, no question.<|im_end|>\n"
 
 
+def test_label_mask_chinese(tok):
+    conv = [{"role": "user", "content": "你最好的朋友是谁？"}, {"role": "assistant", "content": "当然是罗恩和赫敏。"}]
+    ids, labels = encode(tok, conv, "<TIME-I>")
+    mask = expected_mask(tok, ids)
+    assert [lab != IGNORE for lab in labels] == mask
+    assert tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE]) == "当然是罗恩和赫敏。<|im_end|>\n"
+
+
 def test_stage_token_first_and_prompt_matches_training(tok):
     ids, labels = encode(tok, CONV[:2], "<TIME-III>")
     assert ids[0] == tok.convert_tokens_to_ids("<TIME-III>")
