@@ -135,8 +135,11 @@ def load_for_training(base: str, *, qlora: bool, device: str, local_rank: int = 
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {}
-    if device == "cuda":
-        kwargs["device_map"] = {"": local_rank}
+    # bitsandbytes 4-bit also runs on CPU (slowly); PERSLLM_CPU_QLORA=1 takes that path so tests
+    # cover the QLoRA code without a GPU. Users on CPU get float32 LoRA.
+    cpu_qlora = device == "cpu" and qlora and os.environ.get("PERSLLM_CPU_QLORA") == "1"
+    if device == "cuda" or cpu_qlora:
+        kwargs["device_map"] = {"": local_rank if device == "cuda" else "cpu"}
         kwargs["dtype"] = torch.bfloat16
         if qlora:
             from transformers import BitsAndBytesConfig
@@ -152,7 +155,7 @@ def load_for_training(base: str, *, qlora: bool, device: str, local_rank: int = 
         raise PersllmError(f"cannot load base model {base}: {e}") from None
     if vocab_size is not None:
         resize_embeddings(model, vocab_size)
-    if device == "cuda":
+    if device == "cuda" or cpu_qlora:
         if qlora:
             from peft import prepare_model_for_kbit_training
 

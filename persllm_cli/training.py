@@ -284,7 +284,7 @@ def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) ->
     tok = load_tokenizer(Path(s.data) / "tokenizer")
     check_tokenizer(meta, s, base_path, tok)
     token_ids = [st["token_id"] for st in meta["stages"]]
-    if rank.main and device == "cpu":
+    if rank.main and device == "cpu" and os.environ.get("PERSLLM_CPU_QLORA") != "1":
         console.note("No CUDA here (or --nproc): training LoRA on a float32 base on CPU; QLoRA needs a GPU.")
     ckpt_root = run_dir / "checkpoints"
     metrics = run_dir / "metrics.jsonl"
@@ -305,6 +305,8 @@ def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) ->
     if model is None:
         raise PersllmError("nothing to train")
     unwrapped = trainer.accelerator.unwrap_model(model)
+    # What was actually trained, not what was asked for.
+    info["hardware"]["quantized"] = any(type(m).__name__ == "Linear4bit" for m in unwrapped.modules())
     dump = os.environ.get("PERSLLM_TEST_RANK_DUMP")
     if dump:
         Path(dump).mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,17 @@ def test_sft_then_dpo(cli, tiny_project):
     assert not (run / "adapter" / "ref").exists()  # only the trained adapter is saved
 
 
+def test_qlora_code_path_on_cpu(cli, tiny_project, monkeypatch):
+    """bitsandbytes NF4 runs on CPU too: the QLoRA loader, k-bit preparation and both trainers."""
+    monkeypatch.setenv("PERSLLM_CPU_QLORA", "1")
+    r = cli("train", "--method", "sft+dpo", *STEP_FLAGS, "--output", "runs/q")
+    assert r.exit_code == 0, r.output
+    info = json.loads((tiny_project / "runs" / "q" / "run.json").read_text())
+    assert info["complete"] and info["hardware"]["quantized"] is True
+    r = cli("train", *STEP_FLAGS, "--no-qlora", "--output", "runs/noq")
+    assert json.loads((tiny_project / "runs" / "noq" / "run.json").read_text())["hardware"]["quantized"] is False
+
+
 def test_dpo_only(cli, tiny_project):
     r = cli("train", "--method", "dpo", *STEP_FLAGS, "--beta", "0.2", "--output", "runs/dpo")
     assert r.exit_code == 0, r.output
