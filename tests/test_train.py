@@ -181,7 +181,7 @@ def test_resume_continues_exactly(cli, tiny_project, monkeypatch):
     with pytest.raises(PersllmError, match="incomplete"):
         read_run(cut)  # chat refuses a run that did not finish
     monkeypatch.delenv("PERSLLM_TEST_INTERRUPT_AFTER_SAVE")
-    r = cli("train", *flags, "--output", "runs/cut", "--resume")
+    r = cli("train", *flags, "--resume")  # no --output: the newest unfinished run
     assert r.exit_code == 0, r.output
     assert "Resuming SFT from checkpoints/sft/checkpoint-2" in r.stderr
     a, b = metrics(tiny_project / "runs" / "straight"), metrics(cut)
