@@ -63,7 +63,11 @@ def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, run
         raise PersllmError(f"the tokenizer in {run / 'tokenizer'} lacks the time token(s) {', '.join(missing)}")
 
     kwargs: dict[str, Any] = {}
-    if torch.cuda.is_available():
+    qlora = bool(info.data.get("settings", {}).get("qlora", True))
+    if torch.cuda.is_available() and not qlora:
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["dtype"] = torch.bfloat16
+    elif torch.cuda.is_available():
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -77,9 +81,9 @@ def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, run
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as e:
         raise PersllmError(f"base model {info.base} could not be loaded: {_first_line(e)}") from None
-    # The new rows' values come from the adapter; drawing them from the old rows' statistics
-    # (transformers' default) would only cost time.
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    # The trained input rows come from the adapter; an untied output head's new rows are not
+    # trained, so they must be built exactly as training built them.
+    models.resize_embeddings(model, len(tokenizer))
     model = _attach_adapter(model, run, info.base)
     if merge if merge is not None else not torch.cuda.is_available():
         model = model.merge_and_unload()

@@ -120,3 +120,69 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.hf_quantizer = None
     model.save_pretrained(out)
     tok.save_pretrained(out)
+
+
+def load_for_training(base: str, *, qlora: bool, device: str, local_rank: int = 0, vocab_size: int | None = None):
+    """A base model ready for LoRA training.
+
+    On CUDA: with `qlora` a 4-bit NF4 copy (bf16 compute, double quantisation) prepared for k-bit
+    training, else bf16; either way on GPU `local_rank` (`device_map={"": local_rank}`: under DDP each
+    process must hold its own whole copy, never a sharded "auto" map). On CPU: float32.
+    The embeddings are resized to `vocab_size` (the tokenizer with the time tokens) and the model is
+    put in training mode (from_pretrained returns it in eval mode, where gradient checkpointing is off).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {}
+    # bitsandbytes 4-bit also runs on CPU (slowly); PERSLLM_CPU_QLORA=1 takes that path so tests
+    # cover the QLoRA code without a GPU. Users on CPU get float32 LoRA.
+    cpu_qlora = device == "cpu" and qlora and os.environ.get("PERSLLM_CPU_QLORA") == "1"
+    if device == "cuda" or cpu_qlora:
+        kwargs["device_map"] = {"": local_rank if device == "cuda" else "cpu"}
+        kwargs["dtype"] = torch.bfloat16
+        if qlora:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        kwargs["dtype"] = torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except OSError as e:
+        raise PersllmError(f"cannot load base model {base}: {e}") from None
+    if vocab_size is not None:
+        resize_embeddings(model, vocab_size)
+    if device == "cuda" or cpu_qlora:
+        if qlora:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def resize_embeddings(model, vocab_size: int) -> None:
+    """Grow the vocabulary to `vocab_size` (the time tokens); new rows start as the mean of the old ones.
+
+    Deterministic on purpose: the adapter stores the trained input rows, but an untied output head's
+    new rows are not trained, so training and inference must build the very same ones.
+    """
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    if old == vocab_size:
+        return
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if vocab_size > old:
+        with torch.no_grad():
+            for layer in {id(x): x for x in (model.get_input_embeddings(), model.get_output_embeddings()) if x is not None}.values():
+                w = layer.weight
+                w[old:] = w[:old].float().mean(0, keepdim=True).to(w.dtype)

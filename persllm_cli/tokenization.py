@@ -1,0 +1,369 @@
+"""`persllm tokenize`: turn train/DPO records into token ids the trainer reads as they are.
+
+Output directory (default build/tokenized/), written to a temporary folder and renamed into place:
+
+  sft.jsonl    one training example per line:
+               {"id", "stage", "source": "persona"|"general", "input_ids": [...], "labels": [...]}
+               labels are -100 on every token but the assistant's (its text and its end-of-turn
+               marker). Persona examples appear `--repeat` times when `--general` data is mixed in.
+  dpo.jsonl    preference pairs for TRL's DPOTrainer, in its plain-text ("standard") format:
+               {"id", "stage", "prompt": text, "chosen": text, "rejected": text}. The prompt is the
+               conversation rendered with the chat template up to the assistant's turn, with the stage
+               token in front, exactly as the SFT examples start; chosen/rejected are the assistant
+               turns as the template renders them. Absent when there are no pairs.
+  tokenizer/   the base tokenizer plus the time tokens <TIME-I>..<TIME-N> (special tokens).
+  meta.json    base (as named), base_path, tokenizer_sha256, stages with their tokens and ids,
+               max_length, input hashes: `train` checks these to refuse data made for another model.
+  stats.json   counts, lengths, truncations and splits (also printed as a table).
+
+The stage token goes at the very start of the conversation (after a BOS token when the template
+writes one), before any system prompt, so one token sets the time for everything that follows.
+With `--general F`, persona examples are written `--repeat` times (the paper used 5) next to the
+general ones; without it `--repeat` has no effect. General instruction data gets no stage token: it teaches skills that belong to no
+point in the persona's life, and tying it to a stage would blur what the tokens mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from persllm_cli import console, records
+from persllm_cli.config import Project, public_settings, time_token
+from persllm_cli.errors import PersllmError
+
+FORMAT_VERSION = 1
+IGNORE = -100
+
+
+@dataclass
+class TokenizeSettings:
+    train: Path = Path("build/train.jsonl")
+    dpo: Path | None = None
+    general: Path | None = None
+    repeat: int = 5
+    base: str = "smollm2-135m"
+    time_tokens: int | None = None
+    max_length: int = 2048
+    output: Path = Path("build/tokenized")
+
+
+# ------------------------------------------------------------------ rendering (shared with chat)
+
+def load_tokenizer(path: str | Path, n_stages: int | None = None):
+    """The tokenizer at `path`, with <TIME-I>..<TIME-N> added as special tokens when `n_stages` is given."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if n_stages:
+        tok.add_tokens([time_token(i) for i in range(1, n_stages + 1)], special_tokens=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """The conversation as text: the model's chat template, or plain User:/Assistant: lines."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    eos = tokenizer.eos_token or ""
+    parts = []
+    for m in messages:
+        role = {"user": "User", "assistant": "Assistant", "system": "System"}.get(m["role"], m["role"].title())
+        end = eos if m["role"] == "assistant" else ""
+        parts.append(f"{role}: {m['content']}{end}\n")
+    if add_generation_prompt:
+        parts.append("Assistant:")
+    return "".join(parts)
+
+
+def with_stage(tokenizer, text: str, token: str | None) -> str:
+    """Put the stage token at the start of a rendered conversation (after a leading BOS)."""
+    if not token:
+        return text
+    bos = tokenizer.bos_token
+    # A real BOS opens the text once; ChatML-style templates reuse their "BOS" as a turn marker.
+    if bos and text.startswith(bos) and text.count(bos) == 1:
+        return bos + token + text[len(bos):]
+    return token + text
+
+
+def prompt_ids(tokenizer, messages: list[dict[str, str]], token: str | None) -> list[int]:
+    """Token ids of a prompt ending where the assistant's answer starts, as training saw it.
+
+    `chat` uses this for generation so the prompt matches the training format exactly.
+    """
+    text = with_stage(tokenizer, render(tokenizer, messages, add_generation_prompt=True), token)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode(tokenizer, messages: list[dict[str, str]], token: str | None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation; labels keep only the assistant turns' tokens.
+
+    Assistant spans are found in characters by rendering growing prefixes of the conversation
+    (prompt with generation prompt vs. prompt plus the answer), then mapped to tokens with the
+    tokenizer's offsets, so BPE merges at turn edges cannot shift the mask.
+    """
+    full = with_stage(tokenizer, render(tokenizer, messages), token)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or i == 0:
+            continue
+        before = with_stage(tokenizer, render(tokenizer, messages[:i], add_generation_prompt=True), token)
+        upto = with_stage(tokenizer, render(tokenizer, messages[: i + 1]), token)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise PersllmError("this model's chat template renders a conversation differently from its "
+                               "beginning (e.g. it drops earlier reasoning), so answer tokens cannot be "
+                               "located; use a base model with a prefix-stable template")
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [t if any(s <= off[0] < e for s, e in spans) else IGNORE for t, off in zip(ids, enc["offset_mapping"])]
+    return ids, labels
+
+
+def _exchanges(messages: list[dict[str, str]]) -> tuple[list[dict], list[list[dict]]]:
+    """Leading system messages, then groups of messages each ending with an assistant turn."""
+    system = []
+    i = 0
+    while i < len(messages) and messages[i]["role"] == "system":
+        system.append(messages[i])
+        i += 1
+    groups, cur = [], []
+    for m in messages[i:]:
+        cur.append(m)
+        if m["role"] == "assistant":
+            groups.append(cur)
+            cur = []
+    if cur:  # trailing user turns with no answer teach nothing; keep them with the last group
+        if groups:
+            groups[-1].extend(cur)
+        else:
+            groups.append(cur)
+    return system, groups
+
+
+def encode_split(tokenizer, messages, token, max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Encode, splitting at turn boundaries when longer than `max_length`.
+
+    Each piece repeats the system messages and the stage token. Returns (pieces, truncated), where a
+    piece that is one exchange and still too long is cut to `max_length` and counted.
+    """
+    ids, labels = encode(tokenizer, messages, token)
+    if len(ids) <= max_length:
+        return [(ids, labels)], 0
+    system, groups = _exchanges(messages)
+    chunks: list[list[dict]] = []
+    cur: list[dict] = []
+    for g in groups:
+        if cur and len(encode(tokenizer, system + cur + g, token)[0]) > max_length:
+            chunks.append(cur)
+            cur = list(g)
+        else:
+            cur = cur + g
+    if cur:
+        chunks.append(cur)
+    pieces, truncated = [], 0
+    for chunk in chunks:
+        p_ids, p_labels = encode(tokenizer, system + chunk, token)
+        if len(p_ids) > max_length:
+            p_ids, p_labels = p_ids[:max_length], p_labels[:max_length]
+            truncated += 1
+        pieces.append((p_ids, p_labels))
+    return pieces, truncated
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides the token ids: the vocabulary (time tokens included) and the template."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8"))
+    h.update((getattr(tokenizer, "chat_template", None) or "").encode("utf-8"))
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ the stage
+
+def _check_messages(msgs: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                             and isinstance(m.get("content"), str) for m in msgs):
+        raise PersllmError(f"{where}: messages must be a list of {{role, content}} objects")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise PersllmError(f"{where}: no assistant message to train on")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _stage_of(project: Project, record: dict, where: str):
+    sid = record.get("stage")
+    for s in project.stages:
+        if s.id == sid:
+            return s
+    raise PersllmError(f"{where}: unknown stage {sid!r} (stages: {', '.join(s.id for s in project.stages)})")
+
+
+def _assistant_text(rendered_full: str, rendered_prompt: str, tokenizer) -> str:
+    completion = rendered_full[len(rendered_prompt):]
+    eos = tokenizer.eos_token
+    # TRL appends EOS when the completion does not end with it; the template's trailing newline
+    # after the end-of-turn marker would make it add a second one.
+    if eos and completion.rstrip().endswith(eos):
+        completion = completion.rstrip()
+    return completion
+
+
+def _dpo_pair(tokenizer, project: Project, r: dict, where: str) -> dict:
+    stage = _stage_of(project, r, where)
+    prompt = r.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise PersllmError(f"{where}: prompt must be a list of messages")
+    out = {"id": r.get("id"), "stage": stage.id}
+    p_text = render(tokenizer, prompt, add_generation_prompt=True)
+    out["prompt"] = with_stage(tokenizer, p_text, stage.token)
+    if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] and tokenizer.bos_token and out["prompt"].startswith(tokenizer.bos_token):
+        out["prompt"] = out["prompt"][len(tokenizer.bos_token):]  # TRL tokenizes with the tokenizer's own BOS
+    for key in ("chosen", "rejected"):
+        ans = r.get(key)
+        if isinstance(ans, str):
+            ans = [{"role": "assistant", "content": ans}]
+        if not isinstance(ans, list) or not ans or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in ans):
+            raise PersllmError(f"{where}: {key} must be a list with one assistant message")
+        full = render(tokenizer, prompt + [{"role": "assistant", "content": ans[-1]["content"]}])
+        if not full.startswith(p_text):
+            raise PersllmError("this model's chat template is not prefix-stable; cannot prepare DPO pairs")
+        out[key] = _assistant_text(full, p_text, tokenizer)
+    return out
+
+
+def run(project: Project, settings: TokenizeSettings) -> int:
+    """Render, mask and save; validate everything before writing anything."""
+    import time
+
+    from persllm_cli.models import resolve_base
+
+    t0 = time.monotonic()
+    n_stages = len(project.stages)
+    if settings.time_tokens is not None and settings.time_tokens != n_stages:
+        raise PersllmError(f"--time-tokens {settings.time_tokens} does not match the project's {n_stages} stage(s) "
+                           f"({', '.join(s.id for s in project.stages)}); each stage needs exactly one time token")
+    if settings.max_length < 16:
+        raise PersllmError(f"--max-length {settings.max_length} is too small (at least 16)")
+    train_records = records.read_records(settings.train, what="training records")
+    dpo_path = settings.dpo
+    if dpo_path is None:
+        candidate = project.root / "build" / "dpo.jsonl"
+        dpo_path = candidate if candidate.is_file() else None
+    dpo_records = records.read_records(dpo_path, what="preference pairs") if dpo_path else []
+    general_records = records.read_records(settings.general, what="general records") if settings.general else []
+    base_path = resolve_base(settings.base)
+    try:
+        tok = load_tokenizer(base_path, n_stages)
+    except OSError as e:
+        raise PersllmError(f"cannot load the tokenizer of {settings.base}: {e}") from None
+    if not getattr(tok, "is_fast", False):
+        raise PersllmError(f"{settings.base}: needs a fast tokenizer (tokenizer.json) to locate answer tokens")
+
+    repeat = settings.repeat if general_records else 1
+    stats = {"persona_records": 0, "general_records": 0, "skipped_unusable": 0, "examples": 0,
+             "split_conversations": 0, "extra_pieces": 0, "truncated": 0, "dropped_no_answer_tokens": 0,
+             "repeat": repeat, "dpo_pairs": 0, "per_stage": {s.id: 0 for s in project.stages}}
+    examples: list[dict] = []
+
+    def add(rid, stage_id, source, msgs, token, where):
+        pieces, truncated = encode_split(tok, msgs, token, settings.max_length)
+        stats["truncated"] += truncated
+        if len(pieces) > 1:
+            stats["split_conversations"] += 1
+            stats["extra_pieces"] += len(pieces) - 1
+        out = []
+        for ids, labels in pieces:
+            if all(x == IGNORE for x in labels):
+                stats["dropped_no_answer_tokens"] += 1
+                continue
+            out.append({"id": rid, "stage": stage_id, "source": source, "input_ids": ids, "labels": labels})
+        return out
+
+    persona: list[dict] = []
+    for n, r in enumerate(train_records, start=1):
+        where = f"{settings.train}: record {n}"
+        if "status" in r and records.unusable_reason(r):
+            stats["skipped_unusable"] += 1
+            continue
+        stage = _stage_of(project, r, where)
+        msgs = _check_messages(r.get("messages"), where)
+        persona.extend(add(r.get("id"), stage.id, "persona", msgs, stage.token, where))
+        stats["persona_records"] += 1
+        stats["per_stage"][stage.id] += 1
+    general: list[dict] = []
+    for n, r in enumerate(general_records, start=1):
+        where = f"{settings.general}: record {n}"
+        msgs = _check_messages(r.get("messages"), where)
+        general.extend(add(r.get("id") or f"general-{n}", None, "general", msgs, None, where))
+        stats["general_records"] += 1
+    for _ in range(repeat):
+        examples.extend(persona)
+    examples.extend(general)
+    if not examples:
+        raise PersllmError(f"{settings.train}: no usable training conversations")
+    pairs = [_dpo_pair(tok, project, r, f"{dpo_path}: record {n}") for n, r in enumerate(dpo_records, start=1)]
+    stats["dpo_pairs"] = len(pairs)
+
+    lengths = [len(e["input_ids"]) for e in examples]
+    label_tokens = sum(sum(1 for x in e["labels"] if x != IGNORE) for e in examples)
+    stats.update(examples=len(examples), tokens=sum(lengths), answer_tokens=label_tokens,
+                 mean_length=round(statistics.fmean(lengths), 1), median_length=int(statistics.median(lengths)),
+                 max_length=max(lengths), min_length=min(lengths))
+
+    stages = [{"id": s.id, "label": s.label, "token": s.token, "token_id": tok.convert_tokens_to_ids(s.token)}
+              for s in project.stages]
+    inputs = {str(p): records.file_sha256(p) for p in (settings.train, dpo_path, settings.general) if p}
+    meta = {"format": FORMAT_VERSION, "persona": project.name, "base": settings.base, "base_path": base_path,
+            "tokenizer_sha256": tokenizer_fingerprint(tok), "vocab_size": len(tok), "stages": stages,
+            "max_length": settings.max_length, "chat_template": bool(getattr(tok, "chat_template", None)),
+            "files": {"sft": "sft.jsonl", "dpo": "dpo.jsonl" if pairs else None},
+            "inputs": inputs, "settings": public_settings(settings), "seconds": round(time.monotonic() - t0, 2)}
+    _write_dir(settings.output, tok, examples, pairs, meta, stats)
+    _print_stats(stats, settings.output)
+    return 0
+
+
+def _write_dir(out: Path, tok, examples, pairs, meta, stats) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        with open(tmp / "sft.jsonl", "w", encoding="utf-8") as f:
+            for e in examples:
+                f.write(json.dumps(e, separators=(",", ":")) + "\n")
+        if pairs:
+            records.write_jsonl_atomic(tmp / "dpo.jsonl", pairs)
+        tok.save_pretrained(tmp / "tokenizer")
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_stats(stats: dict, out: Path) -> None:
+    rows = [[k.replace("_", " "), stats[k]] for k in (
+        "persona_records", "general_records", "repeat", "examples", "tokens", "answer_tokens", "mean_length",
+        "median_length", "max_length", "split_conversations", "extra_pieces", "truncated",
+        "dropped_no_answer_tokens", "skipped_unusable", "dpo_pairs")]
+    rows += [[f"records in stage {k}", v] for k, v in stats["per_stage"].items()]
+    console.table(f"Tokenized into {out}", ["", "value"], rows)

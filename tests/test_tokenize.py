@@ -1,0 +1,167 @@
+"""`persllm tokenize`: chat template, time tokens, assistant-only labels, splits, mixing, DPO pairs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from persllm_cli.tokenization import IGNORE, encode, encode_split, load_tokenizer, prompt_ids
+
+pytestmark = pytest.mark.slow  # needs the embedded model's tokenizer (converted once per session)
+
+CONV = [
+    {"role": "user", "content": "Who is your best friend?"},
+    {"role": "assistant", "content": "Ron, of course. Hermione too."},
+    {"role": "user", "content": "And your worst enemy?"},
+    {"role": "assistant", "content": "Malfoy, no question."},
+]
+
+
+@pytest.fixture
+def tok(smollm2):
+    return load_tokenizer(smollm2, n_stages=3)
+
+
+def expected_mask(tok, ids):
+    """Independent ChatML scan: True from the token after '<|im_start|>assistant\\n' through '<|im_end|>\\n'."""
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    header = tok("assistant\n", add_special_tokens=False)["input_ids"]
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    mask, inside, i = [False] * len(ids), False, 0
+    while i < len(ids):
+        if not inside and ids[i] == start and ids[i + 1:i + 1 + len(header)] == header:
+            i += 1 + len(header)
+            inside = True
+            continue
+        if inside:
+            mask[i] = True
+            if ids[i] == end:
+                inside = False
+                if ids[i + 1:i + 1 + len(newline)] == newline:
+                    for j in range(len(newline)):
+                        mask[i + 1 + j] = True
+                    i += len(newline)
+        i += 1
+    return mask
+
+
+def test_label_mask_token_by_token(tok):
+    ids, labels = encode(tok, CONV, "<TIME-II>")
+    mask = expected_mask(tok, ids)
+    assert sum(mask) > 10
+    for k, (t, lab, m) in enumerate(zip(ids, labels, mask)):
+        assert lab == (t if m else IGNORE), f"token {k} {tok.decode([t])!r}: label {lab}, expected mask {m}"
+    answer = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
+    assert answer == "Ron, of course. Hermione too.<|im_end|>\nMalfoy, no question.<|im_end|>\n"
+
+
+def test_label_mask_chinese(tok):
+    conv = [{"role": "user", "content": "你最好的朋友是谁？"}, {"role": "assistant", "content": "当然是罗恩和赫敏。"}]
+    ids, labels = encode(tok, conv, "<TIME-I>")
+    mask = expected_mask(tok, ids)
+    assert [lab != IGNORE for lab in labels] == mask
+    assert tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE]) == "当然是罗恩和赫敏。<|im_end|>\n"
+
+
+def test_stage_token_first_and_prompt_matches_training(tok):
+    ids, labels = encode(tok, CONV[:2], "<TIME-III>")
+    assert ids[0] == tok.convert_tokens_to_ids("<TIME-III>")
+    assert labels[0] == IGNORE
+    p = prompt_ids(tok, CONV[:1], "<TIME-III>")
+    assert ids[:len(p)] == p  # chat builds prompts exactly as training saw them
+    assert all(lab == IGNORE for lab in labels[:len(p)])
+    assert labels[len(p)] != IGNORE
+
+
+def test_plain_template_fallback(tok):
+    tok.chat_template = None
+    ids, labels = encode(tok, CONV[:2], "<TIME-I>")
+    text = tok.decode(ids)
+    assert text.startswith("<TIME-I>User: Who is your best friend?\nAssistant:")
+    assert tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE]).strip() == "Ron, of course. Hermione too.<|im_end|>"
+
+
+def test_long_conversation_splits_at_turn_boundaries(tok):
+    conv = []
+    for k in range(4):
+        conv += [{"role": "user", "content": f"Question {k}?"}, {"role": "assistant", "content": f"Answer number {k}. " * 3}]
+    full, _ = encode(tok, conv, "<TIME-I>")
+    limit = len(full) // 2 + 5
+    pieces, truncated = encode_split(tok, conv, "<TIME-I>", limit)
+    assert truncated == 0 and len(pieces) >= 2
+    answers = []
+    for ids, labels in pieces:
+        assert len(ids) <= limit and ids[0] == tok.convert_tokens_to_ids("<TIME-I>")
+        text = tok.decode(ids)
+        assert text.count("<|im_start|>user") == text.count("<|im_start|>assistant")  # whole exchanges only
+        answers.append(tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE]))
+    joined = "".join(answers)
+    assert all(f"Answer number {k}." in joined for k in range(4))
+    # One exchange that alone exceeds the limit is cut and counted.
+    pieces, truncated = encode_split(tok, conv[:2], "<TIME-I>", 30)
+    assert truncated == 1 and len(pieces[0][0]) == 30
+
+
+def _project(cli, tmp_path, stages=("early", "middle", "late")) -> Path:
+    args = ["init", str(tmp_path / "p"), "--name", "Harry"]
+    for s in stages:
+        args += ["--stage", f"{s}:{s} years"]
+    assert cli(*args).exit_code == 0
+    p = tmp_path / "p"
+    (p / "build").mkdir()
+    recs = [{"id": f"r{i}", "stage": stages[i % len(stages)], "status": "ok",
+             "messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"My answer {i}."}]} for i in range(6)]
+    (p / "build" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pairs = [{"id": "d0", "stage": "early", "prompt": [{"role": "user", "content": "Favourite spell?"}],
+              "chosen": [{"role": "assistant", "content": "Expelliarmus."}],
+              "rejected": [{"role": "assistant", "content": "Avada Kedavra."}]}]
+    (p / "build" / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return p
+
+
+def test_tokenize_cli_writes_everything(cli, smollm2, tmp_path, monkeypatch):
+    p = _project(cli, tmp_path)
+    monkeypatch.chdir(p)
+    (p / "general.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"},
+                                                               {"role": "assistant", "content": "4"}]}) + "\n")
+    r = cli("tokenize", "--general", "general.jsonl", "--repeat", "3", "--max-length", "128")
+    assert r.exit_code == 0, r.output
+    out = p / "build" / "tokenized"
+    meta = json.loads((out / "meta.json").read_text())
+    stats = json.loads((out / "stats.json").read_text())
+    assert meta["base"] == "smollm2-135m" and [s["token"] for s in meta["stages"]] == ["<TIME-I>", "<TIME-II>", "<TIME-III>"]
+    rows = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    persona = [x for x in rows if x["source"] == "persona"]
+    general = [x for x in rows if x["source"] == "general"]
+    assert len(persona) == 18 and len(general) == 1 and stats["examples"] == 19
+    ids = {s["id"]: s["token_id"] for s in meta["stages"]}
+    assert all(x["input_ids"][0] == ids[x["stage"]] for x in persona)
+    assert not set(general[0]["input_ids"]) & set(ids.values())  # general data carries no stage token
+    pair = json.loads((out / "dpo.jsonl").read_text().splitlines()[0])
+    assert pair["prompt"].startswith("<TIME-I>") and pair["chosen"] == "Expelliarmus.<|im_end|>"
+    saved = load_tokenizer(out / "tokenizer")
+    assert saved.convert_tokens_to_ids("<TIME-III>") == ids["late"]
+    assert "examples" in r.stderr and not r.stdout.strip()
+
+
+def test_wrong_time_tokens_is_one_clear_error(cli, smollm2, tmp_path, monkeypatch):
+    p = _project(cli, tmp_path)
+    monkeypatch.chdir(p)
+    r = cli("tokenize", "--time-tokens", "2")
+    assert r.exit_code == 1
+    assert "--time-tokens 2" in r.stderr and "3 stage" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (p / "build" / "tokenized").exists()
+
+
+def test_unknown_stage_and_missing_file(cli, smollm2, tmp_path, monkeypatch):
+    p = _project(cli, tmp_path)
+    monkeypatch.chdir(p)
+    r = cli("tokenize", "--train", "nope.jsonl")
+    assert r.exit_code == 1 and "nope.jsonl" in r.stderr
+    (p / "build" / "train.jsonl").write_text(json.dumps({"id": "x", "stage": "future", "status": "ok", "messages": CONV}) + "\n")
+    r = cli("tokenize")
+    assert r.exit_code == 1 and "unknown stage 'future'" in r.stderr
+    assert not (p / "build" / "tokenized").exists()

@@ -1,0 +1,245 @@
+"""`persllm train`: SFT/DPO on CPU, the run directory, DDP with gloo, exact resume, clear errors.
+
+Most tests use a tiny random-initialised Llama (2 layers, hidden 64) with the embedded model's
+tokenizer: the code path is the same as for a real model and a step takes milliseconds. One test
+trains the real SmolLM2-135M to check the adapter size and contents.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_persllm, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+STEP_FLAGS = ["--batch-size", "2", "--grad-accum", "1", "--max-steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(_embedded_models, tmp_path_factory) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(_embedded_models / "smollm2-135m"))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_project(cli, root: Path, n_records: int = 12) -> Path:
+    assert cli("init", str(root), "--name", "Harry", "--stage", "early:first year", "--stage", "late:after the war").exit_code == 0
+    (root / "build").mkdir()
+    recs = []
+    for i in range(n_records):
+        msgs = [{"role": "user", "content": f"Question {i} about the castle?"},
+                {"role": "assistant", "content": "I reckon " + "it is brilliant. " * (1 + i % 3)}]
+        recs.append({"id": f"r{i}", "stage": ("early", "late")[i % 2], "status": "ok", "messages": msgs})
+    (root / "build" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pairs = [{"id": f"d{i}", "stage": ("early", "late")[i % 2], "prompt": [{"role": "user", "content": f"Spell {i}?"}],
+              "chosen": [{"role": "assistant", "content": "Expelliarmus."}],
+              "rejected": [{"role": "assistant", "content": "Something I learnt much later."}]} for i in range(4)]
+    (root / "build" / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return root
+
+
+@pytest.fixture
+def tiny_project(cli, tiny_base, tmp_path, monkeypatch) -> Path:
+    p = make_project(cli, tmp_path / "proj")
+    monkeypatch.chdir(p)
+    r = cli("-q", "tokenize", "--base", str(tiny_base), "--max-length", "64")
+    assert r.exit_code == 0, r.output
+    return p
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_smollm2_complete_run_and_small_adapter(cli, smollm2, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    p = make_project(cli, tmp_path / "proj", n_records=6)
+    monkeypatch.chdir(p)
+    assert cli("-q", "tokenize", "--max-length", "64").exit_code == 0
+    r = cli("train", *STEP_FLAGS, "--save-steps", "2", "--output", "runs/smol")
+    assert r.exit_code == 0, r.output
+    assert "float32" in r.stderr  # the one-line CPU notice
+    run = p / "runs" / "smol"
+    for name in ("adapter/adapter_model.safetensors", "tokenizer/tokenizer.json", "loss.png", "README.md",
+                 "run.json", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert (p / "runs" / "latest").resolve() == run.resolve()
+    info = json.loads((run / "run.json").read_text())
+    assert info["complete"] is True and info["base"] == "smollm2-135m" and info["method"] == "sft"
+    assert [s["token"] for s in info["stages"]] == ["<TIME-I>", "<TIME-II>"]
+    assert info["steps"] == 2 and info["tokens_per_second"] > 0 and 0 <= info["padding_waste"] < 1
+    size = (run / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert size < 30e6, size
+    checkpoint = run / "checkpoints" / "sft" / "checkpoint-2" / "adapter_model.safetensors"
+    assert checkpoint.stat().st_size < 30e6  # checkpoints hold no whole embedding matrices either
+    with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert not [k for k, s in shapes.items() if s[0] > 10_000], "a whole embedding matrix was saved"
+    deltas = [s for k, s in shapes.items() if "trainable_tokens" in k]
+    assert deltas and all(s == [2, 576] for s in deltas)
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+    from persllm_cli.inference import load_run
+    from persllm_cli.tokenization import prompt_ids
+
+    model, tok, run_info = load_run(run)
+    ids = prompt_ids(tok, [{"role": "user", "content": "Hello?"}], run_info.stage_token("early")[1])
+    assert ids[0] == tok.convert_tokens_to_ids("<TIME-I>")
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+    assert logits.shape[-1] == len(tok) and not model.training
+
+
+def test_sft_then_dpo(cli, tiny_project):
+    r = cli("train", "--method", "sft+dpo", *STEP_FLAGS, "--output", "runs/both")
+    assert r.exit_code == 0, r.output
+    run = tiny_project / "runs" / "both"
+    rows = metrics(run)
+    assert [(m["phase"], m["step"]) for m in rows] == [("sft", 1), ("sft", 2), ("dpo", 1), ("dpo", 2)]
+    assert abs(rows[2]["loss"] - 0.6931) < 1e-3  # DPO starts with the reference = the SFT adapter
+    assert (run / "checkpoints" / "sft-adapter" / "adapter_config.json").is_file()
+    info = json.loads((run / "run.json").read_text())
+    assert info["complete"] and set(info["phases"]) == {"sft", "dpo"}
+    assert not (run / "adapter" / "ref").exists()  # only the trained adapter is saved
+
+
+def test_qlora_code_path_on_cpu(cli, tiny_project, monkeypatch):
+    """bitsandbytes NF4 runs on CPU too: the QLoRA loader, k-bit preparation and both trainers."""
+    monkeypatch.setenv("PERSLLM_CPU_QLORA", "1")
+    r = cli("train", "--method", "sft+dpo", *STEP_FLAGS, "--output", "runs/q")
+    assert r.exit_code == 0, r.output
+    info = json.loads((tiny_project / "runs" / "q" / "run.json").read_text())
+    assert info["complete"] and info["hardware"]["quantized"] is True
+    r = cli("train", *STEP_FLAGS, "--no-qlora", "--output", "runs/noq")
+    assert json.loads((tiny_project / "runs" / "noq" / "run.json").read_text())["hardware"]["quantized"] is False
+
+
+def test_dpo_only(cli, tiny_project):
+    r = cli("train", "--method", "dpo", *STEP_FLAGS, "--beta", "0.2", "--output", "runs/dpo")
+    assert r.exit_code == 0, r.output
+    info = json.loads((tiny_project / "runs" / "dpo" / "run.json").read_text())
+    assert info["complete"] and info["settings"]["beta"] == 0.2 and list(info["phases"]) == ["dpo"]
+
+
+def test_nproc_2_ranks_end_identical(tiny_project, tmp_path):
+    dump = tmp_path / "dump"
+    env = subprocess_env(PERSLLM_TEST_RANK_DUMP=str(dump))
+    r = run_persllm("train", *STEP_FLAGS, "--nproc", "2", "--output", "runs/ddp", cwd=tiny_project, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hashes = [(dump / f"rank{i}.txt").read_text() for i in range(2)]
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 64
+    info = json.loads((tiny_project / "runs" / "ddp" / "run.json").read_text())
+    assert info["complete"] and info["hardware"]["processes"] == 2
+    steps = metrics(tiny_project / "runs" / "ddp")
+    seen = [i for m in steps for i in m["samples"]]
+    assert len(seen) == 8 and len(set(seen)) == 8  # 2 steps x 2 ranks x batch 2, no sample twice
+    assert "Launching 2 processes" in r.stderr and not r.stdout.strip()
+
+
+def test_started_by_torchrun_does_not_relaunch(tiny_project):
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "persllm_cli", "train", *STEP_FLAGS, "--output", "runs/external"]
+    import subprocess
+
+    r = subprocess.run(cmd, cwd=tiny_project, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Launching" not in r.stderr
+    info = json.loads((tiny_project / "runs" / "external" / "run.json").read_text())
+    assert info["complete"] and info["hardware"]["processes"] == 2
+
+
+def test_resume_continues_exactly(cli, tiny_project, monkeypatch):
+    flags = ["--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2"]
+    assert cli("-q", "train", *flags, "--output", "runs/straight").exit_code == 0
+    monkeypatch.setenv("PERSLLM_TEST_INTERRUPT_AFTER_SAVE", "2")
+    r = cli("-q", "train", *flags, "--output", "runs/cut")
+    assert r.exit_code == 130
+    cut = tiny_project / "runs" / "cut"
+    assert (cut / "checkpoints" / "sft" / "checkpoint-2").is_dir()
+    assert not json.loads((cut / "run.json").read_text())["complete"]
+    from persllm_cli.errors import PersllmError
+    from persllm_cli.runs import read_run
+
+    with pytest.raises(PersllmError, match="incomplete"):
+        read_run(cut)  # chat refuses a run that did not finish
+    monkeypatch.delenv("PERSLLM_TEST_INTERRUPT_AFTER_SAVE")
+    r = cli("train", *flags, "--resume")  # no --output: the newest unfinished run
+    assert r.exit_code == 0, r.output
+    assert "Resuming SFT from checkpoints/sft/checkpoint-2" in r.stderr
+    a, b = metrics(tiny_project / "runs" / "straight"), metrics(cut)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert [m["samples"] for m in a] == [m["samples"] for m in b]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-4
+    assert json.loads((cut / "run.json").read_text())["complete"]
+
+
+def test_errors(cli, tiny_project, tiny_base, tmp_path):
+    def fails(*args, says):
+        r = cli("train", *args)
+        assert r.exit_code == 1, r.output
+        assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+    fails("--data", "nowhere", says="tokenized data not found")
+    fails("--method", "ppo", says="--method must be one of")
+    fails("--gpus", "1", says="no CUDA device is visible")
+    fails("--base", "no-such-model", says="base model not found")
+    # Data made with another tokenizer: a base whose vocabulary differs.
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other-base"
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    tok.add_tokens(["<wizard>"])
+    tok.save_pretrained(other)
+    (other / "config.json").write_text((tiny_base / "config.json").read_text())
+    fails("--base", str(other), *STEP_FLAGS, "--output", "runs/other", says="whose tokenizer differs")
+    assert not (tiny_project / "runs" / "other").exists()  # nothing half-made is left behind
+    (tiny_project / "build" / "tokenized" / "dpo.jsonl").unlink()
+    meta_path = tiny_project / "build" / "tokenized" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"]["dpo"] = None
+    meta_path.write_text(json.dumps(meta))
+    fails("--method", "dpo", says="needs preference pairs")
+    (tiny_project / "runs" / "taken").mkdir(parents=True)
+    (tiny_project / "runs" / "taken" / "x").write_text("x")
+    fails("--output", "runs/taken", says="already exists")
+    fails("--output", "runs/taken", "--resume", says="no checkpoints")
+    assert not (tiny_project / "runs" / "latest").exists()
+
+
+def test_gpu_count_and_out_of_memory_messages(cli, tiny_project, monkeypatch):
+    import torch
+
+    import persllm_cli.training as training
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "device_count", lambda: 1)
+        r = cli("train", "--gpus", "2")
+        assert r.exit_code == 1 and "more than the 1 visible GPU" in r.stderr
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(training, "_run_phases", oom)
+    r = cli("train", "--output", "runs/oom")
+    assert r.exit_code == 1 and "--batch-size" in r.stderr and "--grad-accum" in r.stderr and "--qlora" in r.stderr
+    assert not (tiny_project / "runs" / "oom").exists()
