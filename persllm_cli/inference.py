@@ -25,7 +25,6 @@ from persllm_cli.errors import PersllmError
 Message = dict[str, str]
 
 # Said when the tokenizer has no chat template; `tokenize` renders the same layout.
-_PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _PLAIN_STOP = "\nUser:"
 
 
@@ -119,13 +118,11 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def build_prompt(tokenizer: Any, messages: list[Message], stage_token: str) -> str:
-    """The text the model continues: time token, then the conversation, then the assistant's turn."""
-    if has_chat_template(tokenizer):
-        body = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        body = "".join(f"{_PLAIN_ROLES.get(m['role'], m['role'].title())}: {m['content']}\n" for m in messages)
-        body += "Assistant:"
-    return stage_token + body
+    """The text the model continues: the conversation rendered exactly as `tokenize` rendered it
+    for training (stage token first, after a real BOS), ending with the assistant's turn opened."""
+    from persllm_cli.tokenization import render, with_stage
+
+    return with_stage(tokenizer, render(tokenizer, messages, add_generation_prompt=True), stage_token)
 
 
 def prompt_ids(tokenizer: Any, messages: list[Message], stage_token: str) -> list[int]:
