@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from persllm_cli import evaluate, judge, metrics
-from tests.fakes.openai_backend import OpenAITestBackend
 from tests.fakes.openai_server import Fail
 
 STAGES = [("early", "first year"), ("late", "after the war")]
@@ -174,7 +173,7 @@ class FakeGenerator:
 
 
 def _use_generators(monkeypatch, gens: dict[str, FakeGenerator]):
-    monkeypatch.setattr(evaluate, "open_generator", lambda system, s: gens[system.name])
+    monkeypatch.setattr(evaluate, "open_generator", lambda system, s, prices=None: gens[system.name])
 
 
 def test_eval_two_runs_side_by_side(project, cli, monkeypatch):
@@ -264,7 +263,6 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     monkeypatch.chdir(project)
     run = _make_run(project, "sft")
     _use_generators(monkeypatch, {"sft": FakeGenerator()})
-    monkeypatch.setattr(evaluate, "open_backend", lambda kind, model, base_url, timeout: OpenAITestBackend(model, base_url, timeout))
     fake_openai.responder = _judge_responder
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--json")
     assert result.exit_code == 0, result.output
@@ -300,22 +298,23 @@ def test_judge_without_verdict_is_partial(project, cli, monkeypatch, fake_openai
     monkeypatch.chdir(project)
     run = _make_run(project, "sft")
     _use_generators(monkeypatch, {"sft": FakeGenerator()})
-    monkeypatch.setattr(evaluate, "open_backend", lambda kind, model, base_url, timeout: OpenAITestBackend(model, base_url, timeout))
+    monkeypatch.setenv("PERSLLM_EVAL_BACKOFF_SECONDS", "0.01")
     fake_openai.push(Fail(500))                    # a transient error uses up the first attempt
     fake_openai.responder = lambda body, n: "I cannot decide." if n <= 2 else "Verdict: tie\n" if "[Answer A]" in body["messages"][-1]["content"] else "Verdict: yes"
-    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1")
+    one_at_a_time = ("--concurrency", "1", "--max-retries", "1")
+    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1", *one_at_a_time)
     assert result.exit_code == 3                   # first question: a 500, then no verdict -> failed
     first = json.loads((run / "eval" / "judge.jsonl").read_text().splitlines()[0])
-    assert (first["status"], first["judge"]["attempts"], first["error"]) == ("failed", 2, "no verdict in the judge's reply")
+    assert (first["status"], first["judge"]["attempts"]) == ("failed", 2)
+    assert first["error"] == "malformed reply: no verdict in the judge's reply (after 2 attempts)"
     assert "rerun" in result.stderr
-    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1", "--json")
+    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1", "--json", *one_at_a_time)
     assert result.exit_code == 0
     assert json.loads(result.stdout)["systems"]["sft"]["judge"]["tie"] == 100.0
 
 
 def test_api_model_baseline(project, cli, monkeypatch, fake_openai):
     monkeypatch.chdir(project)
-    monkeypatch.setattr(evaluate, "open_backend", lambda kind, model, base_url, timeout: OpenAITestBackend(model, base_url, timeout))
     fake_openai.responder = lambda body, n: f"Well, answer {n}, as I remember it."
     result = cli("eval", "--api-model", "gpt-4o-mini", "--limit", "3", "--json")
     assert result.exit_code == 0, result.output
