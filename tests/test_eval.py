@@ -327,6 +327,26 @@ def test_api_model_baseline(project, cli, monkeypatch, fake_openai):
     assert (project / "build" / "eval" / "api-gpt-4o-mini" / "eval.md").exists()
 
 
+
+def test_api_baseline_honours_retry_after_and_answers_stale_ones_again(project, cli, monkeypatch, fake_openai):
+    monkeypatch.chdir(project)
+    fake_openai.push(Fail(429, retry_after=0.5))
+    fake_openai.responder = lambda body, n: f"Well, answer {n}, as I remember it."
+    args = ("eval", "--api-model", "gpt-4o-mini", "--limit", "2", "--concurrency", "1")
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    calls = fake_openai.completions()
+    assert len(calls) == 3 and calls[1].time - calls[0].time >= 0.5      # the 429's Retry-After was kept
+    path = project / "build" / "eval" / "api-gpt-4o-mini" / "answers.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(r["id"], r["status"], r["generator"]["attempts"]) for r in recs] == [("t00", "ok", 2), ("t01", "ok", 1)]
+    assert recs[0]["generator"]["cost_usd"] > 0 and recs[0]["generator"]["prompt_tokens"] > 0
+    assert cli(*args).exit_code == 0 and len(fake_openai.completions()) == 3   # nothing asked again
+    result = cli(*args, "--max-new-tokens", "32")
+    assert result.exit_code == 0 and "answering them again" in result.stderr
+    assert len(fake_openai.completions()) == 5 and len(path.read_text().splitlines()) == 4
+
+
 def test_errors(project, cli, monkeypatch, tmp_path):
     monkeypatch.chdir(project)
     run = _make_run(project, "sft")
