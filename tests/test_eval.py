@@ -294,6 +294,20 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     assert json.loads(result.stdout)["judge"]["cost_usd"] is None   # no known price for fake-model
 
 
+def test_judge_requests_run_concurrently(project, cli, monkeypatch, fake_openai):
+    monkeypatch.chdir(project)
+    run = _make_run(project, "sft")
+    _use_generators(monkeypatch, {"sft": FakeGenerator()})
+    fake_openai.latency = 0.3
+    fake_openai.responder = _judge_responder
+    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "4", "--concurrency", "8")
+    assert result.exit_code == 0, result.output
+    calls = fake_openai.completions()
+    assert len(calls) == 4 * 2 + 1                 # t01 is the one error-pattern item among the first four
+    # One at a time, 9 requests of 0.3 s would arrive over 2.4 s; eight at once arrive together.
+    assert calls[7].time - calls[0].time < 0.3
+
+
 def test_judge_without_verdict_is_partial(project, cli, monkeypatch, fake_openai):
     monkeypatch.chdir(project)
     run = _make_run(project, "sft")
