@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from persllm_cli import evaluate, judge, metrics
+from persllm_cli import eval_answers, judge, metrics
 from tests.fakes.openai_server import Fail
 
 STAGES = [("early", "first year"), ("late", "after the war")]
@@ -173,7 +173,7 @@ class FakeGenerator:
 
 
 def _use_generators(monkeypatch, gens: dict[str, FakeGenerator]):
-    monkeypatch.setattr(evaluate, "open_generator", lambda system, s, prices=None: gens[system.name])
+    monkeypatch.setattr(eval_answers, "open_generator", lambda system, s, prices=None: gens[system.name])
 
 
 def test_eval_two_runs_side_by_side(project, cli, monkeypatch):
