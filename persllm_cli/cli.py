@@ -309,6 +309,8 @@ def eval_(
     seed: Annotated[Optional[int], Opt(help="Seed for sampling answer pairs. [default: 0]")] = None,
     tokenize: Annotated[Optional[str], Opt(help="BLEU/ROUGE tokenizer: auto (zh or char for CJK text, else 13a), 13a, zh, char, intl. [default: auto]")] = None,
     timeout: Annotated[Optional[float], Opt(help="Seconds to wait for one API request. [default: 120]", metavar="S")] = None,
+    concurrency: Annotated[Optional[int], Opt(help="API requests in flight at once (judge and --api-model). [default: 8]", min=1)] = None,
+    max_retries: Annotated[Optional[int], Opt(help="Retries of a failed API request or a reply without a verdict, with backoff (Retry-After honoured). [default: 5]", min=0)] = None,
     json_output: Annotated[Optional[bool], Opt("--json", help="Print all metrics as JSON on stdout.")] = None,
     output: Annotated[Optional[Path], Opt("-o", "--output", help="Folder for answers and the report. [default: <run>/eval/ for answers; the report there with one run, else build/eval/]", metavar="DIR")] = None,
 ) -> int:

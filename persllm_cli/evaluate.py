@@ -2,7 +2,8 @@
 measure distinction, overlap with the references and, optionally, an LLM judge's verdicts.
 
 Flow: validate every input (test set, runs, pools, judge) -> generate the missing answers per
-system, stage by stage in batches, appending to `answers.jsonl` (a rerun skips answered ids)
+system (eval_answers.py: a run in batches per stage, an API model through the runner), appending
+to `answers.jsonl` (a rerun skips answered ids)
 -> metrics (metrics.py) -> judge (judge.py) -> table on stderr, `--json` on stdout, and
 eval.md / eval.png / eval.json (evalreport.py).
 
@@ -20,12 +21,13 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from persllm_cli import console, judge, metrics, records, resources
-from persllm_cli.config import Project, public_settings
+from persllm_cli import console, eval_answers, judge, metrics, records
+from persllm_cli.config import Project
 from persllm_cli.errors import EXIT_PARTIAL, PersllmError
-from persllm_cli.llm import Backend, Message, TransientError
+from persllm_cli.llm import Backend
+from persllm_cli.runner import RunnerSettings
 from persllm_cli.runs import RunInfo, read_run, resolve_run
 
 
@@ -47,8 +49,12 @@ class EvalSettings:
     seed: int = 0
     tokenize: str = "auto"
     timeout: float = 120.0
+    concurrency: int = 8
+    max_retries: int = 5
     json_output: bool = False
     output: Path | None = None
+    # persllm.toml only
+    backoff_seconds: float = 1.0   # first retry of an API request waits up to this long (doubles, jittered)
 
 
 # ---------------------------------------------------------------- what is evaluated
@@ -81,86 +87,6 @@ class System:
     @property
     def answers_path(self) -> Path:
         return self.dir / "answers.jsonl"
-
-
-class Generator(Protocol):
-    """Answers questions in the persona's voice at one stage."""
-
-    model: str
-
-    def answer_batch(self, conversations: list[list[Message]], stage: str) -> list[str | None]:
-        """One answer per conversation (None when that one failed), all at stage id `stage`."""
-        ...
-
-
-# ---------------------------------------------------------------- seams to the other modules
-
-
-# TODO(merge): these two seams call into llm.py (make_backend) and inference.py (load_run and a
-# batched generate helper) from the other branches; tests replace them with doubles.
-
-
-def open_backend(kind: str, model: str, base_url: str | None, timeout: float) -> Backend:
-    """The judge's or baseline's backend (llm.py)."""
-    from persllm_cli.llm import make_backend  # type: ignore[attr-defined]  # lands with llm.py's backends
-
-    return make_backend(kind, model, base_url, timeout)
-
-
-class RunGenerator:
-    """A trained run answering with its stage's time token (inference.py does the loading and
-    the chat template, exactly as training rendered it)."""
-
-    def __init__(self, info: RunInfo, max_new_tokens: int, temperature: float):
-        from persllm_cli import inference  # type: ignore[attr-defined]
-
-        self.info = info
-        self.model = info.path.name
-        self._model, self._tokenizer, _ = inference.load_run(info.path)
-        self._max_new_tokens, self._temperature = max_new_tokens, temperature
-
-    def answer_batch(self, conversations: list[list[Message]], stage: str) -> list[str | None]:
-        from persllm_cli import inference  # type: ignore[attr-defined]
-
-        _, token = self.info.stage_token(stage)
-        return inference.generate_batch(self._model, self._tokenizer, conversations, stage_token=token,
-                                        max_new_tokens=self._max_new_tokens, temperature=self._temperature)
-
-
-class ApiGenerator:
-    """The prompted baseline: an API model told who it is and when (no training)."""
-
-    def __init__(self, backend: Backend, persona: str, description: str, labels: dict[str, str],
-                 max_new_tokens: int, temperature: float):
-        self.backend, self.model = backend, backend.model
-        self.persona, self.description, self.labels = persona, description, labels
-        self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.spend = judge.Spend()
-
-    def answer_batch(self, conversations: list[list[Message]], stage: str) -> list[str | None]:
-        system = resources.render("eval/baseline_system.txt", persona=self.persona, description=self.description,
-                                  stage_label=self.labels.get(stage, stage)).strip()
-        out: list[str | None] = []
-        for conv in conversations:
-            try:
-                c = self.backend.complete([{"role": "system", "content": system}, *conv],
-                                          max_tokens=self.max_new_tokens, temperature=self.temperature)
-            except TransientError:
-                out.append(None)
-                continue
-            self.spend.add(c, judge.cost_usd(self.model, c.prompt_tokens, c.completion_tokens))
-            out.append(c.text.strip() or None)
-        return out
-
-
-def open_generator(system: System, s: EvalSettings) -> Generator:
-    if system.kind == "run":
-        assert system.info is not None
-        return RunGenerator(system.info, s.max_new_tokens, s.temperature)
-    backend = open_backend("openai", system.model, s.base_url, s.timeout)
-    backend.check()
-    return ApiGenerator(backend, system.persona, system.description, system.labels,
-                        s.max_new_tokens, s.temperature)
 
 
 # ---------------------------------------------------------------- inputs
@@ -251,62 +177,6 @@ def _fingerprint(source: str, s: EvalSettings) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------- generation
-
-
-def generate(system: System, items: list[TestItem], s: EvalSettings,
-             open_gen=None) -> tuple[dict[str, records.Record], int, judge.Spend | None]:
-    """Answer every item not answered yet, appending to the system's answers.jsonl.
-
-    Returns the latest answer record per test id (of these items), how many have no answer, and
-    what an API generator spent. The generator is only opened (a model loaded, a server checked)
-    when something is left to answer."""
-    path = system.answers_path
-    state = records.resume_state(path)
-    fresh = {rid for rid in state.ok
-             if (state.records[rid].get("generator") or {}).get("fingerprint") == system.fingerprint}
-    pending = [i for i in items if i.id not in fresh]
-    stale = sum(1 for i in pending if i.id in state.ok)
-    if stale:
-        console.note(f"{system.name}: {stale} saved answer(s) came from another version of the model or other "
-                     "generation settings; answering them again")
-    spend = None
-    if pending:
-        gen = (open_gen or open_generator)(system, s)
-        by_stage: dict[str, list[TestItem]] = defaultdict(list)
-        for i in pending:
-            by_stage[i.stage].append(i)
-        with records.Appender(path) as out, console.progress() as bar:
-            task = bar.add_task(f"answering ({system.name})", total=len(pending))
-            for stage, group in by_stage.items():
-                for k in range(0, len(group), s.batch_size):
-                    batch = group[k:k + s.batch_size]
-                    t0 = time.perf_counter()
-                    texts = gen.answer_batch([[{"role": "user", "content": i.question}] for i in batch], stage)
-                    if len(texts) != len(batch):
-                        raise RuntimeError(f"generator returned {len(texts)} answers for {len(batch)} questions")
-                    secs = (time.perf_counter() - t0) / len(batch)
-                    for item, text in zip(batch, texts):
-                        ok = bool(text and text.strip())
-                        rec = {"id": item.id, "persona": system.persona, "stage": item.stage, "pattern": item.pattern,
-                               "messages": [{"role": "user", "content": item.question}]
-                                           + ([{"role": "assistant", "content": text}] if ok else []),
-                               "generator": {"system": system.name, "kind": system.kind, "model": gen.model,
-                                             "fingerprint": system.fingerprint, "seconds": round(secs, 3)},
-                               "status": "ok" if ok else "failed", "error": None if ok else "no answer"}
-                        out.append(rec)
-                        state.records[item.id] = rec
-                    bar.advance(task, len(batch))
-        records.write_meta(path, command="eval", settings=public_settings(s), inputs=[s.test],
-                           counts={"answered": len(pending), "items": len(items)},
-                           extra={"system": system.name, "model": system.model})
-        spend = getattr(gen, "spend", None)
-    ids = {i.id for i in items}
-    got = {k: r for k, r in state.records.items() if k in ids}
-    failed = sum(1 for i in items if got.get(i.id, {}).get("status") != "ok")
-    return got, failed, spend
-
-
 # ---------------------------------------------------------------- the command
 
 
@@ -315,9 +185,11 @@ def run(project: Project | None, s: EvalSettings) -> int:
     t0 = time.perf_counter()
     if s.tokenize not in metrics.TOKENIZE_CHOICES:
         raise PersllmError(f"--tokenize must be one of {', '.join(metrics.TOKENIZE_CHOICES)}, not {s.tokenize!r}")
-    for name in ("batch_size", "max_new_tokens", "max_pairs"):
+    for name in ("batch_size", "max_new_tokens", "max_pairs", "concurrency"):
         if getattr(s, name) < 1:
             raise PersllmError(f"--{name.replace('_', '-')} must be at least 1")
+    if s.max_retries < 0:
+        raise PersllmError("--max-retries must not be negative")
     if s.limit is not None and s.limit < 1:
         raise PersllmError("--limit must be at least 1")
     s.output = Path(s.output).resolve() if s.output else None
@@ -325,16 +197,17 @@ def run(project: Project | None, s: EvalSettings) -> int:
     items = read_test(Path(s.test), s.limit)
     systems = systems_for(project, s, items)
     pools = read_pools(s.pool)
+    prices = project.section("annotate").get("prices") or {} if project else {}
     judge_backend = None
     if s.judge:
-        judge_backend = open_backend("openai", s.judge, s.judge_base_url or s.base_url, s.timeout)
+        judge_backend = eval_answers.open_backend("openai", s.judge, s.judge_base_url or s.base_url, s.timeout)
         judge_backend.check()
 
     answers: dict[str, dict[str, records.Record]] = {}
     spends: dict[str, judge.Spend] = {}
     failed_total = 0
     for system in systems:
-        answers[system.name], failed, spend = generate(system, items, s)
+        answers[system.name], failed, spend = eval_answers.generate(system, items, s, prices=prices)
         if spend is not None:
             spends[system.name] = spend
         failed_total += failed
@@ -345,7 +218,7 @@ def run(project: Project | None, s: EvalSettings) -> int:
 
     result = evalreport.score(systems, items, answers, pools, s)
     if judge_backend is not None:
-        failed_total += judge_all(judge_backend, systems, items, answers, s, result)
+        failed_total += judge_all(judge_backend, systems, items, answers, s, result, prices)
     for name, spend in spends.items():
         result["systems"][name]["generation_spend"] = dict(spend.__dict__)
     result["seconds"] = round(time.perf_counter() - t0, 3)
@@ -357,7 +230,8 @@ def run(project: Project | None, s: EvalSettings) -> int:
 
 
 def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
-              answers: dict[str, dict[str, records.Record]], s: EvalSettings, result: dict[str, Any]) -> int:
+              answers: dict[str, dict[str, records.Record]], s: EvalSettings, result: dict[str, Any],
+              prices: dict[str, list[float]] | None = None) -> int:
     """Ask the judge about every answered item of every system; fill result['systems'][*]['judge']."""
     total, new = judge.Spend(), judge.Spend()
     failed = 0
@@ -369,7 +243,10 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
                 jitems.append(judge.Item(test_id=i.id, persona=system.persona,
                                          stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
                                          question=i.question, reference=i.reference, answer=records.answer(r)))
-        verdicts, spend = judge.run(backend, jitems, system.dir / "judge.jsonl", max_tokens=s.judge_max_tokens)
+        rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries,
+                            backoff_base=s.backoff_seconds, title=f"judging ({system.name})")
+        verdicts, spend = judge.run(backend, jitems, system.dir / "judge.jsonl", max_tokens=s.judge_max_tokens,
+                                    pricing=judge.pricing(backend.model, prices), settings=rs)
         summary = judge.summarize(jitems, verdicts, backend.model)
         result["systems"][system.name]["judge"] = summary
         failed += summary["failed"]

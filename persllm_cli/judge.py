@@ -16,37 +16,35 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from dataclasses import dataclass
 from statistics import fmean
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from persllm_cli import resources
-from persllm_cli.llm import Backend, Completion, TransientError
-from persllm_cli.records import Appender, Record, resume_state
+from persllm_cli.llm import Backend, Completion
+from persllm_cli.records import Record
+from persllm_cli.runner import Item as Task, Malformed, Price, RunnerSettings, Usage, run_items
 
 KINDS = ("ab", "ba", "premise")   # ab: the system's answer is A; ba: it is B
-
-# Dollars per million tokens (prompt, completion). Unknown models are counted in tokens only.
-# TODO(merge): share one table with annotate's [annotate] prices.
-PRICES: dict[str, tuple[float, float]] = {
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-4-turbo": (10.00, 30.00),
-}
 
 # "Verdict" then up to 8 non-word characters (colons, spaces, markdown, brackets), then the word.
 _VERDICT = re.compile(r"verdict[\W_]{0,8}?(a|b|tie|yes|no)\b", re.IGNORECASE)
 
 
-def cost_usd(model: str, prompt_tokens: int, completion_tokens: int,
-             prices: dict[str, tuple[float, float]] | None = None) -> float | None:
-    price = (prices or PRICES).get(model)
-    if price is None:
-        return None
-    return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+@dataclass(frozen=True)
+class Pricing:
+    """A model's price; `known` is False for a model missing from the table (counted in tokens only)."""
+
+    price: Price
+    known: bool
+
+
+def pricing(model: str, table: dict[str, list[float]] | None = None) -> Pricing:
+    """Annotate's price table (plus persllm.toml [annotate.prices]), so there is one place to keep it."""
+    from persllm_cli.annotate import price_for
+
+    price, known = price_for(model, table or {})
+    return Pricing(price, known)
 
 
 def parse_verdict(text: str, choices: Iterable[str]) -> str | None:
@@ -111,69 +109,44 @@ class Spend:
     completion_tokens: int = 0
     cost_usd: float | None = 0.0
 
-    def add(self, c: Completion, cost: float | None) -> None:
-        self.requests += 1
-        self.prompt_tokens += c.prompt_tokens
-        self.completion_tokens += c.completion_tokens
-        self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
+
+def choices(kind: str) -> tuple[str, ...]:
+    return ("yes", "no") if kind == "premise" else ("a", "b", "tie")
 
 
-def ask(backend: Backend, key: str, kind: str, item: Item, *, max_tokens: int, attempts: int = 2,
-        prices: dict[str, tuple[float, float]] | None = None, spend: Spend | None = None) -> Record:
-    """Ask the judge one question; a reply without a verdict or a transient error is retried,
-    then recorded as failed. Fatal errors (bad key, unknown model) propagate."""
-    choices = ("yes", "no") if kind == "premise" else ("a", "b", "tie")
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "seconds": 0.0}
-    error, reply, verdict = None, None, None
-    for attempt in range(1, attempts + 1):
-        try:
-            c = backend.complete(prompt(item, kind), max_tokens=max_tokens, temperature=0.0)
-        except TransientError as e:
-            error = f"transient: {e}"
-            if attempt < attempts:
-                time.sleep(min(e.retry_after if e.retry_after is not None else 0.5, 30.0))
-            continue
-        cost = cost_usd(backend.model, c.prompt_tokens, c.completion_tokens, prices)
-        if spend is not None:
-            spend.add(c, cost)
-        usage["prompt_tokens"] += c.prompt_tokens
-        usage["completion_tokens"] += c.completion_tokens
-        usage["seconds"] += c.seconds
-        usage["cost_usd"] = None if cost is None or usage["cost_usd"] is None else usage["cost_usd"] + cost
-        reply = c.text
-        verdict = parse_verdict(c.text, choices)
-        if verdict is not None:
-            error = None
-            break
-        error = "no verdict in the judge's reply"
-    return {
-        "id": key, "test_id": item.test_id, "kind": kind, "verdict": verdict, "reply": reply,
-        "judge": {"backend": getattr(backend, "name", "?"), "model": backend.model, "attempts": attempt, **usage},
-        "status": "ok" if verdict is not None else "failed", "error": error,
-    }
+def run(backend: Backend, items: list[Item], path, *, max_tokens: int = 512, pricing: Pricing | None = None,
+        settings: RunnerSettings | None = None) -> tuple[dict[str, Record], Spend]:
+    """Judge every item not judged yet through the concurrent runner (retries, Retry-After,
+    accounting; a reply without a verdict is retried like a transient error), appending one
+    verdict per request to `path`. Returns the verdicts of these items (old and new, last record
+    per key) and what this call spent. Fatal errors (bad key, unknown model) propagate."""
+    from persllm_cli.records import resume_state
 
-
-def run(backend: Backend, items: list[Item], path, *, max_tokens: int = 512,
-        prices: dict[str, tuple[float, float]] | None = None,
-        on_done: Callable[[Record], None] | None = None) -> tuple[dict[str, Record], Spend]:
-    """Judge every item not judged yet; append verdicts to `path`. Returns the verdicts of these
-    items (old and new, last record per key) and what this call spent.
-
-    TODO(merge): hand the pending tasks to runner.py for concurrency, backoff and budgets; this
-    loop asks one question at a time."""
+    pricing = pricing or Pricing(Price(), False)
+    rs = settings or RunnerSettings()
+    rs = RunnerSettings(**{**rs.__dict__, "max_tokens": max_tokens, "temperature": 0.0})
     todo = tasks(items, backend.model)
+
+    def parse(task: Task, c: Completion) -> tuple[str, str]:
+        verdict = parse_verdict(c.text, choices(task.data[0]))
+        if verdict is None:
+            raise Malformed("no verdict in the judge's reply")
+        return verdict, c.text
+
+    def make_record(task: Task, parsed: tuple[str, str] | None, usage: Usage, error: str | None) -> Record:
+        kind, item = task.data
+        verdict, reply = parsed if parsed else (None, None)
+        usage_d = usage.as_dict()
+        usage_d["cost_usd"] = usage.cost_usd if pricing.known else None   # unrounded: totals add these up
+        return {"id": task.id, "test_id": item.test_id, "kind": kind, "verdict": verdict, "reply": reply,
+                "judge": usage_d, "status": "ok" if parsed else "failed", "error": error}
+
+    stats = run_items([Task(key, (kind, item)) for key, kind, item in todo], backend,
+                      build_messages=lambda task: prompt(task.data[1], task.data[0]), parse=parse,
+                      make_record=make_record, output=path, settings=rs, price=pricing.price)
+    spend = Spend(requests=stats.requests, prompt_tokens=stats.prompt_tokens,
+                  completion_tokens=stats.completion_tokens, cost_usd=stats.cost_usd if pricing.known else None)
     state = resume_state(path)
-    spend = Spend()
-    pending = [t for t in todo if t[0] not in state.ok]
-    if pending:
-        backend.check()
-        with Appender(path) as out:
-            for key, kind, item in pending:
-                rec = ask(backend, key, kind, item, max_tokens=max_tokens, prices=prices, spend=spend)
-                out.append(rec)
-                state.records[key] = rec
-                if on_done:
-                    on_done(rec)
     wanted = {t[0] for t in todo}
     return {k: r for k, r in state.records.items() if k in wanted}, spend
 

@@ -219,8 +219,11 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
               parse: Callable[[Item, Completion], Any],
               make_record: Callable[[Item, Any, Usage, str | None], Record], output: Path,
               settings: RunnerSettings, price: Price = Price(),
-              on_record: Callable[[Record], None] | None = None) -> RunStats:
+              on_record: Callable[[Record], None] | None = None, resume: bool = True) -> RunStats:
     """Run `items` through `backend` concurrently and append one record per finished item to `output`.
+
+    With `resume=False` every item is sent, even one whose last record is ok (the caller decided
+    what is still to do, e.g. eval answers again when the saved answer came from other settings).
 
     Returns the run's statistics. Raises FatalError (after writing what finished, and nothing at
     all before the first success) and KeyboardInterrupt (after writing what finished).
@@ -229,7 +232,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
     items = list(items)
     state = resume_state(output)
     stats = RunStats(total=len(items))
-    todo = [it for it in items if it.id not in state.ok]
+    todo = [it for it in items if not resume or it.id not in state.ok]
     stats.skipped = len(items) - len(todo)
     if settings.limit is not None:
         todo = todo[: settings.limit]

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from persllm_cli import evaluate, judge, metrics
-from tests.fakes.openai_backend import OpenAITestBackend
+from persllm_cli import eval_answers, judge, metrics
 from tests.fakes.openai_server import Fail
 
 STAGES = [("early", "first year"), ("late", "after the war")]
@@ -174,7 +173,7 @@ class FakeGenerator:
 
 
 def _use_generators(monkeypatch, gens: dict[str, FakeGenerator]):
-    monkeypatch.setattr(evaluate, "open_generator", lambda system, s: gens[system.name])
+    monkeypatch.setattr(eval_answers, "open_generator", lambda system, s, prices=None: gens[system.name])
 
 
 def test_eval_two_runs_side_by_side(project, cli, monkeypatch):
@@ -264,7 +263,6 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     monkeypatch.chdir(project)
     run = _make_run(project, "sft")
     _use_generators(monkeypatch, {"sft": FakeGenerator()})
-    monkeypatch.setattr(evaluate, "open_backend", lambda kind, model, base_url, timeout: OpenAITestBackend(model, base_url, timeout))
     fake_openai.responder = _judge_responder
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--json")
     assert result.exit_code == 0, result.output
@@ -296,26 +294,41 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     assert json.loads(result.stdout)["judge"]["cost_usd"] is None   # no known price for fake-model
 
 
+def test_judge_requests_run_concurrently(project, cli, monkeypatch, fake_openai):
+    monkeypatch.chdir(project)
+    run = _make_run(project, "sft")
+    _use_generators(monkeypatch, {"sft": FakeGenerator()})
+    fake_openai.latency = 0.3
+    fake_openai.responder = _judge_responder
+    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "4", "--concurrency", "8")
+    assert result.exit_code == 0, result.output
+    calls = fake_openai.completions()
+    assert len(calls) == 4 * 2 + 1                 # t01 is the one error-pattern item among the first four
+    # One at a time, 9 requests of 0.3 s would arrive over 2.4 s; eight at once arrive together.
+    assert calls[7].time - calls[0].time < 0.3
+
+
 def test_judge_without_verdict_is_partial(project, cli, monkeypatch, fake_openai):
     monkeypatch.chdir(project)
     run = _make_run(project, "sft")
     _use_generators(monkeypatch, {"sft": FakeGenerator()})
-    monkeypatch.setattr(evaluate, "open_backend", lambda kind, model, base_url, timeout: OpenAITestBackend(model, base_url, timeout))
+    monkeypatch.setenv("PERSLLM_EVAL_BACKOFF_SECONDS", "0.01")
     fake_openai.push(Fail(500))                    # a transient error uses up the first attempt
     fake_openai.responder = lambda body, n: "I cannot decide." if n <= 2 else "Verdict: tie\n" if "[Answer A]" in body["messages"][-1]["content"] else "Verdict: yes"
-    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1")
+    one_at_a_time = ("--concurrency", "1", "--max-retries", "1")
+    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1", *one_at_a_time)
     assert result.exit_code == 3                   # first question: a 500, then no verdict -> failed
     first = json.loads((run / "eval" / "judge.jsonl").read_text().splitlines()[0])
-    assert (first["status"], first["judge"]["attempts"], first["error"]) == ("failed", 2, "no verdict in the judge's reply")
+    assert (first["status"], first["judge"]["attempts"]) == ("failed", 2)
+    assert first["error"] == "malformed reply: no verdict in the judge's reply (after 2 attempts)"
     assert "rerun" in result.stderr
-    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1", "--json")
+    result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1", "--json", *one_at_a_time)
     assert result.exit_code == 0
     assert json.loads(result.stdout)["systems"]["sft"]["judge"]["tie"] == 100.0
 
 
 def test_api_model_baseline(project, cli, monkeypatch, fake_openai):
     monkeypatch.chdir(project)
-    monkeypatch.setattr(evaluate, "open_backend", lambda kind, model, base_url, timeout: OpenAITestBackend(model, base_url, timeout))
     fake_openai.responder = lambda body, n: f"Well, answer {n}, as I remember it."
     result = cli("eval", "--api-model", "gpt-4o-mini", "--limit", "3", "--json")
     assert result.exit_code == 0, result.output
@@ -326,6 +339,26 @@ def test_api_model_baseline(project, cli, monkeypatch, fake_openai):
     assert data["systems"]["api:gpt-4o-mini"]["generation_spend"]["requests"] == 3
     assert (project / "build" / "eval" / "api-gpt-4o-mini" / "answers.jsonl").exists()
     assert (project / "build" / "eval" / "api-gpt-4o-mini" / "eval.md").exists()
+
+
+
+def test_api_baseline_honours_retry_after_and_answers_stale_ones_again(project, cli, monkeypatch, fake_openai):
+    monkeypatch.chdir(project)
+    fake_openai.push(Fail(429, retry_after=0.5))
+    fake_openai.responder = lambda body, n: f"Well, answer {n}, as I remember it."
+    args = ("eval", "--api-model", "gpt-4o-mini", "--limit", "2", "--concurrency", "1")
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    calls = fake_openai.completions()
+    assert len(calls) == 3 and calls[1].time - calls[0].time >= 0.5      # the 429's Retry-After was kept
+    path = project / "build" / "eval" / "api-gpt-4o-mini" / "answers.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(r["id"], r["status"], r["generator"]["attempts"]) for r in recs] == [("t00", "ok", 2), ("t01", "ok", 1)]
+    assert recs[0]["generator"]["cost_usd"] > 0 and recs[0]["generator"]["prompt_tokens"] > 0
+    assert cli(*args).exit_code == 0 and len(fake_openai.completions()) == 3   # nothing asked again
+    result = cli(*args, "--max-new-tokens", "32")
+    assert result.exit_code == 0 and "answering them again" in result.stderr
+    assert len(fake_openai.completions()) == 5 and len(path.read_text().splitlines()) == 4
 
 
 def test_errors(project, cli, monkeypatch, tmp_path):
