@@ -16,6 +16,8 @@ Errors: `TransientError` (timeouts, connection errors, 429, 5xx: retry, honourin
     backend = make_backend("openai", "gpt-4o-mini", base_url=None, timeout=120)   # or "local"
     backend.check()                                   # fail fast, before any output is written
     c = backend.complete(messages, max_tokens=1024, temperature=0.7)   # -> Completion
+    c = backend.complete(messages, max_tokens=96, temperature=0.7,      # optional hints, which
+                         sections=["question", "response"], stage_token="<TIME-I>")  # only local uses
 
 `estimate_tokens` / `estimate_prompt_tokens` give generous token counts for budgets and --dry-run.
 """
