@@ -205,13 +205,21 @@ class Annotator:
 
     def __init__(self, project: Project, s: AnnotateSettings, standards: list[str]):
         self.project, self.s, self.standards = project, s, standards
+        self.guided = s.backend == "local"   # LocalBackend writes the labels (see guided.py)
 
     def messages(self, item: Item) -> list[dict[str, str]]:
         j: Job = item.data
         return build_messages(persona=self.project.name, description=self.project.description,
                               stage_label=j.stage.label, pattern=j.pattern, cot=self.s.cot,
                               time_prefix=self.s.time_prefix, knowledge=j.knowledge, style=j.style,
-                              standards=list(self.standards), instruction=j.instruction, variant=j.k)
+                              standards=list(self.standards), instruction=j.instruction, variant=j.k,
+                              guided=self.guided)
+
+    def options(self, item: Item) -> dict[str, Any]:
+        """Hints for the backend: the sections the reply must have, and the stage's time token."""
+        j: Job = item.data
+        sections = (["question"] if j.instruction is None else []) + (["analysis"] if self.s.cot else []) + ["response"]
+        return {"sections": sections, "stage_token": j.stage.token}
 
     def parse(self, item: Item, completion: Any):
         j: Job = item.data
@@ -260,7 +268,7 @@ def _review(items: list[Item], backend: Any, ann: Annotator, rs: RunnerSettings,
         batch = RunnerSettings(**{**rs.__dict__, "limit": ann.s.review_samples, "budget_usd": rs.budget_usd})
         stats = run_items([it for it in items if it.id not in done_ids], backend, build_messages=ann.messages,
                           parse=ann.parse, make_record=ann.record, output=output, settings=batch, price=price,
-                          on_record=shown.append)
+                          on_record=shown.append, request_options=ann.options)
         if rs.budget_usd is not None:
             rs.budget_usd -= stats.cost_usd
         done_ids.update(r["id"] for r in shown)
@@ -279,6 +287,25 @@ def _review(items: list[Item], backend: Any, ann: Annotator, rs: RunnerSettings,
             return
         standards.append(answer)
         console.note(f"standard added: {answer}")
+
+
+LONG_LOCAL_PROMPT = 1000   # tokens; beyond this a CPU takes seconds per item just to read the prompt
+
+
+def _local_notice(project: Project, s: AnnotateSettings, backend: Any, ann: Annotator, items: list[Item]) -> None:
+    """On CPU, say once when the default context budgets make long prompts (the defaults stay)."""
+    import os
+
+    keys = ("knowledge_words", "style_words")
+    chosen = any(k in project.section("annotate") or f"PERSLLM_ANNOTATE_{k.upper()}" in os.environ for k in keys)
+    if chosen or getattr(backend, "device", None) != "cpu" or not items:
+        return
+    longest = max(backend.prompt_tokens(ann.messages(it), ann.options(it)["stage_token"]) for it in items[:8])
+    if longest > LONG_LOCAL_PROMPT:
+        console.note(f"prompts run to {longest:,} tokens with the default context budgets "
+                     f"({s.knowledge_words}/{s.style_words} words), slow for a local model on CPU; smaller "
+                     "budgets go much faster, e.g. PERSLLM_ANNOTATE_KNOWLEDGE_WORDS=300 "
+                     "PERSLLM_ANNOTATE_STYLE_WORDS=100 (or knowledge_words/style_words in [annotate])")
 
 
 def _inputs(project: Project, s: AnnotateSettings) -> list[Path]:
@@ -311,6 +338,8 @@ def run(project: Project, s: AnnotateSettings) -> int:
 
     backend = make_backend(s.backend, model, s.base_url, s.timeout)
     backend.check()
+    if s.backend == "local":
+        _local_notice(project, s, backend, ann, items)
     rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries, max_tokens=s.max_tokens,
                         temperature=s.temperature, budget_usd=s.budget_usd, limit=s.limit,
                         backoff_base=s.backoff_seconds)
@@ -321,7 +350,7 @@ def run(project: Project, s: AnnotateSettings) -> int:
             done_now = len(resume_state(output).ok - before)
             rs.limit = max(0, s.limit - done_now)
     stats = run_items(items, backend, build_messages=ann.messages, parse=ann.parse, make_record=ann.record,
-                      output=output, settings=rs, price=price)
+                      output=output, settings=rs, price=price, request_options=ann.options)
     if stats.planned == 0 and stats.skipped:
         console.info(f"nothing to do: all {stats.skipped} items are already in {output}")
     else:

@@ -88,12 +88,14 @@ def standards_block(standards: list[str]) -> str:
 
 def build_messages(*, persona: str, description: str, stage_label: str, pattern: str, cot: bool,
                    time_prefix: bool, knowledge: list[str], style: list[str], standards: list[str],
-                   instruction: list[Message] | None = None, variant: int = 0) -> list[Message]:
+                   instruction: list[Message] | None = None, variant: int = 0, guided: bool = False) -> list[Message]:
     """System + user messages for one annotation request.
 
     `pattern` is ordinary/error/thought, or "instruction" with `instruction` holding the user's
     conversation (its last user message is the instruction to answer). `variant` (the question
-    index within a paragraph) asks for a different question when several are wanted.
+    index within a paragraph) asks for a different question when several are wanted. `guided`
+    (a backend that writes the section labels itself, see guided.py) replaces the answer-format
+    block, whose placeholder lines small models copy word for word, with one plain sentence.
     """
     desc = f" ({description})" if description else ""
     system = render("annotate/system.txt", persona=persona, description=desc)
@@ -109,6 +111,10 @@ def build_messages(*, persona: str, description: str, stage_label: str, pattern:
             task += (f"\nThis is question {variant + 1} about this paragraph: ask about a different detail "
                      "or angle than an obvious first question would.")
         fmt = render("annotate/format_cot.txt" if cot else "annotate/format_plain.txt", persona=persona)
+    if guided:
+        steps = ([] if pattern == "instruction" else ["the question, on one line"]) + \
+            ([f"how {persona} thinks about it"] if cot else []) + [f"{persona}'s answer, in the first person"]
+        fmt = render("annotate/format_guided.txt", steps=", then ".join(steps))
     user = render("annotate/request.txt", persona=persona,
                   time_line=(time_line(stage_label) + "\n\n") if time_prefix else "",
                   knowledge_intro=(f"What {persona} knows:" if pattern == "instruction" else

@@ -16,6 +16,8 @@ Errors: `TransientError` (timeouts, connection errors, 429, 5xx: retry, honourin
     backend = make_backend("openai", "gpt-4o-mini", base_url=None, timeout=120)   # or "local"
     backend.check()                                   # fail fast, before any output is written
     c = backend.complete(messages, max_tokens=1024, temperature=0.7)   # -> Completion
+    c = backend.complete(messages, max_tokens=96, temperature=0.7,      # optional hints, which
+                         sections=["question", "response"], stage_token="<TIME-I>")  # only local uses
 
 `estimate_tokens` / `estimate_prompt_tokens` give generous token counts for budgets and --dry-run.
 """
@@ -55,8 +57,14 @@ class Backend(Protocol):
     name: str   # "openai" or "local"
     model: str
 
-    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float) -> Completion:
-        """One chat completion. Raises TransientError or FatalError."""
+    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
+                 sections: list[str] | None = None, stage_token: str | None = None) -> Completion:
+        """One chat completion. Raises TransientError or FatalError.
+
+        Optional hints (a backend may ignore them; callers pass them only when they have them):
+        `sections`, the labelled sections the reply must contain, in order ("question", "analysis",
+        "response"), which lets a small local model be guided through the format; `stage_token`,
+        the time token of the record's stage, which a trained run puts first."""
         ...
 
     def check(self) -> None:
@@ -200,9 +208,11 @@ class OpenAIBackend:
         # any name. A real "model not found" comes back as 404 from the first request (fatal).
         del ids
 
-    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float) -> Completion:
+    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
+                 sections: list[str] | None = None, stage_token: str | None = None) -> Completion:
         import time
 
+        del sections, stage_token  # a capable API model follows the format in the prompt
         kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
         if self.model.startswith(_REASONING_PREFIXES):
             kwargs["max_completion_tokens"] = max_tokens
@@ -229,8 +239,12 @@ class OpenAIBackend:
 
 class LocalBackend:
     """A transformers causal LM on this machine: the embedded smollm2-135m, a model directory or
-    hub id, or a trained persllm run (base + adapter). Loaded on first use; generation is
-    serialised with a lock because one model object is not safe to drive from several threads."""
+    hub id, or a trained persllm run (loaded by inference.load_run; its stage's time token goes
+    first, as in training). Loaded once, on first use; generation is serialised with a lock because
+    one model object is not safe to drive from several threads.
+
+    With `sections` the reply is generated section by section under labels we write (guided.py):
+    small models do not keep a labelled format by themselves."""
 
     name = "local"
 
@@ -238,72 +252,107 @@ class LocalBackend:
         import threading
 
         self.model = model
-        self._device = device
+        self.device = device
+        self.run_stages: list[dict[str, str]] | None = None   # set when `model` is a trained run
         self._lock = threading.Lock()
-        self._loaded: tuple[Any, Any] | None = None
+        self._loaded: tuple[Any, Any, Any] | None = None
 
-    def _load(self) -> tuple[Any, Any]:
-        if self._loaded is not None:
+    def _load(self) -> tuple[Any, Any, Any]:
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load_now()
             return self._loaded
-        import torch
+
+    def _load_now(self) -> tuple[Any, Any, Any]:
         from pathlib import Path
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from persllm_cli import models
+        import torch
 
-        device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from persllm_cli.guided import Decoder
+
         path = Path(self.model).expanduser()
-        if (path / "run.json").is_file() and (path / "adapter").is_dir():
-            from peft import PeftModel
+        if (path / "run.json").is_file():
+            from persllm_cli.inference import load_run
 
-            from persllm_cli.runs import read_run
-
-            info = read_run(path)
-            base = models.resolve_base(info.data.get("base_path") or info.base)
-            tok = AutoTokenizer.from_pretrained(path / "tokenizer")
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-            model.resize_token_embeddings(len(tok))
-            model = PeftModel.from_pretrained(model, path / "adapter")
+            model, tok, info = load_run(path)
+            self.run_stages = info.stages
         else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from persllm_cli import models
+
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
             base = models.resolve_base(self.model)
             tok = AutoTokenizer.from_pretrained(base)
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-        model.to(device).eval()
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        self._loaded = (model, tok)
-        return self._loaded
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
+        model.eval()
+        self.device = str(getattr(model, "device", "cpu"))
+        if self.device == "cpu":
+            _cpu_threads()
+        return model, tok, Decoder(model)
 
     def check(self) -> None:
         self._load()
 
-    def _prompt_ids(self, tok: Any, messages: list[Message]) -> Any:
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)["input_ids"]
-        text = "".join(f"{'User' if m['role'] != 'assistant' else 'Assistant'}: {m['content']}\n"
-                       for m in messages) + "Assistant:"
-        return tok(text, return_tensors="pt")["input_ids"]
+    def _time_token(self, stage_token: str | None) -> str:
+        """What goes before the prompt: a run's time token (the given one, else its last stage's);
+        nothing for a plain model, which knows no time tokens."""
+        if self.run_stages is None:
+            return ""
+        tokens = [s["token"] for s in self.run_stages]
+        if stage_token is None:
+            return tokens[-1]
+        if stage_token not in tokens:
+            raise FatalError(f"run {self.model} has no time token {stage_token} (it knows {', '.join(tokens)})")
+        return stage_token
 
-    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float) -> Completion:
+    def prompt_tokens(self, messages: list[Message], stage_token: str | None = None) -> int:
+        from persllm_cli.inference import prompt_ids
+
+        _, tok, _ = self._load()
+        return len(prompt_ids(tok, messages, self._time_token(stage_token)))
+
+    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
+                 sections: list[str] | None = None, stage_token: str | None = None) -> Completion:
         import time
 
-        import torch
+        from persllm_cli.guided import free_reply, guided_reply
+        from persllm_cli.inference import has_chat_template, prompt_ids
 
-        model, tok = self._load()
+        model, tok, decoder = self._load()
+        eos = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
+               if isinstance(i, int) and i != tok.unk_token_id}
         with self._lock:
             t0 = time.perf_counter()
-            ids = self._prompt_ids(tok, messages).to(model.device)
-            sample = temperature > 0
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                     do_sample=sample, temperature=temperature if sample else None,
-                                     top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
-            new = out[0, ids.shape[1]:]
-            text = tok.decode(new, skip_special_tokens=True)
-            return Completion(text=text, prompt_tokens=int(ids.shape[1]), completion_tokens=int(new.shape[0]),
-                              seconds=time.perf_counter() - t0, model=self.model)
+            prompt = prompt_ids(tok, messages, self._time_token(stage_token))
+            if sections:
+                out = guided_reply(decoder, tok, prompt, sections, max_tokens=max_tokens,
+                                   temperature=temperature, eos=eos)
+            else:
+                out = free_reply(decoder, tok, prompt, max_tokens=max_tokens, temperature=temperature, eos=eos,
+                                 stop=None if has_chat_template(tok) else "\nUser:")
+            return Completion(text=out.text, prompt_tokens=len(prompt) + out.label_tokens,
+                              completion_tokens=out.generated, seconds=time.perf_counter() - t0, model=self.model)
+
+
+def _cpu_threads() -> None:
+    """Threads for CPU generation: the cores this process may use (torch counts the machine's),
+    less those other work keeps busy, at least one; OMP_NUM_THREADS, when set, decides instead.
+    On a shared 2-core machine with a load of 4, one thread generated 5x faster than two."""
+    import os
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = max(0.0, os.getloadavg()[0] - 1)   # less our own loading of the model
+    except OSError:
+        busy = 0.0
+    free = max(1, round(allowed - busy))
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), allowed, free)))
 
 
 def make_backend(kind: str, model: str | None, base_url: str | None = None, timeout: float = 120.0) -> Backend:

@@ -9,6 +9,8 @@ generate, eval): worker threads, retries with backoff, accounting, a budget, res
 - `build_messages(item)` is called before every attempt (so standards added mid-run apply);
   `parse(item, completion)` returns what `make_record` needs or raises `Malformed` (retried like a
   transient error); `make_record(item, parsed_or_None, Usage, error_or_None)` builds the record.
+  `request_options(item)`, if given, returns the optional hints for `Backend.complete`
+  (`sections`, `stage_token`).
 - One writer (the main thread) appends each record and flushes it (records.Appender): kill -9
   loses only requests in flight, never a written record, and never writes one twice.
 - Retries: exponential backoff with full jitter, `Retry-After` honoured. `TransientError` and
@@ -169,7 +171,8 @@ def _backoff(attempt: int, s: RunnerSettings, retry_after: float | None) -> floa
 
 
 def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[Item], list[Message]],
-          parse: Callable[[Item, Completion], Any]) -> tuple[str, Any, Usage, str | None]:
+          parse: Callable[[Item, Completion], Any],
+          options: Callable[[Item], dict[str, Any]] | None = None) -> tuple[str, Any, Usage, str | None]:
     """Try one item until it works or runs out of retries.
 
     Returns (kind, parsed, usage, error) with kind "ok", "failed" or "unsent" (stopped before
@@ -188,7 +191,8 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
         completion = None
         retry_after = None
         try:
-            completion = backend.complete(messages, max_tokens=s.max_tokens, temperature=s.temperature)
+            hints = options(item) if options else {}
+            completion = backend.complete(messages, max_tokens=s.max_tokens, temperature=s.temperature, **hints)
         except TransientError as e:
             last_error, retry_after = str(e), e.retry_after
         except RequestError as e:
@@ -219,7 +223,8 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
               parse: Callable[[Item, Completion], Any],
               make_record: Callable[[Item, Any, Usage, str | None], Record], output: Path,
               settings: RunnerSettings, price: Price = Price(),
-              on_record: Callable[[Record], None] | None = None, resume: bool = True) -> RunStats:
+              on_record: Callable[[Record], None] | None = None, resume: bool = True,
+              request_options: Callable[[Item], dict[str, Any]] | None = None) -> RunStats:
     """Run `items` through `backend` concurrently and append one record per finished item to `output`.
 
     With `resume=False` every item is sent, even one whose last record is ok (the caller decided
@@ -257,7 +262,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
                 results.put((it, "unsent", None, Usage(backend.name, backend.model), None))
                 continue
             try:
-                kind, parsed, usage, error = _work(it, backend, sh, build_messages, parse)
+                kind, parsed, usage, error = _work(it, backend, sh, build_messages, parse, request_options)
             except BaseException as e:  # a bug in a callback: report it in the main thread
                 results.put((it, "bug", e, Usage(backend.name, backend.model), None))
                 sh.stop.set()

@@ -303,27 +303,33 @@ def test_resume_after_kill_9(tmp_path, cli):
 # ------------------------------------------------------------------------------ local backend
 
 @pytest.mark.slow
-def test_local_backend_with_smollm2(cli, proj, smollm2):
+def test_local_backend_with_smollm2(cli, proj, smollm2, monkeypatch):
+    """The 135M model never keeps the labelled format by itself; guided by the labels we write it
+    gives usable records, and the labels stay out of the stored text."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine: one thread is several times faster here
+    monkeypatch.setenv("PERSLLM_ANNOTATE_KNOWLEDGE_WORDS", "150")
+    monkeypatch.setenv("PERSLLM_ANNOTATE_STYLE_WORDS", "50")
     try:
         with open(proj / "persllm.toml", "a") as f:
-            f.write("max_tokens = 24\ntemperature = 0.0\n")
+            f.write("max_tokens = 48\ntemperature = 0.0\n")
         r = cli("annotate", "--backend", "local", "--limit", "2", "--max-retries", "0", "--concurrency", "2")
     finally:
         torch.set_num_threads(threads)
-    assert r.exit_code in (0, 3), r.output
+    assert r.exit_code == 0, r.output
     recs = records(proj)
     assert len(recs) == 2
     for x in recs:
         a = x["annotator"]
         assert a["backend"] == "local" and a["model"] == "smollm2-135m" and a["cost_usd"] == 0
-        assert a["prompt_tokens"] > 100 and 0 < a["completion_tokens"] <= 24
-        # A 135M model rarely keeps the labelled format in 24 tokens: then the record is failed,
-        # as malformed, and says so; when it does, the answer is stored.
-        assert (x["status"] == "ok" and x["messages"][-1]["role"] == "assistant") or "malformed" in x["error"]
+        assert a["prompt_tokens"] > 100 and 0 < a["completion_tokens"] <= 48
+        assert x["status"] == "ok" and x["error"] is None
+        (q, ans) = (m["content"] for m in x["messages"])
+        assert q.strip() and ans.strip() and "\n" not in q
+        for text in (q, ans):
+            assert "[Question]" not in text and "[Response]" not in text and "[Analysis]" not in text
 
 
 # ------------------------------------------------------------------------------ retrieval and prices
