@@ -21,7 +21,7 @@ from persllm_cli.config import Project, Stage, public_settings
 from persllm_cli.corpus import Paragraph, read_paragraphs
 from persllm_cli.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.llm import estimate_prompt_tokens
-from persllm_cli.records import Record, record_id, resume_state, write_meta
+from persllm_cli.records import Record, read_text, record_id, resume_state, write_meta
 from persllm_cli.runner import Item, Price, RunnerSettings, run_items, summary
 
 # Dollars per million tokens [input, output]; persllm.toml [annotate.prices] adds or overrides.
@@ -114,24 +114,14 @@ def _validate(s: AnnotateSettings) -> None:
 def read_feedback(path: Path | None) -> list[str]:
     if path is None:
         return []
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PersllmError(f"{path}: file not found") from None
-    except UnicodeDecodeError:
-        raise PersllmError(f"{path}: not UTF-8 text") from None
+    text = read_text(Path(path))
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 def read_instructions(path: Path) -> list[tuple[int, list[dict[str, str]]]]:
     """(line, conversation ending with the user's instruction) per instruction: txt one per line,
     or JSONL with `messages` (or `instruction`/`prompt` strings)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise PersllmError(f"{path}: file not found") from None
-    except UnicodeDecodeError:
-        raise PersllmError(f"{path}: not UTF-8 text") from None
+    text = read_text(Path(path))
     out: list[tuple[int, list[dict[str, str]]]] = []
     jsonl = Path(path).suffix.lower() in (".jsonl", ".json")
     for i, line in enumerate(text.splitlines(), start=1):

@@ -75,6 +75,7 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
 
 
 def _settings(ctx: typer.Context, cls: type, section: str, flags: dict[str, Any], *, project_required: bool = True):
+    console.quiet_libraries()
     project = ctx.obj.project(required=project_required)
     return project, resolve(cls, section, flags, project)
 

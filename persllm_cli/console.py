@@ -127,3 +127,19 @@ def progress(*columns_extra: str) -> Iterator:
     ]
     with Progress(*cols, console=err(), transient=False) as p:
         yield p
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (loader progress bars, advisory warnings) off the user's screen.
+
+    Called before any heavy import; the variables only set defaults, so a user who wants the
+    libraries' own output can still ask for it (e.g. TRANSFORMERS_VERBOSITY=info).
+    """
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes warns about an optional CPU kernel package at import; it changes nothing here.
+    for name in ("bitsandbytes", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)

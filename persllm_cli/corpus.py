@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persllm_cli.errors import PersllmError
+from persllm_cli.records import read_text
 
 _LABEL_MAX = 40  # a label longer than this is prose that happens to contain a bracket
 
@@ -37,18 +38,9 @@ def strip_label(line: str) -> str:
 
 def read_paragraphs(path: Path, *, required: bool = True) -> list[Paragraph]:
     """The paragraphs of a material file. Missing/non-UTF-8/empty files are a clear error when required."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        if required:
-            raise PersllmError(f"{path}: file not found") from None
+    text = read_text(path, required=required)
+    if text is None:
         return []
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise PersllmError(f"{path}:{line}: not UTF-8 text (save the file as UTF-8)") from None
     out = []
     for i, line in enumerate(text.splitlines(), start=1):
         t = strip_label(line)

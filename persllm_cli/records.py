@@ -103,6 +103,25 @@ def write_jsonl_atomic(path: Path, records: Iterable[Record]) -> int:
     return len(lines)
 
 
+def read_text(path: Path, *, required: bool = True) -> str | None:
+    """A UTF-8 text file's contents (a leading BOM dropped), or None when it is missing and not
+    required. Missing files, folders and non-UTF-8 bytes are one clear error naming file and line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise PersllmError(f"{path}: file not found") from None
+        return None
+    except IsADirectoryError:
+        raise PersllmError(f"{path}: is a directory, expected a file") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise PersllmError(f"{path}:{line}: not UTF-8 text (save the file as UTF-8)") from None
+
+
 def read_jsonl(path: Path, *, allow_torn_tail: bool = True, required: bool = True) -> list[Record]:
     """All records of a JSONL file, in order.
 
@@ -110,19 +129,9 @@ def read_jsonl(path: Path, *, allow_torn_tail: bool = True, required: bool = Tru
     out when `allow_torn_tail`, since it is what a crash mid-append leaves behind.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        if required:
-            raise PersllmError(f"{path}: file not found") from None
+    text = read_text(path, required=required)
+    if text is None:
         return []
-    except IsADirectoryError:
-        raise PersllmError(f"{path}: is a directory, expected a JSONL file") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise PersllmError(f"{path}:{line}: not UTF-8 text") from None
     lines = text.split("\n")
     torn = lines[-1]  # "" when the file ends with a newline
     records: list[Record] = []

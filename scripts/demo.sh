@@ -4,8 +4,7 @@
 # (default demo/); PERSLLM_HOME defaults to ~/.cache/persllm as usual.
 set -euo pipefail
 DEMO_DIR="${DEMO_DIR:-demo}"
-SFT_STEPS="${SFT_STEPS:-24}"
-DPO_STEPS="${DPO_STEPS:-8}"
+STEPS="${STEPS:-16}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 step() { printf '\n==> %s\n' "$*" >&2; }
@@ -21,8 +20,10 @@ step "hand-written sample (66 records, no API key needed) -> build/annotations.j
 mkdir -p build
 cp annotations.sample.jsonl build/annotations.jsonl
 
-step "persllm annotate --backend local --limit 3 (the embedded model writes a few more records)"
-partial_ok persllm annotate --backend local --limit 3 --pattern ordinary --max-retries 1
+step "persllm annotate --backend local --limit 3 (the embedded 135M model writes a few more records)"
+# Small context budgets keep prompts short for a CPU; an API model would use the defaults (1500/500).
+PERSLLM_ANNOTATE_KNOWLEDGE_WORDS=300 PERSLLM_ANNOTATE_STYLE_WORDS=100 PERSLLM_ANNOTATE_MAX_TOKENS=96 \
+  partial_ok persllm annotate --backend local --limit 3 --pattern ordinary --concurrency 1 --max-retries 1
 
 step "persllm dedup"
 persllm dedup
@@ -36,8 +37,8 @@ persllm dpo --skip 1
 step "persllm tokenize --base smollm2-135m --time-tokens 3 --general general.jsonl --repeat 2"
 persllm tokenize --base smollm2-135m --time-tokens 3 --general general.jsonl --repeat 2 --max-length 512
 
-step "persllm train --method sft+dpo (a few dozen steps on CPU)"
-persllm train --method sft+dpo --max-steps "$SFT_STEPS" --batch-size 4 --grad-accum 1 --output runs/demo
+step "persllm train --method sft+dpo --max-steps $STEPS (SFT, then DPO from the SFT adapter; CPU: LoRA in float32)"
+persllm train --method sft+dpo --max-steps "$STEPS" --batch-size 2 --grad-accum 1 --learning-rate 5e-4 --output runs/demo
 
 for stage in early middle late; do
   step "persllm chat --stage $stage --prompt 'Who are your best friends?'"
