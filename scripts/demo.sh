@@ -38,7 +38,7 @@ step "persllm tokenize --base smollm2-135m --time-tokens 3 --general general.jso
 persllm tokenize --base smollm2-135m --time-tokens 3 --general general.jsonl --repeat 2 --max-length 512
 
 step "persllm train --method sft+dpo --max-steps $STEPS (SFT, then DPO from the SFT adapter; CPU: LoRA in float32)"
-persllm train --method sft+dpo --max-steps "$STEPS" --batch-size 2 --grad-accum 1 --learning-rate 5e-4 --output runs/demo
+persllm train --method sft+dpo --max-steps "$STEPS" --batch-size 2 --grad-accum 1 --output runs/demo
 
 for stage in early middle late; do
   step "persllm chat --stage $stage --prompt 'Who are your best friends?'"

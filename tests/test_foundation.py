@@ -360,3 +360,27 @@ def test_fake_server_scripts_failures(fake_openai):
     assert "[Response]" in body["choices"][0]["message"]["content"]
     assert body["usage"]["prompt_tokens"] == 2
     assert len(fake_openai.completions()) == 3
+
+
+def test_broken_toml_found_later_is_one_line(tmp_path, cli, monkeypatch):
+    """A project file that breaks after init stops every command with one line and exit 1."""
+    root = tmp_path / "p"
+    assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0
+    (root / "persllm.toml").write_text("[persona\nname = 'X'\n")
+    (root / "sub").mkdir()
+    monkeypatch.chdir(root / "sub")  # found by walking up, like git
+    for args in (["dedup"], ["split"], ["annotate", "--dry-run"], ["-C", str(root), "dpo"]):
+        result = cli(*args)
+        assert result.exit_code == 1, args
+        assert "invalid TOML" in result.stderr and "persllm.toml" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (root / "build").exists()
+
+
+def test_not_in_a_project(tmp_path, cli):
+    result = cli("dedup")
+    assert result.exit_code == 1
+    assert "persllm init" in result.stderr
+    result = cli("-C", str(tmp_path), "split")
+    assert result.exit_code == 1
+    assert "not a persllm project" in result.stderr
