@@ -157,6 +157,13 @@ def fit_messages(tokenizer: Any, messages: list[Message], stage_token: str, budg
     return system + rest, dropped
 
 
+def sampling(temperature: float) -> dict[str, Any]:
+    """generate() settings: greedy at 0, else nucleus sampling (top-p 0.95) at that temperature."""
+    if temperature > 0:
+        return dict(do_sample=True, temperature=temperature, top_p=0.95, top_k=0)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
 def stream_reply(model: Any, tokenizer: Any, messages: list[Message], stage_token: str,
                  max_new_tokens: int = 256, temperature: float = 0.7) -> Iterator[str]:
     """Generate the assistant's answer, yielding text pieces as they come (greedy when temperature is 0).
@@ -184,10 +191,7 @@ def stream_reply(model: Any, tokenizer: Any, messages: list[Message], stage_toke
         streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopFlag()]),
         eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0],
     )
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=0.95, top_k=0)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs.update(sampling(temperature))
     if not has_chat_template(tokenizer):
         kwargs.update(stop_strings=[_PLAIN_STOP], tokenizer=tokenizer)
 
@@ -240,10 +244,7 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]
         mask[i, width - len(r):] = 1
     kwargs: dict[str, Any] = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                   max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad)
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=0.95, top_k=0)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs.update(sampling(temperature))
     plain = not has_chat_template(tokenizer)
     if plain:
         kwargs.update(stop_strings=[_PLAIN_STOP], tokenizer=tokenizer)

@@ -40,10 +40,13 @@ persllm tokenize --base smollm2-135m --time-tokens 3 --general general.jsonl --r
 step "persllm train --method sft+dpo --max-steps $STEPS (SFT, then DPO from the SFT adapter; CPU: LoRA in float32)"
 persllm train --method sft+dpo --max-steps "$STEPS" --batch-size 2 --grad-accum 1 --output runs/demo
 
-for stage in early middle late; do
-  step "persllm chat --stage $stage --prompt 'Who are your best friends?'"
-  persllm chat --stage "$stage" --temperature 0 --max-new-tokens 60 --prompt "Who are your best friends?"
-done
+ask() {  # stage, question
+  step "persllm chat --stage $1 --prompt '$2'"
+  persllm chat --stage "$1" --max-new-tokens 60 --prompt "$2"
+}
+ask early "What was it like to see Hogwarts for the first time?"
+ask middle "What do you think of Professor Umbridge?"
+ask late "What do you do for a living now?"
 
 end=$(date +%s)
 step "demo finished in $((end - start)) s"
