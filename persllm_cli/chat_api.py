@@ -8,8 +8,7 @@ Each turn retrieves the stage's knowledge and style paragraphs most similar to t
 
 from __future__ import annotations
 
-import os
-from typing import Any, Iterator
+from typing import Iterator
 
 from persllm_cli import corpus, resources
 from persllm_cli.config import Project, Stage
@@ -28,19 +27,16 @@ class ApiTalker:
                  max_new_tokens: int, temperature: float) -> None:
         if project is None:
             raise PersllmError("--api-model needs a persllm project for its material (run inside one or pass -C DIR)")
-        key = os.environ.get("OPENAI_API_KEY")
-        if not key:
-            raise PersllmError("--api-model needs an API key in the environment variable OPENAI_API_KEY")
-        from openai import OpenAI
+        from persllm_cli.llm import OpenAIBackend
 
+        # The key, the base URL and key-free error messages, as for annotate.
+        self.backend = OpenAIBackend(model, base_url)
         self.project = project
         self.persona = project.name
         self.stages = [(s.id, s.label) for s in project.stages]
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.client = OpenAI(api_key=key, base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None,
-                             max_retries=2, timeout=120)
         self._indexes: dict[tuple[str, str], Index] = {}
 
     def _top(self, stage: Stage, kind: str, query: str, budget_words: int) -> list[str]:
@@ -65,31 +61,14 @@ class ApiTalker:
         return messages, 0  # API models' windows are far larger than a terminal conversation
 
     def stream(self, messages: list[Message], stage_id: str) -> Iterator[str]:
-        import openai
-
         user_system = [m["content"] for m in messages if m["role"] == "system"]
         turns = [m for m in messages if m["role"] != "system"]
         query = next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")
         system = "\n\n".join([self.system_prompt(stage_id, query), *user_system])
+        from persllm_cli.llm import RequestError, TransientError
+
         try:
-            response = self.client.chat.completions.create(
-                model=self.model, messages=[{"role": "system", "content": system}, *turns],
-                max_tokens=self.max_new_tokens, temperature=self.temperature, stream=True)
-            for chunk in response:
-                for choice in chunk.choices or []:
-                    text = getattr(choice.delta, "content", None)
-                    if text:
-                        yield text
-        except openai.AuthenticationError:
-            raise PersllmError("the server rejected the API key in OPENAI_API_KEY") from None
-        except openai.NotFoundError:
-            raise PersllmError(f"the server does not know the model {self.model!r}") from None
-        except openai.APIConnectionError:
-            raise PersllmError(f"cannot reach the API server at {self.client.base_url}") from None
-        except openai.APIStatusError as e:
-            raise PersllmError(f"the API server answered {e.status_code}: {_brief(e)}") from None
-
-
-def _brief(e: Any) -> str:
-    text = " ".join(str(getattr(e, "message", e)).split())
-    return text[:200]
+            yield from self.backend.stream([{"role": "system", "content": system}, *turns],
+                                           max_tokens=self.max_new_tokens, temperature=self.temperature)
+        except (TransientError, RequestError) as e:
+            raise PersllmError(str(e)) from None

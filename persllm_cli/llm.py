@@ -25,7 +25,7 @@ Errors: `TransientError` (timeouts, connection errors, 429, 5xx: retry, honourin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 from persllm_cli.errors import PersllmError
 
@@ -149,7 +149,7 @@ class OpenAIBackend:
         self._key = os.environ.get("OPENAI_API_KEY", "")
         if not self._key.strip():
             raise FatalError("OPENAI_API_KEY is not set; export your key (it is read only from the "
-                             "environment), or use --backend local or --dry-run")
+                             "environment, never from a flag)")
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         self.where = redact_url(self.base_url)
         import openai
@@ -185,8 +185,8 @@ class OpenAIBackend:
                 return FatalError(f"{self.where} rejected the API key ({status}): {self._message(e)} "
                                   "(check OPENAI_API_KEY)")
             if isinstance(e, o.NotFoundError) or status == 404:
-                return FatalError(f"model {self.model!r} not found at {self.where} (404): {self._message(e)} "
-                                  "(check --model and --base-url)")
+                return FatalError(f"the server at {self.where} does not know the model {self.model!r} "
+                                  f"(404 not found: {self._message(e)}); check --model and --base-url")
             return RequestError(f"request refused ({status}): {self._message(e)}")
         return e
 
@@ -208,20 +208,40 @@ class OpenAIBackend:
         # any name. A real "model not found" comes back as 404 from the first request (fatal).
         del ids
 
-    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
-                 sections: list[str] | None = None, stage_token: str | None = None) -> Completion:
-        import time
-
-        del sections, stage_token  # a capable API model follows the format in the prompt
+    def _request(self, messages: list[Message], max_tokens: int, temperature: float) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
         if self.model.startswith(_REASONING_PREFIXES):
             kwargs["max_completion_tokens"] = max_tokens
         else:
             kwargs["max_tokens"] = max_tokens
             kwargs["temperature"] = temperature
+        return kwargs
+
+    def stream(self, messages: list[Message], *, max_tokens: int, temperature: float,
+               retries: int = 2) -> Iterator[str]:
+        """One chat completion as text pieces, as they arrive (for a person watching: `chat`).
+        The client retries a failed connection `retries` times; errors are translated like
+        `complete`'s (TransientError / FatalError / RequestError)."""
+        client = self._client.with_options(max_retries=retries)
+        try:
+            response = client.chat.completions.create(**self._request(messages, max_tokens, temperature),
+                                                      stream=True)
+            for chunk in response:
+                for choice in chunk.choices or []:
+                    text = getattr(choice.delta, "content", None)
+                    if text:
+                        yield text
+        except self._openai.APIError as e:
+            raise self._translate(e) from None
+
+    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
+                 sections: list[str] | None = None, stage_token: str | None = None) -> Completion:
+        import time
+
+        del sections, stage_token  # a capable API model follows the format in the prompt
         t0 = time.perf_counter()
         try:
-            resp = self._client.chat.completions.create(**kwargs)
+            resp = self._client.chat.completions.create(**self._request(messages, max_tokens, temperature))
         except self._openai.APIError as e:
             raise self._translate(e) from None
         seconds = time.perf_counter() - t0
