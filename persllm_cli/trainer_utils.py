@@ -123,13 +123,11 @@ class SFTTrainer(Trainer):
 class ProgressCallback(TrainerCallback):
     """Progress on stderr and one metrics.jsonl line per logged step (rank 0 only)."""
 
-    def __init__(self, metrics_path: Path, phase: str, stats: BatchStats | None, world_size: int = 1,
-                 stop_after_save: int | None = None):
+    def __init__(self, metrics_path: Path, phase: str, stats: BatchStats | None, world_size: int = 1):
         self.metrics_path = Path(metrics_path)
         self.phase = phase
         self.stats = stats
         self.world = world_size
-        self.stop_after_save = stop_after_save
         self._stack = ExitStack()
         self._progress = None
         self._task = None
@@ -191,11 +189,6 @@ class ProgressCallback(TrainerCallback):
         else:
             console.info(f"{self.phase} step {state.global_step}/{state.max_steps}  {fields}"
                          + (f"  eta {_fmt_s(eta)}" if not math.isnan(eta) else ""))
-
-    def on_save(self, args, state, control, **kw):
-        # Test hook: behave like Ctrl-C right after a checkpoint, to test --resume.
-        if self.stop_after_save is not None and state.global_step >= self.stop_after_save:
-            raise KeyboardInterrupt
 
     def on_train_end(self, args, state, control, **kw):
         self._stack.close()

@@ -101,11 +101,6 @@ def _train(trainer, resume_from: Path | None):
         raise PersllmError(OOM_HINT) from None
 
 
-def _stop_hook() -> int | None:
-    v = os.environ.get("PERSLLM_TEST_INTERRUPT_AFTER_SAVE")
-    return int(v) if v else None
-
-
 def _sft(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path):
     from peft import get_peft_model
     from transformers import TrainingArguments, set_seed
@@ -122,7 +117,7 @@ def _sft(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
     model.train()
     args = _training_args(TrainingArguments, s, ckpt, device, rank.world, len(dataset))
     stats = BatchStats()
-    progress = ProgressCallback(metrics, "sft", stats, rank.world, _stop_hook())
+    progress = ProgressCallback(metrics, "sft", stats, rank.world)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=pad_collate(tok.pad_token_id),
                          lengths=[len(e["input_ids"]) for e in dataset], stats=stats, callbacks=[progress])
     _remove_printer(trainer)
@@ -151,7 +146,7 @@ def _dpo(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
         peft_config = lora_config(s, token_ids)
     args = _training_args(DPOConfig, s, ckpt, device, rank.world, len(ds), beta=s.beta,
                           max_length=meta.get("max_length"), precompute_ref_log_probs=False)
-    progress = ProgressCallback(metrics, "dpo", None, rank.world, _stop_hook())
+    progress = ProgressCallback(metrics, "dpo", None, rank.world)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft_config, callbacks=[progress])
     _remove_printer(trainer)
@@ -203,6 +198,16 @@ def lora_hash(model) -> str:
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def _every_rank(value: str) -> list[str]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value)
+    return parts
 
 
 def _save_adapter(model, target: Path) -> None:
@@ -307,10 +312,13 @@ def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) ->
     unwrapped = trainer.accelerator.unwrap_model(model)
     # What was actually trained, not what was asked for.
     info["hardware"]["quantized"] = any(type(m).__name__ == "Linear4bit" for m in unwrapped.modules())
-    dump = os.environ.get("PERSLLM_TEST_RANK_DUMP")
-    if dump:
-        Path(dump).mkdir(parents=True, exist_ok=True)
-        (Path(dump) / f"rank{rank.rank}.txt").write_text(lora_hash(unwrapped), encoding="utf-8")
+    if rank.world > 1:
+        # DDP must leave every rank with the same weights; run.json shows that it did.
+        digests = _every_rank(lora_hash(unwrapped))
+        info["hardware"]["adapter_sha256_per_rank"] = digests
+        if rank.main and len(set(digests)) > 1:
+            console.warn("the ranks ended with different adapter weights (a bug: please report it); "
+                         "rank 0's adapter is saved")
     if not rank.main:
         return 0
     _save_adapter(unwrapped, run_dir / "adapter")
