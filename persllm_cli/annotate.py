@@ -20,9 +20,8 @@ from persllm_cli.annotate_prompts import PATTERNS, build_messages, parse_reply, 
 from persllm_cli.config import Project, Stage, public_settings
 from persllm_cli.corpus import Paragraph, read_paragraphs
 from persllm_cli.errors import EXIT_PARTIAL, PersllmError
-from persllm_cli.llm import estimate_prompt_tokens
 from persllm_cli.records import Record, read_text, record_id, resume_state, write_meta
-from persllm_cli.runner import Item, Price, RunnerSettings, run_items, summary
+from persllm_cli.runner import Item, Price, RunnerSettings, dry_run, run_items, summary
 
 # Dollars per million tokens [input, output]; persllm.toml [annotate.prices] adds or overrides.
 DEFAULT_PRICES: dict[str, list[float]] = {
@@ -235,17 +234,10 @@ class Annotator:
 def _dry_run(items: list[Item], ann: Annotator, s: AnnotateSettings, model: str, price: Price, output: Path) -> int:
     state = resume_state(output) if output.exists() else None
     todo = [it for it in items if not state or it.id not in state.ok]
+    skipped = len(items) - len(todo)
     if s.limit is not None:
         todo = todo[: s.limit]
-    prompt = sum(estimate_prompt_tokens(ann.messages(it)) for it in todo)
-    completion = len(todo) * s.max_tokens
-    typical = len(todo) * min(s.max_tokens, 400)
-    rows = [["requests", len(todo)], ["already done (skipped)", len(items) - len([i for i in items if not state or i.id not in state.ok])],
-            ["prompt tokens (estimate)", f"{prompt:,}"],
-            ["completion tokens (at most)", f"{completion:,}"],
-            ["cost (typical)", f"${price.cost(prompt, typical):.4f}"],
-            ["cost (at most)", f"${price.cost(prompt, completion):.4f}"]]
-    console.table(f"dry run: {model} (nothing sent)", ["", "value"], rows)
+    dry_run(model, [ann.messages(it) for it in todo], skipped, s.max_tokens, price)
     return 0
 
 

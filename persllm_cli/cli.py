@@ -312,6 +312,7 @@ def eval_(
     timeout: Annotated[Optional[float], Opt(help="Seconds to wait for one API request. [default: 120]", metavar="S")] = None,
     concurrency: Annotated[Optional[int], Opt(help="API requests in flight at once (judge and --api-model). [default: 8]", min=1)] = None,
     max_retries: Annotated[Optional[int], Opt(help="Retries of a failed API request or a reply without a verdict, with backoff (Retry-After honoured). [default: 5]", min=0)] = None,
+    budget_usd: Annotated[Optional[float], Opt(help="Stop cleanly before this run's API requests (--api-model and --judge together) would cost more than this many dollars.", metavar="X")] = None,
     json_output: Annotated[Optional[bool], Opt("--json", help="Print all metrics as JSON on stdout.")] = None,
     output: Annotated[Optional[Path], Opt("-o", "--output", help="Folder for answers and the report. [default: <run>/eval/ for answers; the report there with one run, else build/eval/]", metavar="DIR")] = None,
 ) -> int:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from persllm_cli import console, judge, records, resources
 from persllm_cli.config import public_settings
 from persllm_cli.llm import Backend, Completion, Message
-from persllm_cli.runner import Item, Malformed, RunnerSettings, Usage, run_items
+from persllm_cli.runner import Budget, Item, Malformed, RunnerSettings, Usage, run_items
 from persllm_cli.runs import RunInfo
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class ApiGenerator:
         return [{"role": "system", "content": system}, {"role": "user", "content": item.question}]
 
     def answer_all(self, system: System, items: list[TestItem], path: Path,
-                   on_record: Callable[[records.Record], None]) -> judge.Spend:
+                   on_record: Callable[[records.Record], None], budget: Budget | None = None) -> judge.Spend:
         """Answer `items` (all of them: the caller has left out the fresh ones), appending to `path`."""
         def parse(_item: Item, c: Completion) -> str:
             if not c.text.strip():
@@ -87,9 +87,13 @@ class ApiGenerator:
         rs = RunnerSettings(concurrency=self.s.concurrency, max_retries=self.s.max_retries,
                             max_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
                             backoff_base=self.s.backoff_seconds, title=f"answering ({system.name})")
+        if budget is not None:
+            rs = budget.settings(rs)
         stats = run_items([Item(i.id, i) for i in items], self.backend,
                           build_messages=lambda it: self.messages(it.data), parse=parse, make_record=make_record,
                           output=path, settings=rs, price=self.price.price, on_record=on_record, resume=False)
+        if budget is not None:
+            budget.charge(stats)
         return judge.Spend(requests=stats.requests, prompt_tokens=stats.prompt_tokens,
                            completion_tokens=stats.completion_tokens,
                            cost_usd=stats.cost_usd if self.price.known else None)
@@ -117,7 +121,8 @@ def open_generator(system: System, s: EvalSettings, prices: dict[str, list[float
 
 
 def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen=None,
-             prices: dict[str, list[float]] | None = None) -> tuple[dict[str, records.Record], int, judge.Spend | None]:
+             prices: dict[str, list[float]] | None = None,
+             budget: Budget | None = None) -> tuple[dict[str, records.Record], int, judge.Spend | None]:
     """Answer every item not answered yet, appending to the system's answers.jsonl.
 
     Returns the latest answer record per test id (of these items), how many have no answer, and
@@ -140,7 +145,7 @@ def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen=No
             state.records[rec["id"]] = rec
 
         if isinstance(gen, ApiGenerator):
-            spend = gen.answer_all(system, pending, path, keep)
+            spend = gen.answer_all(system, pending, path, keep, budget)
         else:
             _answer_in_batches(system, gen, pending, path, s.batch_size, keep)
         records.write_meta(path, command="eval", settings=_sidecar_settings(s), inputs=[s.test],

@@ -27,7 +27,7 @@ from persllm_cli import console, eval_answers, judge, metrics, records
 from persllm_cli.config import Project
 from persllm_cli.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.llm import Backend
-from persllm_cli.runner import RunnerSettings
+from persllm_cli.runner import Budget, RunnerSettings
 from persllm_cli.runs import RunInfo, read_run, resolve_run
 
 
@@ -51,6 +51,7 @@ class EvalSettings:
     timeout: float = 120.0
     concurrency: int = 8
     max_retries: int = 5
+    budget_usd: float | None = None
     json_output: bool = False
     output: Path | None = None
     # persllm.toml only
@@ -192,6 +193,8 @@ def run(project: Project | None, s: EvalSettings) -> int:
         raise PersllmError("--max-retries must not be negative")
     if s.limit is not None and s.limit < 1:
         raise PersllmError("--limit must be at least 1")
+    if s.budget_usd is not None and s.budget_usd < 0:
+        raise PersllmError("--budget-usd must not be negative")
     s.output = Path(s.output).resolve() if s.output else None
     s.pool = [Path(p).resolve() for p in s.pool]
     items = read_test(Path(s.test), s.limit)
@@ -206,8 +209,14 @@ def run(project: Project | None, s: EvalSettings) -> int:
     answers: dict[str, dict[str, records.Record]] = {}
     spends: dict[str, judge.Spend] = {}
     failed_total = 0
+    budget = Budget(s.budget_usd)
+    if s.budget_usd is not None:
+        for model in {m for m in (s.api_model, s.judge) if m}:
+            if not judge.pricing(model, prices).known:
+                console.note(f"no price known for {model!r}: --budget-usd cannot limit its requests "
+                             "(add it under [annotate.prices] in persllm.toml)")
     for system in systems:
-        answers[system.name], failed, spend = eval_answers.generate(system, items, s, prices=prices)
+        answers[system.name], failed, spend = eval_answers.generate(system, items, s, prices=prices, budget=budget)
         if spend is not None:
             spends[system.name] = spend
         failed_total += failed
@@ -218,7 +227,10 @@ def run(project: Project | None, s: EvalSettings) -> int:
 
     result = evalreport.score(systems, items, answers, pools, s)
     if judge_backend is not None:
-        failed_total += judge_all(judge_backend, systems, items, answers, s, result, prices)
+        failed_total += judge_all(judge_backend, systems, items, answers, s, result, prices, budget)
+    if budget.hit:
+        console.warn(f"budget of ${s.budget_usd} reached: some requests were not sent; "
+                     "rerun with a higher --budget-usd to continue (answers and verdicts so far are kept)")
     for name, spend in spends.items():
         result["systems"][name]["generation_spend"] = dict(spend.__dict__)
     result["seconds"] = round(time.perf_counter() - t0, 3)
@@ -231,7 +243,7 @@ def run(project: Project | None, s: EvalSettings) -> int:
 
 def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
               answers: dict[str, dict[str, records.Record]], s: EvalSettings, result: dict[str, Any],
-              prices: dict[str, list[float]] | None = None) -> int:
+              prices: dict[str, list[float]] | None = None, budget: Budget | None = None) -> int:
     """Ask the judge about every answered item of every system; fill result['systems'][*]['judge']."""
     total, new = judge.Spend(), judge.Spend()
     failed = 0
@@ -246,7 +258,7 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
         rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries,
                             backoff_base=s.backoff_seconds, title=f"judging ({system.name})")
         verdicts, spend = judge.run(backend, jitems, system.dir / "judge.jsonl", max_tokens=s.judge_max_tokens,
-                                    pricing=judge.pricing(backend.model, prices), settings=rs)
+                                    pricing=judge.pricing(backend.model, prices), settings=rs, budget=budget)
         summary = judge.summarize(jitems, verdicts, backend.model)
         result["systems"][system.name]["judge"] = summary
         failed += summary["failed"]

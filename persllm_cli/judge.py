@@ -23,7 +23,7 @@ from typing import Any, Iterable
 from persllm_cli import resources
 from persllm_cli.llm import Backend, Completion
 from persllm_cli.records import Record
-from persllm_cli.runner import Item as Task, Malformed, Price, RunnerSettings, Usage, run_items
+from persllm_cli.runner import Budget, Item as Task, Malformed, Price, RunnerSettings, Usage, run_items
 
 KINDS = ("ab", "ba", "premise")   # ab: the system's answer is A; ba: it is B
 
@@ -115,7 +115,7 @@ def choices(kind: str) -> tuple[str, ...]:
 
 
 def run(backend: Backend, items: list[Item], path, *, max_tokens: int = 512, pricing: Pricing | None = None,
-        settings: RunnerSettings | None = None) -> tuple[dict[str, Record], Spend]:
+        settings: RunnerSettings | None = None, budget: Budget | None = None) -> tuple[dict[str, Record], Spend]:
     """Judge every item not judged yet through the concurrent runner (retries, Retry-After,
     accounting; a reply without a verdict is retried like a transient error), appending one
     verdict per request to `path`. Returns the verdicts of these items (old and new, last record
@@ -125,6 +125,8 @@ def run(backend: Backend, items: list[Item], path, *, max_tokens: int = 512, pri
     pricing = pricing or Pricing(Price(), False)
     rs = settings or RunnerSettings()
     rs = RunnerSettings(**{**rs.__dict__, "max_tokens": max_tokens, "temperature": 0.0})
+    if budget is not None:
+        rs = budget.settings(rs)
     todo = tasks(items, backend.model)
 
     def parse(task: Task, c: Completion) -> tuple[str, str]:
@@ -144,6 +146,8 @@ def run(backend: Backend, items: list[Item], path, *, max_tokens: int = 512, pri
     stats = run_items([Task(key, (kind, item)) for key, kind, item in todo], backend,
                       build_messages=lambda task: prompt(task.data[1], task.data[0]), parse=parse,
                       make_record=make_record, output=path, settings=rs, price=pricing.price)
+    if budget is not None:
+        budget.charge(stats)
     spend = Spend(requests=stats.requests, prompt_tokens=stats.prompt_tokens,
                   completion_tokens=stats.completion_tokens, cost_usd=stats.cost_usd if pricing.known else None)
     state = resume_state(path)

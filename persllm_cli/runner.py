@@ -113,6 +113,37 @@ class RunStats:
         return d
 
 
+@dataclass
+class Budget:
+    """One dollar limit shared by several runner calls of one command (eval: answers, then judge)."""
+
+    left: float | None = None
+    hit: bool = False
+
+    def charge(self, stats: RunStats) -> None:
+        """Take what one runner call spent off what is left."""
+        if self.left is not None:
+            self.left = max(0.0, self.left - stats.cost_usd)
+        self.hit = self.hit or stats.stopped == "budget"
+
+    def settings(self, rs: RunnerSettings) -> RunnerSettings:
+        """`rs` limited to what is left."""
+        return RunnerSettings(**{**rs.__dict__, "budget_usd": self.left})
+
+
+def dry_run(title: str, prompts: list[list[Message]], skipped: int, max_tokens: int, price: Price) -> None:
+    """What sending `prompts` would take, as a table on stderr; nothing is sent (`--dry-run`)."""
+    prompt = sum(estimate_prompt_tokens(m) for m in prompts)
+    completion = len(prompts) * max_tokens
+    typical = len(prompts) * min(max_tokens, 400)
+    console.table(f"dry run: {title} (nothing sent)", ["", "value"], [
+        ["requests", len(prompts)], ["already done (skipped)", skipped],
+        ["prompt tokens (estimate)", f"{prompt:,}"],
+        ["completion tokens (at most)", f"{completion:,}"],
+        ["cost (typical)", f"${price.cost(prompt, typical):.4f}"],
+        ["cost (at most)", f"${price.cost(prompt, completion):.4f}"]])
+
+
 class _Shared:
     """State the workers share, behind one lock: spend, reservations, in-flight count."""
 

@@ -294,6 +294,35 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     assert json.loads(result.stdout)["judge"]["cost_usd"] is None   # no known price for fake-model
 
 
+def test_budget_limits_judge_and_api_answers_together(project, cli, monkeypatch, fake_openai):
+    monkeypatch.chdir(project)
+    with open(project / "persllm.toml", "a", encoding="utf-8") as f:
+        f.write('\n[annotate.prices]\n"gpt-4o-mini" = [1000.0, 1000.0]\n')   # $0.001 a token
+    def responder(body, n):
+        if "[Answer A]" in body["messages"][-1]["content"] or "[Answer to check]" in body["messages"][-1]["content"]:
+            return _judge_responder(body, n)
+        return "Well, as I remember it, the thing number one."
+    fake_openai.responder = responder
+    flags = ["--api-model", "gpt-4o-mini", "--judge", "gpt-4o-mini", "--limit", "4", "--concurrency", "1",
+             "--max-new-tokens", "20", "--json"]
+    r = cli("eval", *flags, "--budget-usd", "2.0")
+    assert r.exit_code == 3, r.output
+    assert "budget of $2.0 reached" in r.stderr
+    sent = len(fake_openai.completions())
+    assert 4 < sent < 4 + 4 * 2 + 1               # every answer, then part of the judge's 9 requests
+    out = project / "build" / "eval" / "api-gpt-4o-mini"
+    spent = sum(json.loads(line)["generator"]["cost_usd"] for line in (out / "answers.jsonl").read_text().splitlines())
+    spent += sum(json.loads(line)["judge"]["cost_usd"] for line in (out / "judge.jsonl").read_text().splitlines())
+    assert 0 < spent <= 2.0
+    assert json.loads(r.stdout)["judge"]["this_run"]["cost_usd"] == pytest.approx(spent - sum(
+        json.loads(line)["generator"]["cost_usd"] for line in (out / "answers.jsonl").read_text().splitlines()))
+    # Without a budget the rerun asks only what is missing.
+    r = cli("eval", *flags)
+    assert r.exit_code == 0, r.output
+    assert len(fake_openai.completions()) == 4 + 4 * 2 + 1
+    assert cli("eval", *flags, "--budget-usd", "-1").exit_code == 1
+
+
 def test_judge_requests_run_concurrently(project, cli, monkeypatch, fake_openai):
     monkeypatch.chdir(project)
     run = _make_run(project, "sft")
