@@ -194,6 +194,8 @@ def dpo(
     model: Annotated[Optional[str], Opt(help="For --mode generate: the annotator model.")] = None,
     base_url: Annotated[Optional[str], Opt(help="For --mode generate: OpenAI-compatible server URL.", metavar="URL")] = None,
     concurrency: Annotated[Optional[int], Opt(help="For --mode generate: requests in flight.", min=1)] = None,
+    budget_usd: Annotated[Optional[float], Opt(help="For --mode generate: stop cleanly before spending more than this many dollars.", metavar="X")] = None,
+    dry_run: Annotated[Optional[bool], Opt("--dry-run", help="For --mode generate: send nothing; print the requests, tokens and dollars it would take.")] = None,
     embedder: Annotated[Optional[str], Opt(help="For --mode retrieve: question similarity, tfidf or st:NAME. [default: tfidf]")] = None,
 ) -> int:
     """Build chosen/rejected preference pairs (TRL's conversational format, with provenance)."""

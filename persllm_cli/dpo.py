@@ -49,6 +49,8 @@ class DpoSettings:
     model: str | None = None
     base_url: str | None = None
     concurrency: int | None = None
+    budget_usd: float | None = None   # --mode generate; else [annotate] budget_usd
+    dry_run: bool = False             # --mode generate
     embedder: str = "tfidf"  # question similarity for --mode retrieve
 
 
@@ -187,6 +189,10 @@ def run(project: Project, s: DpoSettings) -> int:
         from persllm_cli import dpo_generate
 
         return dpo_generate.run(project, s)
+    if s.dry_run or s.budget_usd is not None:
+        console.note("--dry-run and --budget-usd apply to --mode generate; --mode retrieve sends no request")
+        if s.dry_run:
+            return 0
 
     inputs, universe, unusable_pool = load_inputs(project, s)
     groups = {(c.persona, c.stage) for c in universe}

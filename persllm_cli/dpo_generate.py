@@ -36,7 +36,7 @@ from persllm_cli.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.records import Record
 from persllm_cli.resources import render
 from persllm_cli.retrieval import Index
-from persllm_cli.runner import Item, Malformed, Price, RunnerSettings, run_items, summary
+from persllm_cli.runner import Item, Malformed, Price, RunnerSettings, dry_run, run_items, summary
 
 Message = dict[str, str]
 EMPTY_ANSWER = "the annotator's answer was empty"
@@ -234,10 +234,21 @@ def run(project: Project, s) -> int:
     a = ann.settings
     price, known = (Price(), True) if ann.backend == "local" else price_for(ann.model, a.prices)
 
+    budget = s.budget_usd if s.budget_usd is not None else a.budget_usd
+    if budget is not None and budget < 0:
+        raise PersllmError("--budget-usd must not be negative")
+    if s.dry_run:
+        state = records.resume_state(work) if work.exists() else None
+        todo = [it for it in items if state is None or it.id not in state.ok]
+        dry_run(ann.model, [it.data.messages for it in todo], len(items) - len(todo), a.max_tokens, price)
+        if not known:
+            console.note(f"no price known for {ann.model!r}: counting $0 (add it under [annotate.prices])")
+        return 0
+
     backend = make_backend(ann.backend, ann.model, ann.base_url, a.timeout)
     backend.check()
     rs = RunnerSettings(concurrency=ann.concurrency, max_retries=a.max_retries, max_tokens=a.max_tokens,
-                        temperature=a.temperature, budget_usd=a.budget_usd, backoff_base=a.backoff_seconds,
+                        temperature=a.temperature, budget_usd=budget, backoff_base=a.backoff_seconds,
                         title="dpo generate")
     stats = run_items(items, backend, build_messages=lambda it: it.data.messages, parse=_parse,
                       make_record=_work_record, output=work, settings=rs, price=price)
@@ -247,6 +258,9 @@ def run(project: Project, s) -> int:
         summary(stats, "dpo --mode generate")
     if not known:
         console.note(f"no price known for {ann.model!r}: counting $0 (add it under [annotate.prices])")
+    if stats.stopped == "budget":
+        console.warn(f"budget of ${budget} reached: {stats.not_sent} request(s) not sent; "
+                     "rerun with a higher --budget-usd to continue")
 
     done = records.resume_state(work).records if work.exists() else {}
     pairs: list[Record] = []

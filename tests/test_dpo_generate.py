@@ -173,3 +173,24 @@ def test_generate_ctrl_c_keeps_answers_and_exits_130(project, cli, fake_openai, 
     saved_question = "Where do you sleep?"  # the first record's, answered before the Ctrl-C
     assert not any(saved_question in prompt_of(r) for r in fake_openai.completions()[before:])
     assert len(read(project / "build" / "dpo.jsonl")) == 3
+
+
+def test_generate_dry_run_sends_nothing_and_needs_no_key(project, cli, fake_openai, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    r = cli("-C", str(project), "dpo", "--mode", "generate", "--dry-run", "--model", "gpt-4o-mini")
+    assert r.exit_code == 0, r.output
+    assert "dry run: gpt-4o-mini" in r.stderr and "requests" in r.stderr
+    assert fake_openai.completions() == []
+    assert not (project / "build" / "dpo.jsonl").exists()
+    assert not (project / "build" / "dpo.generate.jsonl").exists()
+
+
+def test_generate_budget_stops_before_passing_it(project, cli, fake_openai):
+    with open(project / "persllm.toml", "a", encoding="utf-8") as f:
+        f.write('max_tokens = 50\n[annotate.prices]\n"fake-model" = [1000.0, 1000.0]\n')
+    r = cli("-C", str(project), "dpo", "--mode", "generate", "--budget-usd", "0.5", "--concurrency", "1")
+    assert r.exit_code == 3 and "budget of $0.5 reached" in r.stderr, r.output
+    work = read(project / "build" / "dpo.generate.jsonl")
+    assert 0 < len(work) < 3 and len(fake_openai.completions()) == len(work)
+    assert sum(w["annotator"]["cost_usd"] for w in work) <= 0.5
+    assert cli("-C", str(project), "dpo", "--mode", "generate", "--budget-usd", "-1").exit_code == 1
