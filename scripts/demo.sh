@@ -48,6 +48,9 @@ ask early "What was it like to see Hogwarts for the first time?"
 ask middle "What do you think of Professor Umbridge?"
 ask late "What do you do for a living now?"
 
+step "persllm eval --limit 6 (answers a few held-out test questions; BLEU within/across stages, against references)"
+persllm eval --limit 6 --max-new-tokens 48
+
 end=$(date +%s)
 step "demo finished in $((end - start)) s"
 cat >&2 <<TXT
@@ -56,6 +59,7 @@ Where everything went (in $DEMO_DIR/):
   build/annotations.jsonl  -> dedup.jsonl -> train.jsonl / test.jsonl, dpo.jsonl  (each with .meta.json)
   build/tokenized/         token ids, label masks, tokenizer with <TIME-I..III>, stats.json
   runs/demo/               adapter/, tokenizer/, metrics.jsonl, loss.png, run.json, README.md
+  runs/demo/eval/          answers.jsonl, eval.md, eval.png, eval.json
   runs/latest -> demo
 Talk to it:  cd $DEMO_DIR && persllm chat --stage early
 TXT
