@@ -48,8 +48,8 @@ ask early "What was it like to see Hogwarts for the first time?"
 ask middle "What do you think of Professor Umbridge?"
 ask late "What do you do for a living now?"
 
-step "persllm eval --limit 6 (answers a few held-out test questions; BLEU within/across stages, against references)"
-persllm eval --limit 6 --max-new-tokens 48
+step "persllm eval (answers the held-out test questions; BLEU within and across stages, and against the references)"
+persllm eval --max-new-tokens 48
 
 end=$(date +%s)
 step "demo finished in $((end - start)) s"
