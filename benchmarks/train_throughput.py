@@ -326,19 +326,34 @@ def gpu_part(a, device: str, save) -> dict:
         for size in sizes:
             path = Path(tmp) / size
             t = time.perf_counter()
-            build_random_model(size, path, device)
+            try:
+                build_random_model(size, path, device)
+                built = None
+            except Exception as e:
+                traceback.print_exc()
+                built = {"error": f"building the model: {type(e).__name__}: {str(e)[:300]}"}
+                free_memory(device)
+            out.setdefault("build_seconds", {})[size] = round(time.perf_counter() - t, 1)
             print(f"  {size}: random model built and saved in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
             for mode in modes:
                 row: dict = {}
                 for side, fn in sides:
+                    if built is not None:
+                        row[side] = dict(built)
+                        continue
                     free_memory(device)
                     reset_peak(device)
+                    # Memory still held from before (a leak would count against this side's peak).
+                    held = round(torch.cuda.memory_allocated() / 2**30, 2) if device == "cuda" else None
                     extra = (Path(tmp),) if side == "persllm" else ()
+                    t = time.perf_counter()
                     try:
                         row[side] = fn(path, mode, device, a.gpu_steps, warmup, batch, a.seq_len, vocab_of(size), *extra)
                     except Exception as e:  # one failed side (OOM, a library error) must not cost the other figures
                         traceback.print_exc()
                         row[side] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    row[side]["seconds"] = round(time.perf_counter() - t, 1)  # load + all steps: for planning
+                    row[side]["held_before_gib"] = held
                     free_memory(device)
                     print(f"  {size}/{mode} {side}: {row[side]}", file=sys.stderr, flush=True)
                 base, ours = row["baseline"], row["persllm"]
@@ -360,7 +375,9 @@ def gpu_table(gpu: dict):
 
     t = Table(title=f"Training path on {gpu['device']}: {gpu['batch']} x {gpu['seq_len']} tokens, LoRA r16 all linear, "
                     f"gradient checkpointing, {gpu['timed_steps']} timed steps of {gpu['steps']}; baseline = "
-                    "qlora_baseline.py in this run")
+                    "qlora_baseline.py in this run"
+                    + ("; on CPU the timings only show that the code runs, and persllm's non-4-bit path is float32 "
+                       "without checkpointing there" if gpu["device_kind"] == "cpu" else ""))
     for c in ("model/mode", "baseline tok/s", "baseline GiB", "persllm tok/s", "persllm GiB", "ratio",
               "H100 reference tok/s (GiB)"):
         t.add_column(c)
