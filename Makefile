@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEMO_DIR ?= demo
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench gpu-prep clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ test-fast: venv
 
 bench: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/bench.sh
+
+# Wheels and tokenizer for a GPU device session; prints the call that runs scripts/gpu_proof.sh there.
+gpu-prep: venv
+	PYTHON="$(PY)" bash scripts/gpu_prepare.sh
 
 clean:
 	rm -rf $(DEMO_DIR) build runs .pytest_cache
