@@ -4,7 +4,7 @@
 # (default demo/); PERSLLM_HOME defaults to ~/.cache/persllm as usual.
 set -euo pipefail
 DEMO_DIR="${DEMO_DIR:-demo}"
-STEPS="${STEPS:-16}"
+STEPS="${STEPS:-10}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 step() { printf '\n==> %s\n' "$*" >&2; }
