@@ -54,6 +54,10 @@ class Talker(Protocol):
 
     def stream(self, messages: list[Message], stage_id: str) -> Iterator[str]: ...
 
+    def ready(self) -> None:
+        """Block until the talker can answer; raise what stopped it from getting there."""
+        ...
+
 
 class RunTalker:
     """A trained run on this machine."""
@@ -68,11 +72,42 @@ class RunTalker:
         self.temperature = temperature
         self.model: Any = None
         self.tokenizer: Any = None
+        self._loader: Any = None
+        self._load_error: BaseException | None = None
 
     def load(self) -> None:
         from persllm_cli.inference import load_run
 
         self.model, self.tokenizer, self.info = load_run(self.info.path)
+
+    def load_in_background(self) -> None:
+        """Load while the user types the first message: in a terminal most of the wait for the
+        imports and weights then passes unseen. The base is resolved here, in the foreground, so a
+        missing model or the one-time conversion of the embedded one shows before the prompt."""
+        import threading
+
+        from persllm_cli.models import resolve_base
+
+        resolve_base(self.info.base)
+
+        def load() -> None:
+            try:
+                self.load()
+            except BaseException as e:  # handed to the main thread by ready()
+                self._load_error = e
+
+        self._loader = threading.Thread(target=load, name="persllm-load", daemon=True)
+        self._loader.start()
+
+    def ready(self) -> None:
+        if self._loader is not None:
+            if self._loader.is_alive():
+                console.note("(still loading the model...)")
+            while self._loader.is_alive():
+                self._loader.join(0.1)
+            self._loader = None
+        if self._load_error is not None:
+            raise self._load_error
 
     def _token(self, stage_id: str) -> str:
         return self.info.stage_token(stage_id)[1]
@@ -80,6 +115,7 @@ class RunTalker:
     def fit(self, messages: list[Message], stage_id: str) -> tuple[list[Message], int]:
         from persllm_cli.inference import context_size, fit_messages
 
+        self.ready()
         budget = context_size(self.model) - self.max_new_tokens
         return fit_messages(self.tokenizer, messages, self._token(stage_id), budget)
 
@@ -169,14 +205,21 @@ def run(project: Project | None, settings: ChatSettings) -> int:
         run_talker = RunTalker(resolve_run(s.run, project), s.max_new_tokens, s.temperature)
         stage_id = check_stage(run_talker, s.stage)
         console.note(f"Loading {run_talker.info.path} (base {run_talker.info.base})...")
-        run_talker.load()
+        if _is_interactive(s):
+            run_talker.load_in_background()
+        else:
+            run_talker.load()
         talker = run_talker
     conv = Conversation(talker, stage_id, s.system)
     if s.prompt is not None:
         return _one_shot(conv, s.prompt, s.json_output)
-    if s.json_output or not sys.stdin.isatty():
+    if not _is_interactive(s):
         return _lines(conv, sys.stdin, s.json_output)
     return _interactive(conv)
+
+
+def _is_interactive(s: ChatSettings) -> bool:
+    return s.prompt is None and not s.json_output and sys.stdin.isatty()
 
 
 def _write(text: str) -> None:
@@ -250,6 +293,7 @@ def _interactive(conv: Conversation) -> int:
             if _command(conv, text) == "exit":
                 return 0
             continue
+        conv.talker.ready()  # a model that failed to load ends the session (one line, exit 1)
         err.print(f"[bold cyan]{_escape(conv.talker.persona)}>[/] ", end="")
         err.file.flush()
         try:

@@ -60,6 +60,9 @@ class ApiTalker:
     def fit(self, messages: list[Message], stage_id: str) -> tuple[list[Message], int]:
         return messages, 0  # API models' windows are far larger than a terminal conversation
 
+    def ready(self) -> None:
+        """Nothing to load: the server is asked on the first message."""
+
     def stream(self, messages: list[Message], stage_id: str) -> Iterator[str]:
         user_system = [m["content"] for m in messages if m["role"] == "system"]
         turns = [m for m in messages if m["role"] != "system"]

@@ -4,6 +4,7 @@ interactive mode driven for real in a pseudo-terminal."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -153,6 +154,42 @@ def test_adapter_for_another_base_is_a_clear_error(cli, chat_run, tmp_path):
     assert r.stdout == ""
     (line,) = r.stderr.strip().splitlines()[-1:]
     assert f"adapter in {run.resolve()} does not fit base {tmp_path / 'tiny-base'}" in line
+    assert "Traceback" not in r.stderr
+
+
+def test_terminal_loads_while_the_user_types_and_a_failed_load_is_one_line(cli, chat_run, tmp_path, monkeypatch):
+    """In a terminal the prompt comes up at once and the model loads behind it; if the load fails,
+    the first message ends the session with one line and exit 1, never an answer."""
+    import builtins
+    import threading
+
+    from persllm_cli import chat, inference
+
+    monkeypatch.setattr(chat, "_is_interactive", lambda s: True)
+    run = _copy_run(chat_run, tmp_path / "broken")
+    (run / "tokenizer").unlink()
+    shutil.copytree(chat_run / "tokenizer", run / "tokenizer")
+    (run / "tokenizer" / "tokenizer.json").write_text("{ not json", encoding="utf-8")
+    release = threading.Event()
+    real_load_run = inference.load_run
+
+    def held_load_run(path, **kw):  # the load cannot finish before the prompt is up
+        assert release.wait(60)
+        return real_load_run(path, **kw)
+
+    monkeypatch.setattr(inference, "load_run", held_load_run)
+    real_input = builtins.input
+
+    def typed(*a):
+        release.set()  # the prompt is showing: now let the load go on (and fail)
+        return real_input(*a)
+
+    monkeypatch.setattr("builtins.input", typed)
+    r = cli("chat", str(run), *GREEDY, input="Hello\nAgain\n")
+    assert r.exit_code == 1, r.output
+    assert r.stdout == ""
+    assert r.stderr.index("you (late)>") < r.stderr.index("error:")
+    assert r.stderr.count("error:") == 1 and "could not be loaded" in r.stderr
     assert "Traceback" not in r.stderr
 
 
