@@ -4,7 +4,8 @@ Three ways in, one conversation underneath:
 - a terminal (stdin is a TTY): a prompt on stderr, the answer streamed to stdout as it is generated,
   slash commands (/stage, /reset, /save, /help, /exit); Ctrl-D leaves (exit 0), Ctrl-C while an answer
   streams stops that answer, Ctrl-C at the prompt leaves with 130 (like the Python REPL's exit on EOF
-  and a shell's 130 on interrupt).
+  and a shell's 130 on interrupt). The prompt comes up at once; the run loads in a background thread
+  while the first message is typed, and that message waits for it if need be.
 - `--prompt TEXT`: one answer, and nothing but the answer on stdout.
 - piped stdin (or `--json`): every non-blank line is its own question, answered without history; one
   answer per line on stdout with its newlines turned into spaces, or with `--json` one object
