@@ -21,7 +21,7 @@ from persllm_cli.config import Project, Stage, public_settings
 from persllm_cli.corpus import Paragraph, read_paragraphs
 from persllm_cli.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.records import Record, read_text, record_id, resume_state, write_meta
-from persllm_cli.runner import Item, Price, RunnerSettings, dry_run, run_items, summary
+from persllm_cli.runner import Budget, Item, Price, RunnerSettings, dry_run, run_items, summary
 
 # Dollars per million tokens [input, output]; persllm.toml [annotate.prices] adds or overrides.
 DEFAULT_PRICES: dict[str, list[float]] = {
@@ -241,18 +241,17 @@ def _dry_run(items: list[Item], ann: Annotator, s: AnnotateSettings, model: str,
     return 0
 
 
-def _review(items: list[Item], backend: Any, ann: Annotator, rs: RunnerSettings, price: Price,
+def _review(items: list[Item], backend: Any, ann: Annotator, rs: RunnerSettings, budget: Budget, price: Price,
             output: Path, standards: list[str]) -> None:
     """Show the first answers and take 'ok' or a standard; repeat on fresh items until 'ok'."""
     done_ids: set[str] = set()
     while True:
         shown: list[Record] = []
-        batch = RunnerSettings(**{**rs.__dict__, "limit": ann.s.review_samples, "budget_usd": rs.budget_usd})
+        batch = RunnerSettings(**{**budget.settings(rs).__dict__, "limit": ann.s.review_samples})
         stats = run_items([it for it in items if it.id not in done_ids], backend, build_messages=ann.messages,
                           parse=ann.parse, make_record=ann.record, output=output, settings=batch, price=price,
                           on_record=shown.append, request_options=ann.options)
-        if rs.budget_usd is not None:
-            rs.budget_usd -= stats.cost_usd
+        budget.charge(stats)
         done_ids.update(r["id"] for r in shown)
         ok = [r for r in shown if r["status"] == "ok"]
         if not ok:
@@ -323,16 +322,16 @@ def run(project: Project, s: AnnotateSettings) -> int:
     if s.backend == "local":
         _local_notice(project, s, backend, ann, items)
     rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries, max_tokens=s.max_tokens,
-                        temperature=s.temperature, budget_usd=s.budget_usd, limit=s.limit,
-                        backoff_base=s.backoff_seconds)
+                        temperature=s.temperature, limit=s.limit, backoff_base=s.backoff_seconds)
+    budget = Budget(s.budget_usd)  # what --review's samples spend comes off the rest of the run
     before = resume_state(output).ok if output.exists() else set()
     if s.review and s.limit != 0:
-        _review(items, backend, ann, rs, price, output, standards)
+        _review(items, backend, ann, rs, budget, price, output, standards)
         if s.limit is not None:
             done_now = len(resume_state(output).ok - before)
             rs.limit = max(0, s.limit - done_now)
     stats = run_items(items, backend, build_messages=ann.messages, parse=ann.parse, make_record=ann.record,
-                      output=output, settings=rs, price=price, request_options=ann.options)
+                      output=output, settings=budget.settings(rs), price=price, request_options=ann.options)
     if stats.planned == 0 and stats.skipped:
         console.info(f"nothing to do: all {stats.skipped} items are already in {output}")
     else:
