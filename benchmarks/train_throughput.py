@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from persllm_cli.models import is_quantized  # noqa: E402
 from persllm_cli.trainer_utils import BatchStats, SFTTrainer, pad_collate  # noqa: E402
 from persllm_cli.training import _quiet_libraries, _remove_printer  # noqa: E402
 
@@ -207,10 +208,6 @@ def peak_gib(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
 
 
-def quantized(model) -> bool:
-    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
-
-
 def build_random_model(size: str, path: Path, device: str) -> None:
     """A random-initialised Llama of this size, built in bf16 straight on the device (a 7B in
     seconds on a GPU) and saved once for every run of this size."""
@@ -264,7 +261,7 @@ def baseline_side(path: Path, mode: str, device: str, steps: int, warmup: int, b
     sync(device)
     dt = (time.perf_counter() - t0) / (steps - warmup)
     return {"tokens_per_second": round(batch * seq_len / dt, 1), "s_per_step": round(dt, 4), "peak_gib": peak_gib(device),
-            "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)], "quantized": quantized(model),
+            "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)], "quantized": is_quantized(model),
             "embedding_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")}
 
 
@@ -301,7 +298,7 @@ def persllm_side(path: Path, mode: str, device: str, steps: int, warmup: int, ba
         tps = timer.tokens_per_second()
         return {"tokens_per_second": round(tps, 1), "s_per_step": round(batch * seq_len / tps, 4),
                 "peak_gib": peak_gib(device), "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)],
-                "quantized": quantized(model),
+                "quantized": is_quantized(model),
                 "embedding_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")}
     finally:
         trainer.accelerator.free_memory()

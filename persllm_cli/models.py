@@ -169,6 +169,11 @@ def load_for_training(base: str, *, qlora: bool, device: str, local_rank: int = 
     return model
 
 
+def is_quantized(model) -> bool:
+    """Whether bitsandbytes 4-bit layers are in the model (what was trained, not what was asked for)."""
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
 def resize_embeddings(model, vocab_size: int) -> None:
     """Grow the vocabulary to `vocab_size` (the time tokens); new rows start as the mean of the old ones.
 

@@ -194,14 +194,20 @@ class ProgressCallback(TrainerCallback):
         self._stack.close()
 
 
-def _gather(tokens: int, padded: int, samples: list[int]) -> tuple[int, int, list[int]]:
-    """Sum the token counts and join the sample indices of every rank (every rank logs each step)."""
+def every_rank(value: Any) -> list[Any]:
+    """`value` from every rank, in rank order (just `[value]` outside DDP)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return tokens, padded, samples
+        return [value]
     parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (tokens, padded, samples))
+    dist.all_gather_object(parts, value)
+    return parts
+
+
+def _gather(tokens: int, padded: int, samples: list[int]) -> tuple[int, int, list[int]]:
+    """Sum the token counts and join the sample indices of every rank (every rank logs each step)."""
+    parts = every_rank((tokens, padded, samples))
     return sum(p[0] for p in parts), sum(p[1] for p in parts), [i for p in parts for i in p[2]]
 
 

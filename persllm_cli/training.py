@@ -20,9 +20,10 @@ import torch
 from persllm_cli import console, runs
 from persllm_cli.config import Project, public_settings
 from persllm_cli.errors import PersllmError
+from persllm_cli.models import is_quantized
 from persllm_cli.train import TrainSettings, check_tokenizer, data_hashes, versions
-from persllm_cli.trainer_utils import (BatchStats, ProgressCallback, SFTTrainer, loss_plot, model_card, pad_collate,
-                                       read_metrics, trim_metrics)
+from persllm_cli.trainer_utils import (BatchStats, ProgressCallback, SFTTrainer, every_rank, loss_plot, model_card,
+                                       pad_collate, read_metrics, trim_metrics)
 
 OOM_HINT = ("out of GPU memory; reduce --batch-size (and raise --grad-accum to keep the effective batch), "
             "tokenize with a lower --max-length, or use --qlora")
@@ -200,16 +201,6 @@ def lora_hash(model) -> str:
     return h.hexdigest()
 
 
-def _every_rank(value: str) -> list[str]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, value)
-    return parts
-
-
 def _save_adapter(model, target: Path) -> None:
     tmp = target.parent / f".{target.name}.tmp"
     if tmp.exists():
@@ -311,10 +302,10 @@ def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) ->
         raise PersllmError("nothing to train")
     unwrapped = trainer.accelerator.unwrap_model(model)
     # What was actually trained, not what was asked for.
-    info["hardware"]["quantized"] = any(type(m).__name__ == "Linear4bit" for m in unwrapped.modules())
+    info["hardware"]["quantized"] = is_quantized(unwrapped)
     if rank.world > 1:
         # DDP must leave every rank with the same weights; run.json shows that it did.
-        digests = _every_rank(lora_hash(unwrapped))
+        digests = every_rank(lora_hash(unwrapped))
         info["hardware"]["adapter_sha256_per_rank"] = digests
         if rank.main and len(set(digests)) > 1:
             console.warn("the ranks ended with different adapter weights (a bug: please report it); "
