@@ -116,7 +116,6 @@ class RunTalker:
     def fit(self, messages: list[Message], stage_id: str) -> tuple[list[Message], int]:
         from persllm_cli.inference import context_size, fit_messages
 
-        self.ready()
         budget = context_size(self.model) - self.max_new_tokens
         return fit_messages(self.tokenizer, messages, self._token(stage_id), budget)
 
@@ -193,6 +192,7 @@ def run(project: Project | None, settings: ChatSettings) -> int:
         raise PersllmError("--max-new-tokens must be at least 1", exit_code=EXIT_USAGE)
     if s.temperature < 0:
         raise PersllmError("--temperature must be 0 (greedy) or more", exit_code=EXIT_USAGE)
+    interactive = _is_interactive(s)
     if s.api_model:
         if s.run is not None:
             raise PersllmError("give a run or --api-model, not both", exit_code=EXIT_USAGE)
@@ -206,7 +206,7 @@ def run(project: Project | None, settings: ChatSettings) -> int:
         run_talker = RunTalker(resolve_run(s.run, project), s.max_new_tokens, s.temperature)
         stage_id = check_stage(run_talker, s.stage)
         console.note(f"Loading {run_talker.info.path} (base {run_talker.info.base})...")
-        if _is_interactive(s):
+        if interactive:
             run_talker.load_in_background()
         else:
             run_talker.load()
@@ -214,7 +214,7 @@ def run(project: Project | None, settings: ChatSettings) -> int:
     conv = Conversation(talker, stage_id, s.system)
     if s.prompt is not None:
         return _one_shot(conv, s.prompt, s.json_output)
-    if not _is_interactive(s):
+    if not interactive:
         return _lines(conv, sys.stdin, s.json_output)
     return _interactive(conv)
 

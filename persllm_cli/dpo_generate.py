@@ -233,6 +233,7 @@ def run(project: Project, s) -> int:
     work = work_path(s.output)
     a = ann.settings
     price, known = (Price(), True) if ann.backend == "local" else price_for(ann.model, a.prices)
+    unpriced = f"no price known for {ann.model!r}: counting $0 (add it under [annotate.prices])"
 
     budget = s.budget_usd if s.budget_usd is not None else a.budget_usd
     if budget is not None and budget < 0:
@@ -242,7 +243,7 @@ def run(project: Project, s) -> int:
         todo = [it for it in items if state is None or it.id not in state.ok]
         dry_run(ann.model, [it.data.messages for it in todo], len(items) - len(todo), a.max_tokens, price)
         if not known:
-            console.note(f"no price known for {ann.model!r}: counting $0 (add it under [annotate.prices])")
+            console.note(unpriced)
         return 0
 
     backend = make_backend(ann.backend, ann.model, ann.base_url, a.timeout)
@@ -257,7 +258,7 @@ def run(project: Project, s) -> int:
     else:
         summary(stats, "dpo --mode generate")
     if not known:
-        console.note(f"no price known for {ann.model!r}: counting $0 (add it under [annotate.prices])")
+        console.note(unpriced)
     if stats.stopped == "budget":
         console.warn(f"budget of ${budget} reached: {stats.not_sent} request(s) not sent; "
                      "rerun with a higher --budget-usd to continue")
