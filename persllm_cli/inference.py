@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from persllm_cli import models, runs
+from persllm_cli import merged, models, runs
 from persllm_cli.errors import PersllmError
 
 Message = dict[str, str]
@@ -36,6 +36,7 @@ def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, run
     the trained time-token rows) goes on top. `merge` (default: on CPU only) folds the adapter into
     the float32 weights, which makes CPU generation about three times faster for the cost of a
     second; merging into 4-bit weights would lose precision, so on CUDA the adapter stays apart.
+    A CPU merge is cached (see merged.py): later loads of the same run skip PEFT and the merge.
     """
     info = runs.read_run(Path(run_dir))
     run = info.path
@@ -61,6 +62,13 @@ def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, run
     if missing:
         raise PersllmError(f"the tokenizer in {run / 'tokenizer'} lacks the time token(s) {', '.join(missing)}")
 
+    merging = merge if merge is not None else not torch.cuda.is_available()
+    cached_at = merged.cache_dir(run, base, len(tokenizer)) if merging and not torch.cuda.is_available() else None
+    model = merged.load(cached_at)
+    if model is not None:
+        model.eval()
+        return model, tokenizer, info
+
     kwargs: dict[str, Any] = {}
     qlora = bool(info.data.get("settings", {}).get("qlora", True))
     if torch.cuda.is_available() and not qlora:
@@ -84,8 +92,9 @@ def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, run
     # trained, so they must be built exactly as training built them.
     models.resize_embeddings(model, len(tokenizer))
     model = _attach_adapter(model, run, info.base)
-    if merge if merge is not None else not torch.cuda.is_available():
+    if merging:
         model = model.merge_and_unload()
+        merged.store(model, cached_at)
     model.eval()
     return model, tokenizer, info
 

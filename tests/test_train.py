@@ -105,6 +105,18 @@ def test_sft_smollm2_complete_run_and_small_adapter(cli, smollm2, tmp_path, monk
         logits = model(torch.tensor([ids])).logits
     assert logits.shape[-1] == len(tok) and not model.training
 
+    # The CPU merge was cached: the next load reads it without PEFT and answers exactly the same.
+    assert len(list((tmp_path / "persllm-home" / "merged").iterdir())) == 1
+    import persllm_cli.inference as inference
+
+    def no_adapter(*a, **kw):
+        raise AssertionError("the cached merge was not used")
+
+    monkeypatch.setattr(inference, "_attach_adapter", no_adapter)
+    again, _, _ = load_run(run)
+    with torch.no_grad():
+        assert torch.equal(again(torch.tensor([ids])).logits, logits)
+
 
 def test_sft_then_dpo(cli, tiny_project):
     r = cli("train", "--method", "sft+dpo", *STEP_FLAGS, "--output", "runs/both")
