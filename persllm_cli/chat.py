@@ -192,6 +192,8 @@ def run(project: Project | None, settings: ChatSettings) -> int:
         raise PersllmError("--max-new-tokens must be at least 1", exit_code=EXIT_USAGE)
     if s.temperature < 0:
         raise PersllmError("--temperature must be 0 (greedy) or more", exit_code=EXIT_USAGE)
+    if s.prompt is not None and not s.prompt.strip():
+        raise PersllmError("--prompt is empty: give the message to answer", exit_code=EXIT_USAGE)
     interactive = _is_interactive(s)
     if s.api_model:
         if s.run is not None:

@@ -47,7 +47,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     ctx: typer.Context,
-    project: Annotated[Optional[Path], typer.Option("-C", "--project", help="Run as if started in DIR (the project root).", metavar="DIR")] = None,
+    project: Annotated[Optional[Path], typer.Option("-C", "--project", help="Use the project in DIR or the nearest folder above it with persllm.toml, instead of the one around the working directory. Paths given on the command line still resolve against the working directory.", metavar="DIR")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:

@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from persllm_cli import console
 from persllm_cli.errors import PersllmError
 
 PROJECT_FILE = "persllm.toml"
+# The tables persllm.toml may hold: the persona, its stages, and one per command's settings.
+SECTIONS = ("persona", "stages", "annotate", "dedup", "split", "dpo", "tokenize", "train", "chat", "eval")
 
 T = TypeVar("T")
 
@@ -109,6 +112,10 @@ def load_project(root: Path) -> Project:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PersllmError(f"{path}: invalid TOML: {e}") from None
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise PersllmError(f"{path}: unknown section(s) {', '.join(f'[{k}]' for k in unknown)} "
+                           f"(known: {', '.join(SECTIONS)})")
     persona = data.get("persona", {})
     if not isinstance(persona, dict) or not isinstance(persona.get("name"), str) or not persona["name"].strip():
         raise PersllmError(f"{path}: [persona] needs a name, e.g. name = \"Harry Potter\"")
@@ -142,9 +149,12 @@ def check_stage_id(sid: str, where: str = "stage") -> None:
 def open_project(explicit: Path | None = None, required: bool = True) -> Project | None:
     """The project for this command: `-C DIR` if given, else found from the working directory."""
     if explicit is not None:
-        root = Path(explicit).resolve()
-        if not (root / PROJECT_FILE).is_file():
-            raise PersllmError(f"{root} is not a persllm project (no {PROJECT_FILE})")
+        start = Path(explicit).resolve()
+        if not start.is_dir():
+            raise PersllmError(f"-C {explicit}: no such folder")
+        root = find_project_root(start)
+        if root is None:
+            raise PersllmError(f"{start} is not in a persllm project (no {PROJECT_FILE} there or above)")
         return load_project(root)
     root = find_project_root()
     if root is None:
@@ -240,6 +250,10 @@ def resolve(cls: type[T], section: str, flags: dict[str, Any], project: Project 
     if unknown:
         raise PersllmError(f"{toml_path}: unknown setting(s) in [{section}]: {', '.join(unknown)} "
                            f"(known: {', '.join(sorted(fields))})")
+    prefix = env_name(section, "")
+    for var in sorted(os.environ):
+        if var.startswith(prefix) and var[len(prefix):].lower() not in fields:
+            console.warn(f"{var} is not a setting of [{section}]; ignored (known: {', '.join(sorted(fields))})")
     root = project.root if project else Path.cwd()
     cwd = Path.cwd()
     values: dict[str, Any] = {}

@@ -42,8 +42,20 @@ def latest(numbered: list[tuple[int, Record]]) -> tuple[list[tuple[int, Record]]
     return list(by_id.values()), superseded, no_id
 
 
-def check_usable(path: Path, numbered: list[tuple[int, Record]], hint: str) -> list[Record]:
+def check_stages(path: Path, numbered: list[tuple[int, Record]], project) -> None:
+    """One clear error naming the first record whose stage persllm.toml does not list: such a
+    record would get no time token, and is most likely a typo or another project's file."""
+    known = {s.id for s in project.stages}
+    for line, r in numbered:
+        stage = r.get("stage")
+        if isinstance(stage, str) and stage and stage not in known:
+            raise PersllmError(f"{path}:{line}: record has stage {stage!r}, which {project.root / 'persllm.toml'} "
+                               f"does not list (stages: {', '.join(s.id for s in project.stages)})")
+
+
+def check_usable(path: Path, numbered: list[tuple[int, Record]], hint: str, project) -> list[Record]:
     """Records ready for training data, or one clear error naming the first bad line."""
+    check_stages(path, numbered, project)
     out = []
     for line, r in numbered:
         problem = None

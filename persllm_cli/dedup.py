@@ -15,7 +15,7 @@ from pathlib import Path
 
 from persllm_cli import console, records
 from persllm_cli.config import Project, public_settings
-from persllm_cli.curation import latest, read_numbered
+from persllm_cli.curation import check_stages, latest, read_numbered
 from persllm_cli.errors import PersllmError
 
 
@@ -46,6 +46,7 @@ def run(project: Project, s: DedupSettings) -> int:
         raise PersllmError(f"--threshold must be in (0, 1], got {s.threshold}")
     embedder = get_embedder(s.embedder)  # an unknown spec fails before any work
     numbered = read_numbered(s.input, what="annotation records")
+    check_stages(s.input, numbered, project)
     current, superseded, no_id = latest(numbered)
 
     dropped: Counter[str] = Counter()

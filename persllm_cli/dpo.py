@@ -92,7 +92,7 @@ def load_inputs(project: Project, s: DpoSettings) -> tuple[list[Record], list[Ca
     """Input records (checked), then the candidate universe: the input's records followed by the
     usable records of the pool files. Returns (inputs, universe, unusable pool records)."""
     numbered = read_numbered(s.input)
-    check_usable(s.input, numbered, "dpo reads clean records (the output of `persllm split`)")
+    check_usable(s.input, numbered, "dpo reads clean records (the output of `persllm split`)", project)
     inputs = [r for _, r in latest(numbered)[0]]
     universe = [Candidate(r, persona(r, project.name), r["stage"], normalise(records.answer(r))) for r in inputs]
     unusable = 0

@@ -197,6 +197,9 @@ def run(project: Project | None, s: EvalSettings) -> int:
         raise PersllmError("--budget-usd must not be negative")
     s.output = Path(s.output).resolve() if s.output else None
     s.pool = [Path(p).resolve() for p in s.pool]
+    if project is None and not Path(s.test).exists():
+        raise PersllmError(f"not inside a persllm project (no persllm.toml here or above) and no {s.test}; "
+                           "run eval in a project, pass -C DIR, or name a --test file")
     items = read_test(Path(s.test), s.limit)
     systems = systems_for(project, s, items)
     pools = read_pools(s.pool)

@@ -71,8 +71,10 @@ def run(project: Project, s: SplitSettings) -> int:
         raise PersllmError(f"--test-size must be between 0 and 1 (a share of the records), got {s.test_size}")
     if s.train_output.resolve() == s.test_output.resolve():
         raise PersllmError("--train-output and --test-output name the same file")
+    if s.input.resolve() in (s.train_output.resolve(), s.test_output.resolve()):
+        raise PersllmError(f"{s.input} is both the input and an output; name other --train-output/--test-output files")
     numbered = read_numbered(s.input)
-    check_usable(s.input, numbered, "run `persllm dedup` first, it drops such records")
+    check_usable(s.input, numbered, "run `persllm dedup` first, it drops such records", project)
     current, superseded, _ = latest(numbered)
     recs = [r for _, r in current]
     if superseded:

@@ -77,6 +77,7 @@ def test_incomplete_run(cli, _session_run, tmp_path):
 def test_bad_numbers_are_usage_errors(cli, _session_run):
     assert cli("chat", str(_session_run), "--max-new-tokens", "0", "--prompt", "x").exit_code == 2
     assert cli("chat", str(_session_run), "--temperature", "-1", "--prompt", "x").exit_code == 2
+    assert cli("chat", str(_session_run), "--prompt", "  ").exit_code == 2  # nothing to answer
 
 
 # ----------------------------------------------------------------------------- prompt building

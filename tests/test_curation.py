@@ -208,6 +208,7 @@ def test_dedup_works_on_chinese(tmp_path, cli):
     ("ALLFAILED", [], "no usable records"),
     ("GOOD", ["--threshold", "1.5"], "--threshold"),
     ("GOOD", ["--embedder", "word2vec"], "unknown embedder"),
+    ("FUTURE", [], "annotations.jsonl:2: record has stage 'future', which"),
 ])
 def test_dedup_bad_input_writes_nothing(tmp_path, cli, content, flags, message):
     proj = make_project(cli, tmp_path / "p")
@@ -216,6 +217,8 @@ def test_dedup_bad_input_writes_nothing(tmp_path, cli, content, flags, message):
         write(path, [rec("early", "q", None, status="failed")])
     elif content == "GOOD":
         write(path, [rec("early", "q", "a")])
+    elif content == "FUTURE":
+        write(path, [rec("early", "q", "a"), rec("future", "q2", "a2")])
     elif content is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
@@ -293,7 +296,9 @@ def test_split_test_size(tmp_path, cli):
     ("nostage", [], "dedup.jsonl:2: record has no stage"),
     ("failed", [], "dedup.jsonl:2: record is a failed record"),
     ("noanswer", [], "dedup.jsonl:2: record has no answer"),
+    ("future", [], "dedup.jsonl:2: record has stage 'future', which"),
     (None, ["--test-size", "1.5"], "--test-size"),
+    (None, ["--train-output", "build/dedup.jsonl"], "is both the input and an output"),
 ])
 def test_split_bad_input_writes_nothing(tmp_path, cli, bad, flags, message):
     proj = make_project(cli, tmp_path / "p")
@@ -304,10 +309,14 @@ def test_split_bad_input_writes_nothing(tmp_path, cli, bad, flags, message):
         recs[1]["status"] = "failed"
     elif bad == "noanswer":
         recs[1]["messages"] = recs[1]["messages"][:1]
+    elif bad == "future":
+        recs[1]["stage"] = "future"
     write(proj / "build" / "dedup.jsonl", recs)
-    result = cli("-C", str(proj), "split", *flags)
+    before = (proj / "build" / "dedup.jsonl").read_bytes()
+    result = cli("-C", str(proj), "split", *[f.replace("build/", f"{proj}/build/") for f in flags])
     assert result.exit_code == 1
     assert message in result.stderr
+    assert (proj / "build" / "dedup.jsonl").read_bytes() == before
     assert not (proj / "build" / "train.jsonl").exists() and not (proj / "build" / "test.jsonl").exists()
 
 
@@ -424,6 +433,7 @@ def test_dpo_single_stage_needs_a_pool(tmp_path, cli):
     ("malformed", [], 1, "train.jsonl:2: not valid JSON"),
     ("noanswer", [], 1, "train.jsonl:2: record has no answer"),
     ("empty", [], 1, "empty"),
+    ("future", [], 1, "train.jsonl:3: record has stage 'future', which"),
     (None, ["--pool", "missing.jsonl"], 1, "missing.jsonl: file not found"),
     (None, ["--mode", "nope"], 2, "--mode"),
     (None, ["--mode", "generate"], 1, "knowledge.txt: no paragraphs"),  # material checked before any request
@@ -442,6 +452,10 @@ def test_dpo_bad_input_writes_nothing(tmp_path, cli, bad, flags, code, message):
         write(path, recs)
     elif bad == "empty":
         path.write_text("\n")
+    elif bad == "future":
+        recs = dpo_records()
+        recs[2]["stage"] = "future"
+        write(path, recs)
     result = cli("-C", str(proj), "dpo", *flags)
     assert result.exit_code == code
     assert message in result.stderr

@@ -152,24 +152,24 @@ def test_settings_precedence(tmp_path, monkeypatch, cli):
     root = tmp_path / "p"
     assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0
     with open(root / "persllm.toml", "a") as f:
-        f.write('\n[demo]\nconcurrency = 3\nmodel = "from-toml"\noutput = "elsewhere/o.jsonl"\n')
+        f.write('\n[annotate]\nconcurrency = 3\nmodel = "from-toml"\noutput = "elsewhere/o.jsonl"\n')
     project = load_project(root)
-    s = resolve(_Demo, "demo", {}, project)
+    s = resolve(_Demo, "annotate", {}, project)
     assert (s.concurrency, s.model, s.cot) == (3, "from-toml", False)
     assert s.output == root / "elsewhere" / "o.jsonl"  # toml paths: relative to the project root
     with open(root / "persllm.toml", "a") as f:
         f.write('pool = ["pools/a.jsonl", "/abs/b.jsonl"]\n')
-    assert resolve(_Demo, "demo", {}, load_project(root)).pool == [root / "pools" / "a.jsonl", Path("/abs/b.jsonl")]
-    monkeypatch.setenv("PERSLLM_DEMO_CONCURRENCY", "5")
-    monkeypatch.setenv("PERSLLM_DEMO_COT", "yes")
-    s = resolve(_Demo, "demo", {}, project)
+    assert resolve(_Demo, "annotate", {}, load_project(root)).pool == [root / "pools" / "a.jsonl", Path("/abs/b.jsonl")]
+    monkeypatch.setenv("PERSLLM_ANNOTATE_CONCURRENCY", "5")
+    monkeypatch.setenv("PERSLLM_ANNOTATE_COT", "yes")
+    s = resolve(_Demo, "annotate", {}, project)
     assert (s.concurrency, s.model, s.cot) == (5, "from-toml", True)
-    s = resolve(_Demo, "demo", {"concurrency": 9, "model": None, "output": Path("x.jsonl")}, project)
+    s = resolve(_Demo, "annotate", {"concurrency": 9, "model": None, "output": Path("x.jsonl")}, project)
     assert (s.concurrency, s.model) == (9, "from-toml")
     assert s.output == Path.cwd() / "x.jsonl"  # flag paths: relative to where the user is
-    monkeypatch.setenv("PERSLLM_DEMO_CONCURRENCY", "many")
-    with pytest.raises(PersllmError, match="PERSLLM_DEMO_CONCURRENCY"):
-        resolve(_Demo, "demo", {}, project)
+    monkeypatch.setenv("PERSLLM_ANNOTATE_CONCURRENCY", "many")
+    with pytest.raises(PersllmError, match="PERSLLM_ANNOTATE_CONCURRENCY"):
+        resolve(_Demo, "annotate", {}, project)
 
 
 def test_settings_default_path_resolves_against_root(tmp_path, cli, monkeypatch):
@@ -181,16 +181,16 @@ def test_settings_default_path_resolves_against_root(tmp_path, cli, monkeypatch)
 
     project = open_project()
     assert project.root == root.resolve()
-    assert resolve(_Demo, "demo", {}, project).output == root.resolve() / "build" / "out.jsonl"
+    assert resolve(_Demo, "annotate", {}, project).output == root.resolve() / "build" / "out.jsonl"
 
 
 def test_unknown_toml_setting_is_an_error(tmp_path, cli):
     root = tmp_path / "p"
     assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0
     with open(root / "persllm.toml", "a") as f:
-        f.write("\n[demo]\nconcurency = 3\n")
+        f.write("\n[annotate]\nconcurency = 3\n")
     with pytest.raises(PersllmError, match="concurency"):
-        resolve(_Demo, "demo", {}, load_project(root))
+        resolve(_Demo, "annotate", {}, load_project(root))
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -383,4 +383,35 @@ def test_not_in_a_project(tmp_path, cli):
     assert "persllm init" in result.stderr
     result = cli("-C", str(tmp_path), "split")
     assert result.exit_code == 1
-    assert "not a persllm project" in result.stderr
+    assert "not in a persllm project" in result.stderr
+    result = cli("-C", str(tmp_path / "missing"), "split")
+    assert result.exit_code == 1 and "no such folder" in result.stderr
+    result = cli("eval")
+    assert result.exit_code == 1 and "not inside a persllm project" in result.stderr
+
+
+def test_dash_c_finds_the_project_above_dir_like_git(tmp_path, cli, monkeypatch):
+    root = tmp_path / "p"
+    assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = cli("-C", str(root / "data" / "a"), "dedup")
+    assert result.exit_code == 1 and str(root / "build" / "annotations.jsonl") in result.stderr
+
+
+def test_unknown_toml_section_is_an_error(tmp_path, cli):
+    root = tmp_path / "p"
+    assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0
+    with open(root / "persllm.toml", "a") as f:
+        f.write("\n[annotat]\nconcurrency = 4\n")
+    result = cli("-C", str(root), "dedup")
+    assert result.exit_code == 1 and "unknown section(s) [annotat]" in result.stderr
+
+
+def test_misspelled_environment_setting_is_reported(tmp_path, cli, monkeypatch):
+    root = tmp_path / "p"
+    assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0
+    monkeypatch.setenv("PERSLLM_DEDUP_TRESHOLD", "0.5")
+    result = cli("-C", str(root), "dedup")
+    assert "PERSLLM_DEDUP_TRESHOLD is not a setting of [dedup]" in result.stderr
