@@ -218,7 +218,7 @@ def tokenize(
     base: Annotated[Optional[str], Opt(help="Base model: smollm2-135m, a model directory or a hub id. [default: smollm2-135m]")] = None,
     time_tokens: Annotated[Optional[int], Opt(help="Number of time tokens; must equal the number of stages. [default: number of stages]", metavar="N")] = None,
     max_length: Annotated[Optional[int], Opt(help="Longest sequence; longer conversations split at turn boundaries. [default: 2048]")] = None,
-    output: Annotated[Optional[Path], Opt("-o", "--output", help="[default: build/tokenized]", metavar="DIR")] = None,
+    output: Annotated[Optional[Path], Opt("-o", "--output", help="Output folder; an existing one must be empty or an earlier tokenize output. [default: build/tokenized]", metavar="DIR")] = None,
 ) -> int:
     """Render with the chat template, add time tokens, mask non-assistant labels."""
     from persllm_cli import tokenization as stage
