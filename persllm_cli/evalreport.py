@@ -170,6 +170,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        records.plain_modes(Path(tmp))
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -76,6 +76,30 @@ def dumps(record: Record) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
 
 
+def _umask() -> int:
+    # Read without setting it where Linux allows: os.umask() changes it for every thread meanwhile.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(path: Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the modes plain open() and mkdir() would:
+    0o666 / 0o777 less the umask. tempfile (and safetensors) make 0600 files and 0700 folders,
+    which would hide outputs from the people the user shares them with."""
+    path = Path(path)
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a whole file so that readers see the old file or the new one, never a part."""
     path = Path(path)
@@ -83,6 +107,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 suits the temp file, not the output
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -288,6 +288,28 @@ def test_write_atomic_leaves_old_file_on_failure(tmp_path):
     assert not [x.name for x in tmp_path.iterdir() if x.name.endswith(".tmp")]
 
 
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def modes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in sorted(root.rglob("*"))
+            if not p.is_symlink()}
+
+
+def test_outputs_get_the_modes_of_a_plain_open(harry, cli, monkeypatch, umask_022):
+    """Atomic writes go through mkstemp (0600); the file a user gets must be 0644 under umask 022."""
+    monkeypatch.chdir(harry)
+    for args in (["dedup", "annotations.sample.jsonl"], ["split"], ["dpo"]):
+        assert cli(*args).exit_code == 0, args
+    got = modes(harry / "build")
+    assert "train.jsonl.meta.json" in got and "dpo.jsonl" in got
+    assert got == {name: "0o644" for name in got}
+
+
 def test_sidecar_has_no_secrets(tmp_path, monkeypatch):
     from persllm_cli.config import public_settings
 
