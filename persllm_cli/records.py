@@ -299,10 +299,12 @@ class ResumeState:
     records: dict[str, Record] = field(default_factory=dict)
 
 
-def resume_state(path: Path) -> ResumeState:
-    """Repair a torn tail, then read which ids are done. The last record per id decides."""
+def resume_state(path: Path, *, repair: bool = True) -> ResumeState:
+    """Repair a torn tail (unless `repair` is False: a dry run touches no file), then read which ids
+    are done. The last record per id decides."""
     path = Path(path)
-    repair_tail(path)
+    if repair:
+        repair_tail(path)
     latest = latest_by_id(read_jsonl(path, required=False))
     st = ResumeState(records=latest)
     for rid, r in latest.items():

@@ -192,6 +192,18 @@ def test_dry_run_sends_nothing_and_needs_no_key(cli, proj, fake_openai, monkeypa
     assert fake_openai.requests == [] and not (proj / "build").exists()
 
 
+def test_dry_run_leaves_a_torn_tail_for_the_real_run_to_repair(cli, proj, fake_openai):
+    out = proj / "build" / "annotations.jsonl"
+    out.parent.mkdir()
+    torn = b'{"id": "a", "status": "ok"}\n{"id": "b", "sta'
+    out.write_bytes(torn)
+    r = cli("annotate", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == torn and fake_openai.requests == []
+    assert cli("annotate", "--stage", "late").exit_code == 0
+    assert [x["id"] for x in records(proj)][0] == "a" and out.read_bytes().endswith(b"\n")
+
+
 # ------------------------------------------------------------------------------ fatal errors
 
 def _break(case: str, proj: Path, fake, monkeypatch) -> list[str]:
