@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from persllm_cli import console
 from persllm_cli.errors import PersllmError
 
 Record = dict[str, Any]
@@ -170,6 +171,9 @@ def read_jsonl(path: Path, *, allow_torn_tail: bool = True, required: bool = Tru
         except PersllmError:
             if not allow_torn_tail:
                 raise
+            # Said aloud: a hand-edited last line with a typo must not vanish without a word.
+            console.warn(f"{path}:{len(lines)}: ignoring an incomplete last line (not valid JSON, no newline at "
+                         "the end); a crash leaves one, and the next append repairs it")
     return records
 
 
@@ -245,6 +249,10 @@ def repair_tail(path: Path) -> bool:
             f.flush()
             os.fsync(f.fileno())
             return False
+        f.seek(0)
+        line = f.read(start).count(b"\n") + 1
+        console.warn(f"{path}:{line}: removed an incomplete last line (not valid JSON, no newline at the end), "
+                     "as a crash mid-append leaves one")
         f.truncate(start)
         f.flush()
         os.fsync(f.fileno())

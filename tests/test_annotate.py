@@ -200,7 +200,10 @@ def test_dry_run_leaves_a_torn_tail_for_the_real_run_to_repair(cli, proj, fake_o
     r = cli("annotate", "--dry-run")
     assert r.exit_code == 0, r.output
     assert out.read_bytes() == torn and fake_openai.requests == []
-    assert cli("annotate", "--stage", "late").exit_code == 0
+    assert "annotations.jsonl:2: ignoring an incomplete last line" in r.stderr
+    r = cli("annotate", "--stage", "late")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("annotations.jsonl:2: removed an incomplete last line") == 1
     assert [x["id"] for x in records(proj)][0] == "a" and out.read_bytes().endswith(b"\n")
 
 

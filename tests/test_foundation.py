@@ -241,6 +241,19 @@ def test_torn_tail_is_repaired_not_parsed(tmp_path):
     assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
 
 
+def test_a_malformed_last_line_is_never_dropped_silently(harry, cli, monkeypatch):
+    """Without a newline it looks like a crash's torn tail and is left out, but never without a word."""
+    monkeypatch.chdir(harry)
+    text = (harry / "annotations.sample.jsonl").read_text(encoding="utf-8")
+    n = text.count("\n")
+    (harry / "edited.jsonl").write_text(text + '{"id": "typo" "x": 1}', encoding="utf-8")
+    r = cli("dedup", "edited.jsonl")
+    assert r.exit_code == 0, r.output
+    warnings = [x for x in r.stderr.splitlines() if "incomplete last line" in x]
+    assert len(warnings) == 1 and f"edited.jsonl:{n + 1}: ignoring an incomplete last line" in warnings[0]
+    assert "a crash leaves one" in warnings[0]
+
+
 def test_resume_state_last_record_wins(tmp_path):
     p = tmp_path / "out.jsonl"
     with records.Appender(p) as app:
