@@ -101,10 +101,27 @@ def plain_modes(path: Path) -> None:
             p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def _is_a_directory(path: Path) -> PersllmError:
+    return PersllmError(f"{path}: is a directory, expected a file")
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p, with whatever stands in the way (a file, a missing permission) as one clear line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        there = next((p for p in [path, *path.parents] if p.exists()), path)
+        why = e.strerror if there.is_dir() else f"{there} is a file, not a folder"
+        raise PersllmError(f"cannot create the folder {path}: {why}") from None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a whole file so that readers see the old file or the new one, never a part."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise _is_a_directory(path)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
@@ -140,7 +157,7 @@ def read_text(path: Path, *, required: bool = True) -> str | None:
             raise PersllmError(f"{path}: file not found") from None
         return None
     except IsADirectoryError:
-        raise PersllmError(f"{path}: is a directory, expected a file") from None
+        raise _is_a_directory(path) from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -216,6 +233,8 @@ def repair_tail(path: Path) -> bool:
     path = Path(path)
     if not path.exists():
         return False
+    if path.is_dir():
+        raise _is_a_directory(path)
     with open(path, "rb+") as f:
         f.seek(0, os.SEEK_END)
         size = f.tell()
@@ -268,7 +287,7 @@ class Appender:
 
     def __init__(self, path: Path, fsync_every: float = 0.5):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         repair_tail(self.path)
         self._f = open(self.path, "a", encoding="utf-8", newline="\n")
         self._fsync_every = fsync_every

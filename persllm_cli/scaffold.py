@@ -11,6 +11,7 @@ from pathlib import Path
 from persllm_cli import console
 from persllm_cli.config import PROJECT_FILE, check_stage_id, load_project, time_token
 from persllm_cli.errors import PersllmError
+from persllm_cli.records import make_dirs
 from persllm_cli.resources import examples_dir, render, template_text
 
 EXAMPLES = ("harry",)
@@ -84,10 +85,7 @@ def _fill(staging: Path, s: InitSettings) -> tuple[str, list[tuple[str, str]]]:
     return name, stages
 
 
-def run(s: InitSettings) -> int:
-    target = s.directory.resolve()
-    _check_target(target, s.force)
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _create(target: Path, s: InitSettings) -> tuple[str, list[tuple[str, str]]]:
     # Build the whole project in a temporary sibling, then move it into place: a failure midway
     # leaves nothing behind.
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
@@ -105,6 +103,17 @@ def run(s: InitSettings) -> int:
                     # --force keeps a user's existing material rather than blanking it.
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(src, dst)
+    return name, stages
+
+
+def run(s: InitSettings) -> int:
+    target = s.directory.resolve()
+    _check_target(target, s.force)
+    make_dirs(target.parent)
+    try:
+        name, stages = _create(target, s)
+    except OSError as e:  # no permission, a read-only or pseudo file system (/proc), a full disk
+        raise PersllmError(f"cannot create the project in {target}: {e.strerror}") from None
     console.info(f"Created persllm project for {name} in {target}")
     for i, (sid, label) in enumerate(stages, start=1):
         console.info(f"  stage {sid:<10} {time_token(i):<10} {label}")

@@ -350,7 +350,7 @@ def _check_output(out: Path) -> None:
 def _write_dir(out: Path, tok, examples, pairs, meta, stats) -> None:
     _check_output(out)  # again: the tokenizing took a while
     out = Path(out).resolve()  # a symlinked output keeps its link; the directory it names is replaced
-    out.parent.mkdir(parents=True, exist_ok=True)
+    records.make_dirs(out.parent)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

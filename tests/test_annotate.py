@@ -207,6 +207,16 @@ def test_dry_run_leaves_a_torn_tail_for_the_real_run_to_repair(cli, proj, fake_o
     assert [x["id"] for x in records(proj)][0] == "a" and out.read_bytes().endswith(b"\n")
 
 
+def test_output_that_is_a_folder_is_one_line(cli, proj, fake_openai):
+    (proj / "somedir").mkdir()
+    for args in (["--dry-run"], []):
+        r = cli("annotate", "-o", "somedir", *args)
+        assert r.exit_code == 1, r.output
+        assert "somedir: is a directory, expected a file" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert fake_openai.completions() == [] and not any((proj / "somedir").iterdir())
+
+
 # ------------------------------------------------------------------------------ fatal errors
 
 def _break(case: str, proj: Path, fake, monkeypatch) -> list[str]:

@@ -85,6 +85,18 @@ def test_init_refuses_non_empty_dir(tmp_path, cli):
     assert (target / "persllm.toml").exists()
 
 
+def test_init_where_no_folder_can_be_made_is_one_line(tmp_path, cli):
+    (tmp_path / "afile").write_text("mine")
+    targets = [(tmp_path / "afile" / "sub", "afile is a file, not a folder")]
+    if Path("/proc/self").is_dir():  # Linux: nothing can be created in /proc
+        targets.append((Path("/proc/persllm-nope"), "cannot create the project in /proc/persllm-nope"))
+    for target, says in targets:
+        result = cli("init", str(target), "--name", "H")
+        assert result.exit_code == 1, result.output
+        assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 @pytest.mark.parametrize("spec", ["bad id:label", ":nolabel", "a/b"])
 def test_init_bad_stage_spec(tmp_path, cli, spec):
     result = cli("init", str(tmp_path / "p"), "--name", "X", "--stage", spec)
@@ -252,6 +264,18 @@ def test_a_malformed_last_line_is_never_dropped_silently(harry, cli, monkeypatch
     warnings = [x for x in r.stderr.splitlines() if "incomplete last line" in x]
     assert len(warnings) == 1 and f"edited.jsonl:{n + 1}: ignoring an incomplete last line" in warnings[0]
     assert "a crash leaves one" in warnings[0]
+
+
+def test_an_output_path_blocked_by_a_folder_or_file_is_one_line(harry, cli, monkeypatch):
+    monkeypatch.chdir(harry)
+    (harry / "out").mkdir()
+    (harry / "afile").write_text("mine")
+    for out, says in (("out", "out: is a directory, expected a file"),
+                      ("afile/x.jsonl", "afile is a file, not a folder")):
+        result = cli("dedup", "annotations.sample.jsonl", "-o", out)
+        assert result.exit_code == 1, result.output
+        assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not any((harry / "out").iterdir()) and (harry / "afile").read_text() == "mine"
 
 
 def test_resume_state_last_record_wins(tmp_path):

@@ -259,6 +259,8 @@ def test_errors(cli, tiny_project, tiny_base, tmp_path):
     (tiny_project / "runs" / "taken" / "x").write_text("x")
     fails("--output", "runs/taken", says="already exists")
     fails("--output", "runs/taken", "--resume", says="no checkpoints")
+    (tiny_project / "afile").write_text("mine")
+    fails("--output", "afile", says="is not a directory")
     assert not (tiny_project / "runs" / "latest").exists()
 
 
