@@ -36,13 +36,18 @@ def parse_stage(spec: str) -> tuple[str, str]:
 
 
 def _toml_str(s: str) -> str:
-    # JSON string escapes are valid TOML basic-string escapes.
-    return json.dumps(s, ensure_ascii=False)
+    # JSON string escapes are valid TOML basic-string escapes; JSON leaves DEL raw, TOML does not.
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_comment(s: str) -> str:
+    # A comment ends at a newline and may hold no control character: fold them into single spaces.
+    return " ".join("".join(c if c.isprintable() else " " for c in s).split())
 
 
 def project_toml(name: str, description: str, stages: list[tuple[str, str]]) -> str:
     blocks = "".join(f"[[stages]]\nid = {_toml_str(i)}\nlabel = {_toml_str(lab)}\n\n" for i, lab in stages)
-    return render("scaffold/persllm.toml", name=name, name_toml=_toml_str(name),
+    return render("scaffold/persllm.toml", name=_toml_comment(name), name_toml=_toml_str(name),
                   description_toml=_toml_str(description), stages=blocks)
 
 

@@ -70,6 +70,16 @@ def test_init_quotes_are_safe_in_toml(tmp_path, cli):
     assert project.stages[0].label == 'the "early" days'
 
 
+def test_init_control_characters_keep_the_toml_valid(tmp_path, cli):
+    """The name also goes into the header comment, where a newline would end the comment."""
+    for i, name in enumerate(["Harry\nPotter", "Harry\r\n\tPotter", "Harry\x7fPotter\x01"]):
+        target = tmp_path / f"p{i}"
+        assert cli("init", str(target), "--name", name, "--stage", "a:first\nyear").exit_code == 0
+        project = load_project(target)
+        assert project.name == name and project.stages[0].label == "first\nyear"
+    assert (tmp_path / "p0" / "persllm.toml").read_text().startswith("# persllm project: Harry Potter\n")
+
+
 def test_init_refuses_non_empty_dir(tmp_path, cli):
     target = tmp_path / "busy"
     target.mkdir()
