@@ -90,7 +90,7 @@ def init(
     description: Annotated[str, typer.Option(help="One line about the persona.")] = "",
     stage: Annotated[Optional[list[str]], typer.Option(help="A life stage as ID or ID:LABEL, in chronological order; repeat for each stage.", metavar="ID[:LABEL]")] = None,
     example: Annotated[Optional[str], typer.Option(help="Copy a shipped example project instead (available: harry).")] = None,
-    force: Annotated[bool, typer.Option(help="Create the project even if DIR is not empty (existing files with content are kept).")] = False,
+    force: Annotated[bool, typer.Option(help="Create the project even if DIR is not empty. Existing files with content are kept, except persllm.toml: it is rewritten, and a different old one is kept as persllm.toml.bak.")] = False,
 ) -> int:
     """Create a project: persllm.toml and data/<stage>/knowledge.txt and style.txt."""
     from persllm_cli import scaffold

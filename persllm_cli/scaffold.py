@@ -100,15 +100,29 @@ def _create(target: Path, s: InitSettings) -> tuple[str, list[tuple[str, str]]]:
         if not target.exists():
             staging.rename(target)
         else:
-            for src in sorted(staging.rglob("*")):
-                dst = target / src.relative_to(staging)
-                if src.is_dir():
-                    dst.mkdir(parents=True, exist_ok=True)
-                elif src.stat().st_size or not dst.exists():
-                    # --force keeps a user's existing material rather than blanking it.
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src, dst)
+            _merge(staging, target)
     return name, stages
+
+
+def _merge(staging: Path, target: Path) -> None:
+    """--force: add the new project to an existing folder. Files there with content are kept, but
+    persllm.toml, which must describe this project, is replaced; a different old one is first
+    copied to persllm.toml.bak (or .bak.1, ... when that name is taken)."""
+    for src in sorted(staging.rglob("*")):
+        dst = target / src.relative_to(staging)
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+            continue
+        if dst.is_file() and dst.stat().st_size and dst.read_bytes() != src.read_bytes():
+            if dst != target / PROJECT_FILE:
+                continue
+            backup, n = dst.with_name(dst.name + ".bak"), 0
+            while backup.exists():
+                n += 1
+                backup = dst.with_name(f"{dst.name}.bak.{n}")
+            shutil.copy2(dst, backup)
+            console.note(f"{dst} is rewritten for this project; the previous one is kept as {backup.name}")
+        shutil.copy2(src, dst)
 
 
 def run(s: InitSettings) -> int:

@@ -107,6 +107,32 @@ def test_init_where_no_folder_can_be_made_is_one_line(tmp_path, cli):
     assert (tmp_path / "afile").read_text() == "mine"
 
 
+def test_init_force_keeps_material_and_a_copy_of_the_old_toml(tmp_path, cli, harry):
+    target = tmp_path / "p"
+    assert cli("init", str(target), "--name", "A", "--stage", "a").exit_code == 0
+    first = (target / "persllm.toml").read_text()
+    (target / "data/a/knowledge.txt").write_text("my paragraph\n")
+    (target / ".gitignore").write_text("my-ignores/\n")
+    result = cli("init", str(target), "--name", "B", "--stage", "a", "--force")
+    assert result.exit_code == 0, result.output
+    assert load_project(target).name == "B"
+    assert (target / "persllm.toml.bak").read_text() == first
+    assert "persllm.toml.bak" in result.stderr
+    assert (target / "data/a/knowledge.txt").read_text() == "my paragraph\n"
+    assert (target / ".gitignore").read_text() == "my-ignores/\n"
+    # The same file again needs no copy; another one never overwrites the first copy.
+    assert "bak" not in cli("init", str(target), "--name", "B", "--stage", "a", "--force").stderr
+    assert cli("init", str(target), "--name", "C", "--stage", "a", "--force").exit_code == 0
+    assert (target / "persllm.toml.bak").read_text() == first and load_project(target).name == "C"
+    assert "name = \"B\"" in (target / "persllm.toml.bak.1").read_text()
+    # --example --force does not overwrite what the user wrote either.
+    (harry / "data/early/knowledge.txt").write_text("my own early years\n")
+    assert cli("init", str(harry), "--example", "harry", "--force").exit_code == 0
+    assert (harry / "data/early/knowledge.txt").read_text() == "my own early years\n"
+    assert not (harry / "persllm.toml.bak").exists()
+    assert "persllm.toml.bak" in " ".join(cli("init", "--help").stdout.split())
+
+
 @pytest.mark.parametrize("spec", ["bad id:label", ":nolabel", "a/b"])
 def test_init_bad_stage_spec(tmp_path, cli, spec):
     result = cli("init", str(tmp_path / "p"), "--name", "X", "--stage", spec)
