@@ -232,7 +232,7 @@ class Annotator:
 
 
 def _dry_run(items: list[Item], ann: Annotator, s: AnnotateSettings, model: str, price: Price, output: Path) -> int:
-    state = resume_state(output) if output.exists() else None
+    state = resume_state(output, repair=False) if output.exists() else None
     todo = [it for it in items if not state or it.id not in state.ok]
     skipped = len(items) - len(todo)
     if s.limit is not None:

@@ -90,7 +90,7 @@ def init(
     description: Annotated[str, typer.Option(help="One line about the persona.")] = "",
     stage: Annotated[Optional[list[str]], typer.Option(help="A life stage as ID or ID:LABEL, in chronological order; repeat for each stage.", metavar="ID[:LABEL]")] = None,
     example: Annotated[Optional[str], typer.Option(help="Copy a shipped example project instead (available: harry).")] = None,
-    force: Annotated[bool, typer.Option(help="Create the project even if DIR is not empty (existing files with content are kept).")] = False,
+    force: Annotated[bool, typer.Option(help="Create the project even if DIR is not empty. Existing files with content are kept, except persllm.toml: it is rewritten, and a different old one is kept as persllm.toml.bak.")] = False,
 ) -> int:
     """Create a project: persllm.toml and data/<stage>/knowledge.txt and style.txt."""
     from persllm_cli import scaffold
@@ -218,7 +218,7 @@ def tokenize(
     base: Annotated[Optional[str], Opt(help="Base model: smollm2-135m, a model directory or a hub id. [default: smollm2-135m]")] = None,
     time_tokens: Annotated[Optional[int], Opt(help="Number of time tokens; must equal the number of stages. [default: number of stages]", metavar="N")] = None,
     max_length: Annotated[Optional[int], Opt(help="Longest sequence; longer conversations split at turn boundaries. [default: 2048]")] = None,
-    output: Annotated[Optional[Path], Opt("-o", "--output", help="[default: build/tokenized]", metavar="DIR")] = None,
+    output: Annotated[Optional[Path], Opt("-o", "--output", help="Output folder; an existing one must be empty or an earlier tokenize output. [default: build/tokenized]", metavar="DIR")] = None,
 ) -> int:
     """Render with the chat template, add time tokens, mask non-assistant labels."""
     from persllm_cli import tokenization as stage

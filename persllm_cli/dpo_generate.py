@@ -239,7 +239,7 @@ def run(project: Project, s) -> int:
     if budget is not None and budget < 0:
         raise PersllmError("--budget-usd must not be negative")
     if s.dry_run:
-        state = records.resume_state(work) if work.exists() else None
+        state = records.resume_state(work, repair=False) if work.exists() else None
         todo = [it for it in items if state is None or it.id not in state.ok]
         dry_run(ann.model, [it.data.messages for it in todo], len(items) - len(todo), a.max_tokens, price)
         if not known:

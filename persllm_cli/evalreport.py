@@ -170,6 +170,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        records.plain_modes(Path(tmp))
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -179,7 +180,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 def write(report_dir: Path, result: dict[str, Any], s) -> None:
     """The table on stderr, eval.json / eval.md / eval.png in `report_dir`, JSON on stdout with --json."""
-    report_dir.mkdir(parents=True, exist_ok=True)
+    records.make_dirs(report_dir)
     result["report"] = str(report_dir)
     text = json.dumps(result, indent=2, ensure_ascii=False)
     records.write_text_atomic(report_dir / "eval.json", text + "\n")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm_cli.config import persllm_home
+from persllm_cli.records import plain_modes
 
 MAX_BYTES = 2 * 1024**3
 KEEP = 3
@@ -78,6 +79,7 @@ def store(model: Any, where: Path | None) -> None:
         where.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{where.name}.", dir=where.parent))
         model.save_pretrained(tmp)
+        plain_modes(tmp)
         os.replace(tmp, where)  # fails harmlessly if another process stored it first
         _prune(where.parent)
     except OSError:

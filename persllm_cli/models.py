@@ -18,6 +18,7 @@ from pathlib import Path
 from persllm_cli import console
 from persllm_cli.config import persllm_home
 from persllm_cli.errors import PersllmError
+from persllm_cli.records import plain_modes
 
 EMBEDDED = {
     "smollm2-135m": {
@@ -95,7 +96,7 @@ def ensure_embedded(name: str) -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
             try:
                 _convert_gguf(gguf, tmp)
-                tmp.chmod(0o755)
+                plain_modes(tmp)
                 if target.exists():
                     shutil.rmtree(target)
                 os.replace(tmp, target)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from persllm_cli import console
 from persllm_cli.errors import PersllmError
 
 Record = dict[str, Any]
@@ -76,13 +77,55 @@ def dumps(record: Record) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
 
 
+def _umask() -> int:
+    # Read without setting it where Linux allows: os.umask() changes it for every thread meanwhile.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(path: Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the modes plain open() and mkdir() would:
+    0o666 / 0o777 less the umask. tempfile (and safetensors) make 0600 files and 0700 folders,
+    which would hide outputs from the people the user shares them with."""
+    path = Path(path)
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _is_a_directory(path: Path) -> PersllmError:
+    return PersllmError(f"{path}: is a directory, expected a file")
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p, with whatever stands in the way (a file, a missing permission) as one clear line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        there = next((p for p in [path, *path.parents] if p.exists()), path)
+        why = e.strerror if there.is_dir() else f"{there} is a file, not a folder"
+        raise PersllmError(f"cannot create the folder {path}: {why}") from None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a whole file so that readers see the old file or the new one, never a part."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise _is_a_directory(path)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 suits the temp file, not the output
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -114,7 +157,7 @@ def read_text(path: Path, *, required: bool = True) -> str | None:
             raise PersllmError(f"{path}: file not found") from None
         return None
     except IsADirectoryError:
-        raise PersllmError(f"{path}: is a directory, expected a file") from None
+        raise _is_a_directory(path) from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -145,6 +188,9 @@ def read_jsonl(path: Path, *, allow_torn_tail: bool = True, required: bool = Tru
         except PersllmError:
             if not allow_torn_tail:
                 raise
+            # Said aloud: a hand-edited last line with a typo must not vanish without a word.
+            console.warn(f"{path}:{len(lines)}: ignoring an incomplete last line (not valid JSON, no newline at "
+                         "the end); a crash leaves one, and the next append repairs it")
     return records
 
 
@@ -187,6 +233,8 @@ def repair_tail(path: Path) -> bool:
     path = Path(path)
     if not path.exists():
         return False
+    if path.is_dir():
+        raise _is_a_directory(path)
     with open(path, "rb+") as f:
         f.seek(0, os.SEEK_END)
         size = f.tell()
@@ -220,6 +268,10 @@ def repair_tail(path: Path) -> bool:
             f.flush()
             os.fsync(f.fileno())
             return False
+        f.seek(0)
+        line = f.read(start).count(b"\n") + 1
+        console.warn(f"{path}:{line}: removed an incomplete last line (not valid JSON, no newline at the end), "
+                     "as a crash mid-append leaves one")
         f.truncate(start)
         f.flush()
         os.fsync(f.fileno())
@@ -235,7 +287,7 @@ class Appender:
 
     def __init__(self, path: Path, fsync_every: float = 0.5):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         repair_tail(self.path)
         self._f = open(self.path, "a", encoding="utf-8", newline="\n")
         self._fsync_every = fsync_every
@@ -274,10 +326,12 @@ class ResumeState:
     records: dict[str, Record] = field(default_factory=dict)
 
 
-def resume_state(path: Path) -> ResumeState:
-    """Repair a torn tail, then read which ids are done. The last record per id decides."""
+def resume_state(path: Path, *, repair: bool = True) -> ResumeState:
+    """Repair a torn tail (unless `repair` is False: a dry run touches no file), then read which ids
+    are done. The last record per id decides."""
     path = Path(path)
-    repair_tail(path)
+    if repair:
+        repair_tail(path)
     latest = latest_by_id(read_jsonl(path, required=False))
     st = ResumeState(records=latest)
     for rid, r in latest.items():

@@ -11,6 +11,7 @@ from pathlib import Path
 from persllm_cli import console
 from persllm_cli.config import PROJECT_FILE, check_stage_id, load_project, time_token
 from persllm_cli.errors import PersllmError
+from persllm_cli.records import make_dirs
 from persllm_cli.resources import examples_dir, render, template_text
 
 EXAMPLES = ("harry",)
@@ -35,13 +36,18 @@ def parse_stage(spec: str) -> tuple[str, str]:
 
 
 def _toml_str(s: str) -> str:
-    # JSON string escapes are valid TOML basic-string escapes.
-    return json.dumps(s, ensure_ascii=False)
+    # JSON string escapes are valid TOML basic-string escapes; JSON leaves DEL raw, TOML does not.
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_comment(s: str) -> str:
+    # A comment ends at a newline and may hold no control character: fold them into single spaces.
+    return " ".join("".join(c if c.isprintable() else " " for c in s).split())
 
 
 def project_toml(name: str, description: str, stages: list[tuple[str, str]]) -> str:
     blocks = "".join(f"[[stages]]\nid = {_toml_str(i)}\nlabel = {_toml_str(lab)}\n\n" for i, lab in stages)
-    return render("scaffold/persllm.toml", name=name, name_toml=_toml_str(name),
+    return render("scaffold/persllm.toml", name=_toml_comment(name), name_toml=_toml_str(name),
                   description_toml=_toml_str(description), stages=blocks)
 
 
@@ -84,10 +90,7 @@ def _fill(staging: Path, s: InitSettings) -> tuple[str, list[tuple[str, str]]]:
     return name, stages
 
 
-def run(s: InitSettings) -> int:
-    target = s.directory.resolve()
-    _check_target(target, s.force)
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _create(target: Path, s: InitSettings) -> tuple[str, list[tuple[str, str]]]:
     # Build the whole project in a temporary sibling, then move it into place: a failure midway
     # leaves nothing behind.
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
@@ -97,14 +100,39 @@ def run(s: InitSettings) -> int:
         if not target.exists():
             staging.rename(target)
         else:
-            for src in sorted(staging.rglob("*")):
-                dst = target / src.relative_to(staging)
-                if src.is_dir():
-                    dst.mkdir(parents=True, exist_ok=True)
-                elif src.stat().st_size or not dst.exists():
-                    # --force keeps a user's existing material rather than blanking it.
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src, dst)
+            _merge(staging, target)
+    return name, stages
+
+
+def _merge(staging: Path, target: Path) -> None:
+    """--force: add the new project to an existing folder. Files there with content are kept, but
+    persllm.toml, which must describe this project, is replaced; a different old one is first
+    copied to persllm.toml.bak (or .bak.1, ... when that name is taken)."""
+    for src in sorted(staging.rglob("*")):
+        dst = target / src.relative_to(staging)
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+            continue
+        if dst.is_file() and dst.stat().st_size and dst.read_bytes() != src.read_bytes():
+            if dst != target / PROJECT_FILE:
+                continue
+            backup, n = dst.with_name(dst.name + ".bak"), 0
+            while backup.exists():
+                n += 1
+                backup = dst.with_name(f"{dst.name}.bak.{n}")
+            shutil.copy2(dst, backup)
+            console.note(f"{dst} is rewritten for this project; the previous one is kept as {backup.name}")
+        shutil.copy2(src, dst)
+
+
+def run(s: InitSettings) -> int:
+    target = s.directory.resolve()
+    _check_target(target, s.force)
+    make_dirs(target.parent)
+    try:
+        name, stages = _create(target, s)
+    except OSError as e:  # no permission, a read-only or pseudo file system (/proc), a full disk
+        raise PersllmError(f"cannot create the project in {target}: {e.strerror}") from None
     console.info(f"Created persllm project for {name} in {target}")
     for i, (sid, label) in enumerate(stages, start=1):
         console.info(f"  stage {sid:<10} {time_token(i):<10} {label}")

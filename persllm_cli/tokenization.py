@@ -1,6 +1,7 @@
 """`persllm tokenize`: turn train/DPO records into token ids the trainer reads as they are.
 
-Output directory (default build/tokenized/), written to a temporary folder and renamed into place:
+Output directory (default build/tokenized/), written to a temporary folder and renamed into place;
+an existing one is replaced only when it is empty or an earlier tokenize output:
 
   sft.jsonl    one training example per line:
                {"id", "stage", "source": "persona"|"general", "input_ids": [...], "labels": [...]}
@@ -40,6 +41,7 @@ from persllm_cli.errors import PersllmError
 
 FORMAT_VERSION = 1
 IGNORE = -100
+WRITES = {"sft.jsonl", "dpo.jsonl", "tokenizer", "meta.json", "stats.json"}  # what -o DIR holds afterwards
 
 
 @dataclass
@@ -254,6 +256,7 @@ def run(project: Project, settings: TokenizeSettings) -> int:
                            f"({', '.join(s.id for s in project.stages)}); each stage needs exactly one time token")
     if settings.max_length < 16:
         raise PersllmError(f"--max-length {settings.max_length} is too small (at least 16)")
+    _check_output(settings.output)
     train_records = records.read_records(settings.train, what="training records")
     dpo_path = settings.dpo
     if dpo_path is None:
@@ -333,9 +336,21 @@ def run(project: Project, settings: TokenizeSettings) -> int:
     return 0
 
 
-def _write_dir(out: Path, tok, examples, pairs, meta, stats) -> None:
+def _check_output(out: Path) -> None:
+    """Refuse an -o that is not ours to replace: the output directory is swapped out wholesale, so it
+    must be missing, empty, or what an earlier tokenize wrote (`-o .` must never take a project)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        return
+    names = {p.name for p in out.iterdir()} if out.is_dir() else None
+    if names is None or (names and not {"meta.json", "sft.jsonl"} <= names <= WRITES):
+        raise PersllmError(f"{out} exists and is not a tokenize output; choose another -o")
+
+
+def _write_dir(out: Path, tok, examples, pairs, meta, stats) -> None:
+    _check_output(out)  # again: the tokenizing took a while
+    out = Path(out).resolve()  # a symlinked output keeps its link; the directory it names is replaced
+    records.make_dirs(out.parent)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -142,6 +142,8 @@ def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
         raise PersllmError("under torchrun/accelerate launch, name the run with --output runs/NAME "
                            "(every process must write to the same run)")
     run_dir = _pick_run_dir(project, s)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PersllmError(f"{run_dir} exists and is not a directory; choose another --output")
     first_rank = os.environ.get("RANK", "0") == "0"  # other ranks may see the directory rank 0 just made
     if first_rank and not s.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise PersllmError(f"{run_dir} already exists; continue it with --resume or choose another --output")

@@ -6,6 +6,7 @@
   example's index so the trainer can log which samples every step used.
 - `BatchStats`: tokens, padding and sample indices seen since the last log line.
 - `ProgressCallback`: progress on stderr (rich when live, plain lines otherwise) and metrics.jsonl.
+- `PlainModes`: checkpoints get ordinary file modes (safetensors writes 0600).
 - `loss_plot`, `model_card`.
 """
 
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
-from persllm_cli import console
+from persllm_cli import console, records
 
 IGNORE = -100
 
@@ -192,6 +193,15 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kw):
         self._stack.close()
+
+
+class PlainModes(TrainerCallback):
+    """Give each checkpoint the modes plain open() would: safetensors writes its files 0600."""
+
+    def on_save(self, args, state, control, **kw):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            records.plain_modes(checkpoint)
 
 
 def every_rank(value: Any) -> list[Any]:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from persllm_cli import console, runs
+from persllm_cli import console, records, runs
 from persllm_cli.config import Project, public_settings
 from persllm_cli.errors import PersllmError
 from persllm_cli.models import is_quantized
 from persllm_cli.train import TrainSettings, check_tokenizer, data_hashes, versions
-from persllm_cli.trainer_utils import (BatchStats, ProgressCallback, SFTTrainer, every_rank, loss_plot, model_card,
-                                       pad_collate, read_metrics, trim_metrics)
+from persllm_cli.trainer_utils import (BatchStats, PlainModes, ProgressCallback, SFTTrainer, every_rank, loss_plot,
+                                       model_card, pad_collate, read_metrics, trim_metrics)
 
 OOM_HINT = ("out of GPU memory; reduce --batch-size (and raise --grad-accum to keep the effective batch), "
             "tokenize with a lower --max-length, or use --qlora")
@@ -120,7 +120,7 @@ def _sft(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
     stats = BatchStats()
     progress = ProgressCallback(metrics, "sft", stats, rank.world)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=pad_collate(tok.pad_token_id),
-                         lengths=[len(e["input_ids"]) for e in dataset], stats=stats, callbacks=[progress])
+                         lengths=[len(e["input_ids"]) for e in dataset], stats=stats, callbacks=[progress, PlainModes()])
     _remove_printer(trainer)
     out = _train(trainer, resume)
     return trainer, model, {"tokens_per_second": progress.tokens_per_second, "padding_waste": round(stats.padding_waste, 4),
@@ -149,7 +149,7 @@ def _dpo(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
                           max_length=meta.get("max_length"), precompute_ref_log_probs=False)
     progress = ProgressCallback(metrics, "dpo", None, rank.world)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
-                         peft_config=peft_config, callbacks=[progress])
+                         peft_config=peft_config, callbacks=[progress, PlainModes()])
     _remove_printer(trainer)
     _small_saves(trainer.model)
     _copy_ref_token_rows(trainer.model)
@@ -208,6 +208,7 @@ def _save_adapter(model, target: Path) -> None:
     # save_embedding_layers=False: the resized vocabulary would otherwise make PEFT save both whole
     # embedding matrices; the time-token rows are already in the adapter as trainable tokens.
     model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
+    records.plain_modes(tmp)  # safetensors writes its files 0600
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

@@ -192,6 +192,31 @@ def test_dry_run_sends_nothing_and_needs_no_key(cli, proj, fake_openai, monkeypa
     assert fake_openai.requests == [] and not (proj / "build").exists()
 
 
+def test_dry_run_leaves_a_torn_tail_for_the_real_run_to_repair(cli, proj, fake_openai):
+    out = proj / "build" / "annotations.jsonl"
+    out.parent.mkdir()
+    torn = b'{"id": "a", "status": "ok"}\n{"id": "b", "sta'
+    out.write_bytes(torn)
+    r = cli("annotate", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == torn and fake_openai.requests == []
+    assert "annotations.jsonl:2: ignoring an incomplete last line" in r.stderr
+    r = cli("annotate", "--stage", "late")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("annotations.jsonl:2: removed an incomplete last line") == 1
+    assert [x["id"] for x in records(proj)][0] == "a" and out.read_bytes().endswith(b"\n")
+
+
+def test_output_that_is_a_folder_is_one_line(cli, proj, fake_openai):
+    (proj / "somedir").mkdir()
+    for args in (["--dry-run"], []):
+        r = cli("annotate", "-o", "somedir", *args)
+        assert r.exit_code == 1, r.output
+        assert "somedir: is a directory, expected a file" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert fake_openai.completions() == [] and not any((proj / "somedir").iterdir())
+
+
 # ------------------------------------------------------------------------------ fatal errors
 
 def _break(case: str, proj: Path, fake, monkeypatch) -> list[str]:

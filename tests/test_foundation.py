@@ -70,6 +70,16 @@ def test_init_quotes_are_safe_in_toml(tmp_path, cli):
     assert project.stages[0].label == 'the "early" days'
 
 
+def test_init_control_characters_keep_the_toml_valid(tmp_path, cli):
+    """The name also goes into the header comment, where a newline would end the comment."""
+    for i, name in enumerate(["Harry\nPotter", "Harry\r\n\tPotter", "Harry\x7fPotter\x01"]):
+        target = tmp_path / f"p{i}"
+        assert cli("init", str(target), "--name", name, "--stage", "a:first\nyear").exit_code == 0
+        project = load_project(target)
+        assert project.name == name and project.stages[0].label == "first\nyear"
+    assert (tmp_path / "p0" / "persllm.toml").read_text().startswith("# persllm project: Harry Potter\n")
+
+
 def test_init_refuses_non_empty_dir(tmp_path, cli):
     target = tmp_path / "busy"
     target.mkdir()
@@ -83,6 +93,44 @@ def test_init_refuses_non_empty_dir(tmp_path, cli):
     assert cli("init", str(target), "--name", "X", "--stage", "a", "--force").exit_code == 0
     assert (target / "notes.txt").read_text() == "mine"
     assert (target / "persllm.toml").exists()
+
+
+def test_init_where_no_folder_can_be_made_is_one_line(tmp_path, cli):
+    (tmp_path / "afile").write_text("mine")
+    targets = [(tmp_path / "afile" / "sub", "afile is a file, not a folder")]
+    if Path("/proc/self").is_dir():  # Linux: nothing can be created in /proc
+        targets.append((Path("/proc/persllm-nope"), "cannot create the project in /proc/persllm-nope"))
+    for target, says in targets:
+        result = cli("init", str(target), "--name", "H")
+        assert result.exit_code == 1, result.output
+        assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_init_force_keeps_material_and_a_copy_of_the_old_toml(tmp_path, cli, harry):
+    target = tmp_path / "p"
+    assert cli("init", str(target), "--name", "A", "--stage", "a").exit_code == 0
+    first = (target / "persllm.toml").read_text()
+    (target / "data/a/knowledge.txt").write_text("my paragraph\n")
+    (target / ".gitignore").write_text("my-ignores/\n")
+    result = cli("init", str(target), "--name", "B", "--stage", "a", "--force")
+    assert result.exit_code == 0, result.output
+    assert load_project(target).name == "B"
+    assert (target / "persllm.toml.bak").read_text() == first
+    assert "persllm.toml.bak" in result.stderr
+    assert (target / "data/a/knowledge.txt").read_text() == "my paragraph\n"
+    assert (target / ".gitignore").read_text() == "my-ignores/\n"
+    # The same file again needs no copy; another one never overwrites the first copy.
+    assert "bak" not in cli("init", str(target), "--name", "B", "--stage", "a", "--force").stderr
+    assert cli("init", str(target), "--name", "C", "--stage", "a", "--force").exit_code == 0
+    assert (target / "persllm.toml.bak").read_text() == first and load_project(target).name == "C"
+    assert "name = \"B\"" in (target / "persllm.toml.bak.1").read_text()
+    # --example --force does not overwrite what the user wrote either.
+    (harry / "data/early/knowledge.txt").write_text("my own early years\n")
+    assert cli("init", str(harry), "--example", "harry", "--force").exit_code == 0
+    assert (harry / "data/early/knowledge.txt").read_text() == "my own early years\n"
+    assert not (harry / "persllm.toml.bak").exists()
+    assert "persllm.toml.bak" in " ".join(cli("init", "--help").stdout.split())
 
 
 @pytest.mark.parametrize("spec", ["bad id:label", ":nolabel", "a/b"])
@@ -241,6 +289,31 @@ def test_torn_tail_is_repaired_not_parsed(tmp_path):
     assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
 
 
+def test_a_malformed_last_line_is_never_dropped_silently(harry, cli, monkeypatch):
+    """Without a newline it looks like a crash's torn tail and is left out, but never without a word."""
+    monkeypatch.chdir(harry)
+    text = (harry / "annotations.sample.jsonl").read_text(encoding="utf-8")
+    n = text.count("\n")
+    (harry / "edited.jsonl").write_text(text + '{"id": "typo" "x": 1}', encoding="utf-8")
+    r = cli("dedup", "edited.jsonl")
+    assert r.exit_code == 0, r.output
+    warnings = [x for x in r.stderr.splitlines() if "incomplete last line" in x]
+    assert len(warnings) == 1 and f"edited.jsonl:{n + 1}: ignoring an incomplete last line" in warnings[0]
+    assert "a crash leaves one" in warnings[0]
+
+
+def test_an_output_path_blocked_by_a_folder_or_file_is_one_line(harry, cli, monkeypatch):
+    monkeypatch.chdir(harry)
+    (harry / "out").mkdir()
+    (harry / "afile").write_text("mine")
+    for out, says in (("out", "out: is a directory, expected a file"),
+                      ("afile/x.jsonl", "afile is a file, not a folder")):
+        result = cli("dedup", "annotations.sample.jsonl", "-o", out)
+        assert result.exit_code == 1, result.output
+        assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not any((harry / "out").iterdir()) and (harry / "afile").read_text() == "mine"
+
+
 def test_resume_state_last_record_wins(tmp_path):
     p = tmp_path / "out.jsonl"
     with records.Appender(p) as app:
@@ -286,6 +359,28 @@ def test_write_atomic_leaves_old_file_on_failure(tmp_path):
         records.write_jsonl_atomic(p, boom())
     assert records.read_jsonl(p) == [{"id": "1"}]
     assert not [x.name for x in tmp_path.iterdir() if x.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def modes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in sorted(root.rglob("*"))
+            if not p.is_symlink()}
+
+
+def test_outputs_get_the_modes_of_a_plain_open(harry, cli, monkeypatch, umask_022):
+    """Atomic writes go through mkstemp (0600); the file a user gets must be 0644 under umask 022."""
+    monkeypatch.chdir(harry)
+    for args in (["dedup", "annotations.sample.jsonl"], ["split"], ["dpo"]):
+        assert cli(*args).exit_code == 0, args
+    got = modes(harry / "build")
+    assert "train.jsonl.meta.json" in got and "dpo.jsonl" in got
+    assert got == {name: "0o644" for name in got}
 
 
 def test_sidecar_has_no_secrets(tmp_path, monkeypatch):

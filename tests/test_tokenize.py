@@ -165,3 +165,41 @@ def test_unknown_stage_and_missing_file(cli, smollm2, tmp_path, monkeypatch):
     r = cli("tokenize")
     assert r.exit_code == 1 and "unknown stage 'future'" in r.stderr
     assert not (p / "build" / "tokenized").exists()
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_output_that_is_not_a_tokenize_output_is_refused_before_any_work(cli, tmp_path, monkeypatch):
+    """-o replaces the directory wholesale: `-o .` once deleted a whole project."""
+    p = _project(cli, tmp_path)
+    monkeypatch.chdir(p)
+    (p / "afile").write_text("mine")
+    (p / "build" / "tokenized").mkdir()
+    (p / "build" / "tokenized" / "meta.json").write_text("{}")
+    (p / "build" / "tokenized" / "sft.jsonl").write_text("")
+    (p / "build" / "tokenized" / "notes.txt").write_text("mine too")
+
+    def no_work(*a, **k):
+        raise AssertionError("tokenize started work before checking -o")
+
+    monkeypatch.setattr("persllm_cli.models.resolve_base", no_work)
+    before = _tree(tmp_path)
+    for out in (".", "data", "afile", "build/tokenized", str(tmp_path)):
+        r = cli("tokenize", "-o", out)
+        assert r.exit_code == 1, r.output
+        assert "is not a tokenize output; choose another -o" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+        assert _tree(tmp_path) == before
+
+
+def test_rerun_replaces_its_own_output_or_an_empty_dir(cli, smollm2, tmp_path, monkeypatch):
+    p = _project(cli, tmp_path)
+    monkeypatch.chdir(p)
+    (p / "empty").mkdir()
+    assert cli("tokenize", "-o", "empty").exit_code == 0
+    assert (p / "empty" / "meta.json").is_file()
+    assert cli("tokenize", "-o", "empty", "--max-length", "64").exit_code == 0
+    assert json.loads((p / "empty" / "meta.json").read_text())["max_length"] == 64
+    assert sorted(x.name for x in p.iterdir() if x.name.startswith(".empty")) == []

@@ -118,6 +118,25 @@ def test_sft_smollm2_complete_run_and_small_adapter(cli, smollm2, tmp_path, monk
         assert torch.equal(again(torch.tensor([ids])).logits, logits)
 
 
+def test_run_files_get_the_modes_of_a_plain_open(cli, tiny_project):
+    """safetensors and mkstemp write 0600; a run shared with others must read like any file (umask 022)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        r = cli("train", *STEP_FLAGS, "--save-steps", "1", "--output", "runs/modes")
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    run = tiny_project / "runs" / "modes"
+    paths = [p for p in run.rglob("*") if not p.is_symlink()]
+    assert run / "adapter" / "adapter_model.safetensors" in paths
+    assert run / "checkpoints" / "sft" / "checkpoint-1" / "adapter_model.safetensors" in paths
+    wrong = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in paths
+             if p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)}
+    assert wrong == {}
+
+
 def test_sft_then_dpo(cli, tiny_project):
     r = cli("train", "--method", "sft+dpo", *STEP_FLAGS, "--output", "runs/both")
     assert r.exit_code == 0, r.output
@@ -240,6 +259,8 @@ def test_errors(cli, tiny_project, tiny_base, tmp_path):
     (tiny_project / "runs" / "taken" / "x").write_text("x")
     fails("--output", "runs/taken", says="already exists")
     fails("--output", "runs/taken", "--resume", says="no checkpoints")
+    (tiny_project / "afile").write_text("mine")
+    fails("--output", "afile", says="is not a directory")
     assert not (tiny_project / "runs" / "latest").exists()
 
 
