@@ -17,7 +17,7 @@ from typing import Any
 
 from persllm_cli import console
 from persllm_cli.annotate_prompts import PATTERNS, build_messages, parse_reply, time_line
-from persllm_cli.config import Project, Stage, public_settings
+from persllm_cli.config import Project, Stage, public_settings, setting
 from persllm_cli.corpus import Paragraph, read_paragraphs
 from persllm_cli.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.records import Record, read_text, record_id, resume_state, write_meta
@@ -36,32 +36,32 @@ DEFAULT_MODEL = {"openai": "gpt-4o-mini", "local": "smollm2-135m"}
 @dataclass
 class AnnotateSettings:
     stages: list[str] | None = None
-    pattern: str = "ordinary"
+    pattern: str = setting("ordinary", choices=PATTERNS)
     cot: bool = False
     time_prefix: bool = True
-    questions_per_paragraph: int = 1
-    limit: int | None = None
+    questions_per_paragraph: int = setting(1, at_least=1)
+    limit: int | None = setting(None, at_least=0)
     instructions: Path | None = None
-    backend: str = "openai"
+    backend: str = setting("openai", choices=tuple(DEFAULT_MODEL))
     model: str | None = None
     base_url: str | None = None
-    concurrency: int = 8
-    max_retries: int = 5
-    timeout: float = 120.0
-    budget_usd: float | None = None
+    concurrency: int = setting(8, at_least=1)
+    max_retries: int = setting(5, at_least=0)
+    timeout: float = setting(120.0, more_than=0)
+    budget_usd: float | None = setting(None, at_least=0)
     dry_run: bool = False
     review: bool = False
     feedback: Path | None = None
     embedder: str = "tfidf"
     output: Path = Path("build/annotations.jsonl")
     # persllm.toml only
-    max_tokens: int = 1024
-    temperature: float = 0.7
-    knowledge_words: int = 1500
-    style_words: int = 500
+    max_tokens: int = setting(1024, at_least=1)
+    temperature: float = setting(0.7, at_least=0)
+    knowledge_words: int = setting(1500, at_least=0)
+    style_words: int = setting(500, at_least=0)
     prices: dict[str, list[float]] = field(default_factory=dict)
-    review_samples: int = 3
-    backoff_seconds: float = 1.0   # first retry waits up to this long; doubles per attempt (with jitter)
+    review_samples: int = setting(3, at_least=1)
+    backoff_seconds: float = setting(1.0, at_least=0)  # first retry waits up to this long; doubles per attempt (with jitter)
 
 
 @dataclass
@@ -96,18 +96,6 @@ def _rel(project: Project, path: Path) -> str:
         return Path(path).resolve().relative_to(project.root).as_posix()
     except ValueError:
         return str(path)
-
-
-def _validate(s: AnnotateSettings) -> None:
-    if s.pattern not in PATTERNS:
-        raise PersllmError(f"unknown pattern {s.pattern!r} (use {', '.join(PATTERNS)})")
-    if s.backend not in DEFAULT_MODEL:
-        raise PersllmError(f"unknown backend {s.backend!r} (use openai or local)")
-    for name in ("concurrency", "questions_per_paragraph", "max_tokens"):
-        if getattr(s, name) < 1:
-            raise PersllmError(f"{name} must be at least 1")
-    if s.budget_usd is not None and s.budget_usd < 0:
-        raise PersllmError("--budget-usd must not be negative")
 
 
 def read_feedback(path: Path | None) -> list[str]:
@@ -299,7 +287,6 @@ def _inputs(project: Project, s: AnnotateSettings) -> list[Path]:
 def run(project: Project, s: AnnotateSettings) -> int:
     """Annotate; returns the exit code (0 all ok, 3 some failed or left for a rerun)."""
     t0 = time.perf_counter()
-    _validate(s)
     model = s.model or DEFAULT_MODEL[s.backend]
     standards = read_feedback(s.feedback)
     items = plan(project, s)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from persllm_cli import console
-from persllm_cli.config import Project
+from persllm_cli.config import Project, setting
 from persllm_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, PersllmError
 
 Message = dict[str, str]
@@ -36,8 +36,8 @@ class ChatSettings:
     stage: str | None = None
     prompt: str | None = None
     system: str | None = None
-    max_new_tokens: int = 256
-    temperature: float = 0.7
+    max_new_tokens: int = setting(256, at_least=1)
+    temperature: float = setting(0.7, at_least=0)
     api_model: str | None = None
     base_url: str | None = None
     json_output: bool = False
@@ -188,10 +188,6 @@ def check_stage(talker: Talker, stage_id: str | None) -> str:
 
 def run(project: Project | None, settings: ChatSettings) -> int:
     s = settings
-    if s.max_new_tokens < 1:
-        raise PersllmError("--max-new-tokens must be at least 1", exit_code=EXIT_USAGE)
-    if s.temperature < 0:
-        raise PersllmError("--temperature must be 0 (greedy) or more", exit_code=EXIT_USAGE)
     if s.prompt is not None and not s.prompt.strip():
         raise PersllmError("--prompt is empty: give the message to answer", exit_code=EXIT_USAGE)
     interactive = _is_interactive(s)

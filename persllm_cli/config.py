@@ -9,6 +9,7 @@ from the environment or the command line resolve against the current directory, 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import tomllib
 import types
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from persllm_cli import console
-from persllm_cli.errors import PersllmError
+from persllm_cli.errors import EXIT_USAGE, PersllmError
 
 PROJECT_FILE = "persllm.toml"
 # The tables persllm.toml may hold: the persona, its stages, and one per command's settings.
@@ -230,6 +231,30 @@ def _coerce(value: Any, tp: Any, name: str, origin: str) -> Any:
     return value
 
 
+def setting(default: Any, **rules: Any) -> Any:
+    """A settings field with the values it may take, checked by `resolve` wherever a value comes
+    from: at_least, more_than, at_most, less_than (numbers; None always passes) and choices.
+
+        concurrency: int = setting(8, at_least=1)
+    """
+    return field(default=default, metadata={"rules": rules})
+
+
+_RULE_WORDS = {"at_least": "at least", "more_than": "more than", "at_most": "at most", "less_than": "less than"}
+
+
+def _breaks(value: Any, rules: dict[str, Any]) -> str | None:
+    """What `value` should be, when it breaks one of `rules`; None when it keeps them all."""
+    if value is None or not rules:
+        return None
+    if "choices" in rules:
+        return None if value in rules["choices"] else f"one of {', '.join(map(str, rules['choices']))}"
+    holds = {"at_least": operator.ge, "more_than": operator.gt, "at_most": operator.le, "less_than": operator.lt}
+    if all(holds[k](value, bound) for k, bound in rules.items()):
+        return None
+    return " and ".join(f"{words} {rules[k]}" for k, words in _RULE_WORDS.items() if k in rules)
+
+
 def env_name(section: str, key: str) -> str:
     return f"PERSLLM_{section}_{key}".upper().replace("-", "_")
 
@@ -264,19 +289,24 @@ def resolve(cls: type[T], section: str, flags: dict[str, Any], project: Project 
             value = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             value = f.default_factory()  # type: ignore[misc]
+        # Who set the value, as an error about it names it; only a flag's is a usage error (exit 2).
+        said, code = None, EXIT_USAGE
         for key in (name, name.replace("_", "-")):
             if key in toml_section:
                 value = _coerce(toml_section[key], tp, f"[{section}] {key}", str(toml_path))
-                base_dir = root
+                base_dir, said, code = root, f"{toml_path}: [{section}] {key}", 1
         env = os.environ.get(env_name(section, name))
         if env is not None and env != "":
             value = _coerce(env, tp, env_name(section, name), "environment")
-            base_dir = cwd
+            base_dir, said, code = cwd, env_name(section, name), 1
         if flags.get(name) is not None:
             value = _coerce(flags[name], tp, f"--{name.replace('_', '-')}", "command line")
-            base_dir = cwd
+            base_dir, said, code = cwd, f"--{name.replace('_', '-')}", EXIT_USAGE
         if value is dataclasses.MISSING:
             raise PersllmError(f"{section}: a value for {name} is required")
+        wanted = _breaks(value, f.metadata.get("rules", {})) if said else None
+        if wanted:
+            raise PersllmError(f"{said} must be {wanted}, not {value!r}", exit_code=code)
         if isinstance(value, Path) and not value.is_absolute():
             value = (base_dir / value).resolve()
         elif isinstance(value, list):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persllm_cli import console, records
-from persllm_cli.config import Project, public_settings
+from persllm_cli.config import Project, public_settings, setting
 from persllm_cli.curation import check_stages, latest, read_numbered
 from persllm_cli.errors import PersllmError
 
@@ -23,7 +23,7 @@ from persllm_cli.errors import PersllmError
 class DedupSettings:
     input: Path = Path("build/annotations.jsonl")
     output: Path = Path("build/dedup.jsonl")
-    threshold: float = 0.95
+    threshold: float = setting(0.95, more_than=0, at_most=1)
     embedder: str = "tfidf"
 
 
@@ -42,8 +42,6 @@ def run(project: Project, s: DedupSettings) -> int:
     from persllm_cli.neardup import greedy_keep
 
     started = time.perf_counter()
-    if not 0.0 < s.threshold <= 1.0:
-        raise PersllmError(f"--threshold must be in (0, 1], got {s.threshold}")
     embedder = get_embedder(s.embedder)  # an unknown spec fails before any work
     numbered = read_numbered(s.input, what="annotation records")
     check_stages(s.input, numbered, project)

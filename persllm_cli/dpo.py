@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from persllm_cli import console, records
-from persllm_cli.config import Project, public_settings
+from persllm_cli.config import Project, public_settings, setting
 from persllm_cli.curation import check_usable, latest, normalise, persona, read_numbered, stage_order
-from persllm_cli.errors import EXIT_USAGE, PersllmError
+from persllm_cli.errors import PersllmError
 from persllm_cli.records import Record
 
 MODES = ("retrieve", "generate")
@@ -42,14 +42,14 @@ SAME_ANSWER = "every candidate gives the same answer"
 class DpoSettings:
     input: Path = Path("build/train.jsonl")
     pool: list[Path] = field(default_factory=list)
-    skip: int = 5
-    mode: str = "retrieve"
+    skip: int = setting(5, at_least=0)
+    mode: str = setting("retrieve", choices=MODES)
     output: Path = Path("build/dpo.jsonl")
-    backend: str | None = None
+    backend: str | None = setting(None, choices=("openai", "local"))
     model: str | None = None
     base_url: str | None = None
-    concurrency: int | None = None
-    budget_usd: float | None = None   # --mode generate; else [annotate] budget_usd
+    concurrency: int | None = setting(None, at_least=1)
+    budget_usd: float | None = setting(None, at_least=0)  # --mode generate; else [annotate] budget_usd
     dry_run: bool = False             # --mode generate
     embedder: str = "tfidf"  # question similarity for --mode retrieve
 
@@ -181,10 +181,6 @@ def retrieve_pairs(inputs: list[Record], universe: list[Candidate], skip: int,
 
 def run(project: Project, s: DpoSettings) -> int:
     started = time.perf_counter()
-    if s.mode not in MODES:
-        raise PersllmError(f"--mode must be retrieve or generate, not {s.mode!r}", exit_code=EXIT_USAGE)
-    if s.skip < 0:
-        raise PersllmError(f"--skip must be 0 or more, got {s.skip}")
     if s.mode == "generate":
         from persllm_cli import dpo_generate
 

@@ -182,15 +182,11 @@ class Annotator:
 
         a = resolve(AnnotateSettings, "annotate", {}, project)
         backend = s.backend or a.backend
-        if backend not in DEFAULT_MODEL:
-            raise PersllmError(f"unknown backend {backend!r} (use openai or local)")
         # [annotate] model belongs to [annotate] backend: a different --backend takes its own default.
         same = backend == a.backend
         model = s.model or (a.model if same else None) or DEFAULT_MODEL[backend]
         base_url = s.base_url or (a.base_url if same else None)
         concurrency = s.concurrency if s.concurrency is not None else a.concurrency
-        if concurrency < 1 or a.max_tokens < 1:
-            raise PersllmError("concurrency and max_tokens must be at least 1")
         return cls(backend, model, base_url, concurrency, a)
 
     def public(self) -> dict[str, Any]:
@@ -236,8 +232,6 @@ def run(project: Project, s) -> int:
     unpriced = f"no price known for {ann.model!r}: counting $0 (add it under [annotate.prices])"
 
     budget = s.budget_usd if s.budget_usd is not None else a.budget_usd
-    if budget is not None and budget < 0:
-        raise PersllmError("--budget-usd must not be negative")
     if s.dry_run:
         state = records.resume_state(work, repair=False) if work.exists() else None
         todo = [it for it in items if state is None or it.id not in state.ok]

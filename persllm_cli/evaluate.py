@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm_cli import console, eval_answers, judge, metrics, records
-from persllm_cli.config import Project
+from persllm_cli.config import Project, setting
 from persllm_cli.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.llm import Backend
 from persllm_cli.runner import Budget, RunnerSettings
@@ -40,22 +40,22 @@ class EvalSettings:
     pool: list[Path] = field(default_factory=list)
     judge: str | None = None
     judge_base_url: str | None = None
-    judge_max_tokens: int = 512
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    temperature: float = 0.0
-    limit: int | None = None
-    max_pairs: int = 2000
+    judge_max_tokens: int = setting(512, at_least=1)
+    max_new_tokens: int = setting(256, at_least=1)
+    batch_size: int = setting(8, at_least=1)
+    temperature: float = setting(0.0, at_least=0)
+    limit: int | None = setting(None, at_least=1)
+    max_pairs: int = setting(2000, at_least=1)
     seed: int = 0
-    tokenize: str = "auto"
-    timeout: float = 120.0
-    concurrency: int = 8
-    max_retries: int = 5
-    budget_usd: float | None = None
+    tokenize: str = setting("auto", choices=metrics.TOKENIZE_CHOICES)
+    timeout: float = setting(120.0, more_than=0)
+    concurrency: int = setting(8, at_least=1)
+    max_retries: int = setting(5, at_least=0)
+    budget_usd: float | None = setting(None, at_least=0)
     json_output: bool = False
     output: Path | None = None
     # persllm.toml only
-    backoff_seconds: float = 1.0   # first retry of an API request waits up to this long (doubles, jittered)
+    backoff_seconds: float = setting(1.0, at_least=0)  # first retry of an API request waits up to this long (doubles, jittered)
 
 
 # ---------------------------------------------------------------- what is evaluated
@@ -184,17 +184,6 @@ def _fingerprint(source: str, s: EvalSettings) -> str:
 def run(project: Project | None, s: EvalSettings) -> int:
     """Validate everything, generate what is missing, score, judge, report."""
     t0 = time.perf_counter()
-    if s.tokenize not in metrics.TOKENIZE_CHOICES:
-        raise PersllmError(f"--tokenize must be one of {', '.join(metrics.TOKENIZE_CHOICES)}, not {s.tokenize!r}")
-    for name in ("batch_size", "max_new_tokens", "max_pairs", "concurrency"):
-        if getattr(s, name) < 1:
-            raise PersllmError(f"--{name.replace('_', '-')} must be at least 1")
-    if s.max_retries < 0:
-        raise PersllmError("--max-retries must not be negative")
-    if s.limit is not None and s.limit < 1:
-        raise PersllmError("--limit must be at least 1")
-    if s.budget_usd is not None and s.budget_usd < 0:
-        raise PersllmError("--budget-usd must not be negative")
     s.output = Path(s.output).resolve() if s.output else None
     s.pool = [Path(p).resolve() for p in s.pool]
     if project is None and not Path(s.test).exists():

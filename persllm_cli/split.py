@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persllm_cli import console, records
-from persllm_cli.config import Project, public_settings
+from persllm_cli.config import Project, public_settings, setting
 from persllm_cli.curation import check_usable, latest, pattern, read_numbered, stage_order
 from persllm_cli.errors import PersllmError
 from persllm_cli.records import Record
@@ -26,7 +26,7 @@ from persllm_cli.records import Record
 @dataclass
 class SplitSettings:
     input: Path = Path("build/dedup.jsonl")
-    test_size: float = 0.2
+    test_size: float = setting(0.2, more_than=0, less_than=1)
     seed: int = 0
     train_output: Path = Path("build/train.jsonl")
     test_output: Path = Path("build/test.jsonl")
@@ -67,8 +67,6 @@ def assign(recs: list[Record], test_size: float, seed: int) -> list[bool]:
 
 def run(project: Project, s: SplitSettings) -> int:
     started = time.perf_counter()
-    if not 0.0 < s.test_size < 1.0:
-        raise PersllmError(f"--test-size must be between 0 and 1 (a share of the records), got {s.test_size}")
     if s.train_output.resolve() == s.test_output.resolve():
         raise PersllmError("--train-output and --test-output name the same file")
     if s.input.resolve() in (s.train_output.resolve(), s.test_output.resolve()):

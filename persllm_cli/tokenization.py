@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm_cli import console, records
-from persllm_cli.config import Project, public_settings, time_token
+from persllm_cli.config import Project, public_settings, setting, time_token
 from persllm_cli.errors import PersllmError
 
 FORMAT_VERSION = 1
@@ -49,10 +49,10 @@ class TokenizeSettings:
     train: Path = Path("build/train.jsonl")
     dpo: Path | None = None
     general: Path | None = None
-    repeat: int = 5
+    repeat: int = setting(5, at_least=1)
     base: str = "smollm2-135m"
-    time_tokens: int | None = None
-    max_length: int = 2048
+    time_tokens: int | None = setting(None, at_least=1)
+    max_length: int = setting(2048, at_least=16)
     output: Path = Path("build/tokenized")
 
 
@@ -254,8 +254,6 @@ def run(project: Project, settings: TokenizeSettings) -> int:
     if settings.time_tokens is not None and settings.time_tokens != n_stages:
         raise PersllmError(f"--time-tokens {settings.time_tokens} does not match the project's {n_stages} stage(s) "
                            f"({', '.join(s.id for s in project.stages)}); each stage needs exactly one time token")
-    if settings.max_length < 16:
-        raise PersllmError(f"--max-length {settings.max_length} is too small (at least 16)")
     _check_output(settings.output)
     train_records = records.read_records(settings.train, what="training records")
     dpo_path = settings.dpo

@@ -234,15 +234,13 @@ def _break(case: str, proj: Path, fake, monkeypatch) -> list[str]:
         (proj / "data/late/knowledge.txt").write_bytes(b"caf\xe9 au lait\n")
     elif case == "unknown stage":
         return ["--stage", "middle"]
-    elif case == "bad pattern":
-        return ["--pattern", "nope"]
     return []
 
 
 @pytest.mark.parametrize("case,words", [
     ("no key", "OPENAI_API_KEY"), ("unreachable", "cannot reach"), ("401", "rejected the API key"),
     ("unknown model", "not found"), ("empty data", "empty"), ("not utf-8", "UTF-8"),
-    ("unknown stage", "unknown stage"), ("bad pattern", "unknown pattern")])
+    ("unknown stage", "unknown stage")])
 def test_fatal_errors_exit_1_and_write_nothing(cli, proj, fake_openai, monkeypatch, case, words):
     extra = _break(case, proj, fake_openai, monkeypatch)
     r = cli("annotate", *extra)
@@ -251,6 +249,23 @@ def test_fatal_errors_exit_1_and_write_nothing(cli, proj, fake_openai, monkeypat
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (proj / "build").exists()
     assert "sk-wrong-key-abcdef" not in r.output
+
+
+def test_bad_values_are_usage_errors_as_flags_and_errors_in_settings(cli, proj, fake_openai, monkeypatch):
+    r = cli("annotate", "--pattern", "nope")
+    assert r.exit_code == 2 and "--pattern must be one of ordinary, error, thought, not 'nope'" in r.stderr
+    r = cli("annotate", "--concurrency", "0")
+    assert r.exit_code == 2 and "--concurrency must be at least 1, not 0" in r.stderr
+    monkeypatch.setenv("PERSLLM_ANNOTATE_TIMEOUT", "-5")
+    r = cli("annotate")
+    assert r.exit_code == 1 and "PERSLLM_ANNOTATE_TIMEOUT must be more than 0, not -5.0" in r.stderr
+    monkeypatch.delenv("PERSLLM_ANNOTATE_TIMEOUT")
+    toml = (proj / "persllm.toml").read_text()
+    (proj / "persllm.toml").write_text(toml.replace("\n[annotate]\nbackoff", "\n[annotate]\nmax_tokens = 0\nbackoff"))
+    r = cli("annotate")
+    assert r.exit_code == 1 and "persllm.toml: [annotate] max_tokens must be at least 1, not 0" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (proj / "build").exists() and fake_openai.completions() == []
 
 
 # ------------------------------------------------------------------------------ instructions, review, secrets

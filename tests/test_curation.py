@@ -206,7 +206,7 @@ def test_dedup_works_on_chinese(tmp_path, cli):
     ("{\"id\": \"a\"}\nnot json\n{\"id\": \"b\"}\n", [], "annotations.jsonl:2: not valid JSON"),
     ("[1, 2]\n", [], "annotations.jsonl:1: expected a JSON object"),
     ("ALLFAILED", [], "no usable records"),
-    ("GOOD", ["--threshold", "1.5"], "--threshold"),
+    ("GOOD", ["--threshold", "1.5"], "--threshold must be more than 0 and at most 1, not 1.5"),
     ("GOOD", ["--embedder", "word2vec"], "unknown embedder"),
     ("FUTURE", [], "annotations.jsonl:2: record has stage 'future', which"),
 ])
@@ -223,7 +223,7 @@ def test_dedup_bad_input_writes_nothing(tmp_path, cli, content, flags, message):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
     result = cli("-C", str(proj), "dedup", *flags)
-    assert result.exit_code == 1
+    assert result.exit_code == (2 if "--threshold" in flags else 1)  # a bad flag value is a usage error
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (proj / "build" / "dedup.jsonl").exists()
@@ -297,7 +297,7 @@ def test_split_test_size(tmp_path, cli):
     ("failed", [], "dedup.jsonl:2: record is a failed record"),
     ("noanswer", [], "dedup.jsonl:2: record has no answer"),
     ("future", [], "dedup.jsonl:2: record has stage 'future', which"),
-    (None, ["--test-size", "1.5"], "--test-size"),
+    (None, ["--test-size", "1.5"], "--test-size must be more than 0 and less than 1, not 1.5"),
     (None, ["--train-output", "build/dedup.jsonl"], "is both the input and an output"),
 ])
 def test_split_bad_input_writes_nothing(tmp_path, cli, bad, flags, message):
@@ -314,7 +314,7 @@ def test_split_bad_input_writes_nothing(tmp_path, cli, bad, flags, message):
     write(proj / "build" / "dedup.jsonl", recs)
     before = (proj / "build" / "dedup.jsonl").read_bytes()
     result = cli("-C", str(proj), "split", *[f.replace("build/", f"{proj}/build/") for f in flags])
-    assert result.exit_code == 1
+    assert result.exit_code == (2 if "--test-size" in flags else 1)  # a bad flag value is a usage error
     assert message in result.stderr
     assert (proj / "build" / "dedup.jsonl").read_bytes() == before
     assert not (proj / "build" / "train.jsonl").exists() and not (proj / "build" / "test.jsonl").exists()

@@ -193,4 +193,4 @@ def test_generate_budget_stops_before_passing_it(project, cli, fake_openai):
     work = read(project / "build" / "dpo.generate.jsonl")
     assert 0 < len(work) < 3 and len(fake_openai.completions()) == len(work)
     assert sum(w["annotator"]["cost_usd"] for w in work) <= 0.5
-    assert cli("-C", str(project), "dpo", "--mode", "generate", "--budget-usd", "-1").exit_code == 1
+    assert cli("-C", str(project), "dpo", "--mode", "generate", "--budget-usd", "-1").exit_code == 2

@@ -320,7 +320,7 @@ def test_budget_limits_judge_and_api_answers_together(project, cli, monkeypatch,
     r = cli("eval", *flags)
     assert r.exit_code == 0, r.output
     assert len(fake_openai.completions()) == 4 + 4 * 2 + 1
-    assert cli("eval", *flags, "--budget-usd", "-1").exit_code == 1
+    assert cli("eval", *flags, "--budget-usd", "-1").exit_code == 2  # a bad flag value: usage
 
 
 def test_judge_requests_run_concurrently(project, cli, monkeypatch, fake_openai):
@@ -409,7 +409,7 @@ def test_errors(project, cli, monkeypatch, tmp_path):
     result = cli("eval", str(run), "--pool", str(bad_pool))
     assert result.exit_code == 1 and "no persona" in result.stderr
     result = cli("eval", str(run), "--tokenize", "nope")
-    assert result.exit_code == 1 and "--tokenize" in result.stderr
+    assert result.exit_code == 2 and "--tokenize must be one of" in result.stderr
     assert not (run / "eval").exists()            # nothing written by any failed attempt
     assert len(result.stderr.strip().splitlines()) == 1
 
