@@ -19,6 +19,7 @@ adapter/, tokenizer/, checkpoints/, metrics.jsonl, loss.png, run.json, README.md
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -126,6 +127,14 @@ def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
             raise PersllmError(f"--{name.replace('_', '-')} must be at least 1")
     if s.max_steps is not None and s.max_steps < 1:
         raise PersllmError("--max-steps must be at least 1")
+    # `not x > 0` also catches NaN; torch and peft would otherwise fail mid-run with a traceback.
+    for name in ("learning_rate", "epochs", "lora_alpha", "beta"):
+        if not (getattr(s, name) > 0 and math.isfinite(getattr(s, name))):
+            raise PersllmError(f"--{name.replace('_', '-')} must be greater than 0, not {getattr(s, name)}")
+    if not 0 <= s.lora_dropout < 1:
+        raise PersllmError(f"--lora-dropout must be at least 0 and below 1, not {s.lora_dropout}")
+    if not 0 <= s.seed < 2**32:
+        raise PersllmError(f"--seed must be between 0 and {2**32 - 1}, not {s.seed}")
     if s.gpus is not None and s.nproc is not None:
         raise PersllmError("use --gpus (CUDA) or --nproc (CPU), not both")
     if s.nproc is not None and s.nproc < 1:
