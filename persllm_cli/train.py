@@ -189,25 +189,29 @@ def run(project: Project, settings: TrainSettings) -> int:
         n = settings.nproc
     settings.output = run_dir
     existed = run_dir.exists()
+    had_files = existed and any(run_dir.iterdir())
     try:
         if n > 1 and not launched_by_torchrun():
             return _relaunch(project, settings, n)
         from persllm_cli.training import train_rank
 
         return train_rank(project, settings, meta, run_dir)
-    except (PersllmError, KeyboardInterrupt):
-        _drop_if_empty(run_dir, existed)
+    except BaseException:  # a bug too: its traceback stays, but no half-made run blocks the rerun
+        _drop_if_empty(run_dir, existed, had_files)
         raise
 
 
-def _drop_if_empty(run_dir: Path, existed: bool) -> None:
-    """A run that failed before its first checkpoint leaves nothing behind (there is nothing to resume)."""
-    if existed or os.environ.get("RANK", "0") != "0" or not run_dir.is_dir():
+def _drop_if_empty(run_dir: Path, existed: bool, had_files: bool) -> None:
+    """A run that failed before its first checkpoint leaves nothing behind (there is nothing to resume).
+    A directory that held files before (a resumed run) is never touched; one that was empty stays, empty."""
+    if had_files or os.environ.get("RANK", "0") != "0" or not run_dir.is_dir():
         return
     if not any((run_dir / "checkpoints").glob("*/checkpoint-*")):
         import shutil
 
         shutil.rmtree(run_dir, ignore_errors=True)
+        if existed:
+            run_dir.mkdir()
 
 
 def _relaunch(project: Project, settings: TrainSettings, n: int) -> int:

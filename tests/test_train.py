@@ -262,6 +262,28 @@ def test_bad_hyperparameters_fail_before_anything_is_written(cli, tiny_project):
     assert json.loads((tiny_project / "runs" / "half" / "run.json").read_text())["steps"] == 3  # 12 records / 2 / 2
 
 
+def test_a_failed_start_leaves_no_half_made_run(cli, tiny_project, monkeypatch):
+    import persllm_cli.training as training
+
+    def bug(*a, **k):
+        raise ValueError("a bug before the first step")
+
+    monkeypatch.setattr(training, "_run_phases", bug)
+    runs = tiny_project / "runs"
+    with pytest.raises(ValueError):  # a bug keeps its traceback...
+        cli("train", "--output", "runs/g")
+    assert not (runs / "g").exists()  # ...but leaves no run.json for a rerun to call "already exists"
+    (runs / "empty").mkdir()
+    with pytest.raises(ValueError):
+        cli("train", "--output", "runs/empty")
+    assert list((runs / "empty").iterdir()) == []  # the user's own directory stays, as it was
+    (runs / "stopped" / "checkpoints" / "sft").mkdir(parents=True)
+    (runs / "stopped" / "run.json").write_text(json.dumps({"complete": False}))
+    with pytest.raises(ValueError):
+        cli("train", "--output", "runs/stopped", "--resume")
+    assert (runs / "stopped" / "run.json").is_file()  # a run being resumed is never removed
+
+
 def test_gpu_count_and_out_of_memory_messages(cli, tiny_project, monkeypatch):
     import torch
 
