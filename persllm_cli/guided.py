@@ -130,12 +130,13 @@ def free_reply(step: Stepper, tokenizer: Any, prompt: list[int], *, max_tokens: 
 class Decoder:
     """A causal LM and its KV cache: `sync(ids)` makes `ids` the context (reusing the cached common
     prefix), `pick` chooses the next token (greedy at temperature 0, else sampled with top-p 0.95),
-    `push(token)` appends it."""
+    `push(token)` appends it. Once `stop` (an event) is set, the next feed raises llm.Stopped."""
 
     def __init__(self, model: Any):
         import inspect
 
         self.model = model
+        self.stop: Any = None
         self.ids: list[int] = []     # tokens in the cache; `logits` follow the last one
         self.cache: Any = None
         self.logits: Any = None
@@ -146,6 +147,10 @@ class Decoder:
     def _feed(self, ids: list[int]) -> None:
         import torch
 
+        if self.stop is not None and self.stop.is_set():
+            from persllm_cli.llm import Stopped
+
+            raise Stopped
         device = getattr(self.model, "device", None) or next(self.model.parameters()).device
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1,

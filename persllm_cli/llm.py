@@ -11,7 +11,8 @@ them from worker threads.
 
 Errors: `TransientError` (timeouts, connection errors, 429, 5xx: retry, honouring `retry_after`),
 `FatalError` (a PersllmError: bad key, unknown model, unreachable server before anything worked),
-`RequestError` (this one request cannot work, e.g. a 400 for a too-long prompt: fail the item).
+`RequestError` (this one request cannot work, e.g. a 400 for a too-long prompt: fail the item),
+`Stopped` (the caller set the `stop` event it passed: the request was given up, nothing to record).
 
     backend = make_backend("openai", "gpt-4o-mini", base_url=None, timeout=120)   # or "local"
     backend.check()                                   # fail fast, before any output is written
@@ -24,6 +25,7 @@ Errors: `TransientError` (timeouts, connection errors, 429, 5xx: retry, honourin
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
@@ -56,15 +58,20 @@ class FatalError(PersllmError):
 class Backend(Protocol):
     name: str   # "openai" or "local"
     model: str
+    # Generates inside this process (torch): a thread still in `complete` when the interpreter
+    # exits aborts it, so callers must stop it (`stop`) and join it before exiting.
+    in_process: bool
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
-                 sections: list[str] | None = None, stage_token: str | None = None) -> Completion:
+                 sections: list[str] | None = None, stage_token: str | None = None,
+                 stop: threading.Event | None = None) -> Completion:
         """One chat completion. Raises TransientError or FatalError.
 
         Optional hints (a backend may ignore them; callers pass them only when they have them):
         `sections`, the labelled sections the reply must contain, in order ("question", "analysis",
         "response"), which lets a small local model be guided through the format; `stage_token`,
-        the time token of the record's stage, which a trained run puts first."""
+        the time token of the record's stage, which a trained run puts first; `stop`, an event
+        that, once set, makes an in-process backend give up between tokens and raise Stopped."""
         ...
 
     def check(self) -> None:
@@ -75,6 +82,10 @@ class Backend(Protocol):
 
 class RequestError(Exception):
     """This one request cannot succeed (e.g. 400: prompt too long); record the item as failed and go on."""
+
+
+class Stopped(Exception):
+    """The caller set `stop` (Ctrl-C, a fatal error elsewhere): generation was given up mid-way."""
 
 
 def estimate_tokens(text: str) -> int:
@@ -141,6 +152,7 @@ class OpenAIBackend:
     """
 
     name = "openai"
+    in_process = False   # a request in flight is left to die with the process (no torch in it)
 
     def __init__(self, model: str, base_url: str | None = None, timeout: float = 120.0):
         import os
@@ -235,10 +247,11 @@ class OpenAIBackend:
             raise self._translate(e) from None
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
-                 sections: list[str] | None = None, stage_token: str | None = None) -> Completion:
+                 sections: list[str] | None = None, stage_token: str | None = None,
+                 stop: threading.Event | None = None) -> Completion:
         import time
 
-        del sections, stage_token  # a capable API model follows the format in the prompt
+        del sections, stage_token, stop  # a capable API model follows the format in the prompt
         t0 = time.perf_counter()
         try:
             resp = self._client.chat.completions.create(**self._request(messages, max_tokens, temperature))
@@ -267,10 +280,9 @@ class LocalBackend:
     small models do not keep a labelled format by themselves."""
 
     name = "local"
+    in_process = True
 
     def __init__(self, model: str = "smollm2-135m", device: str | None = None):
-        import threading
-
         self.model = model
         self.device = device
         self.run_stages: list[dict[str, str]] | None = None   # set when `model` is a trained run
@@ -334,7 +346,8 @@ class LocalBackend:
         return len(prompt_ids(tok, messages, self._time_token(stage_token)))
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
-                 sections: list[str] | None = None, stage_token: str | None = None) -> Completion:
+                 sections: list[str] | None = None, stage_token: str | None = None,
+                 stop: threading.Event | None = None) -> Completion:
         import time
 
         from persllm_cli.guided import free_reply, guided_reply
@@ -346,12 +359,16 @@ class LocalBackend:
         with self._lock:
             t0 = time.perf_counter()
             prompt = prompt_ids(tok, messages, self._time_token(stage_token))
-            if sections:
-                out = guided_reply(decoder, tok, prompt, sections, max_tokens=max_tokens,
-                                   temperature=temperature, eos=eos)
-            else:
-                out = free_reply(decoder, tok, prompt, max_tokens=max_tokens, temperature=temperature, eos=eos,
-                                 stop=None if has_chat_template(tok) else "\nUser:")
+            decoder.stop = stop
+            try:
+                if sections:
+                    out = guided_reply(decoder, tok, prompt, sections, max_tokens=max_tokens,
+                                       temperature=temperature, eos=eos)
+                else:
+                    out = free_reply(decoder, tok, prompt, max_tokens=max_tokens, temperature=temperature, eos=eos,
+                                     stop=None if has_chat_template(tok) else "\nUser:")
+            finally:
+                decoder.stop = None
             return Completion(text=out.text, prompt_tokens=len(prompt) + out.label_tokens,
                               completion_tokens=out.generated, seconds=time.perf_counter() - t0, model=self.model)
 

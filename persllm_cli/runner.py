@@ -20,6 +20,8 @@ generate, eval): worker threads, retries with backoff, accounting, a budget, res
 - Budget: before each attempt the worst case of that request (estimated prompt + max_tokens) is
   reserved; if it could pass `budget_usd`, nothing more is sent and the run stops cleanly.
 - Ctrl-C: nothing more is sent, what is written stays written, KeyboardInterrupt propagates (130).
+  An in-process backend (torch) is stopped between tokens and its workers joined first: a thread
+  still inside torch when the interpreter exits aborts the process (exit 134).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from persllm_cli import console
-from persllm_cli.llm import (Backend, Completion, FatalError, Message, RequestError, TransientError,
+from persllm_cli.llm import (Backend, Completion, FatalError, Message, RequestError, Stopped, TransientError,
                              estimate_prompt_tokens)
 from persllm_cli.records import Appender, Record, resume_state
 
@@ -223,12 +225,16 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
         retry_after = None
         try:
             hints = options(item) if options else {}
-            completion = backend.complete(messages, max_tokens=s.max_tokens, temperature=s.temperature, **hints)
+            completion = backend.complete(messages, max_tokens=s.max_tokens, temperature=s.temperature,
+                                          stop=sh.stop, **hints)
         except TransientError as e:
             last_error, retry_after = str(e), e.retry_after
         except RequestError as e:
             sh.settle(reserved, None)
             return "failed", None, usage, str(e)
+        except Stopped:
+            sh.settle(reserved, None)
+            return "unsent", None, usage, last_error
         except FatalError as e:
             sh.settle(reserved, None)
             with sh.lock:
@@ -300,7 +306,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
                 return
             results.put((it, kind, parsed, usage, error))
 
-    # Daemon threads: on Ctrl-C the process may exit while requests are still in flight.
+    # Daemon threads: on Ctrl-C the process may exit while HTTP requests are still in flight.
     threads = [threading.Thread(target=worker, daemon=True, name=f"persllm-worker-{i}")
                for i in range(min(settings.concurrency, len(todo)))]
     for t in threads:
@@ -363,6 +369,9 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
         raise
     finally:
         sh.stop.set()
+        if backend.in_process:  # torch must not be running in a thread when the interpreter exits
+            for t in threads:
+                t.join()
         if appender is not None:
             appender.close()
         stats.requests = sh.requests

@@ -19,6 +19,7 @@ adapter/, tokenizer/, checkpoints/, metrics.jsonl, loss.png, run.json, README.md
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -126,6 +127,14 @@ def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
             raise PersllmError(f"--{name.replace('_', '-')} must be at least 1")
     if s.max_steps is not None and s.max_steps < 1:
         raise PersllmError("--max-steps must be at least 1")
+    # `not x > 0` also catches NaN; torch and peft would otherwise fail mid-run with a traceback.
+    for name in ("learning_rate", "epochs", "lora_alpha", "beta"):
+        if not (getattr(s, name) > 0 and math.isfinite(getattr(s, name))):
+            raise PersllmError(f"--{name.replace('_', '-')} must be greater than 0, not {getattr(s, name)}")
+    if not 0 <= s.lora_dropout < 1:
+        raise PersllmError(f"--lora-dropout must be at least 0 and below 1, not {s.lora_dropout}")
+    if not 0 <= s.seed < 2**32:
+        raise PersllmError(f"--seed must be between 0 and {2**32 - 1}, not {s.seed}")
     if s.gpus is not None and s.nproc is not None:
         raise PersllmError("use --gpus (CUDA) or --nproc (CPU), not both")
     if s.nproc is not None and s.nproc < 1:
@@ -182,25 +191,29 @@ def run(project: Project, settings: TrainSettings) -> int:
         n = settings.nproc
     settings.output = run_dir
     existed = run_dir.exists()
+    had_files = existed and any(run_dir.iterdir())
     try:
         if n > 1 and not launched_by_torchrun():
             return _relaunch(project, settings, n)
         from persllm_cli.training import train_rank
 
         return train_rank(project, settings, meta, run_dir)
-    except (PersllmError, KeyboardInterrupt):
-        _drop_if_empty(run_dir, existed)
+    except BaseException:  # a bug too: its traceback stays, but no half-made run blocks the rerun
+        _drop_if_empty(run_dir, existed, had_files)
         raise
 
 
-def _drop_if_empty(run_dir: Path, existed: bool) -> None:
-    """A run that failed before its first checkpoint leaves nothing behind (there is nothing to resume)."""
-    if existed or os.environ.get("RANK", "0") != "0" or not run_dir.is_dir():
+def _drop_if_empty(run_dir: Path, existed: bool, had_files: bool) -> None:
+    """A run that failed before its first checkpoint leaves nothing behind (there is nothing to resume).
+    A directory that held files before (a resumed run) is never touched; one that was empty stays, empty."""
+    if had_files or os.environ.get("RANK", "0") != "0" or not run_dir.is_dir():
         return
     if not any((run_dir / "checkpoints").glob("*/checkpoint-*")):
         import shutil
 
         shutil.rmtree(run_dir, ignore_errors=True)
+        if existed:
+            run_dir.mkdir()
 
 
 def _relaunch(project: Project, settings: TrainSettings, n: int) -> int:

@@ -372,6 +372,30 @@ def test_local_backend_with_smollm2(cli, proj, smollm2, monkeypatch):
             assert "[Question]" not in text and "[Response]" not in text and "[Analysis]" not in text
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_local_generation_exits_130(proj, smollm2):
+    """Ctrl-C while a worker thread is inside torch: the worker stops between tokens and is joined
+    before the interpreter exits (a thread still in torch then aborted the process: exit 134,
+    "terminate called without an active exception")."""
+    env = subprocess_env(PERSLLM_ANNOTATE_KNOWLEDGE_WORDS="100", PERSLLM_ANNOTATE_STYLE_WORDS="50",
+                         PERSLLM_ANNOTATE_MAX_TOKENS="48", OMP_NUM_THREADS="1")
+    out = proj / "build/annotations.jsonl"
+    proc = subprocess.Popen([*persllm_cmd(), "annotate", "--backend", "local", "--limit", "3", "--concurrency", "1"],
+                            cwd=proj, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (out.exists() and out.read_text().count("\n")):
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGINT)  # the first record is written: the worker is generating the next
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "terminate called" not in err
+    recs = records(proj)  # valid JSONL, nothing torn
+    assert 1 <= len(recs) < 3 and all(x["status"] == "ok" for x in recs)
+
+
 # ------------------------------------------------------------------------------ retrieval and prices
 
 def test_retrieval_seed_first_budget_counted_cjk():

@@ -264,6 +264,47 @@ def test_errors(cli, tiny_project, tiny_base, tmp_path):
     assert not (tiny_project / "runs" / "latest").exists()
 
 
+def test_bad_hyperparameters_fail_before_anything_is_written(cli, tiny_project):
+    for flag, value, says in [("--learning-rate", "-1", "--learning-rate must be greater than 0"),
+                              ("--learning-rate", "0", "--learning-rate must be greater than 0"),
+                              ("--learning-rate", "nan", "--learning-rate must be greater than 0"),
+                              ("--epochs", "0", "--epochs must be greater than 0"),
+                              ("--lora-alpha", "-3", "--lora-alpha must be greater than 0"),
+                              ("--beta", "-1", "--beta must be greater than 0"),
+                              ("--lora-dropout", "1.5", "--lora-dropout must be at least 0 and below 1"),
+                              ("--lora-dropout", "-0.1", "--lora-dropout must be at least 0 and below 1"),
+                              ("--seed", "-1", "--seed must be between 0 and")]:
+        r = cli("train", flag, value, "--output", "runs/g")
+        assert r.exit_code == 1, (flag, value, r.output)
+        assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tiny_project / "runs").exists()
+    r = cli("-q", "train", "--epochs", "0.5", "--batch-size", "2", "--grad-accum", "1", "--output", "runs/half")
+    assert r.exit_code == 0, r.output  # fractional epochs are fine
+    assert json.loads((tiny_project / "runs" / "half" / "run.json").read_text())["steps"] == 3  # 12 records / 2 / 2
+
+
+def test_a_failed_start_leaves_no_half_made_run(cli, tiny_project, monkeypatch):
+    import persllm_cli.training as training
+
+    def bug(*a, **k):
+        raise ValueError("a bug before the first step")
+
+    monkeypatch.setattr(training, "_run_phases", bug)
+    runs = tiny_project / "runs"
+    with pytest.raises(ValueError):  # a bug keeps its traceback...
+        cli("train", "--output", "runs/g")
+    assert not (runs / "g").exists()  # ...but leaves no run.json for a rerun to call "already exists"
+    (runs / "empty").mkdir()
+    with pytest.raises(ValueError):
+        cli("train", "--output", "runs/empty")
+    assert list((runs / "empty").iterdir()) == []  # the user's own directory stays, as it was
+    (runs / "stopped" / "checkpoints" / "sft").mkdir(parents=True)
+    (runs / "stopped" / "run.json").write_text(json.dumps({"complete": False}))
+    with pytest.raises(ValueError):
+        cli("train", "--output", "runs/stopped", "--resume")
+    assert (runs / "stopped" / "run.json").is_file()  # a run being resumed is never removed
+
+
 def test_gpu_count_and_out_of_memory_messages(cli, tiny_project, monkeypatch):
     import torch
 
