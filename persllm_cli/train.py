@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persllm_cli import __version__, console, records
-from persllm_cli.config import Project, public_settings
+from persllm_cli.config import Project, public_settings, setting
 from persllm_cli.errors import PersllmError
 
 METHODS = ("sft", "dpo", "sft+dpo")
@@ -40,23 +40,23 @@ METHODS = ("sft", "dpo", "sft+dpo")
 class TrainSettings:
     data: Path = Path("build/tokenized")
     base: str | None = None
-    method: str = "sft"
+    method: str = setting("sft", choices=METHODS)
     qlora: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    learning_rate: float = 2e-4
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 4
-    beta: float = 0.1
+    lora_r: int = setting(16, at_least=1)
+    lora_alpha: int = setting(32, more_than=0)
+    lora_dropout: float = setting(0.05, at_least=0, less_than=1)
+    learning_rate: float = setting(2e-4, more_than=0, less_than=math.inf)
+    epochs: float = setting(1.0, more_than=0, less_than=math.inf)
+    max_steps: int | None = setting(None, at_least=1)
+    batch_size: int = setting(4, at_least=1)
+    grad_accum: int = setting(4, at_least=1)
+    beta: float = setting(0.1, more_than=0, less_than=math.inf)
     gpus: str | None = None
-    nproc: int | None = None
+    nproc: int | None = setting(None, at_least=1)
     resume: bool = False
     output: Path | None = None
-    seed: int = 0
-    save_steps: int = 50
+    seed: int = setting(0, at_least=0, less_than=2**32)
+    save_steps: int = setting(50, at_least=1)
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -120,25 +120,10 @@ def _complete(run_dir: Path) -> bool:
 
 
 def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
-    if s.method not in METHODS:
-        raise PersllmError(f"--method must be one of {', '.join(METHODS)}, not {s.method!r}")
-    for name in ("batch_size", "grad_accum", "lora_r", "save_steps"):
-        if getattr(s, name) < 1:
-            raise PersllmError(f"--{name.replace('_', '-')} must be at least 1")
-    if s.max_steps is not None and s.max_steps < 1:
-        raise PersllmError("--max-steps must be at least 1")
-    # `not x > 0` also catches NaN; torch and peft would otherwise fail mid-run with a traceback.
-    for name in ("learning_rate", "epochs", "lora_alpha", "beta"):
-        if not (getattr(s, name) > 0 and math.isfinite(getattr(s, name))):
-            raise PersllmError(f"--{name.replace('_', '-')} must be greater than 0, not {getattr(s, name)}")
-    if not 0 <= s.lora_dropout < 1:
-        raise PersllmError(f"--lora-dropout must be at least 0 and below 1, not {s.lora_dropout}")
-    if not 0 <= s.seed < 2**32:
-        raise PersllmError(f"--seed must be between 0 and {2**32 - 1}, not {s.seed}")
+    # Ranges and choices of the settings are checked where they resolve (config.setting); torch
+    # and peft would otherwise fail mid-run with a traceback.
     if s.gpus is not None and s.nproc is not None:
         raise PersllmError("use --gpus (CUDA) or --nproc (CPU), not both")
-    if s.nproc is not None and s.nproc < 1:
-        raise PersllmError("--nproc must be at least 1")
     meta = read_data(s.data)
     if "dpo" in s.method and not (meta.get("files") or {}).get("dpo"):
         raise PersllmError(f"--method {s.method} needs preference pairs, but {s.data} has none "

@@ -236,7 +236,8 @@ def test_errors(cli, tiny_project, tiny_base, tmp_path):
         assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
     fails("--data", "nowhere", says="tokenized data not found")
-    fails("--method", "ppo", says="--method must be one of")
+    r = cli("train", "--method", "ppo")
+    assert r.exit_code == 2 and "--method must be one of sft, dpo, sft+dpo, not 'ppo'" in r.stderr  # usage
     fails("--gpus", "1", says="no CUDA device is visible")
     fails("--base", "no-such-model", says="base model not found")
     # Data made with another tokenizer: a base whose vocabulary differs.
@@ -265,17 +266,18 @@ def test_errors(cli, tiny_project, tiny_base, tmp_path):
 
 
 def test_bad_hyperparameters_fail_before_anything_is_written(cli, tiny_project):
-    for flag, value, says in [("--learning-rate", "-1", "--learning-rate must be greater than 0"),
-                              ("--learning-rate", "0", "--learning-rate must be greater than 0"),
-                              ("--learning-rate", "nan", "--learning-rate must be greater than 0"),
-                              ("--epochs", "0", "--epochs must be greater than 0"),
-                              ("--lora-alpha", "-3", "--lora-alpha must be greater than 0"),
-                              ("--beta", "-1", "--beta must be greater than 0"),
-                              ("--lora-dropout", "1.5", "--lora-dropout must be at least 0 and below 1"),
-                              ("--lora-dropout", "-0.1", "--lora-dropout must be at least 0 and below 1"),
-                              ("--seed", "-1", "--seed must be between 0 and")]:
+    for flag, value, says in [("--learning-rate", "-1", "--learning-rate must be more than 0"),
+                              ("--learning-rate", "0", "--learning-rate must be more than 0"),
+                              ("--learning-rate", "nan", "--learning-rate must be more than 0"),
+                              ("--learning-rate", "inf", "--learning-rate must be more than 0 and less than inf"),
+                              ("--epochs", "0", "--epochs must be more than 0"),
+                              ("--lora-alpha", "-3", "--lora-alpha must be more than 0"),
+                              ("--beta", "-1", "--beta must be more than 0"),
+                              ("--lora-dropout", "1.5", "--lora-dropout must be at least 0 and less than 1"),
+                              ("--lora-dropout", "-0.1", "--lora-dropout must be at least 0 and less than 1"),
+                              ("--seed", "-1", "--seed must be at least 0 and less than 4294967296")]:
         r = cli("train", flag, value, "--output", "runs/g")
-        assert r.exit_code == 1, (flag, value, r.output)
+        assert r.exit_code == 2, (flag, value, r.output)  # a bad flag value is a usage error
         assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tiny_project / "runs").exists()
     r = cli("-q", "train", "--epochs", "0.5", "--batch-size", "2", "--grad-accum", "1", "--output", "runs/half")
