@@ -198,7 +198,7 @@ class OpenAIBackend:
                                   "(check OPENAI_API_KEY)")
             if isinstance(e, o.NotFoundError) or status == 404:
                 return FatalError(f"the server at {self.where} does not know the model {self.model!r} "
-                                  f"(404 not found: {self._message(e)}); check --model and --base-url")
+                                  f"(404 not found: {self._message(e)}); check the model name and the base URL")
             return RequestError(f"request refused ({status}): {self._message(e)}")
         return e
 

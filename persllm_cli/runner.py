@@ -253,7 +253,7 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
                 last_error = f"malformed reply: {e}"
         if attempt < s.max_retries and sh.stop.wait(_backoff(attempt, s, retry_after)):
             return "unsent", None, usage, last_error
-    return "failed", None, usage, f"{last_error} (after {usage.attempts} attempts)"
+    return "failed", None, usage, f"{last_error} (after {usage.attempts} attempt{'s' if usage.attempts != 1 else ''})"
 
 
 def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callable[[Item], list[Message]],

@@ -140,5 +140,6 @@ def run(s: InitSettings) -> int:
         console.info("Next: put one paragraph per line in data/<stage>/knowledge.txt and style.txt, "
                      f"then `cd {target} && persllm annotate`.")
     else:
-        console.info(f"Next: cd {target} && persllm annotate --backend local --limit 6")
+        console.info(f"Next: cd {target}, then `mkdir -p build && cp annotations.sample.jsonl build/annotations.jsonl` to start "
+                     "from the hand-written records, and `persllm annotate --backend local --limit 6` to add a few")
     return 0

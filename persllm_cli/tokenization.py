@@ -37,6 +37,7 @@ from typing import Any
 
 from persllm_cli import console, records
 from persllm_cli.config import Project, public_settings, setting, time_token
+from persllm_cli.curation import read_numbered
 from persllm_cli.errors import PersllmError
 
 FORMAT_VERSION = 1
@@ -255,13 +256,13 @@ def run(project: Project, settings: TokenizeSettings) -> int:
         raise PersllmError(f"--time-tokens {settings.time_tokens} does not match the project's {n_stages} stage(s) "
                            f"({', '.join(s.id for s in project.stages)}); each stage needs exactly one time token")
     _check_output(settings.output)
-    train_records = records.read_records(settings.train, what="training records")
+    train_records = read_numbered(settings.train, what="training records")
     dpo_path = settings.dpo
     if dpo_path is None:
         candidate = project.root / "build" / "dpo.jsonl"
         dpo_path = candidate if candidate.is_file() else None
-    dpo_records = records.read_records(dpo_path, what="preference pairs") if dpo_path else []
-    general_records = records.read_records(settings.general, what="general records") if settings.general else []
+    dpo_records = read_numbered(dpo_path, what="preference pairs") if dpo_path else []
+    general_records = read_numbered(settings.general, what="general records") if settings.general else []
     base_path = resolve_base(settings.base)
     try:
         tok = load_tokenizer(base_path, n_stages)
@@ -291,8 +292,8 @@ def run(project: Project, settings: TokenizeSettings) -> int:
         return out
 
     persona: list[dict] = []
-    for n, r in enumerate(train_records, start=1):
-        where = f"{settings.train}: record {n}"
+    for n, r in train_records:
+        where = f"{settings.train}:{n}"
         if "status" in r and records.unusable_reason(r):
             stats["skipped_unusable"] += 1
             continue
@@ -302,8 +303,8 @@ def run(project: Project, settings: TokenizeSettings) -> int:
         stats["persona_records"] += 1
         stats["per_stage"][stage.id] += 1
     general: list[dict] = []
-    for n, r in enumerate(general_records, start=1):
-        where = f"{settings.general}: record {n}"
+    for n, r in general_records:
+        where = f"{settings.general}:{n}"
         msgs = _check_messages(r.get("messages"), where)
         general.extend(add(r.get("id") or f"general-{n}", None, "general", msgs, None, where))
         stats["general_records"] += 1
@@ -312,7 +313,7 @@ def run(project: Project, settings: TokenizeSettings) -> int:
     examples.extend(general)
     if not examples:
         raise PersllmError(f"{settings.train}: no usable training conversations")
-    pairs = [_dpo_pair(tok, project, r, f"{dpo_path}: record {n}") for n, r in enumerate(dpo_records, start=1)]
+    pairs = [_dpo_pair(tok, project, r, f"{dpo_path}:{n}") for n, r in dpo_records]
     stats["dpo_pairs"] = len(pairs)
 
     lengths = [len(e["input_ids"]) for e in examples]

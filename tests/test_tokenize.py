@@ -161,9 +161,11 @@ def test_unknown_stage_and_missing_file(cli, smollm2, tmp_path, monkeypatch):
     monkeypatch.chdir(p)
     r = cli("tokenize", "--train", "nope.jsonl")
     assert r.exit_code == 1 and "nope.jsonl" in r.stderr
-    (p / "build" / "train.jsonl").write_text(json.dumps({"id": "x", "stage": "future", "status": "ok", "messages": CONV}) + "\n")
+    ok = {"id": "y", "stage": "early", "status": "ok", "messages": CONV}
+    future = {"id": "x", "stage": "future", "status": "ok", "messages": CONV}
+    (p / "build" / "train.jsonl").write_text(json.dumps(ok) + "\n\n" + json.dumps(future) + "\n")
     r = cli("tokenize")
-    assert r.exit_code == 1 and "unknown stage 'future'" in r.stderr
+    assert r.exit_code == 1 and "train.jsonl:3" in r.stderr and "unknown stage 'future'" in r.stderr  # file:line
     assert not (p / "build" / "tokenized").exists()
 
 
