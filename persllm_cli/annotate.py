@@ -229,6 +229,22 @@ def _dry_run(items: list[Item], ann: Annotator, s: AnnotateSettings, model: str,
     return 0
 
 
+def _sidecar(project: Project, s: AnnotateSettings, output: Path, model: str, n_items: int, standards: list[str],
+             price: Price, seconds: float, last_run: dict[str, Any]) -> None:
+    final = resume_state(output, repair=False) if output.exists() else None
+    if final is None:
+        return
+    settings = public_settings(s)
+    settings["model"] = model
+    if settings.get("base_url"):
+        from persllm_cli.llm import redact_url
+
+        settings["base_url"] = redact_url(settings["base_url"])
+    write_meta(output, command="annotate", settings=settings, inputs=_inputs(project, s),
+               counts={"ok": len(final.ok), "failed": len(final.failed), "items": n_items}, seconds=seconds,
+               extra={"standards": standards, "price_per_million": [price.input, price.output], "last_run": last_run})
+
+
 def _review(items: list[Item], backend: Any, ann: Annotator, rs: RunnerSettings, budget: Budget, price: Price,
             output: Path, standards: list[str]) -> None:
     """Show the first answers and take 'ok' or a standard; repeat on fresh items until 'ok'."""
@@ -317,28 +333,22 @@ def run(project: Project, s: AnnotateSettings) -> int:
         if s.limit is not None:
             done_now = len(resume_state(output).ok - before)
             rs.limit = max(0, s.limit - done_now)
-    stats = run_items(items, backend, build_messages=ann.messages, parse=ann.parse, make_record=ann.record,
-                      output=output, settings=budget.settings(rs), price=price, request_options=ann.options)
-    if stats.planned == 0 and stats.skipped:
+    def sidecar(last_run: dict[str, Any]) -> None:
+        _sidecar(project, s, output, model, len(items), standards, price, time.perf_counter() - t0, last_run)
+
+    try:
+        stats = run_items(items, backend, build_messages=ann.messages, parse=ann.parse, make_record=ann.record,
+                          output=output, settings=budget.settings(rs), price=price, request_options=ann.options)
+    except KeyboardInterrupt:
+        sidecar({"interrupted": True})  # an interrupted run's sidecar still counts what the file now holds
+        raise
+    sidecar(stats.as_dict())
+    if stats.planned == 0 and stats.skipped == len(items):
         console.info(f"nothing to do: all {stats.skipped} items are already in {output}")
     else:
         summary(stats)
     if not known:
         console.note(unpriced)
-    final = resume_state(output) if output.exists() else None
-    if final is not None:
-        settings = public_settings(s)
-        settings["model"] = model
-        if settings.get("base_url"):
-            from persllm_cli.llm import redact_url
-
-            settings["base_url"] = redact_url(settings["base_url"])
-        write_meta(output, command="annotate", settings=settings,
-                   inputs=_inputs(project, s),
-                   counts={"ok": len(final.ok), "failed": len(final.failed), "items": len(items)},
-                   seconds=time.perf_counter() - t0,
-                   extra={"standards": standards, "price_per_million": [price.input, price.output],
-                          "last_run": stats.as_dict()})
     if stats.stopped == "budget":
         console.warn(f"budget of ${s.budget_usd} reached: {stats.not_sent} item(s) not sent; "
                      "rerun with a higher --budget-usd to continue")

@@ -297,6 +297,14 @@ def test_instructions_review_feedback_and_no_key_in_files(cli, proj, fake_openai
                 assert key not in f.read_bytes(), f
 
 
+def test_review_that_uses_the_whole_limit_is_not_nothing_to_do(cli, proj, fake_openai):
+    with open(proj / "persllm.toml", "a") as f:
+        f.write("review_samples = 2\n")
+    r = cli("annotate", "--review", "--limit", "2", "--concurrency", "1", input="ok\n")
+    assert r.exit_code == 0, r.output
+    assert len(records(proj)) == 2 and "nothing to do" not in r.stderr
+
+
 # ------------------------------------------------------------------------------ kill -9 and resume
 
 def test_resume_after_kill_9(tmp_path, cli):
@@ -394,6 +402,8 @@ def test_ctrl_c_during_local_generation_exits_130(proj, smollm2):
     assert "interrupted" in err and "terminate called" not in err
     recs = records(proj)  # valid JSONL, nothing torn
     assert 1 <= len(recs) < 3 and all(x["status"] == "ok" for x in recs)
+    side = json.loads((proj / "build/annotations.jsonl.meta.json").read_text())
+    assert side["counts"]["ok"] == len(recs) and side["last_run"] == {"interrupted": True}
 
 
 # ------------------------------------------------------------------------------ retrieval and prices
