@@ -20,6 +20,7 @@ from persllm_cli.annotate_prompts import PATTERNS, build_messages, parse_reply, 
 from persllm_cli.config import Project, Stage, public_settings, setting
 from persllm_cli.corpus import Paragraph, read_paragraphs
 from persllm_cli.errors import EXIT_PARTIAL, PersllmError
+from persllm_cli.llm import BACKENDS
 from persllm_cli.records import Record, read_text, record_id, resume_state, write_meta
 from persllm_cli.runner import Budget, Item, Price, RunnerSettings, dry_run, run_items, summary
 
@@ -42,7 +43,7 @@ class AnnotateSettings:
     questions_per_paragraph: int = setting(1, at_least=1)
     limit: int | None = setting(None, at_least=0)
     instructions: Path | None = None
-    backend: str = setting("openai", choices=tuple(DEFAULT_MODEL))
+    backend: str = setting("openai", choices=BACKENDS)
     model: str | None = None
     base_url: str | None = None
     concurrency: int = setting(8, at_least=1)

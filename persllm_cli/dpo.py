@@ -31,6 +31,7 @@ from persllm_cli import console, records
 from persllm_cli.config import Project, public_settings, setting
 from persllm_cli.curation import check_usable, latest, normalise, persona, read_numbered, stage_order
 from persllm_cli.errors import PersllmError
+from persllm_cli.llm import BACKENDS
 from persllm_cli.records import Record
 
 MODES = ("retrieve", "generate")
@@ -45,7 +46,7 @@ class DpoSettings:
     skip: int = setting(5, at_least=0)
     mode: str = setting("retrieve", choices=MODES)
     output: Path = Path("build/dpo.jsonl")
-    backend: str | None = setting(None, choices=("openai", "local"))
+    backend: str | None = setting(None, choices=BACKENDS)
     model: str | None = None
     base_url: str | None = None
     concurrency: int | None = setting(None, at_least=1)

@@ -392,6 +392,9 @@ def _cpu_threads() -> None:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), allowed, free)))
 
 
+BACKENDS = ("openai", "local")  # what make_backend builds; the settings' choices of --backend
+
+
 def make_backend(kind: str, model: str | None, base_url: str | None = None, timeout: float = 120.0) -> Backend:
     """'openai' (model required) or 'local' (default the embedded smollm2-135m)."""
     if kind == "openai":
