@@ -87,8 +87,11 @@ def price_for(model: str, table: dict[str, list[float]]) -> tuple[Price, bool]:
     if key is None:
         return Price(), False
     value = prices[key]
-    if not (isinstance(value, (list, tuple)) and len(value) == 2):
-        raise PersllmError(f"[annotate.prices] {key!r} must be [input, output] dollars per million tokens")
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+    if not numbers:
+        raise PersllmError(f"persllm.toml: [annotate.prices] {key!r} = {value!r}: it must be [input, output], "
+                           "dollars per million tokens, neither negative")
     return Price(float(value[0]), float(value[1])), True
 
 

@@ -213,10 +213,13 @@ def _coerce(value: Any, tp: Any, name: str, origin: str) -> Any:
                 return False
             raise ValueError(value)
         if base is int:
-            if isinstance(value, bool):
+            # true/false and 2.5 are not counts: say so rather than use 1 or 2.
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(value)
         if base is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
             return float(value)
         if base is Path:
             return Path(value).expanduser()

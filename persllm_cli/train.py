@@ -82,18 +82,20 @@ def read_data(data: Path) -> dict:
 def _gpu_count(gpus: str) -> int:
     import torch
 
+    n = None
+    if gpus != "all":
+        try:
+            n = int(gpus)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise PersllmError(f"--gpus must be a number of at least 1 or 'all', not {gpus!r}")
     if not torch.cuda.is_available():
         raise PersllmError(f"--gpus {gpus} asks for CUDA, but no CUDA device is visible "
                            "(check the driver and CUDA_VISIBLE_DEVICES, or train on CPU with --nproc N)")
     visible = torch.cuda.device_count()
-    if gpus == "all":
+    if n is None:
         return visible
-    try:
-        n = int(gpus)
-    except ValueError:
-        raise PersllmError(f"--gpus must be a number or 'all', not {gpus!r}") from None
-    if n < 1:
-        raise PersllmError("--gpus must be at least 1")
     if n > visible:
         raise PersllmError(f"--gpus {n} is more than the {visible} visible GPU(s)")
     return n

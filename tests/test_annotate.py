@@ -429,6 +429,11 @@ def test_prices_known_prefixed_and_overridden():
     assert price_for("gpt-4o-2024-08-06", {})[0].output == 10.0
     assert price_for("my-llama", {"my-llama": [1, 2]})[0].cost(1_000_000, 1_000_000) == 3.0
     assert price_for("my-llama", {}) == (price_for("my-llama", {})[0], False)
+    from persllm_cli.errors import PersllmError
+
+    for bad in ([-1.0, 2.0], [1.0, "a"], [1.0], "x", [True, 1.0]):  # one clear line, never a traceback
+        with pytest.raises(PersllmError, match="must be \\[input, output\\]"):
+            price_for("my-llama", {"my-llama": bad})
 
 
 def test_key_rejected_mid_run_keeps_what_was_written(cli, proj, fake_openai):

@@ -504,6 +504,17 @@ def test_unknown_toml_section_is_an_error(tmp_path, cli):
     assert result.exit_code == 1 and "unknown section(s) [annotat]" in result.stderr
 
 
+def test_a_toml_number_of_the_wrong_kind_is_an_error_not_rounded(tmp_path, cli):
+    root = tmp_path / "p"
+    assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0
+    toml = (root / "persllm.toml").read_text()
+    for extra, says in (("[split]\nseed = 1.7\n", "[split] seed = 1.7 is not a valid int"),
+                        ("[dedup]\nthreshold = true\n", "[dedup] threshold = True is not a valid float")):
+        (root / "persllm.toml").write_text(toml + "\n" + extra)
+        result = cli("-C", str(root), extra.split("]")[0][1:])
+        assert result.exit_code == 1 and says in result.stderr, result.stderr
+
+
 def test_misspelled_environment_setting_is_reported(tmp_path, cli, monkeypatch):
     root = tmp_path / "p"
     assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0

@@ -239,6 +239,7 @@ def test_errors(cli, tiny_project, tiny_base, tmp_path):
     r = cli("train", "--method", "ppo")
     assert r.exit_code == 2 and "--method must be one of sft, dpo, sft+dpo, not 'ppo'" in r.stderr  # usage
     fails("--gpus", "1", says="no CUDA device is visible")
+    fails("--gpus", "foo", says="--gpus must be a number of at least 1 or 'all', not 'foo'")  # the form first
     fails("--base", "no-such-model", says="base model not found")
     # Data made with another tokenizer: a base whose vocabulary differs.
     from transformers import AutoTokenizer
