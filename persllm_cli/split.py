@@ -80,6 +80,10 @@ def run(project: Project, s: SplitSettings) -> int:
     test = assign(recs, s.test_size, s.seed)
     train_recs = [r for r, t in zip(recs, test) if not t]
     test_recs = [r for r, t in zip(recs, test) if t]
+    for side, n in (("training", len(train_recs)), ("test", len(test_recs))):
+        if not n:
+            console.warn(f"the {side} side is empty ({len(recs)} records, --test-size {s.test_size}); "
+                         "the next steps need both")
 
     table: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for r, t in zip(recs, test):

@@ -290,6 +290,8 @@ def test_split_test_size(tmp_path, cli):
     assert cli("-C", str(proj), "split", "--test-size", "0.5").exit_code == 0
     share = len(read(proj / "build" / "test.jsonl")) / len(recs)
     assert abs(share - 0.5) < 0.05
+    result = cli("-C", str(proj), "split", "--test-size", "0.999")
+    assert result.exit_code == 0 and "the training side is empty" in result.stderr
 
 
 @pytest.mark.parametrize("bad, flags, message", [
