@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from persllm_cli import console
-from persllm_cli.errors import EXIT_USAGE, PersllmError
+from persllm_cli.errors import EXIT_ERROR, EXIT_USAGE, PersllmError
 
 PROJECT_FILE = "persllm.toml"
 # The tables persllm.toml may hold: the persona, its stages, and one per command's settings.
@@ -293,18 +293,19 @@ def resolve(cls: type[T], section: str, flags: dict[str, Any], project: Project 
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             value = f.default_factory()  # type: ignore[misc]
         # Who set the value, as an error about it names it; only a flag's is a usage error (exit 2).
-        said, code = None, EXIT_USAGE
+        said, code = None, EXIT_ERROR
         for key in (name, name.replace("_", "-")):
             if key in toml_section:
                 value = _coerce(toml_section[key], tp, f"[{section}] {key}", str(toml_path))
-                base_dir, said, code = root, f"{toml_path}: [{section}] {key}", 1
-        env = os.environ.get(env_name(section, name))
+                base_dir, said, code = root, f"{toml_path}: [{section}] {key}", EXIT_ERROR
+        var, flag = env_name(section, name), f"--{name.replace('_', '-')}"
+        env = os.environ.get(var)
         if env is not None and env != "":
-            value = _coerce(env, tp, env_name(section, name), "environment")
-            base_dir, said, code = cwd, env_name(section, name), 1
+            value = _coerce(env, tp, var, "environment")
+            base_dir, said, code = cwd, var, EXIT_ERROR
         if flags.get(name) is not None:
-            value = _coerce(flags[name], tp, f"--{name.replace('_', '-')}", "command line")
-            base_dir, said, code = cwd, f"--{name.replace('_', '-')}", EXIT_USAGE
+            value = _coerce(flags[name], tp, flag, "command line")
+            base_dir, said, code = cwd, flag, EXIT_USAGE
         if value is dataclasses.MISSING:
             raise PersllmError(f"{section}: a value for {name} is required")
         wanted = _breaks(value, f.metadata.get("rules", {})) if said else None
