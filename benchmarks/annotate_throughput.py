@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from persllm_cli import console  # noqa: E402
-from persllm_cli.annotate_prompts import parse_reply  # noqa: E402
-from persllm_cli.llm import OpenAIBackend  # noqa: E402
-from persllm_cli.runner import Item, Price, RunnerSettings, run_items  # noqa: E402
+from persllm_cli.annotate.prompts import parse_reply  # noqa: E402
+from persllm_cli.llm.backends import OpenAIBackend  # noqa: E402
+from persllm_cli.llm.runner import Item, Price, RunnerSettings, run_items  # noqa: E402
 from tests.fakes.openai_server import FakeOpenAI  # noqa: E402
 
 

@@ -38,7 +38,7 @@ def main() -> None:
                     help="fold the adapter into the weights (load_run's default: on CPU)")
     args = ap.parse_args()
 
-    from persllm_cli.models import ensure_embedded
+    from persllm_cli.model.bases import ensure_embedded
 
     base_dir = ensure_embedded("smollm2-135m")
     tmp = None
@@ -55,7 +55,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from persllm_cli import merged, runs
+    from persllm_cli.model import merged
+    from persllm_cli.model import runs
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # as load_run does
     info = runs.read_run(run)
@@ -87,7 +88,8 @@ def main() -> None:
     t_process = process()
     import torch
 
-    from persllm_cli.inference import load_run, stream_reply
+    from persllm_cli.model.load import load_run
+    from persllm_cli.model.generate import stream_reply
 
     forget()
     t0 = time.perf_counter()

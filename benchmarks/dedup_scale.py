@@ -5,7 +5,7 @@ Data: synthetic questions built from word lists (question frames x verbs x subje
 Embeddings: TF-IDF (the default embedder), the same vectors for every method.
 
 Methods (all give the same kept set, which is checked):
-- blocked: persllm_cli.neardup.greedy_keep, what `persllm dedup` runs.
+- blocked: persllm_cli.data.neardup.greedy_keep, what `persllm dedup` runs.
 - per-row loop (the baseline, at 10k): for each record in order, ONE sparse matrix-vector product
   of the whole TF-IDF matrix with its row (CSR @ dense vector), then "is any similarity at a kept
   row >= threshold". Vectorised within a row, a Python loop over rows. Its work is O(n x nnz).
@@ -96,8 +96,8 @@ def per_row_loop(X, threshold: float):
 def child(n: int, baseline: bool, pair_baseline: bool) -> dict:
     import numpy as np
 
-    from persllm_cli.embedding import get_embedder
-    from persllm_cli.neardup import greedy_keep, greedy_keep_loop
+    from persllm_cli.data.embedding import get_embedder
+    from persllm_cli.data.neardup import greedy_keep, greedy_keep_loop
 
     qs = make_questions(n)
     embedder = get_embedder("tfidf")  # imports scikit-learn outside the timing
@@ -125,7 +125,7 @@ def child(n: int, baseline: bool, pair_baseline: bool) -> dict:
 
 def cli_run(n: int) -> dict:
     """`persllm dedup` end to end on n records, in a subprocess; time and that process's peak RSS."""
-    from persllm_cli.records import dumps
+    from persllm_cli.data.records import dumps
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)

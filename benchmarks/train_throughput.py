@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from persllm_cli.models import is_quantized  # noqa: E402
-from persllm_cli.trainer_utils import BatchStats, SFTTrainer, pad_collate  # noqa: E402
-from persllm_cli.training import _quiet_libraries, _remove_printer  # noqa: E402
+from persllm_cli.model.bases import is_quantized  # noqa: E402
+from persllm_cli.train.trainer import BatchStats, SFTTrainer, pad_collate  # noqa: E402
+from persllm_cli.train.rank import _quiet_libraries, _remove_printer  # noqa: E402
 
 # Reference only, not the baseline: shared/gpu/README.md, qlora_baseline.py on an H100 (2026-11-25),
 # 8 x 1,024 tokens. The baseline is measured again in every run, on the device at hand.
@@ -117,7 +117,7 @@ def pad_to_max(pad_id: int, max_length: int):
 
 
 def synthetic_data(tok, n: int, max_length: int, seed: int = 0) -> list[dict]:
-    from persllm_cli.tokenization import encode_split
+    from persllm_cli.model.chat_format import encode_split
 
     rng = random.Random(seed)
     words = "the castle owl wand spell friend quidditch potion library forest dragon letter train night".split()
@@ -134,9 +134,9 @@ def synthetic_data(tok, n: int, max_length: int, seed: int = 0) -> list[dict]:
 def lora_model(base, tok, seed):
     from peft import get_peft_model
 
-    from persllm_cli.models import load_for_training
-    from persllm_cli.train import TrainSettings
-    from persllm_cli.training import lora_config
+    from persllm_cli.model.bases import load_for_training
+    from persllm_cli.train.command import TrainSettings
+    from persllm_cli.train.rank import lora_config
 
     torch.manual_seed(seed)
     model = load_for_training(str(base), qlora=False, device="cpu", vocab_size=len(tok))
@@ -148,8 +148,8 @@ def lora_model(base, tok, seed):
 def cpu_part(a) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from persllm_cli.models import resolve_base
-    from persllm_cli.tokenization import load_tokenizer
+    from persllm_cli.model.bases import resolve_base
+    from persllm_cli.model.chat_format import load_tokenizer
 
     tok = load_tokenizer(resolve_base("smollm2-135m"), n_stages=1)
     data = synthetic_data(tok, a.examples, a.max_length)
@@ -272,9 +272,9 @@ def persllm_side(path: Path, mode: str, device: str, steps: int, warmup: int, ba
     row trainable), SFTTrainer with its length-grouped sampler and pad_collate, bf16 autocast on CUDA."""
     from peft import get_peft_model
 
-    from persllm_cli.models import load_for_training
-    from persllm_cli.train import TrainSettings
-    from persllm_cli.training import lora_config
+    from persllm_cli.model.bases import load_for_training
+    from persllm_cli.train.command import TrainSettings
+    from persllm_cli.train.rank import lora_config
 
     torch.manual_seed(0)
     # A one-stage project's tokenizer: the base vocabulary and one time token, whose row trains.

@@ -13,9 +13,11 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from persllm_cli import __version__, console
-from persllm_cli.config import Project, open_project, resolve
-from persllm_cli.errors import EXIT_INTERRUPTED, PersllmError
+from persllm_cli import __version__
+from persllm_cli.core import console
+from persllm_cli.core.project import Project, open_project
+from persllm_cli.core.settings import resolve
+from persllm_cli.core.errors import EXIT_INTERRUPTED, PersllmError
 
 app = typer.Typer(
     name="persllm",
@@ -92,7 +94,7 @@ def init(
     force: Annotated[bool, typer.Option(help="Create the project even if DIR is not empty. Existing files with content are kept, except persllm.toml: it is rewritten, and a different old one is kept as persllm.toml.bak.")] = False,
 ) -> int:
     """Create a project: persllm.toml and data/<stage>/knowledge.txt and style.txt."""
-    from persllm_cli import scaffold
+    from persllm_cli.init import command as scaffold
 
     return scaffold.run(scaffold.InitSettings(directory=directory, name=name, description=description,
                                               stages=stage or [], example=example, force=force))
@@ -135,7 +137,7 @@ def annotate(
     """Write persona Q&A records from the project's material with an LLM (resumable, accounted)."""
     flags = dict(locals())
     flags["stages"] = flags.pop("stage")
-    from persllm_cli import annotate as annotate_stage
+    from persllm_cli.annotate import command as annotate_stage
 
     project, settings = _settings(ctx, annotate_stage.AnnotateSettings, "annotate", flags)
     return annotate_stage.run(project, settings)
@@ -153,7 +155,7 @@ def dedup(
     embedder: Annotated[Optional[str], Opt(help="tfidf or st:NAME. [default: tfidf]")] = None,
 ) -> int:
     """Drop failed records and near-duplicate questions (greedy, in file order)."""
-    from persllm_cli import dedup as stage
+    from persllm_cli.curate import dedup as stage
 
     project, settings = _settings(ctx, stage.DedupSettings, "dedup", dict(locals()))
     return stage.run(project, settings)
@@ -172,7 +174,7 @@ def split(
     test_output: Annotated[Optional[Path], Opt("--test-output", help="[default: build/test.jsonl]", metavar="FILE")] = None,
 ) -> int:
     """Split into train and test, stratified by stage and pattern, never splitting a seed paragraph."""
-    from persllm_cli import split as stage
+    from persllm_cli.curate import split as stage
 
     project, settings = _settings(ctx, stage.SplitSettings, "split", dict(locals()))
     return stage.run(project, settings)
@@ -198,7 +200,7 @@ def dpo(
     embedder: Annotated[Optional[str], Opt(help="For --mode retrieve: question similarity, tfidf or st:NAME. [default: tfidf]")] = None,
 ) -> int:
     """Build chosen/rejected preference pairs (TRL's conversational format, with provenance)."""
-    from persllm_cli import dpo as stage
+    from persllm_cli.curate import dpo as stage
 
     project, settings = _settings(ctx, stage.DpoSettings, "dpo", dict(locals()))
     return stage.run(project, settings)
@@ -220,7 +222,7 @@ def tokenize(
     output: Annotated[Optional[Path], Opt("-o", "--output", help="Output folder; an existing one must be empty or an earlier tokenize output. [default: build/tokenized]", metavar="DIR")] = None,
 ) -> int:
     """Render with the chat template, add time tokens, mask non-assistant labels."""
-    from persllm_cli import tokenization as stage
+    from persllm_cli.train import tokenize as stage
 
     project, settings = _settings(ctx, stage.TokenizeSettings, "tokenize", dict(locals()))
     return stage.run(project, settings)
@@ -253,7 +255,7 @@ def train(
     save_steps: Annotated[Optional[int], Opt(help="Checkpoint every N steps. [default: 50]")] = None,
 ) -> int:
     """Train a LoRA/QLoRA adapter with SFT, DPO, or SFT then DPO."""
-    from persllm_cli import train as stage
+    from persllm_cli.train import command as stage
 
     project, settings = _settings(ctx, stage.TrainSettings, "train", dict(locals()))
     return stage.run(project, settings)
@@ -284,7 +286,7 @@ def chat(
     --api-model M talks to an OpenAI-compatible model instead (key from OPENAI_API_KEY), giving it the chosen stage's knowledge and style paragraphs closest to each message.
     """
     flags = dict(locals())  # taken before the import below adds a name
-    from persllm_cli import chat as chat_stage
+    from persllm_cli.chat import command as chat_stage
 
     project, settings = _settings(ctx, chat_stage.ChatSettings, "chat", flags, project_required=False)
     return chat_stage.run(project, settings)
@@ -321,7 +323,7 @@ def eval_(
 
     Reports BLEU between answers (within a stage, across stages, across personas), BLEU and ROUGE-L against the reference answers and, with --judge, an LLM judge's verdicts. Answers are saved and reused: a rerun only generates what is missing. Writes eval.md, eval.png and eval.json; exits 3 when some answers or verdicts are missing (rerun to retry).
     """
-    from persllm_cli import evaluate as stage
+    from persllm_cli.eval import command as stage
 
     project, settings = _settings(ctx, stage.EvalSettings, "eval", dict(locals()), project_required=False)
     return stage.run(project, settings)

@@ -37,7 +37,7 @@ rm -rf .gpu/tokenizer
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" - <<'PY'
 from transformers import AutoTokenizer
 
-from persllm_cli.models import ensure_embedded
+from persllm_cli.model.bases import ensure_embedded
 
 AutoTokenizer.from_pretrained(ensure_embedded("smollm2-135m")).save_pretrained(".gpu/tokenizer")
 PY

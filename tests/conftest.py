@@ -31,7 +31,7 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    from persllm_cli import console
+    from persllm_cli.core import console
 
     console.set_quiet(False)
     yield home
@@ -97,7 +97,7 @@ def _embedded_models(tmp_path_factory) -> Path:
     old = os.environ.get("PERSLLM_HOME")
     os.environ["PERSLLM_HOME"] = str(home)
     try:
-        from persllm_cli.models import ensure_embedded
+        from persllm_cli.model.bases import ensure_embedded
 
         ensure_embedded("smollm2-135m")
     finally:

@@ -21,8 +21,8 @@ def make_run(run_dir: Path, base_dir: Path, *, base_name: str = "smollm2-135m",
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from persllm_cli import runs
-    from persllm_cli.config import time_token
+    from persllm_cli.model import runs
+    from persllm_cli.core.project import time_token
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

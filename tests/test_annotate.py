@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from persllm_cli.annotate_prompts import parse_reply
-from persllm_cli.records import read_jsonl, record_id
-from persllm_cli.runner import Malformed
+from persllm_cli.annotate.prompts import parse_reply
+from persllm_cli.data.records import read_jsonl, record_id
+from persllm_cli.llm.runner import Malformed
 from tests.conftest import REPO, persllm_cmd, run_persllm, subprocess_env
 from tests.fakes.openai_server import Fail, Hang, Malformed as BadReply, Reply
 
@@ -409,8 +409,8 @@ def test_ctrl_c_during_local_generation_exits_130(proj, smollm2):
 # ------------------------------------------------------------------------------ retrieval and prices
 
 def test_retrieval_seed_first_budget_counted_cjk():
-    from persllm_cli.corpus import Paragraph
-    from persllm_cli.retrieval import Index
+    from persllm_cli.data.corpus import Paragraph
+    from persllm_cli.data.retrieval import Index
 
     paras = [Paragraph(1, "哈利在霍格沃茨打魁地奇"), Paragraph(3, "罗恩和哈利是朋友"),
              Paragraph(4, "魁地奇比赛很精彩"), Paragraph(7, "今天下雨了很冷很冷很冷很冷")]
@@ -423,13 +423,13 @@ def test_retrieval_seed_first_budget_counted_cjk():
 
 
 def test_prices_known_prefixed_and_overridden():
-    from persllm_cli.annotate import price_for
+    from persllm_cli.annotate.command import price_for
 
     assert price_for("gpt-4o-mini-2024-07-18", {})[0].input == 0.15       # longest prefix wins
     assert price_for("gpt-4o-2024-08-06", {})[0].output == 10.0
     assert price_for("my-llama", {"my-llama": [1, 2]})[0].cost(1_000_000, 1_000_000) == 3.0
     assert price_for("my-llama", {}) == (price_for("my-llama", {})[0], False)
-    from persllm_cli.errors import PersllmError
+    from persllm_cli.core.errors import PersllmError
 
     for bad in ([-1.0, 2.0], [1.0, "a"], [1.0], "x", [True, 1.0]):  # one clear line, never a traceback
         with pytest.raises(PersllmError, match="must be \\[input, output\\]"):
@@ -445,8 +445,8 @@ def test_key_rejected_mid_run_keeps_what_was_written(cli, proj, fake_openai):
 
 
 def test_read_instructions_txt_and_jsonl(tmp_path):
-    from persllm_cli.annotate import read_instructions
-    from persllm_cli.errors import PersllmError
+    from persllm_cli.annotate.command import read_instructions
+    from persllm_cli.core.errors import PersllmError
 
     f = tmp_path / "i.jsonl"
     f.write_text(json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},

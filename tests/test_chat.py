@@ -85,7 +85,7 @@ def test_bad_numbers_are_usage_errors(cli, _session_run):
 def test_prompt_starts_with_the_stage_token_then_the_template(_session_run):
     from transformers import AutoTokenizer
 
-    from persllm_cli.inference import build_prompt, fit_messages, prompt_ids
+    from persllm_cli.model.chat_format import build_prompt, fit_messages, prompt_ids
 
     tok = AutoTokenizer.from_pretrained(_session_run / "tokenizer")
     msgs = [{"role": "user", "content": "Hello there"}]
@@ -164,7 +164,8 @@ def test_terminal_loads_while_the_user_types_and_a_failed_load_is_one_line(cli, 
     import builtins
     import threading
 
-    from persllm_cli import chat, inference
+    from persllm_cli.chat import command as chat
+    from persllm_cli.model import load
 
     monkeypatch.setattr(chat, "_is_interactive", lambda s: True)
     run = _copy_run(chat_run, tmp_path / "broken")
@@ -172,13 +173,13 @@ def test_terminal_loads_while_the_user_types_and_a_failed_load_is_one_line(cli, 
     shutil.copytree(chat_run / "tokenizer", run / "tokenizer")
     (run / "tokenizer" / "tokenizer.json").write_text("{ not json", encoding="utf-8")
     release = threading.Event()
-    real_load_run = inference.load_run
+    real_load_run = load.load_run
 
     def held_load_run(path, **kw):  # the load cannot finish before the prompt is up
         assert release.wait(60)
         return real_load_run(path, **kw)
 
-    monkeypatch.setattr(inference, "load_run", held_load_run)
+    monkeypatch.setattr(load, "load_run", held_load_run)
     real_input = builtins.input
 
     def typed(*a):
@@ -320,7 +321,7 @@ def test_api_model_and_a_run_together_is_a_usage_error(cli, project, fake_openai
 
 
 def test_conversation_drops_old_turns_and_says_so_once(capsys):
-    from persllm_cli.chat import Conversation
+    from persllm_cli.chat.command import Conversation
 
     class Echo:
         persona = "Echo"
@@ -345,9 +346,9 @@ def test_conversation_drops_old_turns_and_says_so_once(capsys):
 
 
 def test_api_conversation_sends_history_and_retrieves_per_message(project, fake_openai):
-    from persllm_cli.chat import Conversation
-    from persllm_cli.chat_api import ApiTalker
-    from persllm_cli.config import open_project
+    from persllm_cli.chat.command import Conversation
+    from persllm_cli.persona.api import ApiTalker
+    from persllm_cli.core.project import open_project
 
     fake_openai.push(Reply("Hagrid came."), Reply("The snitch, yes."))
     conv = Conversation(ApiTalker(open_project(project), "fake-model", None, 64, 0.0), "early")

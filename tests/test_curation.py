@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from persllm_cli.records import record_id
+from persllm_cli.data.records import record_id
 
 PERSONA = "Harry Potter"
 
@@ -101,8 +101,8 @@ def plain_loop(vectors, threshold: float) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_blocked_dedup_equals_plain_loop_tfidf(seed):
-    from persllm_cli.embedding import embed
-    from persllm_cli.neardup import greedy_keep
+    from persllm_cli.data.embedding import embed
+    from persllm_cli.data.neardup import greedy_keep
 
     qs = questions(500, seed)
     vectors = embed(qs, "tfidf")
@@ -114,7 +114,7 @@ def test_blocked_dedup_equals_plain_loop_tfidf(seed):
 
 
 def test_blocked_dedup_equals_plain_loop_dense():
-    from persllm_cli.neardup import greedy_keep
+    from persllm_cli.data.neardup import greedy_keep
 
     rng = np.random.default_rng(0)
     base = rng.standard_normal((300, 24)).astype(np.float32)
@@ -132,8 +132,8 @@ def test_blocked_dedup_equals_plain_loop_dense():
 @pytest.mark.slow  # loads a sentence-transformers model (about 5 s on 2 cores)
 def test_dedup_sentence_transformer_matches_plain_loop(tmp_path, cli):
     """st:all-MiniLM-L6-v2 ships offline; paraphrases are caught where TF-IDF sees different words."""
-    from persllm_cli.embedding import embed
-    from persllm_cli.neardup import greedy_keep
+    from persllm_cli.data.embedding import embed
+    from persllm_cli.data.neardup import greedy_keep
 
     qs = ["What is your favourite subject at school?", "Which school subject do you like best?",
           "How do you feel about flying on a broom?", "What do you think about riding a broomstick?",
@@ -468,8 +468,8 @@ def test_dpo_bad_input_writes_nothing(tmp_path, cli, bad, flags, code, message):
 
 
 def test_generate_pairs_answers_as_another_stage(tmp_path, cli):
-    from persllm_cli.config import load_project
-    from persllm_cli.dpo_generate import generate_pairs, other_stage
+    from persllm_cli.core.project import load_project
+    from persllm_cli.curate.dpo_generate import generate_pairs, other_stage
 
     proj = make_project(cli, tmp_path / "p")
     for sid, text in (("early", "Harry lives in the cupboard under the stairs."),

@@ -149,7 +149,7 @@ def test_generate_flags_override_annotate_settings(project, cli, fake_openai):
 
 
 def test_generate_ctrl_c_keeps_answers_and_exits_130(project, cli, fake_openai, monkeypatch):
-    from persllm_cli import dpo_generate
+    from persllm_cli.curate import dpo_generate
 
     real = dpo_generate._work_record
     made = []

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from persllm_cli import eval_answers, judge, metrics
+from persllm_cli.eval import answers as eval_answers
+from persllm_cli.eval import judge
+from persllm_cli.data import metrics
 from tests.fakes.openai_server import Fail
 
 STAGES = [("early", "first year"), ("late", "after the war")]

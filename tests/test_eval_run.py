@@ -1,5 +1,5 @@
 """`persllm eval` with a real run (smollm2 + untrained LoRA + time tokens): answers come from
-inference.generate_batch, match what `chat` would say at that stage, and a rerun generates nothing."""
+model.generate.generate_batch, match what `chat` would say at that stage, and a rerun generates nothing."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ def test_eval_a_real_run_then_rerun_generates_nothing(_eval_run, smollm2, cli, t
         "id": rid, "persona": "Harry Potter", "stage": stage, "pattern": "ordinary", "status": "ok",
         "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"A reference answer about {q}"}],
     }) + "\n" for rid, stage, q in QUESTIONS))
-    from persllm_cli import inference
+    from persllm_cli.model import generate, load
 
-    real_load, loaded = inference.load_run, []
-    monkeypatch.setattr(inference, "load_run", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    real_load, loaded = load.load_run, []
+    monkeypatch.setattr(load, "load_run", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
     args = ("eval", str(_eval_run), "--test", str(test), "--max-new-tokens", "8", "--batch-size", "2", "-o", "out")
     result = cli(*args)
     assert result.exit_code == 0, result.output
@@ -48,13 +48,13 @@ def test_eval_a_real_run_then_rerun_generates_nothing(_eval_run, smollm2, cli, t
     model, tokenizer, info = loaded[0]
     for a in answers:
         _, token = info.stage_token(a["stage"])
-        alone = "".join(inference.stream_reply(model, tokenizer, a["messages"][:1], token, 8, 0.0)).strip()
+        alone = "".join(generate.stream_reply(model, tokenizer, a["messages"][:1], token, 8, 0.0)).strip()
         assert a["messages"][1]["content"] == alone, a["id"]
 
     def no_loading(*_a, **_k):
         raise AssertionError("the rerun loaded the model")
 
-    monkeypatch.setattr(inference, "load_run", no_loading)
+    monkeypatch.setattr(load, "load_run", no_loading)
     before = (out / "r1" / "answers.jsonl").read_text()
     result = cli(*args, "--json")
     assert result.exit_code == 0, result.output

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from persllm_cli import records
-from persllm_cli.config import load_project, resolve, roman, time_token
-from persllm_cli.errors import PersllmError
+from persllm_cli.data import records
+from persllm_cli.core.project import load_project, roman, time_token
+from persllm_cli.core.settings import resolve
+from persllm_cli.core.errors import PersllmError
 from tests.conftest import REPO, persllm_cmd, run_persllm, subprocess_env
 
 # ---------------------------------------------------------------- the CLI shell
@@ -225,7 +226,7 @@ def test_settings_default_path_resolves_against_root(tmp_path, cli, monkeypatch)
     assert cli("init", str(root), "--name", "X", "--stage", "a").exit_code == 0
     (root / "sub").mkdir()
     monkeypatch.chdir(root / "sub")
-    from persllm_cli.config import open_project
+    from persllm_cli.core.project import open_project
 
     project = open_project()
     assert project.root == root.resolve()
@@ -330,7 +331,7 @@ def test_appender_survives_kill_9(tmp_path):
     p = tmp_path / "out.jsonl"
     code = (
         "import sys, time\n"
-        "from persllm_cli.records import Appender\n"
+        "from persllm_cli.data.records import Appender\n"
         "a = Appender(sys.argv[1])\n"
         "i = 0\n"
         "while True:\n"
@@ -384,7 +385,7 @@ def test_outputs_get_the_modes_of_a_plain_open(harry, cli, monkeypatch, umask_02
 
 
 def test_sidecar_has_no_secrets(tmp_path, monkeypatch):
-    from persllm_cli.config import public_settings
+    from persllm_cli.core.settings import public_settings
 
     @dataclass
     class S:
@@ -413,7 +414,7 @@ def test_record_id_is_stable():
 
 
 def test_read_paragraphs(tmp_path):
-    from persllm_cli.corpus import count_words, read_paragraphs
+    from persllm_cli.data.corpus import count_words, read_paragraphs
 
     p = tmp_path / "k.txt"
     p.write_text("first paragraph\n\n[Harry] I said this.\n哈利】我来了。\n  \n", encoding="utf-8")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from persllm_cli.annotate_prompts import parse_reply
-from persllm_cli.guided import guided_reply, section_end
+from persllm_cli.annotate.prompts import parse_reply
+from persllm_cli.model.guided import guided_reply, section_end
 
 EOS = 0
 
@@ -73,7 +73,7 @@ def test_cot_blank_line_eos_and_caps():
 
 
 def test_empty_section_is_refused_by_the_parser_and_an_echoed_label_is_read_through():
-    from persllm_cli.runner import Malformed
+    from persllm_cli.llm.runner import Malformed
 
     out, _ = run({"[Response]": ""}, ["response"])
     assert out.text == "[Response]\n" and out.generated == 1
@@ -93,9 +93,9 @@ def test_section_end(text, one_line, end):
 
 
 def test_long_prompt_notice_only_with_default_budgets_on_cpu(tmp_path, cli, monkeypatch, capsys):
-    from persllm_cli import annotate
-    from persllm_cli.config import resolve
-    from persllm_cli.runner import Item
+    from persllm_cli.annotate import command as annotate
+    from persllm_cli.core.settings import resolve
+    from persllm_cli.llm.runner import Item
 
     class Fake:
         device = "cpu"
@@ -105,7 +105,7 @@ def test_long_prompt_notice_only_with_default_budgets_on_cpu(tmp_path, cli, monk
 
     r = cli("init", str(tmp_path / "p"), "--name", "Ann", "--stage", "a:young")
     assert r.exit_code == 0, r.output
-    from persllm_cli.config import load_project
+    from persllm_cli.core.project import load_project
 
     project = load_project(tmp_path / "p")
     s = resolve(annotate.AnnotateSettings, "annotate", {"backend": "local"}, project)
@@ -120,7 +120,7 @@ def test_long_prompt_notice_only_with_default_budgets_on_cpu(tmp_path, cli, monk
 
 @pytest.mark.slow
 def test_run_puts_the_stage_token_first(tmp_path, smollm2):
-    from persllm_cli.llm import FatalError, LocalBackend
+    from persllm_cli.llm.backends import FatalError, LocalBackend
     from tests.run_factory import make_run
 
     run_dir = make_run(tmp_path / "runs" / "r1", smollm2)

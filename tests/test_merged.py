@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from persllm_cli import merged
+from persllm_cli.model import merged
 
 
 def fake_run_and_base(tmp_path: Path) -> tuple[Path, Path]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from persllm_cli.tokenization import IGNORE, encode, encode_split, load_tokenizer, prompt_ids
+from persllm_cli.model.chat_format import IGNORE, encode, encode_split, load_tokenizer, prompt_ids
 
 pytestmark = pytest.mark.slow  # needs the embedded model's tokenizer (converted once per session)
 
@@ -186,7 +186,7 @@ def test_output_that_is_not_a_tokenize_output_is_refused_before_any_work(cli, tm
     def no_work(*a, **k):
         raise AssertionError("tokenize started work before checking -o")
 
-    monkeypatch.setattr("persllm_cli.models.resolve_base", no_work)
+    monkeypatch.setattr("persllm_cli.model.bases.resolve_base", no_work)
     before = _tree(tmp_path)
     for out in (".", "data", "afile", "build/tokenized", str(tmp_path)):
         r = cli("tokenize", "-o", out)

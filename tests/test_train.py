@@ -93,8 +93,8 @@ def test_sft_smollm2_complete_run_and_small_adapter(cli, smollm2, tmp_path, monk
     assert deltas and all(s == [2, 576] for s in deltas)
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
-    from persllm_cli.inference import load_run
-    from persllm_cli.tokenization import prompt_ids
+    from persllm_cli.model.load import load_run
+    from persllm_cli.model.chat_format import prompt_ids
 
     model, tok, run_info = load_run(run)
     ids = prompt_ids(tok, [{"role": "user", "content": "Hello?"}], run_info.stage_token("early")[1])
@@ -107,7 +107,7 @@ def test_sft_smollm2_complete_run_and_small_adapter(cli, smollm2, tmp_path, monk
 
     # The CPU merge was cached: the next load reads it without PEFT and answers exactly the same.
     assert len(list((tmp_path / "persllm-home" / "merged").iterdir())) == 1
-    import persllm_cli.inference as inference
+    import persllm_cli.model.load as inference
 
     def no_adapter(*a, **kw):
         raise AssertionError("the cached merge was not used")
@@ -200,7 +200,7 @@ def test_started_by_torchrun_does_not_relaunch(tiny_project):
 def test_resume_continues_exactly(cli, tiny_project, monkeypatch):
     flags = ["--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2"]
     assert cli("-q", "train", *flags, "--output", "runs/straight").exit_code == 0
-    from persllm_cli import trainer_utils
+    from persllm_cli.train import trainer as trainer_utils
 
     def ctrl_c_after_first_checkpoint(self, args, state, control, **kw):
         if state.global_step >= 2:
@@ -213,8 +213,8 @@ def test_resume_continues_exactly(cli, tiny_project, monkeypatch):
     cut = tiny_project / "runs" / "cut"
     assert (cut / "checkpoints" / "sft" / "checkpoint-2").is_dir()
     assert not json.loads((cut / "run.json").read_text())["complete"]
-    from persllm_cli.errors import PersllmError
-    from persllm_cli.runs import read_run
+    from persllm_cli.core.errors import PersllmError
+    from persllm_cli.model.runs import read_run
 
     with pytest.raises(PersllmError, match="incomplete"):
         read_run(cut)  # chat refuses a run that did not finish
@@ -287,7 +287,7 @@ def test_bad_hyperparameters_fail_before_anything_is_written(cli, tiny_project):
 
 
 def test_a_failed_start_leaves_no_half_made_run(cli, tiny_project, monkeypatch):
-    import persllm_cli.training as training
+    import persllm_cli.train.rank as training
 
     def bug(*a, **k):
         raise ValueError("a bug before the first step")
@@ -311,7 +311,7 @@ def test_a_failed_start_leaves_no_half_made_run(cli, tiny_project, monkeypatch):
 def test_gpu_count_and_out_of_memory_messages(cli, tiny_project, monkeypatch):
     import torch
 
-    import persllm_cli.training as training
+    import persllm_cli.train.rank as training
 
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: True)

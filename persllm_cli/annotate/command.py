@@ -1,0 +1,364 @@
+"""`persllm annotate`: persona Q&A records from the project's material, written by an LLM.
+
+For each knowledge paragraph of each selected stage (or each line of --instructions), retrieve
+knowledge and style context of the same stage, ask the annotator for a question in the chosen
+pattern and the persona's answer, and append one record per item to build/annotations.jsonl.
+The concurrent runner (runner.py) does retries, accounting, the budget and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from persllm_cli.core import console
+from persllm_cli.annotate.prompts import PATTERNS, build_messages, parse_reply, time_line
+from persllm_cli.core.project import Project, Stage
+from persllm_cli.core.settings import public_settings, setting
+from persllm_cli.data.corpus import Paragraph, read_paragraphs
+from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
+from persllm_cli.llm.backends import BACKENDS
+from persllm_cli.data.records import Record, read_text, record_id, resume_state, write_meta
+from persllm_cli.llm.runner import Budget, Item, Price, RunnerSettings, dry_run, run_items, summary
+
+# Dollars per million tokens [input, output]; persllm.toml [annotate.prices] adds or overrides.
+DEFAULT_PRICES: dict[str, list[float]] = {
+    "gpt-4o": [2.5, 10.0], "gpt-4o-mini": [0.15, 0.6], "gpt-4-turbo": [10.0, 30.0], "gpt-4": [30.0, 60.0],
+    "gpt-4.1": [2.0, 8.0], "gpt-4.1-mini": [0.4, 1.6], "gpt-4.1-nano": [0.1, 0.4],
+    "gpt-3.5-turbo": [0.5, 1.5], "o1": [15.0, 60.0], "o3": [2.0, 8.0], "o3-mini": [1.1, 4.4],
+    "o4-mini": [1.1, 4.4],
+}
+DEFAULT_MODEL = {"openai": "gpt-4o-mini", "local": "smollm2-135m"}
+
+
+@dataclass
+class AnnotateSettings:
+    stages: list[str] | None = None
+    pattern: str = setting("ordinary", choices=PATTERNS)
+    cot: bool = False
+    time_prefix: bool = True
+    questions_per_paragraph: int = setting(1, at_least=1)
+    limit: int | None = setting(None, at_least=0)
+    instructions: Path | None = None
+    backend: str = setting("openai", choices=BACKENDS)
+    model: str | None = None
+    base_url: str | None = None
+    concurrency: int = setting(8, at_least=1)
+    max_retries: int = setting(5, at_least=0)
+    timeout: float = setting(120.0, more_than=0)
+    budget_usd: float | None = setting(None, at_least=0)
+    dry_run: bool = False
+    review: bool = False
+    feedback: Path | None = None
+    embedder: str = "tfidf"
+    output: Path = Path("build/annotations.jsonl")
+    # persllm.toml only
+    max_tokens: int = setting(1024, at_least=1)
+    temperature: float = setting(0.7, at_least=0)
+    knowledge_words: int = setting(1500, at_least=0)
+    style_words: int = setting(500, at_least=0)
+    prices: dict[str, list[float]] = field(default_factory=dict)
+    review_samples: int = setting(3, at_least=1)
+    backoff_seconds: float = setting(1.0, at_least=0)  # first retry waits up to this long; doubles per attempt (with jitter)
+
+
+@dataclass
+class Job:
+    """What one item needs to become a request and a record."""
+
+    stage: Stage
+    pattern: str
+    k: int
+    source: dict[str, Any]
+    knowledge_lines: list[int]
+    style_lines: list[int]
+    knowledge: list[str]
+    style: list[str]
+    instruction: list[dict[str, str]] | None = None
+
+
+def price_for(model: str, table: dict[str, list[float]]) -> tuple[Price, bool]:
+    """The model's price (exact name, else the longest known prefix, e.g. gpt-4o-2024-08-06 -> gpt-4o)."""
+    prices = {**DEFAULT_PRICES, **table}
+    key = model if model in prices else max((k for k in prices if model.startswith(k + "-")), key=len, default=None)
+    if key is None:
+        return Price(), False
+    value = prices[key]
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+    if not numbers:
+        raise PersllmError(f"persllm.toml: [annotate.prices] {key!r} = {value!r}: it must be [input, output], "
+                           "dollars per million tokens, neither negative")
+    return Price(float(value[0]), float(value[1])), True
+
+
+def _rel(project: Project, path: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(project.root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def read_feedback(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    text = read_text(Path(path))
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def read_instructions(path: Path) -> list[tuple[int, list[dict[str, str]]]]:
+    """(line, conversation ending with the user's instruction) per instruction: txt one per line,
+    or JSONL with `messages` (or `instruction`/`prompt` strings)."""
+    text = read_text(Path(path))
+    out: list[tuple[int, list[dict[str, str]]]] = []
+    jsonl = Path(path).suffix.lower() in (".jsonl", ".json")
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            out.append((i, [{"role": "user", "content": line.strip()}]))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PersllmError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        msgs = obj.get("messages") if isinstance(obj, dict) else None
+        if msgs is None and isinstance(obj, dict):
+            one = obj.get("instruction") or obj.get("prompt")
+            msgs = [{"role": "user", "content": one}] if isinstance(one, str) else None
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
+            raise PersllmError(f"{path}:{i}: expected an object with messages: [{{role, content}}, ...]")
+        users = [j for j, m in enumerate(msgs) if m.get("role") == "user"]
+        if not users:
+            raise PersllmError(f"{path}:{i}: no user message")
+        conv = [{"role": m["role"], "content": m["content"]} for m in msgs[: users[-1] + 1] if m.get("role") != "system"]
+        out.append((i, conv))
+    if not out:
+        raise PersllmError(f"{path}: no instructions in the file (it is empty)")
+    return out
+
+
+def plan(project: Project, s: AnnotateSettings) -> list[Item]:
+    """Every item of the run (done or not), in order, with its context: validates all inputs."""
+    from persllm_cli.data.embedding import get_embedder
+    from persllm_cli.data.retrieval import Index
+
+    stages = project.select_stages(s.stages)
+    instructions = read_instructions(s.instructions) if s.instructions else None
+    shared = get_embedder(s.embedder)
+    fresh = (lambda: get_embedder(s.embedder)) if s.embedder == "tfidf" else (lambda: shared)
+    material: list[tuple[Stage, Path, list[Paragraph], list[Paragraph]]] = []
+    for st in stages:  # read everything first: a bad file stops the run before any request
+        kfile, sfile = project.knowledge_file(st), project.style_file(st)
+        know = read_paragraphs(kfile)
+        style = read_paragraphs(sfile, required=False)
+        if not style:
+            console.warn(f"{_rel(project, sfile)} is missing or empty: answers get no style examples")
+        material.append((st, kfile, know, style))
+    items: list[Item] = []
+    for st, kfile, know, style in material:
+        kidx, sidx = Index(know, fresh()), Index(style, fresh())
+        if instructions is not None:
+            src_file = _rel(project, s.instructions)
+            for line, conv in instructions:
+                query = conv[-1]["content"]
+                kl, sl = kidx.context(query, s.knowledge_words), sidx.context(query, s.style_words)
+                job = Job(st, "instruction", 0, {"file": src_file, "line": line, "text": query}, kl, sl,
+                          kidx.text(kl), sidx.text(sl), instruction=conv)
+                items.append(Item(record_id(project.name, st.id, "instruction", src_file, line, 0), job))
+            continue
+        src_file = _rel(project, kfile)
+        for p in know:
+            kl = kidx.context(p.text, s.knowledge_words, first=p.line)
+            sl = sidx.context(p.text, s.style_words)
+            for k in range(s.questions_per_paragraph):
+                job = Job(st, s.pattern, k, {"file": src_file, "line": p.line, "text": p.text}, kl, sl,
+                          kidx.text(kl), sidx.text(sl))
+                items.append(Item(record_id(project.name, st.id, s.pattern, src_file, p.line, k), job))
+    return items
+
+
+class Annotator:
+    """The callbacks the runner needs, bound to one project and settings (standards can grow)."""
+
+    def __init__(self, project: Project, s: AnnotateSettings, standards: list[str]):
+        self.project, self.s, self.standards = project, s, standards
+        self.guided = s.backend == "local"   # LocalBackend writes the labels (see guided.py)
+
+    def messages(self, item: Item) -> list[dict[str, str]]:
+        j: Job = item.data
+        return build_messages(persona=self.project.name, description=self.project.description,
+                              stage_label=j.stage.label, pattern=j.pattern, cot=self.s.cot,
+                              time_prefix=self.s.time_prefix, knowledge=j.knowledge, style=j.style,
+                              standards=list(self.standards), instruction=j.instruction, variant=j.k,
+                              guided=self.guided)
+
+    def options(self, item: Item) -> dict[str, Any]:
+        """Hints for the backend: the sections the reply must have, and the stage's time token."""
+        j: Job = item.data
+        sections = (["question"] if j.instruction is None else []) + (["analysis"] if self.s.cot else []) + ["response"]
+        return {"sections": sections, "stage_token": j.stage.token}
+
+    def parse(self, item: Item, completion: Any):
+        j: Job = item.data
+        prefix = time_line(j.stage.label) if self.s.time_prefix else None
+        return parse_reply(completion.text, cot=self.s.cot, want_question=j.instruction is None, strip_prefix=prefix)
+
+    def record(self, item: Item, reply: Any, usage: Any, error: str | None) -> Record:
+        j: Job = item.data
+        if j.instruction is not None:
+            messages = [dict(m) for m in j.instruction]
+        else:
+            messages = [{"role": "user", "content": reply.question}] if reply else []
+        if reply:
+            messages.append({"role": "assistant", "content": reply.response})
+        return {
+            "id": item.id, "persona": self.project.name, "stage": j.stage.id, "pattern": j.pattern,
+            "source": j.source, "messages": messages, "analysis": reply.analysis if reply else None,
+            "context": {"knowledge": j.knowledge_lines, "style": j.style_lines},
+            "annotator": usage.as_dict(), "status": "ok" if reply else "failed", "error": error,
+        }
+
+
+def _dry_run(items: list[Item], ann: Annotator, s: AnnotateSettings, model: str, price: Price, output: Path) -> int:
+    state = resume_state(output, repair=False) if output.exists() else None
+    todo = [it for it in items if not state or it.id not in state.ok]
+    skipped = len(items) - len(todo)
+    if s.limit is not None:
+        todo = todo[: s.limit]
+    dry_run(model, [ann.messages(it) for it in todo], skipped, s.max_tokens, price)
+    return 0
+
+
+def _sidecar(project: Project, s: AnnotateSettings, output: Path, model: str, n_items: int, standards: list[str],
+             price: Price, seconds: float, last_run: dict[str, Any]) -> None:
+    final = resume_state(output, repair=False) if output.exists() else None
+    if final is None:
+        return
+    settings = public_settings(s)
+    settings["model"] = model
+    if settings.get("base_url"):
+        from persllm_cli.llm.backends import redact_url
+
+        settings["base_url"] = redact_url(settings["base_url"])
+    write_meta(output, command="annotate", settings=settings, inputs=_inputs(project, s),
+               counts={"ok": len(final.ok), "failed": len(final.failed), "items": n_items}, seconds=seconds,
+               extra={"standards": standards, "price_per_million": [price.input, price.output], "last_run": last_run})
+
+
+def _review(items: list[Item], backend: Any, ann: Annotator, rs: RunnerSettings, budget: Budget, price: Price,
+            output: Path, standards: list[str]) -> None:
+    """Show the first answers and take 'ok' or a standard; repeat on fresh items until 'ok'."""
+    done_ids: set[str] = set()
+    while True:
+        shown: list[Record] = []
+        batch = RunnerSettings(**{**budget.settings(rs).__dict__, "limit": ann.s.review_samples})
+        stats = run_items([it for it in items if it.id not in done_ids], backend, build_messages=ann.messages,
+                          parse=ann.parse, make_record=ann.record, output=output, settings=batch, price=price,
+                          on_record=shown.append, request_options=ann.options)
+        budget.charge(stats)
+        done_ids.update(r["id"] for r in shown)
+        ok = [r for r in shown if r["status"] == "ok"]
+        if not ok:
+            return
+        for r in ok:
+            console.info(f"\n[{r['stage']}] Q: {r['messages'][0]['content']}")
+            if r.get("analysis"):
+                console.info(f"   analysis: {r['analysis']}")
+            console.info(f"   A: {r['messages'][-1]['content']}")
+        console.info("\nType ok to go on, or a standard to add to the instructions:")
+        line = sys.stdin.readline()
+        answer = line.strip()
+        if not line or answer.lower() in ("", "ok", "y", "yes"):
+            return
+        standards.append(answer)
+        console.note(f"standard added: {answer}")
+
+
+LONG_LOCAL_PROMPT = 1000   # tokens; beyond this a CPU takes seconds per item just to read the prompt
+
+
+def _local_notice(project: Project, s: AnnotateSettings, backend: Any, ann: Annotator, items: list[Item]) -> None:
+    """On CPU, say once when the default context budgets make long prompts (the defaults stay)."""
+    import os
+
+    keys = ("knowledge_words", "style_words")
+    chosen = any(k in project.section("annotate") or f"PERSLLM_ANNOTATE_{k.upper()}" in os.environ for k in keys)
+    if chosen or getattr(backend, "device", None) != "cpu" or not items:
+        return
+    longest = max(backend.prompt_tokens(ann.messages(it), ann.options(it)["stage_token"]) for it in items[:8])
+    if longest > LONG_LOCAL_PROMPT:
+        console.note(f"prompts run to {longest:,} tokens with the default context budgets "
+                     f"({s.knowledge_words}/{s.style_words} words), slow for a local model on CPU; smaller "
+                     "budgets go much faster, e.g. PERSLLM_ANNOTATE_KNOWLEDGE_WORDS=300 "
+                     "PERSLLM_ANNOTATE_STYLE_WORDS=100 (or knowledge_words/style_words in [annotate])")
+
+
+def _inputs(project: Project, s: AnnotateSettings) -> list[Path]:
+    paths = [s.instructions] if s.instructions else []
+    for st in project.select_stages(s.stages):
+        paths += [project.knowledge_file(st), project.style_file(st)]
+    return paths
+
+
+def run(project: Project, s: AnnotateSettings) -> int:
+    """Annotate; returns the exit code (0 all ok, 3 some failed or left for a rerun)."""
+    t0 = time.perf_counter()
+    model = s.model or DEFAULT_MODEL[s.backend]
+    standards = read_feedback(s.feedback)
+    items = plan(project, s)
+    ann = Annotator(project, s, standards)
+    output = Path(s.output)
+    if s.backend == "local":
+        price, known = Price(), True
+    else:
+        price, known = price_for(model, s.prices)
+    unpriced = f"no price known for {model!r}: counting $0 (add it under [annotate.prices] in persllm.toml)"
+    if s.dry_run:
+        if not known:
+            console.note(unpriced)
+        return _dry_run(items, ann, s, model, price, output)
+
+    from persllm_cli.llm.backends import make_backend
+
+    backend = make_backend(s.backend, model, s.base_url, s.timeout)
+    backend.check()
+    if s.backend == "local":
+        _local_notice(project, s, backend, ann, items)
+    rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries, max_tokens=s.max_tokens,
+                        temperature=s.temperature, limit=s.limit, backoff_base=s.backoff_seconds)
+    budget = Budget(s.budget_usd)  # what --review's samples spend comes off the rest of the run
+    before = resume_state(output).ok if output.exists() else set()
+    if s.review and s.limit != 0:
+        _review(items, backend, ann, rs, budget, price, output, standards)
+        if s.limit is not None:
+            done_now = len(resume_state(output).ok - before)
+            rs.limit = max(0, s.limit - done_now)
+    def sidecar(last_run: dict[str, Any]) -> None:
+        _sidecar(project, s, output, model, len(items), standards, price, time.perf_counter() - t0, last_run)
+
+    try:
+        stats = run_items(items, backend, build_messages=ann.messages, parse=ann.parse, make_record=ann.record,
+                          output=output, settings=budget.settings(rs), price=price, request_options=ann.options)
+    except KeyboardInterrupt:
+        sidecar({"interrupted": True})  # an interrupted run's sidecar still counts what the file now holds
+        raise
+    sidecar(stats.as_dict())
+    if stats.planned == 0 and stats.skipped == len(items):
+        console.info(f"nothing to do: all {stats.skipped} items are already in {output}")
+    else:
+        summary(stats)
+    if not known:
+        console.note(unpriced)
+    if stats.stopped == "budget":
+        console.warn(f"budget of ${s.budget_usd} reached: {stats.not_sent} item(s) not sent; "
+                     "rerun with a higher --budget-usd to continue")
+        return EXIT_PARTIAL
+    if stats.failed:
+        console.warn(f"{stats.failed} item(s) failed after retries; rerun to retry them")
+        return EXIT_PARTIAL
+    return 0

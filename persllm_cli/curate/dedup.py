@@ -1,0 +1,89 @@
+"""`persllm dedup`: drop unusable records, then near-duplicate questions (the greedy rule).
+
+Reads the annotations (append-only: the last record per id wins), drops records that failed or
+lack a question, an answer or a stage, counting each reason, then walks the rest in file order and
+keeps a record when its question's cosine similarity to every question kept so far is below the
+threshold ("file order": a retried record keeps the place of its first attempt). The rule is computed in blocks (persllm_cli/neardup.py), never as an n x n matrix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from persllm_cli.core import console
+from persllm_cli.data import records
+from persllm_cli.core.project import Project
+from persllm_cli.core.settings import public_settings, setting
+from persllm_cli.data.curation import check_stages, latest, read_numbered
+from persllm_cli.core.errors import PersllmError
+
+
+@dataclass
+class DedupSettings:
+    input: Path = Path("build/annotations.jsonl")
+    output: Path = Path("build/dedup.jsonl")
+    threshold: float = setting(0.95, more_than=0, at_most=1)
+    embedder: str = "tfidf"
+
+
+def drop_reason(r: records.Record) -> str | None:
+    """Why dedup leaves a record out before comparing questions (None: it is usable)."""
+    reason = records.unusable_reason(r)
+    if reason:
+        return reason
+    if not isinstance(r.get("stage"), str) or not r["stage"]:
+        return "no stage"
+    return None
+
+
+def run(project: Project, s: DedupSettings) -> int:
+    from persllm_cli.data.embedding import get_embedder
+    from persllm_cli.data.neardup import greedy_keep
+
+    started = time.perf_counter()
+    embedder = get_embedder(s.embedder)  # an unknown spec fails before any work
+    numbered = read_numbered(s.input, what="annotation records")
+    check_stages(s.input, numbered, project)
+    current, superseded, no_id = latest(numbered)
+
+    dropped: Counter[str] = Counter()
+    if no_id:
+        dropped["no id"] = no_id
+    usable = []
+    for _, r in current:
+        reason = drop_reason(r)
+        if reason:
+            dropped[reason] += 1
+        else:
+            usable.append(r)
+    if not usable:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
+        raise PersllmError(f"{s.input}: no usable records ({why}); nothing to deduplicate")
+
+    questions = [records.question(r).strip() for r in usable]
+    with console.progress() as bar:
+        task = bar.add_task("embedding questions", total=None)
+        vectors = embedder.fit(questions).transform(questions)
+        bar.update(task, description="near-duplicates")
+        keep = greedy_keep(vectors, s.threshold)
+    kept = [r for r, k in zip(usable, keep) if k]
+    dropped["near-duplicate"] = len(usable) - len(kept)
+
+    counts = {"lines": len(numbered), "superseded": superseded, "records": len(current) + no_id,
+              "kept": len(kept), "dropped": dict(sorted(dropped.items()))}
+    seconds = time.perf_counter() - started
+    records.write_jsonl_atomic(s.output, kept)
+    records.write_meta(s.output, command="dedup", settings=public_settings(s), inputs=[s.input],
+                       counts=counts, seconds=seconds)
+
+    rows: list[list[object]] = [["records in", len(current) + no_id]]
+    if superseded:
+        rows.append(["  (earlier versions of an id, ignored)", superseded])
+    rows += [[f"dropped: {k}", v] for k, v in sorted(dropped.items()) if v or k == "near-duplicate"]
+    rows.append(["kept", len(kept)])
+    console.table(f"dedup (threshold {s.threshold}, {embedder.name})", ["", "records"], rows)
+    console.info(f"wrote {len(kept)} records to {s.output} in {seconds:.1f}s")
+    return 0

@@ -1,0 +1,397 @@
+"""The JSONL record files every stage reads and writes.
+
+One record per line (schema in CLI.md). Writers either replace a file atomically (temp file +
+rename, so a crash never leaves half a file) or append one record at a time, flushed, so an
+interrupted run resumes where it stopped. A line torn by a crash is only ever the last one, has no
+trailing newline, and is cut off on the next run instead of being read as data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from persllm_cli.core import console
+from persllm_cli.core.errors import PersllmError
+
+Record = dict[str, Any]
+
+
+def record_id(persona: str, stage: str, pattern: str, source_file: str, line: int, k: int) -> str:
+    """Stable id: sha256 of persona|stage|pattern|source file|line|k (k numbers questions per paragraph)."""
+    key = "|".join([persona, stage, pattern, source_file, str(line), str(k)])
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def question(record: Record) -> str | None:
+    """The first user message's text, or None."""
+    for m in record.get("messages") or []:
+        if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+            return m["content"]
+    return None
+
+
+def answer(record: Record) -> str | None:
+    """The last assistant message's text, or None."""
+    for m in reversed(record.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str):
+            return m["content"]
+    return None
+
+
+def unusable_reason(record: Record) -> str | None:
+    """Why a record cannot be used as training data (None when it can): 'failed', 'no question', ..."""
+    if record.get("status") != "ok":
+        return "failed"
+    q, a = question(record), answer(record)
+    if not q or not q.strip():
+        return "no question"
+    if not a or not a.strip():
+        return "no answer"
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def dumps(record: Record) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
+
+
+def _umask() -> int:
+    # Read without setting it where Linux allows: os.umask() changes it for every thread meanwhile.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(path: Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the modes plain open() and mkdir() would:
+    0o666 / 0o777 less the umask. tempfile (and safetensors) make 0600 files and 0700 folders,
+    which would hide outputs from the people the user shares them with."""
+    path = Path(path)
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _is_a_directory(path: Path) -> PersllmError:
+    return PersllmError(f"{path}: is a directory, expected a file")
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p, with whatever stands in the way (a file, a missing permission) as one clear line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        there = next((p for p in [path, *path.parents] if p.exists()), path)
+        why = e.strerror if there.is_dir() else f"{there} is a file, not a folder"
+        raise PersllmError(f"cannot create the folder {path}: {why}") from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a whole file so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    if path.is_dir():
+        raise _is_a_directory(path)
+    make_dirs(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 suits the temp file, not the output
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_jsonl_atomic(path: Path, records: Iterable[Record]) -> int:
+    """Replace `path` with these records, atomically. Returns the number written."""
+    lines = [dumps(r) for r in records]
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_text(path: Path, *, required: bool = True) -> str | None:
+    """A UTF-8 text file's contents (a leading BOM dropped), or None when it is missing and not
+    required. Missing files, folders and non-UTF-8 bytes are one clear error naming file and line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise PersllmError(f"{path}: file not found") from None
+        return None
+    except IsADirectoryError:
+        raise _is_a_directory(path) from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise PersllmError(f"{path}:{line}: not UTF-8 text (save the file as UTF-8)") from None
+
+
+def read_jsonl(path: Path, *, allow_torn_tail: bool = True, required: bool = True) -> list[Record]:
+    """All records of a JSONL file, in order.
+
+    Errors name file and line. A torn last line (no newline at the end, not valid JSON) is left
+    out when `allow_torn_tail`, since it is what a crash mid-append leaves behind.
+    """
+    path = Path(path)
+    text = read_text(path, required=required)
+    if text is None:
+        return []
+    lines = text.split("\n")
+    torn = lines[-1]  # "" when the file ends with a newline
+    records: list[Record] = []
+    for i, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        records.append(_parse(line, path, i))
+    if torn.strip():
+        try:
+            records.append(_parse(torn, path, len(lines)))
+        except PersllmError:
+            if not allow_torn_tail:
+                raise
+            # Said aloud: a hand-edited last line with a typo must not vanish without a word.
+            console.warn(f"{path}:{len(lines)}: ignoring an incomplete last line (not valid JSON, no newline at "
+                         "the end); a crash leaves one, and the next append repairs it")
+    return records
+
+
+def _parse(line: str, path: Path, lineno: int) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PersllmError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise PersllmError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_records(path: Path, *, what: str = "records") -> list[Record]:
+    """Read an input file that must exist and hold at least one record."""
+    path = Path(path)
+    if not path.exists():
+        raise PersllmError(f"{path}: file not found")
+    records = read_jsonl(path)
+    if not records:
+        raise PersllmError(f"{path}: no {what} in the file (it is empty)")
+    return records
+
+
+def latest_by_id(records: Iterable[Record]) -> dict[str, Record]:
+    """The last record per id, in order of first appearance (append-only files: last one wins)."""
+    out: dict[str, Record] = {}
+    for r in records:
+        rid = r.get("id")
+        if isinstance(rid, str):
+            out[rid] = r
+    return out
+
+
+def repair_tail(path: Path) -> bool:
+    """Cut a torn last line (crash mid-append). Returns True when something was cut.
+
+    A last line without a newline that still parses is complete: it only gets its newline.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    if path.is_dir():
+        raise _is_a_directory(path)
+    with open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return False
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return False
+        # Find the start of the last line.
+        pos, chunk = size, 65536
+        start = 0
+        while pos > 0:
+            step = min(chunk, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step)
+            nl = buf.rfind(b"\n")
+            if nl != -1:
+                start = pos + nl + 1
+                break
+        f.seek(start)
+        tail = f.read()
+        try:
+            obj = json.loads(tail.decode("utf-8"))
+            complete = isinstance(obj, dict)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            complete = False
+        if complete:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+            return False
+        f.seek(0)
+        line = f.read(start).count(b"\n") + 1
+        console.warn(f"{path}:{line}: removed an incomplete last line (not valid JSON, no newline at the end), "
+                     "as a crash mid-append leaves one")
+        f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+        return True
+
+
+class Appender:
+    """Appends records to a JSONL file one line at a time, flushed to the OS after each record.
+
+    kill -9 loses nothing that `append` returned from. fsync (power cuts) runs at most every
+    `fsync_every` seconds and on close, so fast runs do not wait on the disk per record.
+    """
+
+    def __init__(self, path: Path, fsync_every: float = 0.5):
+        self.path = Path(path)
+        make_dirs(self.path.parent)
+        repair_tail(self.path)
+        self._f = open(self.path, "a", encoding="utf-8", newline="\n")
+        self._fsync_every = fsync_every
+        self._last_sync = time.monotonic()
+        self.count = 0
+
+    def append(self, record: Record) -> None:
+        # One write call per line: a crash tears at most this line.
+        self._f.write(dumps(record) + "\n")
+        self._f.flush()
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last_sync >= self._fsync_every:
+            os.fsync(self._f.fileno())
+            self._last_sync = now
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def __enter__(self) -> "Appender":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class ResumeState:
+    """What an append-only output already holds: ids done (ok) and ids that failed last time."""
+
+    ok: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    records: dict[str, Record] = field(default_factory=dict)
+
+
+def resume_state(path: Path, *, repair: bool = True) -> ResumeState:
+    """Repair a torn tail (unless `repair` is False: a dry run touches no file), then read which ids
+    are done. The last record per id decides."""
+    path = Path(path)
+    if repair:
+        repair_tail(path)
+    latest = latest_by_id(read_jsonl(path, required=False))
+    st = ResumeState(records=latest)
+    for rid, r in latest.items():
+        (st.ok if r.get("status") == "ok" else st.failed).add(rid)
+    return st
+
+
+# ---------------------------------------------------------------- sidecars
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of persllm and the libraries that shape outputs (without importing them)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": sys.platform}
+    for pkg in ("persllm", "torch", "transformers", "peft", "trl", "scikit-learn", "openai", "sentence-transformers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def meta_path(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".meta.json")
+
+
+def write_meta(path: Path, *, command: str, settings: dict[str, Any], inputs: Iterable[Path] = (),
+               counts: dict[str, Any] | None = None, seconds: float | None = None,
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write `<path>.meta.json`: what made this file (settings without secrets, input hashes,
+    counts, timings, versions)."""
+    meta: dict[str, Any] = {
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": settings,
+        "inputs": {str(p): file_sha256(p) for p in inputs if Path(p).is_file()},
+        "counts": counts or {},
+        "seconds": round(seconds, 3) if seconds is not None else None,
+        "versions": versions(),
+    }
+    if extra:
+        meta.update(extra)
+    target = meta_path(path)
+    write_text_atomic(target, json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
+    return target
+
+
+@contextmanager
+def timer() -> Iterator[dict[str, float]]:
+    t = {"start": time.perf_counter(), "seconds": 0.0}
+    try:
+        yield t
+    finally:
+        t["seconds"] = time.perf_counter() - t["start"]

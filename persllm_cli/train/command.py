@@ -1,0 +1,260 @@
+"""`persllm train`: a LoRA/QLoRA adapter by SFT (transformers Trainer), DPO (TRL), or SFT then DPO.
+
+Reads the directory `persllm tokenize` wrote and writes runs/NAME/ (layout in runs.py):
+adapter/, tokenizer/, checkpoints/, metrics.jsonl, loss.png, run.json, README.md, then runs/latest.
+
+- CUDA: 4-bit NF4 base with bf16 compute (QLoRA) or a bf16 base (--no-qlora). CPU: float32 LoRA.
+- LoRA on every linear layer, plus the time-token rows of the input embedding through PEFT's
+  `trainable_token_indices` (only those rows are saved, so the adapter stays small).
+- `--gpus N|all` and `--nproc N` relaunch this command under torchrun (python -m
+  torch.distributed.run), one process per GPU (each with its own 4-bit copy) or per CPU share
+  (gloo). A process started by torchrun or accelerate (LOCAL_RANK/WORLD_SIZE set) trains as one
+  rank and never relaunches. Only rank 0 writes the run directory.
+- `sft+dpo`: SFT, then DPO starting from the SFT adapter (the reference is a frozen copy of it).
+  `--max-steps` and `--epochs` apply to each phase.
+- Checkpoints every --save-steps into checkpoints/<phase>/; `--resume` continues from the last
+  one with the same batches in the same order (the sampler depends only on seed and epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from persllm_cli import __version__
+from persllm_cli.core import console
+from persllm_cli.data import records
+from persllm_cli.core.project import Project
+from persllm_cli.core.settings import public_settings, setting
+from persllm_cli.core.errors import PersllmError
+
+METHODS = ("sft", "dpo", "sft+dpo")
+
+
+@dataclass
+class TrainSettings:
+    data: Path = Path("build/tokenized")
+    base: str | None = None
+    method: str = setting("sft", choices=METHODS)
+    qlora: bool = True
+    lora_r: int = setting(16, at_least=1)
+    lora_alpha: int = setting(32, more_than=0)
+    lora_dropout: float = setting(0.05, at_least=0, less_than=1)
+    learning_rate: float = setting(2e-4, more_than=0, less_than=math.inf)
+    epochs: float = setting(1.0, more_than=0, less_than=math.inf)
+    max_steps: int | None = setting(None, at_least=1)
+    batch_size: int = setting(4, at_least=1)
+    grad_accum: int = setting(4, at_least=1)
+    beta: float = setting(0.1, more_than=0, less_than=math.inf)
+    gpus: str | None = None
+    nproc: int | None = setting(None, at_least=1)
+    resume: bool = False
+    output: Path | None = None
+    seed: int = setting(0, at_least=0, less_than=2**32)
+    save_steps: int = setting(50, at_least=1)
+
+
+# ----------------------------------------------------------------------------------- checks
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def read_data(data: Path) -> dict:
+    """meta.json of a tokenized directory, checked to be one."""
+    meta_path = Path(data) / "meta.json"
+    if not Path(data).is_dir():
+        raise PersllmError(f"tokenized data not found: {data} (run `persllm tokenize` first)")
+    if not meta_path.is_file() or not (Path(data) / "sft.jsonl").is_file() or not (Path(data) / "tokenizer").is_dir():
+        raise PersllmError(f"{data} is not a `persllm tokenize` output (no meta.json, sft.jsonl or tokenizer/); "
+                           "run `persllm tokenize` again")
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PersllmError(f"{meta_path}: not valid JSON ({e.msg})") from None
+
+
+def _gpu_count(gpus: str) -> int:
+    import torch
+
+    n = None
+    if gpus != "all":
+        try:
+            n = int(gpus)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise PersllmError(f"--gpus must be a number of at least 1 or 'all', not {gpus!r}")
+    if not torch.cuda.is_available():
+        raise PersllmError(f"--gpus {gpus} asks for CUDA, but no CUDA device is visible "
+                           "(check the driver and CUDA_VISIBLE_DEVICES, or train on CPU with --nproc N)")
+    visible = torch.cuda.device_count()
+    if n is None:
+        return visible
+    if n > visible:
+        raise PersllmError(f"--gpus {n} is more than the {visible} visible GPU(s)")
+    return n
+
+
+def _pick_run_dir(project: Project, s: TrainSettings) -> Path:
+    runs = project.root / "runs"
+    if s.output is None and s.resume:
+        candidates = [d for d in runs.iterdir() if d.is_dir() and not d.is_symlink() and (d / "checkpoints").is_dir()
+                      and not _complete(d)] if runs.is_dir() else []
+        if not candidates:
+            raise PersllmError(f"--resume: no unfinished run with checkpoints in {runs}; name one with --output runs/NAME")
+        return max(candidates, key=lambda d: d.stat().st_mtime)
+    if s.output is None:
+        return runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{s.method.replace('+', '-')}"
+    return Path(s.output)
+
+
+def _complete(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
+    # Ranges and choices of the settings are checked where they resolve (config.setting); torch
+    # and peft would otherwise fail mid-run with a traceback.
+    if s.gpus is not None and s.nproc is not None:
+        raise PersllmError("use --gpus (CUDA) or --nproc (CPU), not both")
+    meta = read_data(s.data)
+    if "dpo" in s.method and not (meta.get("files") or {}).get("dpo"):
+        raise PersllmError(f"--method {s.method} needs preference pairs, but {s.data} has none "
+                           "(run `persllm dpo`, then `persllm tokenize` again)")
+    data_stages = [st["id"] for st in meta.get("stages", [])]
+    if data_stages != [st.id for st in project.stages]:
+        raise PersllmError(f"{s.data} was tokenized for stages {data_stages}, but the project has "
+                           f"{[st.id for st in project.stages]}; run `persllm tokenize` again")
+    if launched_by_torchrun() and s.output is None:
+        raise PersllmError("under torchrun/accelerate launch, name the run with --output runs/NAME "
+                           "(every process must write to the same run)")
+    run_dir = _pick_run_dir(project, s)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PersllmError(f"{run_dir} exists and is not a directory; choose another --output")
+    first_rank = os.environ.get("RANK", "0") == "0"  # other ranks may see the directory rank 0 just made
+    if first_rank and not s.resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise PersllmError(f"{run_dir} already exists; continue it with --resume or choose another --output")
+    if s.resume:
+        if not (run_dir / "checkpoints").is_dir():
+            raise PersllmError(f"--resume: {run_dir} has no checkpoints to continue from")
+        if _complete(run_dir):
+            raise PersllmError(f"--resume: {run_dir} already finished")
+    return meta, run_dir
+
+
+def check_tokenizer(meta: dict, s: TrainSettings, base_path: str, tok) -> None:
+    from persllm_cli.model.chat_format import load_tokenizer, tokenizer_fingerprint
+
+    if tokenizer_fingerprint(tok) != meta.get("tokenizer_sha256"):
+        raise PersllmError(f"{s.data}/tokenizer does not match {s.data}/meta.json; run `persllm tokenize` again")
+    if s.base and s.base != meta.get("base"):
+        other = load_tokenizer(base_path, len(meta["stages"]))
+        if tokenizer_fingerprint(other) != meta["tokenizer_sha256"]:
+            raise PersllmError(f"{s.data} was tokenized for {meta.get('base')}, whose tokenizer differs from "
+                               f"{s.base}'s; run `persllm tokenize --base {s.base}` or drop --base")
+
+
+# ------------------------------------------------------------------------------------ entry
+
+def run(project: Project, settings: TrainSettings) -> int:
+    """Validate, then train here or relaunch under torchrun."""
+    meta, run_dir = validate(project, settings)
+    from persllm_cli.model.bases import resolve_base
+
+    resolve_base(settings.base or meta["base"])  # fail early on a missing base
+    n = 1
+    if settings.gpus is not None:
+        n = _gpu_count(settings.gpus)
+    elif settings.nproc:
+        n = settings.nproc
+    settings.output = run_dir
+    existed = run_dir.exists()
+    had_files = existed and any(run_dir.iterdir())
+    try:
+        if n > 1 and not launched_by_torchrun():
+            return _relaunch(project, settings, n)
+        from persllm_cli.train.rank import train_rank
+
+        return train_rank(project, settings, meta, run_dir)
+    except BaseException:  # a bug too: its traceback stays, but no half-made run blocks the rerun
+        _drop_if_empty(run_dir, existed, had_files)
+        raise
+
+
+def _drop_if_empty(run_dir: Path, existed: bool, had_files: bool) -> None:
+    """A run that failed before its first checkpoint leaves nothing behind (there is nothing to resume).
+    A directory that held files before (a resumed run) is never touched; one that was empty stays, empty."""
+    if had_files or os.environ.get("RANK", "0") != "0" or not run_dir.is_dir():
+        return
+    if not any((run_dir / "checkpoints").glob("*/checkpoint-*")):
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if existed:
+            run_dir.mkdir()
+
+
+def _relaunch(project: Project, settings: TrainSettings, n: int) -> int:
+    """Run this training under torchrun with `n` processes on this machine."""
+    run_dir = Path(settings.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"project": str(project.root), "settings": public_settings(settings)}
+    fd, spec_path = tempfile.mkstemp(prefix=".launch-", suffix=".json", dir=run_dir)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "persllm_cli.train.launch", spec_path]
+    kind = "one per GPU, NCCL" if settings.gpus is not None else "CPU, gloo"
+    console.info(f"Launching {n} processes under torchrun (DDP, {kind})...")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    try:
+        proc = subprocess.run(cmd, env=env)
+    finally:
+        Path(spec_path).unlink(missing_ok=True)
+    if proc.returncode in (130, -2):
+        raise KeyboardInterrupt
+    if proc.returncode != 0:
+        raise PersllmError(f"training failed in a worker process (exit code {proc.returncode}); see the messages above")
+    return 0
+
+
+def settings_from_public(data: dict) -> TrainSettings:
+    fields = TrainSettings.__dataclass_fields__
+    kw = {k: v for k, v in data.items() if k in fields}
+    for k in ("data", "output"):
+        if kw.get(k) is not None:
+            kw[k] = Path(kw[k])
+    return TrainSettings(**kw)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"persllm": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def data_hashes(data: Path, meta: dict) -> dict:
+    out = {"tokenizer_sha256": meta.get("tokenizer_sha256"), "inputs": meta.get("inputs", {})}
+    for name in ("sft.jsonl", "dpo.jsonl"):
+        if (Path(data) / name).is_file():
+            out[name] = records.file_sha256(Path(data) / name)
+    return out
