@@ -423,7 +423,11 @@ def test_retrieval_seed_first_budget_counted_cjk():
 
 
 def test_prices_known_prefixed_and_overridden():
-    from persllm_cli.annotate.command import price_for
+    from persllm_cli.llm.pricing import pricing
+
+    def price_for(model, table):
+        p = pricing(model, table)
+        return p.price, p.known
 
     assert price_for("gpt-4o-mini-2024-07-18", {})[0].input == 0.15       # longest prefix wins
     assert price_for("gpt-4o-2024-08-06", {})[0].output == 10.0

@@ -23,15 +23,9 @@ from persllm_cli.data.corpus import Paragraph, read_paragraphs
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.llm.backends import BACKENDS
 from persllm_cli.data.records import Record, read_text, record_id, resume_state, write_meta
-from persllm_cli.llm.runner import Budget, Item, Price, RunnerSettings, dry_run, run_items, summary
+from persllm_cli.llm.pricing import Price, pricing
+from persllm_cli.llm.runner import Budget, Item, RunnerSettings, dry_run, run_items, summary
 
-# Dollars per million tokens [input, output]; persllm.toml [annotate.prices] adds or overrides.
-DEFAULT_PRICES: dict[str, list[float]] = {
-    "gpt-4o": [2.5, 10.0], "gpt-4o-mini": [0.15, 0.6], "gpt-4-turbo": [10.0, 30.0], "gpt-4": [30.0, 60.0],
-    "gpt-4.1": [2.0, 8.0], "gpt-4.1-mini": [0.4, 1.6], "gpt-4.1-nano": [0.1, 0.4],
-    "gpt-3.5-turbo": [0.5, 1.5], "o1": [15.0, 60.0], "o3": [2.0, 8.0], "o3-mini": [1.1, 4.4],
-    "o4-mini": [1.1, 4.4],
-}
 DEFAULT_MODEL = {"openai": "gpt-4o-mini", "local": "smollm2-135m"}
 
 
@@ -79,21 +73,6 @@ class Job:
     knowledge: list[str]
     style: list[str]
     instruction: list[dict[str, str]] | None = None
-
-
-def price_for(model: str, table: dict[str, list[float]]) -> tuple[Price, bool]:
-    """The model's price (exact name, else the longest known prefix, e.g. gpt-4o-2024-08-06 -> gpt-4o)."""
-    prices = {**DEFAULT_PRICES, **table}
-    key = model if model in prices else max((k for k in prices if model.startswith(k + "-")), key=len, default=None)
-    if key is None:
-        return Price(), False
-    value = prices[key]
-    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
-    if not numbers:
-        raise PersllmError(f"persllm.toml: [annotate.prices] {key!r} = {value!r}: it must be [input, output], "
-                           "dollars per million tokens, neither negative")
-    return Price(float(value[0]), float(value[1])), True
 
 
 def _rel(project: Project, path: Path) -> str:
@@ -313,14 +292,11 @@ def run(project: Project, s: AnnotateSettings) -> int:
     items = plan(project, s)
     ann = Annotator(project, s, standards)
     output = Path(s.output)
-    if s.backend == "local":
-        price, known = Price(), True
-    else:
-        price, known = price_for(model, s.prices)
-    unpriced = f"no price known for {model!r}: counting $0 (add it under [annotate.prices] in persllm.toml)"
+    cost = pricing(model, s.prices, backend=s.backend)
+    price = cost.price
     if s.dry_run:
-        if not known:
-            console.note(unpriced)
+        if cost.note:
+            console.note(cost.note)
         return _dry_run(items, ann, s, model, price, output)
 
     from persllm_cli.llm.backends import make_backend
@@ -352,8 +328,8 @@ def run(project: Project, s: AnnotateSettings) -> int:
         console.info(f"nothing to do: all {stats.skipped} items are already in {output}")
     else:
         summary(stats)
-    if not known:
-        console.note(unpriced)
+    if cost.note:
+        console.note(cost.note)
     if stats.stopped == "budget":
         console.warn(f"budget of ${s.budget_usd} reached: {stats.not_sent} item(s) not sent; "
                      "rerun with a higher --budget-usd to continue")

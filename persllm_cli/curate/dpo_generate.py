@@ -37,7 +37,8 @@ from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.data.records import Record
 from persllm_cli.core.resources import render
 from persllm_cli.data.retrieval import Index
-from persllm_cli.llm.runner import Item, Malformed, Price, RunnerSettings, dry_run, run_items, summary
+from persllm_cli.llm.pricing import pricing
+from persllm_cli.llm.runner import Item, Malformed, RunnerSettings, dry_run, run_items, summary
 
 Message = dict[str, str]
 EMPTY_ANSWER = "the annotator's answer was empty"
@@ -216,7 +217,6 @@ def _work_record(item: Item, text: str | None, usage: Any, error: str | None) ->
 def run(project: Project, s) -> int:
     """Ask the annotator for the rejected answers (resumable), then write the pairs; the exit code."""
     from persllm_cli.curate import dpo
-    from persllm_cli.annotate.command import price_for
     from persllm_cli.core.settings import public_settings
     from persllm_cli.llm.backends import make_backend
 
@@ -229,16 +229,16 @@ def run(project: Project, s) -> int:
     items = [Item(work_id(p.record["id"], p.stage.id), p) for p in planned]
     work = work_path(s.output)
     a = ann.settings
-    price, known = (Price(), True) if ann.backend == "local" else price_for(ann.model, a.prices)
-    unpriced = f"no price known for {ann.model!r}: counting $0 (add it under [annotate.prices])"
+    cost = pricing(ann.model, a.prices, backend=ann.backend)
+    price = cost.price
 
     budget = s.budget_usd if s.budget_usd is not None else a.budget_usd
     if s.dry_run:
         state = records.resume_state(work, repair=False) if work.exists() else None
         todo = [it for it in items if state is None or it.id not in state.ok]
         dry_run(ann.model, [it.data.messages for it in todo], len(items) - len(todo), a.max_tokens, price)
-        if not known:
-            console.note(unpriced)
+        if cost.note:
+            console.note(cost.note)
         return 0
 
     backend = make_backend(ann.backend, ann.model, ann.base_url, a.timeout)
@@ -252,8 +252,8 @@ def run(project: Project, s) -> int:
         console.info(f"nothing to ask: all {stats.skipped} answers are already in {work}")
     else:
         summary(stats, "dpo --mode generate")
-    if not known:
-        console.note(unpriced)
+    if cost.note:
+        console.note(cost.note)
     if stats.stopped == "budget":
         console.warn(f"budget of ${budget} reached: {stats.not_sent} request(s) not sent; "
                      "rerun with a higher --budget-usd to continue")

@@ -15,6 +15,7 @@ from persllm_cli.data import records
 from persllm_cli.core import resources
 from persllm_cli.core.settings import public_settings
 from persllm_cli.llm.backends import Backend, Completion, Message
+from persllm_cli.llm.pricing import Pricing, pricing
 from persllm_cli.llm.runner import Budget, Item, Malformed, RunnerSettings, Usage, run_items
 from persllm_cli.model.runs import RunInfo
 
@@ -64,7 +65,7 @@ class ApiGenerator:
     go through the concurrent runner (retries, Retry-After, accounting), not in batches."""
 
     def __init__(self, backend: Backend, persona: str, description: str, labels: dict[str, str],
-                 s: EvalSettings, price: judge.Pricing):
+                 s: EvalSettings, price: Pricing):
         self.backend, self.model = backend, backend.model
         self.persona, self.description, self.labels = persona, description, labels
         self.s, self.price = s, price
@@ -120,7 +121,7 @@ def open_generator(system: System, s: EvalSettings, prices: dict[str, list[float
     backend = open_backend("openai", system.model, s.base_url, s.timeout)
     backend.check()
     return ApiGenerator(backend, system.persona, system.description, system.labels, s,
-                        judge.pricing(system.model, prices))
+                        pricing(system.model, prices))
 
 
 def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen=None,

@@ -32,6 +32,7 @@ from persllm_cli.core.project import Project
 from persllm_cli.core.settings import setting
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.llm.backends import Backend
+from persllm_cli.llm.pricing import price_table, pricing
 from persllm_cli.llm.runner import Budget, RunnerSettings
 from persllm_cli.model.runs import RunInfo, read_run, resolve_run
 
@@ -197,7 +198,7 @@ def run(project: Project | None, s: EvalSettings) -> int:
     items = read_test(Path(s.test), s.limit)
     systems = systems_for(project, s, items)
     pools = read_pools(s.pool)
-    prices = project.section("annotate").get("prices") or {} if project else {}
+    prices = price_table(project)
     judge_backend = None
     if s.judge:
         judge_backend = eval_answers.open_backend("openai", s.judge, s.judge_base_url or s.base_url, s.timeout)
@@ -209,7 +210,7 @@ def run(project: Project | None, s: EvalSettings) -> int:
     budget = Budget(s.budget_usd)
     if s.budget_usd is not None:
         for model in {m for m in (s.api_model, s.judge) if m}:
-            if not judge.pricing(model, prices).known:
+            if not pricing(model, prices).known:
                 console.note(f"no price known for {model!r}: --budget-usd cannot limit its requests "
                              "(add it under [annotate.prices] in persllm.toml)")
     for system in systems:
@@ -255,7 +256,7 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
         rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries,
                             backoff_base=s.backoff_seconds, title=f"judging ({system.name})")
         verdicts, spend = judge.run(backend, jitems, system.dir / "judge.jsonl", max_tokens=s.judge_max_tokens,
-                                    pricing=judge.pricing(backend.model, prices), settings=rs, budget=budget)
+                                    pricing=pricing(backend.model, prices), settings=rs, budget=budget)
         summary = judge.summarize(jitems, verdicts, backend.model)
         result["systems"][system.name]["judge"] = summary
         failed += summary["failed"]

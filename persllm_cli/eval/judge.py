@@ -23,28 +23,13 @@ from typing import Any, Iterable
 from persllm_cli.core import resources
 from persllm_cli.llm.backends import Backend, Completion
 from persllm_cli.data.records import Record
-from persllm_cli.llm.runner import Budget, Item as Task, Malformed, Price, RunnerSettings, Usage, run_items
+from persllm_cli.llm.pricing import Price, Pricing
+from persllm_cli.llm.runner import Budget, Item as Task, Malformed, RunnerSettings, Usage, run_items
 
 KINDS = ("ab", "ba", "premise")   # ab: the system's answer is A; ba: it is B
 
 # "Verdict" then up to 8 non-word characters (colons, spaces, markdown, brackets), then the word.
 _VERDICT = re.compile(r"verdict[\W_]{0,8}?(a|b|tie|yes|no)\b", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Pricing:
-    """A model's price; `known` is False for a model missing from the table (counted in tokens only)."""
-
-    price: Price
-    known: bool
-
-
-def pricing(model: str, table: dict[str, list[float]] | None = None) -> Pricing:
-    """Annotate's price table (plus persllm.toml [annotate.prices]), so there is one place to keep it."""
-    from persllm_cli.annotate.command import price_for
-
-    price, known = price_for(model, table or {})
-    return Pricing(price, known)
 
 
 def parse_verdict(text: str, choices: Iterable[str]) -> str | None:
@@ -122,7 +107,7 @@ def run(backend: Backend, items: list[Item], path, *, max_tokens: int = 512, pri
     per key) and what this call spent. Fatal errors (bad key, unknown model) propagate."""
     from persllm_cli.data.records import resume_state
 
-    pricing = pricing or Pricing(Price(), False)
+    pricing = pricing or Pricing(backend.model, Price(), False)
     rs = settings or RunnerSettings()
     rs = RunnerSettings(**{**rs.__dict__, "max_tokens": max_tokens, "temperature": 0.0})
     if budget is not None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from persllm_cli.core import console
+from persllm_cli.llm.pricing import Price
 from persllm_cli.llm.backends import Backend, Completion, FatalError, Message, RequestError, TransientError, estimate_prompt_tokens
 from persllm_cli.core.errors import Stopped
 from persllm_cli.data.records import Appender, Record, resume_state
@@ -42,17 +43,6 @@ from persllm_cli.data.records import Appender, Record, resume_state
 
 class Malformed(Exception):
     """The reply came back but is unusable (no answer section, empty text): retry it."""
-
-
-@dataclass(frozen=True)
-class Price:
-    """Dollars per million tokens."""
-
-    input: float = 0.0
-    output: float = 0.0
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
 
 
 @dataclass

@@ -26,7 +26,6 @@ point in the persona's life, and tying it to a stage would blur what the tokens 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from typing import Any
 
 from persllm_cli.core import console
 from persllm_cli.data import records
-from persllm_cli.core.project import Project, time_token
+from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings, setting
 from persllm_cli.data.curation import read_numbered
 from persllm_cli.core.errors import PersllmError
