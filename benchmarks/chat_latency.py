@@ -89,7 +89,7 @@ def main() -> None:
     import torch
 
     from persllm_cli.model.load import load_run
-    from persllm_cli.model.generate import stream_reply
+    from persllm_cli.model.generate import Sampling, stream_reply
 
     forget()
     t0 = time.perf_counter()
@@ -104,12 +104,12 @@ def main() -> None:
     firsts = []
     for _ in range(args.repeats + 1):  # the first answer after loading (cold) is reported apart
         t0 = time.perf_counter()
-        for _piece in stream_reply(model, tok, messages, token, max_new_tokens=8, temperature=0):
+        for _piece in stream_reply(model, tok, messages, token, Sampling(max_new_tokens=8, temperature=0)):
             firsts.append(time.perf_counter() - t0)
             break
     cold, firsts = firsts[0], firsts[1:]
     t0 = time.perf_counter()
-    text = "".join(stream_reply(model, tok, messages, token, max_new_tokens=32, temperature=0))
+    text = "".join(stream_reply(model, tok, messages, token, Sampling(max_new_tokens=32, temperature=0)))
     gen = time.perf_counter() - t0
     n_new = len(tok(text, add_special_tokens=False)["input_ids"])
 

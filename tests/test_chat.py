@@ -321,7 +321,7 @@ def test_api_model_and_a_run_together_is_a_usage_error(cli, project, fake_openai
 
 
 def test_conversation_drops_old_turns_and_says_so_once(capsys):
-    from persllm_cli.chat.command import Conversation
+    from persllm_cli.persona.conversation import Conversation
 
     class Echo:
         persona = "Echo"
@@ -346,12 +346,14 @@ def test_conversation_drops_old_turns_and_says_so_once(capsys):
 
 
 def test_api_conversation_sends_history_and_retrieves_per_message(project, fake_openai):
-    from persllm_cli.chat.command import Conversation
-    from persllm_cli.persona.api import ApiTalker
     from persllm_cli.core.project import open_project
+    from persllm_cli.model.generate import Sampling
+    from persllm_cli.persona.api import ApiSpeaker
+    from persllm_cli.persona.conversation import Conversation
 
     fake_openai.push(Reply("Hagrid came."), Reply("The snitch, yes."))
-    conv = Conversation(ApiTalker(open_project(project), "fake-model", None, 64, 0.0), "early")
+    speaker = ApiSpeaker.for_project(open_project(project), "fake-model", None, Sampling(max_new_tokens=64, temperature=0.0))
+    conv = Conversation(speaker, "early")
     assert "".join(conv.ask("Who told you that you were a wizard on your birthday?")) == "Hagrid came."
     conv.set_stage("late")
     assert "".join(conv.ask("Do you remember your son James?")) == "The snitch, yes."

@@ -163,7 +163,7 @@ class FakeGenerator:
     """Answers with a stage-flavoured sentence; counts what it was asked."""
 
     def __init__(self, flavour: str = "", fail_after: int | None = None):
-        self.model, self.flavour, self.fail_after = "fake", flavour, fail_after
+        self.name, self.flavour, self.fail_after = "fake", flavour, fail_after
         self.asked: list[tuple[str, int]] = []
 
     def answer_batch(self, conversations, stage):
@@ -175,7 +175,7 @@ class FakeGenerator:
 
 
 def _use_generators(monkeypatch, gens: dict[str, FakeGenerator]):
-    monkeypatch.setattr(eval_answers, "open_generator", lambda system, s, prices=None: gens[system.name])
+    monkeypatch.setattr(eval_answers, "open_speaker", lambda system, s, prices=None: gens[system.name])
 
 
 def test_eval_two_runs_side_by_side(project, cli, monkeypatch):

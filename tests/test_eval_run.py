@@ -48,7 +48,7 @@ def test_eval_a_real_run_then_rerun_generates_nothing(_eval_run, smollm2, cli, t
     model, tokenizer, info = loaded[0]
     for a in answers:
         _, token = info.stage_token(a["stage"])
-        alone = "".join(generate.stream_reply(model, tokenizer, a["messages"][:1], token, 8, 0.0)).strip()
+        alone = "".join(generate.stream_reply(model, tokenizer, a["messages"][:1], token, generate.Sampling(max_new_tokens=8, temperature=0.0))).strip()
         assert a["messages"][1]["content"] == alone, a["id"]
 
     def no_loading(*_a, **_k):

@@ -1,4 +1,4 @@
-"""Answers for `persllm eval`: a trained run answering in batches (inference.generate_batch), or
+"""Answers for `persllm eval`, from a Speaker (persona/): a trained run answering in batches, or
 a prompted API model answering through the concurrent runner. Both append to the system's
 answers.jsonl; a rerun only asks what has no fresh answer (see `generate`)."""
 
@@ -7,100 +7,58 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable
 
 from persllm_cli.core import console
 from persllm_cli.eval import judge
+from persllm_cli.eval.items import EvalSettings, System, TestItem
 from persllm_cli.data import records
-from persllm_cli.core import resources
 from persllm_cli.core.settings import public_settings
-from persllm_cli.llm.backends import Backend, Completion, Message
+from persllm_cli.llm.backends import Backend, Completion
 from persllm_cli.llm.pricing import Pricing, pricing
 from persllm_cli.llm.runner import Budget, Item, Malformed, RunnerSettings, Usage, run_items
-from persllm_cli.model.runs import RunInfo
-
-if TYPE_CHECKING:
-    from persllm_cli.eval.command import EvalSettings, System, TestItem
-
-
-class Generator(Protocol):
-    """Answers questions in the persona's voice at one stage."""
-
-    model: str
-
-    def answer_batch(self, conversations: list[list[Message]], stage: str) -> list[str | None]:
-        """One answer per conversation (None when that one failed), all at stage id `stage`."""
-        ...
+from persllm_cli.model.generate import Sampling
+from persllm_cli.persona.api import ApiSpeaker
+from persllm_cli.persona.speaker import RunSpeaker, Speaker
 
 
 def open_backend(kind: str, model: str, base_url: str | None, timeout: float) -> Backend:
-    """The judge's or baseline's backend (llm.py)."""
+    """The judge's or baseline's backend (llm/backends.py)."""
     from persllm_cli.llm.backends import make_backend
 
     return make_backend(kind, model, base_url, timeout)
 
 
-class RunGenerator:
-    """A trained run answering with its stage's time token (inference.py does the loading and
-    renders the prompt exactly as `chat` does)."""
+def _answer_all_api(speaker: ApiSpeaker, system: System, items: list[TestItem], path: Path, s: EvalSettings,
+                    price: Pricing, on_record: Callable[[records.Record], None],
+                    budget: Budget | None = None) -> judge.Spend:
+    """The prompted baseline's answers to `items` (all of them: the caller has left out the fresh
+    ones), appended to `path`. They go through the concurrent runner (retries, Retry-After,
+    accounting), not in batches."""
+    def parse(_item: Item, c: Completion) -> str:
+        if not c.text.strip():
+            raise Malformed("empty answer")
+        return c.text.strip()
 
-    def __init__(self, info: RunInfo, max_new_tokens: int, temperature: float):
-        from persllm_cli.model import load
+    def make_record(it: Item, text: str | None, usage: Usage, error: str | None) -> records.Record:
+        extra = usage.as_dict()
+        extra["cost_usd"] = price.cost(usage.cost_usd)
+        return _answer_record(system, it.data, text, speaker.name, extra, error)
 
-        self.info = info
-        self.model = info.path.name
-        self._model, self._tokenizer, _ = load.load_run(info.path)
-        self._max_new_tokens, self._temperature = max_new_tokens, temperature
-
-    def answer_batch(self, conversations: list[list[Message]], stage: str) -> list[str | None]:
-        from persllm_cli.model import generate
-
-        _, token = self.info.stage_token(stage)
-        return list(generate.generate_batch(self._model, self._tokenizer, conversations, stage_token=token,
-                                             max_new_tokens=self._max_new_tokens, temperature=self._temperature))
-
-
-class ApiGenerator:
-    """The prompted baseline: an API model told who it is and when (no training). Its questions
-    go through the concurrent runner (retries, Retry-After, accounting), not in batches."""
-
-    def __init__(self, backend: Backend, persona: str, description: str, labels: dict[str, str],
-                 s: EvalSettings, price: Pricing):
-        self.backend, self.model = backend, backend.model
-        self.persona, self.description, self.labels = persona, description, labels
-        self.s, self.price = s, price
-
-    def messages(self, item: TestItem) -> list[Message]:
-        system = resources.render("eval/baseline_system.txt", persona=self.persona, description=self.description,
-                                  stage_label=self.labels.get(item.stage, item.stage)).strip()
-        return [{"role": "system", "content": system}, {"role": "user", "content": item.question}]
-
-    def answer_all(self, system: System, items: list[TestItem], path: Path,
-                   on_record: Callable[[records.Record], None], budget: Budget | None = None) -> judge.Spend:
-        """Answer `items` (all of them: the caller has left out the fresh ones), appending to `path`."""
-        def parse(_item: Item, c: Completion) -> str:
-            if not c.text.strip():
-                raise Malformed("empty answer")
-            return c.text.strip()
-
-        def make_record(it: Item, text: str | None, usage: Usage, error: str | None) -> records.Record:
-            extra = usage.as_dict()
-            extra["cost_usd"] = usage.cost_usd if self.price.known else None
-            return _answer_record(system, it.data, text, self.model, extra, error)
-
-        rs = RunnerSettings(concurrency=self.s.concurrency, max_retries=self.s.max_retries,
-                            max_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
-                            backoff_base=self.s.backoff_seconds, title=f"answering ({system.name})")
-        if budget is not None:
-            rs = budget.settings(rs)
-        stats = run_items([Item(i.id, i) for i in items], self.backend,
-                          build_messages=lambda it: self.messages(it.data), parse=parse, make_record=make_record,
-                          output=path, settings=rs, price=self.price.price, on_record=on_record, resume=False)
-        if budget is not None:
-            budget.charge(stats)
-        return judge.Spend(requests=stats.requests, prompt_tokens=stats.prompt_tokens,
-                           completion_tokens=stats.completion_tokens,
-                           cost_usd=stats.cost_usd if self.price.known else None)
+    rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries,
+                        max_tokens=s.max_new_tokens, temperature=s.temperature,
+                        backoff_base=s.backoff_seconds, title=f"answering ({system.name})")
+    if budget is not None:
+        rs = budget.settings(rs)
+    stats = run_items([Item(i.id, i) for i in items], speaker.backend,
+                      build_messages=lambda it: speaker.messages([{"role": "user", "content": it.data.question}],
+                                                                 it.data.stage),
+                      parse=parse, make_record=make_record, output=path, settings=rs, price=price.price,
+                      on_record=on_record, resume=False)
+    if budget is not None:
+        budget.charge(stats)
+    return judge.Spend(requests=stats.requests, prompt_tokens=stats.prompt_tokens,
+                       completion_tokens=stats.completion_tokens, cost_usd=price.cost(stats.cost_usd))
 
 
 def _answer_record(system: System, item: TestItem, text: str | None, model: str, extra: dict[str, Any],
@@ -114,17 +72,21 @@ def _answer_record(system: System, item: TestItem, text: str | None, model: str,
             "status": "ok" if ok else "failed", "error": None if ok else (error or "no answer")}
 
 
-def open_generator(system: System, s: EvalSettings, prices: dict[str, list[float]] | None = None) -> Generator:
+def open_speaker(system: System, s: EvalSettings, prices: dict[str, list[float]] | None = None) -> Speaker:
+    """The speaker that answers for `system`: a trained run (loaded now), or the prompted API model."""
+    sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature)
     if system.kind == "run":
         assert system.info is not None
-        return RunGenerator(system.info, s.max_new_tokens, s.temperature)
+        speaker = RunSpeaker(system.info.path, sampling)
+        speaker.load()
+        return speaker
     backend = open_backend("openai", system.model, s.base_url, s.timeout)
     backend.check()
-    return ApiGenerator(backend, system.persona, system.description, system.labels, s,
-                        pricing(system.model, prices))
+    stages = [(sid, label) for sid, label in system.labels.items()]
+    return ApiSpeaker(backend, system.persona, system.description, stages, sampling)
 
 
-def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen=None,
+def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen: Callable[..., Speaker] | None = None,
              prices: dict[str, list[float]] | None = None,
              budget: Budget | None = None) -> tuple[dict[str, records.Record], int, judge.Spend | None]:
     """Answer every item not answered yet, appending to the system's answers.jsonl.
@@ -143,15 +105,15 @@ def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen=No
                      "generation settings; answering them again")
     spend = None
     if pending:
-        gen = (open_gen or open_generator)(system, s, prices)
+        speaker = (open_gen or open_speaker)(system, s, prices)
 
         def keep(rec: records.Record) -> None:
             state.records[rec["id"]] = rec
 
-        if isinstance(gen, ApiGenerator):
-            spend = gen.answer_all(system, pending, path, keep, budget)
+        if isinstance(speaker, ApiSpeaker):
+            spend = _answer_all_api(speaker, system, pending, path, s, pricing(system.model, prices), keep, budget)
         else:
-            _answer_in_batches(system, gen, pending, path, s.batch_size, keep)
+            _answer_in_batches(system, speaker, pending, path, s.batch_size, keep)
         records.write_meta(path, command="eval", settings=_sidecar_settings(s), inputs=[s.test],
                            counts={"answered": len(pending), "items": len(items)},
                            extra={"system": system.name, "model": system.model})
@@ -161,7 +123,7 @@ def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen=No
     return got, failed, spend
 
 
-def _answer_in_batches(system: System, gen: Generator, pending: list[TestItem], path: Path, batch_size: int,
+def _answer_in_batches(system: System, speaker: Speaker, pending: list[TestItem], path: Path, batch_size: int,
                        keep: Callable[[records.Record], None]) -> None:
     """A local model: stage by stage (one time token per batch), `batch_size` questions at a time."""
     by_stage: dict[str, list[TestItem]] = defaultdict(list)
@@ -173,12 +135,12 @@ def _answer_in_batches(system: System, gen: Generator, pending: list[TestItem], 
             for k in range(0, len(group), batch_size):
                 batch = group[k:k + batch_size]
                 t0 = time.perf_counter()
-                texts = gen.answer_batch([[{"role": "user", "content": i.question}] for i in batch], stage)
+                texts = speaker.answer_batch([[{"role": "user", "content": i.question}] for i in batch], stage)
                 if len(texts) != len(batch):
                     raise RuntimeError(f"generator returned {len(texts)} answers for {len(batch)} questions")
                 secs = (time.perf_counter() - t0) / len(batch)
                 for item, text in zip(batch, texts):
-                    rec = _answer_record(system, item, text, gen.model, {"seconds": round(secs, 3)})
+                    rec = _answer_record(system, item, text, speaker.name, {"seconds": round(secs, 3)})
                     out.append(rec)
                     keep(rec)
                 bar.advance(task, len(batch))

@@ -4,27 +4,52 @@ The prompt is rendered by model/chat_format.py, the way training rendered conver
 
     model, tokenizer, info = load_run(Path("runs/latest"))
     stage_id, token = info.stage_token("early")
-    for piece in stream_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], token, 64, 0.0):
+    for piece in stream_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], token,
+                              Sampling(max_new_tokens=64, temperature=0)):
         print(piece, end="")
+
+Greedy answers (temperature 0) are the same whether streamed, batched or asked alone.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from persllm_cli.model.chat_format import PLAIN_STOP, Message, has_chat_template, prompt_ids
 
 
-def sampling(temperature: float) -> dict[str, Any]:
-    """generate() settings: greedy at 0, else nucleus sampling (top-p 0.95) at that temperature."""
-    if temperature > 0:
-        return dict(do_sample=True, temperature=temperature, top_p=0.95, top_k=0)
-    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick the answer's tokens: greedy at temperature 0, else nucleus sampling."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int | None = None          # a fixed seed makes a sampled answer repeatable
+    stop: tuple[str, ...] = ()       # the answer ends before the first of these strings
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature > 0:
+            return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+        return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
-def stream_reply(model: Any, tokenizer: Any, messages: list[Message], stage_token: str,
-                 max_new_tokens: int = 256, temperature: float = 0.7) -> Iterator[str]:
+def _seed(sampling: Sampling) -> None:
+    if sampling.seed is not None and sampling.temperature > 0:
+        import torch
+
+        torch.manual_seed(sampling.seed)
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def stream_reply(model: Any, tokenizer: Any, messages: list[Message], stage_token: str | None,
+                 sampling: Sampling | None = None) -> Iterator[str]:
     """Generate the assistant's answer, yielding text pieces as they come (greedy when temperature is 0).
 
     Generation runs in a thread; closing the iterator early (or Ctrl-C while waiting on it) stops
@@ -45,14 +70,17 @@ def stream_reply(model: Any, tokenizer: Any, messages: list[Message], stage_toke
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     eos = [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
            if isinstance(i, int) and i != tokenizer.unk_token_id]
+    s = sampling or Sampling()
     kwargs: dict[str, Any] = dict(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=s.max_new_tokens,
         streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopFlag()]),
         eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0],
     )
-    kwargs.update(sampling(temperature))
-    if not has_chat_template(tokenizer):
-        kwargs.update(stop_strings=[PLAIN_STOP], tokenizer=tokenizer)
+    kwargs.update(s.generate_kwargs())
+    stops = tuple(s.stop) + (() if has_chat_template(tokenizer) else (PLAIN_STOP,))
+    if stops:
+        kwargs.update(stop_strings=list(stops), tokenizer=tokenizer)
+    _seed(s)
 
     failure: list[BaseException] = []
 
@@ -66,10 +94,26 @@ def stream_reply(model: Any, tokenizer: Any, messages: list[Message], stage_toke
 
     thread = threading.Thread(target=work, name="persllm-generate", daemon=True)
     thread.start()
+    held = ""  # text that may be the start of a stop string, kept back until it is known not to be
     try:
         for piece in streamer:
-            if piece:
+            if not piece:
+                continue
+            if not stops:
                 yield piece
+                continue
+            text, stopped = _cut_at_stop(held + piece, stops)
+            if stopped:
+                if text:
+                    yield text
+                break
+            keep = max((len(x) - 1 for x in stops), default=0)
+            held = text[len(text) - keep:] if keep else ""
+            if text[:len(text) - len(held)]:
+                yield text[:len(text) - len(held)]
+        else:
+            if held:
+                yield held
     finally:
         stop.set()
         thread.join()
@@ -77,8 +121,8 @@ def stream_reply(model: Any, tokenizer: Any, messages: list[Message], stage_toke
         raise failure[0]
 
 
-def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]], *, stage_token: str,
-                   max_new_tokens: int = 256, temperature: float = 0.0) -> list[str]:
+def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]], *, stage_token: str | None,
+                   sampling: Sampling | None = None) -> list[str]:
     """One answer per conversation, all at the same stage, generated together (greedy when
     temperature is 0).
 
@@ -101,17 +145,18 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]
     for i, r in enumerate(rows):
         input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = 1
+    s = sampling or Sampling(temperature=0.0)
     kwargs: dict[str, Any] = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                  max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad)
-    kwargs.update(sampling(temperature))
-    plain = not has_chat_template(tokenizer)
-    if plain:
-        kwargs.update(stop_strings=[PLAIN_STOP], tokenizer=tokenizer)
+                                  max_new_tokens=s.max_new_tokens, eos_token_id=eos or None, pad_token_id=pad)
+    kwargs.update(s.generate_kwargs())
+    stops = tuple(s.stop) + (() if has_chat_template(tokenizer) else (PLAIN_STOP,))
+    if stops:
+        kwargs.update(stop_strings=list(stops), tokenizer=tokenizer)
+    _seed(s)
     out = _generate_in_thread(model, kwargs)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    if plain:  # a row that stopped on the next "User:" keeps it in its text
-        texts = [t.split(PLAIN_STOP)[0] for t in texts]
-    return [t.strip() for t in texts]
+    # A row that stopped on a stop string keeps it in its text.
+    return [_cut_at_stop(t, stops)[0].strip() for t in texts]
 
 
 def _generate_in_thread(model: Any, kwargs: dict[str, Any]) -> Any:

@@ -1,0 +1,151 @@
+"""The one object that speaks as a persona at a stage: `Speaker`.
+
+`chat`, `eval`, `serve` and `converse` all talk through it. Two kinds:
+- `RunSpeaker`: a trained run on this machine (its base, adapter or merged cache, and the tokenizer
+  with the time tokens), prompted in the training format (model/chat_format.py);
+- `ApiSpeaker` (persona/api.py): an OpenAI-compatible model told who it is and when, with the
+  stage's material retrieved into its system prompt (the original project's prompt-only agent).
+
+    speaker = RunSpeaker(Path("runs/latest"), Sampling(max_new_tokens=64, temperature=0))
+    speaker.load()
+    for piece in speaker.stream([{"role": "user", "content": "Hi"}], "early"):
+        print(piece, end="")
+    speaker.answer_batch([[{"role": "user", "content": "Hi"}]] * 4, "late")
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from persllm_cli.core import console
+from persllm_cli.core.errors import PersllmError
+from persllm_cli.model.chat_format import Message
+from persllm_cli.model.generate import Sampling
+
+
+class Speaker(Protocol):
+    """Answers in the persona's voice at one of its stages."""
+
+    name: str                       # what it is called in reports and model lists (run name, API model)
+    persona: str
+    description: str
+    stages: list[tuple[str, str]]   # (id, label), chronological
+    sampling: Sampling              # the defaults; each call may pass its own
+
+    def ready(self) -> None:
+        """Block until it can answer; raise what stopped it from getting there."""
+        ...
+
+    def fit(self, messages: list[Message], stage_id: str, sampling: Sampling | None = None) -> tuple[list[Message], int]:
+        """The messages that fit the model's context, and how many old ones were dropped."""
+        ...
+
+    def stream(self, messages: list[Message], stage_id: str, sampling: Sampling | None = None) -> Iterator[str]:
+        """The answer to `messages` at `stage_id`, in pieces as they are generated. Closing the
+        iterator early stops the generation."""
+        ...
+
+    def answer_batch(self, conversations: list[list[Message]], stage_id: str,
+                     sampling: Sampling | None = None) -> list[str | None]:
+        """One answer per conversation (None for one that failed), all at `stage_id`."""
+        ...
+
+
+def check_stage(speaker: Speaker, stage_id: str | None) -> str:
+    """`stage_id` if the speaker has it, else one line naming the stages; None means the last stage."""
+    ids = [sid for sid, _ in speaker.stages]
+    if not ids:
+        raise PersllmError("no stages to speak from")
+    if stage_id is None:
+        return ids[-1]
+    if stage_id not in ids:
+        raise PersllmError(f"unknown stage {stage_id!r} (stages: {', '.join(ids)})")
+    return stage_id
+
+
+def stage_label(speaker: Speaker, stage_id: str) -> str:
+    return dict(speaker.stages)[stage_id]
+
+
+class RunSpeaker:
+    """A trained run on this machine. `load()` (or `load_in_background()` then `ready()`) before
+    answering; a model and tokenizer already loaded may be handed in instead (`loaded=`)."""
+
+    def __init__(self, run_dir: Path, sampling: Sampling | None = None, *, loaded: tuple[Any, Any] | None = None):
+        from persllm_cli.model import runs
+
+        self.info = runs.read_run(Path(run_dir))  # checks completeness before any model loads
+        self.name = self.info.path.name
+        self.persona = str(self.info.data.get("persona", "the persona"))
+        self.description = str(self.info.data.get("description", ""))
+        self.stages = [(s["id"], s.get("label", s["id"])) for s in self.info.stages]
+        self.sampling = sampling or Sampling()
+        self.model: Any = None
+        self.tokenizer: Any = None
+        if loaded is not None:
+            self.model, self.tokenizer = loaded
+        self._loader: threading.Thread | None = None
+        self._load_error: BaseException | None = None
+
+    def load(self) -> None:
+        from persllm_cli.model import load
+
+        self.model, self.tokenizer, self.info = load.load_run(self.info.path)
+
+    def load_in_background(self) -> None:
+        """Load while the user types the first message: in a terminal most of the wait for the
+        imports and weights then passes unseen. The base is resolved here, in the foreground, so a
+        missing model or the one-time conversion of the embedded one shows before the prompt."""
+        from persllm_cli.model.bases import resolve_base
+
+        resolve_base(self.info.base)
+
+        def load() -> None:
+            try:
+                self.load()
+            except BaseException as e:  # handed to the main thread by ready()
+                self._load_error = e
+
+        self._loader = threading.Thread(target=load, name="persllm-load", daemon=True)
+        self._loader.start()
+
+    def ready(self) -> None:
+        if self._loader is not None:
+            if self._loader.is_alive():
+                console.note("(still loading the model...)")
+            while self._loader.is_alive():
+                self._loader.join(0.1)
+            self._loader = None
+        if self._load_error is not None:
+            raise self._load_error
+        if self.model is None:
+            self.load()
+
+    def token(self, stage_id: str) -> str:
+        return self.info.stage_token(stage_id)[1]
+
+    def fit(self, messages: list[Message], stage_id: str, sampling: Sampling | None = None) -> tuple[list[Message], int]:
+        from persllm_cli.model.chat_format import context_size, fit_messages
+
+        budget = context_size(self.model) - (sampling or self.sampling).max_new_tokens
+        return fit_messages(self.tokenizer, messages, self.token(stage_id), budget)
+
+    def stream(self, messages: list[Message], stage_id: str, sampling: Sampling | None = None) -> Iterator[str]:
+        from persllm_cli.model.generate import stream_reply
+
+        return stream_reply(self.model, self.tokenizer, messages, self.token(stage_id), sampling or self.sampling)
+
+    def answer_batch(self, conversations: list[list[Message]], stage_id: str,
+                     sampling: Sampling | None = None) -> list[str | None]:
+        from persllm_cli.model.generate import generate_batch
+
+        return list(generate_batch(self.model, self.tokenizer, conversations, stage_token=self.token(stage_id),
+                                   sampling=sampling or self.sampling))
+
+
+def with_sampling(sampling: Sampling, **changes: Any) -> Sampling:
+    """`sampling` with the given fields changed (None values leave a field as it is)."""
+    return replace(sampling, **{k: v for k, v in changes.items() if v is not None})
