@@ -135,7 +135,7 @@ def lora_model(base, tok, seed):
     from peft import get_peft_model
 
     from persllm_cli.model.bases import load_for_training
-    from persllm_cli.train.command import TrainSettings
+    from persllm_cli.train.settings import TrainSettings
     from persllm_cli.train.rank import lora_config
 
     torch.manual_seed(seed)
@@ -273,7 +273,7 @@ def persllm_side(path: Path, mode: str, device: str, steps: int, warmup: int, ba
     from peft import get_peft_model
 
     from persllm_cli.model.bases import load_for_training
-    from persllm_cli.train.command import TrainSettings
+    from persllm_cli.train.settings import TrainSettings
     from persllm_cli.train.rank import lora_config
 
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ from persllm_cli.core import console
 from persllm_cli.core.project import Project, open_project
 from persllm_cli.core.settings import resolve
 from persllm_cli.core.errors import EXIT_INTERRUPTED, PersllmError
+from persllm_cli.llm.annotator import AnnotateSettings
 
 app = typer.Typer(
     name="persllm",
@@ -139,7 +140,7 @@ def annotate(
     flags["stages"] = flags.pop("stage")
     from persllm_cli.annotate import command as annotate_stage
 
-    project, settings = _settings(ctx, annotate_stage.AnnotateSettings, "annotate", flags)
+    project, settings = _settings(ctx, AnnotateSettings, "annotate", flags)
     return annotate_stage.run(project, settings)
 
 
@@ -203,7 +204,8 @@ def dpo(
     from persllm_cli.curate import dpo as stage
 
     project, settings = _settings(ctx, stage.DpoSettings, "dpo", dict(locals()))
-    return stage.run(project, settings)
+    annotator = resolve(AnnotateSettings, "annotate", {}, project) if settings.mode == "generate" else None
+    return stage.run(project, settings, annotator)
 
 
 # ------------------------------------------------------------------------------------- tokenize

@@ -95,6 +95,7 @@ def test_section_end(text, one_line, end):
 def test_long_prompt_notice_only_with_default_budgets_on_cpu(tmp_path, cli, monkeypatch, capsys):
     from persllm_cli.annotate import command as annotate
     from persllm_cli.core.settings import resolve
+    from persllm_cli.llm.annotator import AnnotateSettings
     from persllm_cli.llm.runner import Item
 
     class Fake:
@@ -108,7 +109,7 @@ def test_long_prompt_notice_only_with_default_budgets_on_cpu(tmp_path, cli, monk
     from persllm_cli.core.project import load_project
 
     project = load_project(tmp_path / "p")
-    s = resolve(annotate.AnnotateSettings, "annotate", {"backend": "local"}, project)
+    s = resolve(AnnotateSettings, "annotate", {"backend": "local"}, project)
     item = Item("x", annotate.Job(project.stages[0], "ordinary", 0, {}, [], [], ["k"], ["s"]))
     ann = annotate.Annotator(project, s, [])
     annotate._local_notice(project, s, Fake(), ann, [item])

@@ -11,54 +11,20 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from persllm_cli.core import console
-from persllm_cli.annotate.prompts import PATTERNS, build_messages, parse_reply, time_line
+from persllm_cli.annotate.prompts import build_messages, parse_reply, time_line
+from persllm_cli.llm.annotator import DEFAULT_MODEL, AnnotateSettings
 from persllm_cli.core.project import Project, Stage
-from persllm_cli.core.settings import public_settings, setting
+from persllm_cli.core.settings import public_settings
 from persllm_cli.data.corpus import Paragraph, read_paragraphs
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
-from persllm_cli.llm.backends import BACKENDS
 from persllm_cli.data.records import Record, read_text, record_id, resume_state, write_meta
 from persllm_cli.llm.pricing import Price, pricing
 from persllm_cli.llm.runner import Budget, Item, RunnerSettings, dry_run, run_items, summary
-
-DEFAULT_MODEL = {"openai": "gpt-4o-mini", "local": "smollm2-135m"}
-
-
-@dataclass
-class AnnotateSettings:
-    stages: list[str] | None = None
-    pattern: str = setting("ordinary", choices=PATTERNS)
-    cot: bool = False
-    time_prefix: bool = True
-    questions_per_paragraph: int = setting(1, at_least=1)
-    limit: int | None = setting(None, at_least=0)
-    instructions: Path | None = None
-    backend: str = setting("openai", choices=BACKENDS)
-    model: str | None = None
-    base_url: str | None = None
-    concurrency: int = setting(8, at_least=1)
-    max_retries: int = setting(5, at_least=0)
-    timeout: float = setting(120.0, more_than=0)
-    budget_usd: float | None = setting(None, at_least=0)
-    dry_run: bool = False
-    review: bool = False
-    feedback: Path | None = None
-    embedder: str = "tfidf"
-    output: Path = Path("build/annotations.jsonl")
-    # persllm.toml only
-    max_tokens: int = setting(1024, at_least=1)
-    temperature: float = setting(0.7, at_least=0)
-    knowledge_words: int = setting(1500, at_least=0)
-    style_words: int = setting(500, at_least=0)
-    prices: dict[str, list[float]] = field(default_factory=dict)
-    review_samples: int = setting(3, at_least=1)
-    backoff_seconds: float = setting(1.0, at_least=0)  # first retry waits up to this long; doubles per attempt (with jitter)
-
 
 @dataclass
 class Job:

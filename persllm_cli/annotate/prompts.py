@@ -14,7 +14,6 @@ from persllm_cli.llm.backends import Message
 from persllm_cli.core.resources import render
 from persllm_cli.llm.runner import Malformed
 
-PATTERNS = ("ordinary", "error", "thought")
 
 _LABELS = {
     "question": "question", "analysis": "analysis", "response": "response", "answer": "response",

@@ -37,6 +37,8 @@ from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.data.records import Record
 from persllm_cli.core.resources import render
 from persllm_cli.data.retrieval import Index
+from persllm_cli.curate.pairs import DpoSettings, load_inputs, make_pair, pair_id, report
+from persllm_cli.llm.annotator import DEFAULT_MODEL, AnnotateSettings
 from persllm_cli.llm.pricing import pricing
 from persllm_cli.llm.runner import Item, Malformed, RunnerSettings, dry_run, run_items, summary
 
@@ -110,8 +112,6 @@ class Planned:
 
 def plan(inputs: Iterable[Record], project: Project) -> list[Planned]:
     """The request for each record: which other stage answers it, from what material."""
-    from persllm_cli.curate.dpo import pair_id
-
     materials: dict[str, StageMaterial] = {}
     out = []
     for r in inputs:
@@ -125,8 +125,6 @@ def plan(inputs: Iterable[Record], project: Project) -> list[Planned]:
 
 def to_pair(p: Planned, reply: str, project: Project, rejected_id: str | None = None) -> tuple[Record | None, str]:
     """The pair for a reply, or (None, why) when the reply cannot be a rejected answer."""
-    from persllm_cli.curate.dpo import make_pair
-
     text = clean_answer(reply)
     if not text:
         return None, EMPTY_ANSWER
@@ -168,21 +166,17 @@ def work_path(output: Path) -> Path:
 
 
 @dataclass
-class Annotator:
-    """The annotator settings for this mode: dpo flags first, else the project's [annotate]."""
+class Client:
+    """The annotator this mode asks: dpo flags first, else the project's [annotate]."""
 
     backend: str
     model: str
     base_url: str | None
     concurrency: int
-    settings: Any  # the resolved AnnotateSettings (retries, timeout, max_tokens, prices, ...)
+    settings: AnnotateSettings  # retries, timeout, max_tokens, prices, ...
 
     @classmethod
-    def resolve(cls, project: Project, s) -> "Annotator":
-        from persllm_cli.annotate.command import DEFAULT_MODEL, AnnotateSettings
-        from persllm_cli.core.settings import resolve
-
-        a = resolve(AnnotateSettings, "annotate", {}, project)
+    def choose(cls, s: DpoSettings, a: AnnotateSettings) -> "Client":
         backend = s.backend or a.backend
         # [annotate] model belongs to [annotate] backend: a different --backend takes its own default.
         same = backend == a.backend
@@ -214,17 +208,16 @@ def _work_record(item: Item, text: str | None, usage: Any, error: str | None) ->
             "error": error}
 
 
-def run(project: Project, s) -> int:
+def run(project: Project, s: DpoSettings, annotator: AnnotateSettings) -> int:
     """Ask the annotator for the rejected answers (resumable), then write the pairs; the exit code."""
-    from persllm_cli.curate import dpo
     from persllm_cli.core.settings import public_settings
     from persllm_cli.llm.backends import make_backend
 
     started = time.perf_counter()
-    inputs, _, _ = dpo.load_inputs(project, s)
+    inputs, _, _ = load_inputs(project, s)
     if s.pool:
         console.note("--pool is not used by --mode generate (the annotator writes the rejected answers)")
-    ann = Annotator.resolve(project, s)
+    ann = Client.choose(s, annotator)
     planned = plan(inputs, project)
     items = [Item(work_id(p.record["id"], p.stage.id), p) for p in planned]
     work = work_path(s.output)
@@ -283,7 +276,7 @@ def run(project: Project, s) -> int:
                            "nothing written")
     settings = public_settings(s)
     settings.update(ann.public())
-    dpo.report(project, s, inputs, pairs, missing, pool_records=0, unusable_pool=0,
+    report(project, s, inputs, pairs, missing, pool_records=0, unusable_pool=0,
                seconds=time.perf_counter() - started, settings=settings,
                extra={"work_file": str(work), "price_per_million": [price.input, price.output],
                       "last_run": stats.as_dict()})

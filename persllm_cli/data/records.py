@@ -26,6 +26,10 @@ from persllm_cli.core.errors import PersllmError
 Record = dict[str, Any]
 
 
+# The question patterns of the method: plain questions, false premises to reject, opinions.
+PATTERNS = ("ordinary", "error", "thought")
+
+
 def record_id(persona: str, stage: str, pattern: str, source_file: str, line: int, k: int) -> str:
     """Stable id: sha256 of persona|stage|pattern|source file|line|k (k numbers questions per paragraph)."""
     key = "|".join([persona, stage, pattern, source_file, str(line), str(k)])
@@ -354,7 +358,8 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version(), "platform": sys.platform}
-    for pkg in ("persllm", "torch", "transformers", "peft", "trl", "scikit-learn", "openai", "sentence-transformers"):
+    for pkg in ("persllm", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "scikit-learn",
+                "openai", "sentence-transformers"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -16,7 +16,7 @@ from persllm_cli.core.errors import EXIT_INTERRUPTED, PersllmError
 
 def main(argv: list[str]) -> int:
     from persllm_cli.core.project import load_project
-    from persllm_cli.train.command import read_data, settings_from_public
+    from persllm_cli.train.settings import read_data, settings_from_public
     from persllm_cli.train.rank import train_rank
 
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))

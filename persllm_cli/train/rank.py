@@ -24,7 +24,8 @@ from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.model.bases import is_quantized
-from persllm_cli.train.command import TrainSettings, check_tokenizer, data_hashes, versions
+from persllm_cli.data.records import versions
+from persllm_cli.train.settings import TrainSettings, check_tokenizer, data_hashes
 from persllm_cli.train.trainer import BatchStats, PlainModes, ProgressCallback, SFTTrainer, every_rank, loss_plot, model_card, pad_collate, read_metrics, trim_metrics
 
 OOM_HINT = ("out of GPU memory; reduce --batch-size (and raise --grad-accum to keep the effective batch), "

@@ -1,0 +1,86 @@
+"""What `persllm train` is told (TrainSettings) and what it checks about the tokenized data, shared
+by the command (train/command.py) and every training process (train/rank.py, train/launch.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from persllm_cli.core.errors import PersllmError
+from persllm_cli.core.settings import setting
+from persllm_cli.data import records
+
+METHODS = ("sft", "dpo", "sft+dpo")
+
+
+@dataclass
+class TrainSettings:
+    data: Path = Path("build/tokenized")
+    base: str | None = None
+    method: str = setting("sft", choices=METHODS)
+    qlora: bool = True
+    lora_r: int = setting(16, at_least=1)
+    lora_alpha: int = setting(32, more_than=0)
+    lora_dropout: float = setting(0.05, at_least=0, less_than=1)
+    learning_rate: float = setting(2e-4, more_than=0, less_than=math.inf)
+    epochs: float = setting(1.0, more_than=0, less_than=math.inf)
+    max_steps: int | None = setting(None, at_least=1)
+    batch_size: int = setting(4, at_least=1)
+    grad_accum: int = setting(4, at_least=1)
+    beta: float = setting(0.1, more_than=0, less_than=math.inf)
+    gpus: str | None = None
+    nproc: int | None = setting(None, at_least=1)
+    resume: bool = False
+    output: Path | None = None
+    seed: int = setting(0, at_least=0, less_than=2**32)
+    save_steps: int = setting(50, at_least=1)
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def read_data(data: Path) -> dict:
+    """meta.json of a tokenized directory, checked to be one."""
+    meta_path = Path(data) / "meta.json"
+    if not Path(data).is_dir():
+        raise PersllmError(f"tokenized data not found: {data} (run `persllm tokenize` first)")
+    if not meta_path.is_file() or not (Path(data) / "sft.jsonl").is_file() or not (Path(data) / "tokenizer").is_dir():
+        raise PersllmError(f"{data} is not a `persllm tokenize` output (no meta.json, sft.jsonl or tokenizer/); "
+                           "run `persllm tokenize` again")
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PersllmError(f"{meta_path}: not valid JSON ({e.msg})") from None
+
+
+def check_tokenizer(meta: dict, s: TrainSettings, base_path: str, tok) -> None:
+    from persllm_cli.model.chat_format import load_tokenizer, tokenizer_fingerprint
+
+    if tokenizer_fingerprint(tok) != meta.get("tokenizer_sha256"):
+        raise PersllmError(f"{s.data}/tokenizer does not match {s.data}/meta.json; run `persllm tokenize` again")
+    if s.base and s.base != meta.get("base"):
+        other = load_tokenizer(base_path, len(meta["stages"]))
+        if tokenizer_fingerprint(other) != meta["tokenizer_sha256"]:
+            raise PersllmError(f"{s.data} was tokenized for {meta.get('base')}, whose tokenizer differs from "
+                               f"{s.base}'s; run `persllm tokenize --base {s.base}` or drop --base")
+
+
+def settings_from_public(data: dict) -> TrainSettings:
+    fields = TrainSettings.__dataclass_fields__
+    kw = {k: v for k, v in data.items() if k in fields}
+    for k in ("data", "output"):
+        if kw.get(k) is not None:
+            kw[k] = Path(kw[k])
+    return TrainSettings(**kw)
+
+
+def data_hashes(data: Path, meta: dict) -> dict:
+    out = {"tokenizer_sha256": meta.get("tokenizer_sha256"), "inputs": meta.get("inputs", {})}
+    for name in ("sft.jsonl", "dpo.jsonl"):
+        if (Path(data) / name).is_file():
+            out[name] = records.file_sha256(Path(data) / name)
+    return out
