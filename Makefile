@@ -22,12 +22,15 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_DIR="$(DEMO_DIR)" bash scripts/demo.sh
 
-# Every test but the GPU-only ones, the slow model tests included.
+# The layering contract (pyproject.toml [tool.importlinter]), then every test but the GPU-only
+# ones, the slow model and browser tests included.
 test: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not gpu"
 
 # Without the slow model and training tests.
 test-fast: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not gpu and not slow"
 
 bench: venv

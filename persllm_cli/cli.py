@@ -16,9 +16,19 @@ import typer
 from persllm_cli import __version__
 from persllm_cli.core import console
 from persllm_cli.core.project import Project, open_project
-from persllm_cli.core.settings import resolve
 from persllm_cli.core.errors import EXIT_INTERRUPTED, PersllmError
+from persllm_cli.core.settings import help_text as _h
+from persllm_cli.core.settings import resolve
+# The settings dataclasses hold every flag's help and default (written once, shown from the real
+# value by `_h`); these modules are light, the stages behind them are imported when a command runs.
+from persllm_cli.chat.command import ChatSettings
+from persllm_cli.curate.dedup import DedupSettings
+from persllm_cli.curate.pairs import DpoSettings
+from persllm_cli.curate.split import SplitSettings
+from persllm_cli.eval.items import EvalSettings
 from persllm_cli.llm.annotator import AnnotateSettings
+from persllm_cli.train.settings import TrainSettings
+from persllm_cli.train.tokenize import TokenizeSettings
 
 app = typer.Typer(
     name="persllm",
@@ -102,9 +112,9 @@ def init(
 
 
 
-# Each command below passes its flags (None = not given) to config.resolve, which layers them
-# over persllm.toml and PERSLLM_* variables, then calls the stage. Field names of the stage's
-# settings dataclass match the flag names.
+# Each command below passes its flags (None = not given) to core.settings.resolve, which layers
+# them over persllm.toml and PERSLLM_* variables, then calls the stage. Field names of the stage's
+# settings dataclass match the flag names; each flag's help and default come from that field.
 
 Opt = typer.Option
 
@@ -115,25 +125,25 @@ Opt = typer.Option
 @guarded
 def annotate(
     ctx: typer.Context,
-    stage: Annotated[Optional[list[str]], Opt(help="Stage to annotate; repeat for several (default: all).", metavar="ID")] = None,
-    pattern: Annotated[Optional[str], Opt(help="Question pattern: ordinary, error (false premise to reject) or thought (opinion). [default: ordinary]")] = None,
-    cot: Annotated[Optional[bool], Opt("--cot/--no-cot", help="Ask for an analysis before the answer (stored apart; only the answer is trained on). [default: no-cot]")] = None,
-    time_prefix: Annotated[Optional[bool], Opt("--time-prefix/--no-time-prefix", help="Tell the annotator \"Now it is {stage label}.\" [default: time-prefix]")] = None,
-    questions_per_paragraph: Annotated[Optional[int], Opt(help="Questions per seed paragraph. [default: 1]")] = None,
-    limit: Annotated[Optional[int], Opt(help="At most N new records in this run, over all stages.")] = None,
-    instructions: Annotated[Optional[Path], Opt(help="Answer these general instructions in the persona's voice instead (txt, one per line, or JSONL with messages).", metavar="FILE")] = None,
-    backend: Annotated[Optional[str], Opt(help="openai (any OpenAI-compatible server) or local (transformers, offline). [default: openai]")] = None,
-    model: Annotated[Optional[str], Opt(help="Annotator model: an API model name, or for --backend local smollm2-135m, a model dir or runs/NAME.")] = None,
-    base_url: Annotated[Optional[str], Opt(help="OpenAI-compatible server URL (else OPENAI_BASE_URL). The key is read from OPENAI_API_KEY only.", metavar="URL")] = None,
-    concurrency: Annotated[Optional[int], Opt(help="Requests in flight at once. [default: 8]")] = None,
-    max_retries: Annotated[Optional[int], Opt(help="Retries per item before it is recorded as failed. [default: 5]")] = None,
-    timeout: Annotated[Optional[float], Opt(help="Seconds to wait for one request. [default: 120]", metavar="S")] = None,
-    budget_usd: Annotated[Optional[float], Opt(help="Stop cleanly before spending more than this many dollars.", metavar="X")] = None,
-    dry_run: Annotated[Optional[bool], Opt("--dry-run", help="Send nothing; print the requests, tokens and dollars the run would take.")] = None,
-    review: Annotated[Optional[bool], Opt("--review", help="Show the first answers and ask: ok, or a standard to add.")] = None,
-    feedback: Annotated[Optional[Path], Opt(help="Standards to add to the instructions, one per line.", metavar="FILE")] = None,
-    embedder: Annotated[Optional[str], Opt(help="Retrieval embedder: tfidf or st:NAME (sentence-transformers). [default: tfidf]")] = None,
-    output: Annotated[Optional[Path], Opt("-o", "--output", help="Output JSONL (appended; reruns resume). [default: build/annotations.jsonl]", metavar="FILE")] = None,
+    stage: Annotated[Optional[list[str]], Opt(help=_h(AnnotateSettings, 'stages'), metavar='ID')] = None,
+    pattern: Annotated[Optional[str], Opt(help=_h(AnnotateSettings, 'pattern'))] = None,
+    cot: Annotated[Optional[bool], Opt('--cot/--no-cot', help=_h(AnnotateSettings, 'cot', flag='--cot/--no-cot'))] = None,
+    time_prefix: Annotated[Optional[bool], Opt('--time-prefix/--no-time-prefix', help=_h(AnnotateSettings, 'time_prefix', flag='--time-prefix/--no-time-prefix'))] = None,
+    questions_per_paragraph: Annotated[Optional[int], Opt(help=_h(AnnotateSettings, 'questions_per_paragraph'))] = None,
+    limit: Annotated[Optional[int], Opt(help=_h(AnnotateSettings, 'limit'))] = None,
+    instructions: Annotated[Optional[Path], Opt(help=_h(AnnotateSettings, 'instructions'), metavar='FILE')] = None,
+    backend: Annotated[Optional[str], Opt(help=_h(AnnotateSettings, 'backend'))] = None,
+    model: Annotated[Optional[str], Opt(help=_h(AnnotateSettings, 'model'))] = None,
+    base_url: Annotated[Optional[str], Opt(help=_h(AnnotateSettings, 'base_url'), metavar='URL')] = None,
+    concurrency: Annotated[Optional[int], Opt(help=_h(AnnotateSettings, 'concurrency'))] = None,
+    max_retries: Annotated[Optional[int], Opt(help=_h(AnnotateSettings, 'max_retries'))] = None,
+    timeout: Annotated[Optional[float], Opt(help=_h(AnnotateSettings, 'timeout'), metavar='S')] = None,
+    budget_usd: Annotated[Optional[float], Opt(help=_h(AnnotateSettings, 'budget_usd'), metavar='X')] = None,
+    dry_run: Annotated[Optional[bool], Opt('--dry-run', help=_h(AnnotateSettings, 'dry_run'))] = None,
+    review: Annotated[Optional[bool], Opt('--review', help=_h(AnnotateSettings, 'review'))] = None,
+    feedback: Annotated[Optional[Path], Opt(help=_h(AnnotateSettings, 'feedback'), metavar='FILE')] = None,
+    embedder: Annotated[Optional[str], Opt(help=_h(AnnotateSettings, 'embedder'))] = None,
+    output: Annotated[Optional[Path], Opt('-o', '--output', help=_h(AnnotateSettings, 'output'), metavar='FILE')] = None,
 ) -> int:
     """Write persona Q&A records from the project's material with an LLM (resumable, accounted)."""
     flags = dict(locals())
@@ -150,15 +160,15 @@ def annotate(
 @guarded
 def dedup(
     ctx: typer.Context,
-    input: Annotated[Optional[Path], typer.Argument(help="Annotations JSONL. [default: build/annotations.jsonl]", metavar="IN")] = None,
-    output: Annotated[Optional[Path], Opt("-o", "--output", help="[default: build/dedup.jsonl]", metavar="OUT")] = None,
-    threshold: Annotated[Optional[float], Opt(help="Drop a question whose cosine similarity to a kept one reaches this. [default: 0.95]")] = None,
-    embedder: Annotated[Optional[str], Opt(help="tfidf or st:NAME. [default: tfidf]")] = None,
+    input: Annotated[Optional[Path], typer.Argument(help=_h(DedupSettings, 'input'), metavar='IN')] = None,
+    output: Annotated[Optional[Path], Opt('-o', '--output', help=_h(DedupSettings, 'output'), metavar='OUT')] = None,
+    threshold: Annotated[Optional[float], Opt(help=_h(DedupSettings, 'threshold'))] = None,
+    embedder: Annotated[Optional[str], Opt(help=_h(DedupSettings, 'embedder'))] = None,
 ) -> int:
     """Drop failed records and near-duplicate questions (greedy, in file order)."""
     from persllm_cli.curate import dedup as stage
 
-    project, settings = _settings(ctx, stage.DedupSettings, "dedup", dict(locals()))
+    project, settings = _settings(ctx, DedupSettings, "dedup", dict(locals()))
     return stage.run(project, settings)
 
 
@@ -168,16 +178,16 @@ def dedup(
 @guarded
 def split(
     ctx: typer.Context,
-    input: Annotated[Optional[Path], typer.Argument(help="[default: build/dedup.jsonl]", metavar="IN")] = None,
-    test_size: Annotated[Optional[float], Opt(help="Share of records in the test set. [default: 0.2]")] = None,
-    seed: Annotated[Optional[int], Opt(help="[default: 0]")] = None,
-    train_output: Annotated[Optional[Path], Opt("--train-output", help="[default: build/train.jsonl]", metavar="FILE")] = None,
-    test_output: Annotated[Optional[Path], Opt("--test-output", help="[default: build/test.jsonl]", metavar="FILE")] = None,
+    input: Annotated[Optional[Path], typer.Argument(help=_h(SplitSettings, 'input'), metavar='IN')] = None,
+    test_size: Annotated[Optional[float], Opt(help=_h(SplitSettings, 'test_size'))] = None,
+    seed: Annotated[Optional[int], Opt(help=_h(SplitSettings, 'seed'))] = None,
+    train_output: Annotated[Optional[Path], Opt('--train-output', help=_h(SplitSettings, 'train_output'), metavar='FILE')] = None,
+    test_output: Annotated[Optional[Path], Opt('--test-output', help=_h(SplitSettings, 'test_output'), metavar='FILE')] = None,
 ) -> int:
     """Split into train and test, stratified by stage and pattern, never splitting a seed paragraph."""
     from persllm_cli.curate import split as stage
 
-    project, settings = _settings(ctx, stage.SplitSettings, "split", dict(locals()))
+    project, settings = _settings(ctx, SplitSettings, "split", dict(locals()))
     return stage.run(project, settings)
 
 
@@ -187,23 +197,23 @@ def split(
 @guarded
 def dpo(
     ctx: typer.Context,
-    input: Annotated[Optional[Path], typer.Argument(help="[default: build/train.jsonl]", metavar="IN")] = None,
-    pool: Annotated[Optional[list[Path]], Opt(help="Answers of other personas to draw rejected answers from; repeatable.", metavar="FILE")] = None,
-    skip: Annotated[Optional[int], Opt(help="Pass over this many nearest questions first. [default: 5]")] = None,
-    mode: Annotated[Optional[str], Opt(help="retrieve (another stage's answer to a similar question) or generate (ask the annotator with another stage's material). [default: retrieve]")] = None,
-    output: Annotated[Optional[Path], Opt("-o", "--output", help="[default: build/dpo.jsonl]", metavar="OUT")] = None,
-    backend: Annotated[Optional[str], Opt(help="For --mode generate: openai or local (else [annotate] settings).")] = None,
-    model: Annotated[Optional[str], Opt(help="For --mode generate: the annotator model.")] = None,
-    base_url: Annotated[Optional[str], Opt(help="For --mode generate: OpenAI-compatible server URL.", metavar="URL")] = None,
-    concurrency: Annotated[Optional[int], Opt(help="For --mode generate: requests in flight.")] = None,
-    budget_usd: Annotated[Optional[float], Opt(help="For --mode generate: stop cleanly before spending more than this many dollars.", metavar="X")] = None,
-    dry_run: Annotated[Optional[bool], Opt("--dry-run", help="For --mode generate: send nothing; print the requests, tokens and dollars it would take.")] = None,
-    embedder: Annotated[Optional[str], Opt(help="For --mode retrieve: question similarity, tfidf or st:NAME. [default: tfidf]")] = None,
+    input: Annotated[Optional[Path], typer.Argument(help=_h(DpoSettings, 'input'), metavar='IN')] = None,
+    pool: Annotated[Optional[list[Path]], Opt(help=_h(DpoSettings, 'pool'), metavar='FILE')] = None,
+    skip: Annotated[Optional[int], Opt(help=_h(DpoSettings, 'skip'))] = None,
+    mode: Annotated[Optional[str], Opt(help=_h(DpoSettings, 'mode'))] = None,
+    output: Annotated[Optional[Path], Opt('-o', '--output', help=_h(DpoSettings, 'output'), metavar='OUT')] = None,
+    backend: Annotated[Optional[str], Opt(help=_h(DpoSettings, 'backend'))] = None,
+    model: Annotated[Optional[str], Opt(help=_h(DpoSettings, 'model'))] = None,
+    base_url: Annotated[Optional[str], Opt(help=_h(DpoSettings, 'base_url'), metavar='URL')] = None,
+    concurrency: Annotated[Optional[int], Opt(help=_h(DpoSettings, 'concurrency'))] = None,
+    budget_usd: Annotated[Optional[float], Opt(help=_h(DpoSettings, 'budget_usd'), metavar='X')] = None,
+    dry_run: Annotated[Optional[bool], Opt('--dry-run', help=_h(DpoSettings, 'dry_run'))] = None,
+    embedder: Annotated[Optional[str], Opt(help=_h(DpoSettings, 'embedder'))] = None,
 ) -> int:
     """Build chosen/rejected preference pairs (TRL's conversational format, with provenance)."""
     from persllm_cli.curate import dpo as stage
 
-    project, settings = _settings(ctx, stage.DpoSettings, "dpo", dict(locals()))
+    project, settings = _settings(ctx, DpoSettings, "dpo", dict(locals()))
     annotator = resolve(AnnotateSettings, "annotate", {}, project) if settings.mode == "generate" else None
     return stage.run(project, settings, annotator)
 
@@ -214,19 +224,19 @@ def dpo(
 @guarded
 def tokenize(
     ctx: typer.Context,
-    train: Annotated[Optional[Path], Opt(help="SFT records. [default: build/train.jsonl]", metavar="F")] = None,
-    dpo: Annotated[Optional[Path], Opt(help="Preference pairs. [default: build/dpo.jsonl if present]", metavar="F")] = None,
-    general: Annotated[Optional[Path], Opt(help="General instruction data (JSONL with messages) to mix in.", metavar="F")] = None,
-    repeat: Annotated[Optional[int], Opt(help="Repeat persona data this many times when mixing with --general. [default: 5]")] = None,
-    base: Annotated[Optional[str], Opt(help="Base model: smollm2-135m, a model directory or a hub id. [default: smollm2-135m]")] = None,
-    time_tokens: Annotated[Optional[int], Opt(help="Number of time tokens; must equal the number of stages. [default: number of stages]", metavar="N")] = None,
-    max_length: Annotated[Optional[int], Opt(help="Longest sequence; longer conversations split at turn boundaries. [default: 2048]")] = None,
-    output: Annotated[Optional[Path], Opt("-o", "--output", help="Output folder; an existing one must be empty or an earlier tokenize output. [default: build/tokenized]", metavar="DIR")] = None,
+    train: Annotated[Optional[Path], Opt(help=_h(TokenizeSettings, 'train'), metavar='F')] = None,
+    dpo: Annotated[Optional[Path], Opt(help=_h(TokenizeSettings, 'dpo'), metavar='F')] = None,
+    general: Annotated[Optional[Path], Opt(help=_h(TokenizeSettings, 'general'), metavar='F')] = None,
+    repeat: Annotated[Optional[int], Opt(help=_h(TokenizeSettings, 'repeat'))] = None,
+    base: Annotated[Optional[str], Opt(help=_h(TokenizeSettings, 'base'))] = None,
+    time_tokens: Annotated[Optional[int], Opt(help=_h(TokenizeSettings, 'time_tokens'), metavar='N')] = None,
+    max_length: Annotated[Optional[int], Opt(help=_h(TokenizeSettings, 'max_length'))] = None,
+    output: Annotated[Optional[Path], Opt('-o', '--output', help=_h(TokenizeSettings, 'output'), metavar='DIR')] = None,
 ) -> int:
     """Render with the chat template, add time tokens, mask non-assistant labels."""
     from persllm_cli.train import tokenize as stage
 
-    project, settings = _settings(ctx, stage.TokenizeSettings, "tokenize", dict(locals()))
+    project, settings = _settings(ctx, TokenizeSettings, "tokenize", dict(locals()))
     return stage.run(project, settings)
 
 
@@ -236,30 +246,30 @@ def tokenize(
 @guarded
 def train(
     ctx: typer.Context,
-    data: Annotated[Optional[Path], Opt(help="Tokenized data. [default: build/tokenized]", metavar="DIR")] = None,
-    base: Annotated[Optional[str], Opt(help="Base model (must match the tokenized data). [default: from the data]")] = None,
-    method: Annotated[Optional[str], Opt(help="sft, dpo or sft+dpo. [default: sft]")] = None,
-    qlora: Annotated[Optional[bool], Opt("--qlora/--no-qlora", help="4-bit NF4 base on CUDA. [default: qlora]")] = None,
-    lora_r: Annotated[Optional[int], Opt(help="[default: 16]")] = None,
-    lora_alpha: Annotated[Optional[int], Opt(help="[default: 32]")] = None,
-    lora_dropout: Annotated[Optional[float], Opt(help="[default: 0.05]")] = None,
-    learning_rate: Annotated[Optional[float], Opt(help="[default: 2e-4]")] = None,
-    epochs: Annotated[Optional[float], Opt(help="[default: 1]")] = None,
-    max_steps: Annotated[Optional[int], Opt(help="Stop after N optimizer steps (overrides --epochs).")] = None,
-    batch_size: Annotated[Optional[int], Opt(help="Per-device micro batch. [default: 4]")] = None,
-    grad_accum: Annotated[Optional[int], Opt(help="[default: 4]")] = None,
-    beta: Annotated[Optional[float], Opt(help="DPO beta. [default: 0.1]")] = None,
-    gpus: Annotated[Optional[str], Opt(help="Train on N GPUs (or all) with DDP under torchrun.", metavar="N|all")] = None,
-    nproc: Annotated[Optional[int], Opt(help="Train with N processes on CPU (gloo DDP).", metavar="N")] = None,
-    resume: Annotated[Optional[bool], Opt("--resume/--no-resume", help="Continue from the run's last checkpoint. [default: no-resume]")] = None,
-    output: Annotated[Optional[Path], Opt(help="Run directory. [default: runs/<date>-<method>]", metavar="runs/NAME")] = None,
-    seed: Annotated[Optional[int], Opt(help="[default: 0]")] = None,
-    save_steps: Annotated[Optional[int], Opt(help="Checkpoint every N steps. [default: 50]")] = None,
+    data: Annotated[Optional[Path], Opt(help=_h(TrainSettings, 'data'), metavar='DIR')] = None,
+    base: Annotated[Optional[str], Opt(help=_h(TrainSettings, 'base'))] = None,
+    method: Annotated[Optional[str], Opt(help=_h(TrainSettings, 'method'))] = None,
+    qlora: Annotated[Optional[bool], Opt('--qlora/--no-qlora', help=_h(TrainSettings, 'qlora', flag='--qlora/--no-qlora'))] = None,
+    lora_r: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'lora_r'))] = None,
+    lora_alpha: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'lora_alpha'))] = None,
+    lora_dropout: Annotated[Optional[float], Opt(help=_h(TrainSettings, 'lora_dropout'))] = None,
+    learning_rate: Annotated[Optional[float], Opt(help=_h(TrainSettings, 'learning_rate'))] = None,
+    epochs: Annotated[Optional[float], Opt(help=_h(TrainSettings, 'epochs'))] = None,
+    max_steps: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'max_steps'))] = None,
+    batch_size: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'batch_size'))] = None,
+    grad_accum: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'grad_accum'))] = None,
+    beta: Annotated[Optional[float], Opt(help=_h(TrainSettings, 'beta'))] = None,
+    gpus: Annotated[Optional[str], Opt(help=_h(TrainSettings, 'gpus'), metavar='N|all')] = None,
+    nproc: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'nproc'), metavar='N')] = None,
+    resume: Annotated[Optional[bool], Opt('--resume/--no-resume', help=_h(TrainSettings, 'resume', flag='--resume/--no-resume'))] = None,
+    output: Annotated[Optional[Path], Opt(help=_h(TrainSettings, 'output'), metavar='runs/NAME')] = None,
+    seed: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'seed'))] = None,
+    save_steps: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'save_steps'))] = None,
 ) -> int:
     """Train a LoRA/QLoRA adapter with SFT, DPO, or SFT then DPO."""
     from persllm_cli.train import command as stage
 
-    project, settings = _settings(ctx, stage.TrainSettings, "train", dict(locals()))
+    project, settings = _settings(ctx, TrainSettings, "train", dict(locals()))
     return stage.run(project, settings)
 
 
@@ -269,15 +279,15 @@ def train(
 @guarded
 def chat(
     ctx: typer.Context,
-    run: Annotated[Optional[Path], typer.Argument(help="Run directory (default: runs/latest of the project).", metavar="RUN")] = None,
-    stage: Annotated[Optional[str], Opt(help="Stage to speak from (default: the last stage).", metavar="ID")] = None,
-    prompt: Annotated[Optional[str], Opt(help="Answer this once and print only the answer.", metavar="TEXT")] = None,
-    system: Annotated[Optional[str], Opt(help="A system message (with --api-model: added to the persona prompt).", metavar="TEXT")] = None,
-    max_new_tokens: Annotated[Optional[int], Opt(help="Longest answer, in tokens (default: 256).")] = None,
-    temperature: Annotated[Optional[float], Opt(help="Sampling temperature; 0 for greedy (default: 0.7).")] = None,
-    api_model: Annotated[Optional[str], Opt(help="Chat through an OpenAI-compatible model with retrieval over the project's material instead.", metavar="M")] = None,
-    base_url: Annotated[Optional[str], Opt(help="Server URL for --api-model.", metavar="URL")] = None,
-    json_output: Annotated[Optional[bool], Opt("--json", help="One JSON object per answer ({\"stage\", \"prompt\", \"answer\"}), reading questions line by line.")] = None,
+    run: Annotated[Optional[Path], typer.Argument(help=_h(ChatSettings, 'run'), metavar='RUN')] = None,
+    stage: Annotated[Optional[str], Opt(help=_h(ChatSettings, 'stage'), metavar='ID')] = None,
+    prompt: Annotated[Optional[str], Opt(help=_h(ChatSettings, 'prompt'), metavar='TEXT')] = None,
+    system: Annotated[Optional[str], Opt(help=_h(ChatSettings, 'system'), metavar='TEXT')] = None,
+    max_new_tokens: Annotated[Optional[int], Opt(help=_h(ChatSettings, 'max_new_tokens'))] = None,
+    temperature: Annotated[Optional[float], Opt(help=_h(ChatSettings, 'temperature'))] = None,
+    api_model: Annotated[Optional[str], Opt(help=_h(ChatSettings, 'api_model'), metavar='M')] = None,
+    base_url: Annotated[Optional[str], Opt(help=_h(ChatSettings, 'base_url'), metavar='URL')] = None,
+    json_output: Annotated[Optional[bool], Opt('--json', help=_h(ChatSettings, 'json_output'))] = None,
 ) -> int:
     """Talk to a trained persona (streaming), or answer once with --prompt.
 
@@ -290,7 +300,7 @@ def chat(
     flags = dict(locals())  # taken before the import below adds a name
     from persllm_cli.chat import command as chat_stage
 
-    project, settings = _settings(ctx, chat_stage.ChatSettings, "chat", flags, project_required=False)
+    project, settings = _settings(ctx, ChatSettings, "chat", flags, project_required=False)
     return chat_stage.run(project, settings)
 
 
@@ -300,26 +310,26 @@ def chat(
 @guarded
 def eval_(
     ctx: typer.Context,
-    run: Annotated[Optional[list[Path]], typer.Argument(help="Run directories to evaluate side by side, e.g. runs/sft runs/sft-dpo. [default: runs/latest, unless --api-model is given]", metavar="RUN")] = None,
-    test: Annotated[Optional[Path], Opt(help="Test records (questions with reference answers). [default: build/test.jsonl]", metavar="FILE")] = None,
-    api_model: Annotated[Optional[str], Opt(help="Also evaluate this OpenAI-compatible model, prompted with the persona and stage (a baseline without training).", metavar="M")] = None,
-    base_url: Annotated[Optional[str], Opt(help="Server URL for --api-model (else OPENAI_BASE_URL). The key is read from OPENAI_API_KEY only.", metavar="URL")] = None,
-    pool: Annotated[Optional[list[Path]], Opt(help="Answers of other personas (JSONL with persona and messages, e.g. another project's eval answers) for cross-persona BLEU; repeatable.", metavar="FILE")] = None,
-    judge: Annotated[Optional[str], Opt(help="Judge model (OpenAI-compatible): compares each answer with the reference in both orders and checks false-premise questions were rejected.", metavar="M")] = None,
-    judge_base_url: Annotated[Optional[str], Opt(help="Server URL for --judge. [default: --base-url, else OPENAI_BASE_URL]", metavar="URL")] = None,
-    max_new_tokens: Annotated[Optional[int], Opt(help="Longest answer, in tokens. [default: 256]")] = None,
-    batch_size: Annotated[Optional[int], Opt(help="Questions generated together. [default: 8]")] = None,
-    temperature: Annotated[Optional[float], Opt(help="Sampling temperature; 0 is greedy and repeatable. [default: 0]")] = None,
-    limit: Annotated[Optional[int], Opt(help="Evaluate only the first N test questions.")] = None,
-    max_pairs: Annotated[Optional[int], Opt(help="Answer pairs per BLEU group before sampling. [default: 2000]")] = None,
-    seed: Annotated[Optional[int], Opt(help="Seed for sampling answer pairs. [default: 0]")] = None,
-    tokenize: Annotated[Optional[str], Opt(help="BLEU/ROUGE tokenizer: auto (zh or char for CJK text, else 13a), 13a, zh, char, intl. [default: auto]")] = None,
-    timeout: Annotated[Optional[float], Opt(help="Seconds to wait for one API request. [default: 120]", metavar="S")] = None,
-    concurrency: Annotated[Optional[int], Opt(help="API requests in flight at once (judge and --api-model). [default: 8]")] = None,
-    max_retries: Annotated[Optional[int], Opt(help="Retries of a failed API request or a reply without a verdict, with backoff (Retry-After honoured). [default: 5]")] = None,
-    budget_usd: Annotated[Optional[float], Opt(help="Stop cleanly before this run's API requests (--api-model and --judge together) would cost more than this many dollars.", metavar="X")] = None,
-    json_output: Annotated[Optional[bool], Opt("--json", help="Print all metrics as JSON on stdout.")] = None,
-    output: Annotated[Optional[Path], Opt("-o", "--output", help="Folder for answers and the report. [default: <run>/eval/ for answers; the report there with one run, else build/eval/]", metavar="DIR")] = None,
+    run: Annotated[Optional[list[Path]], typer.Argument(help=_h(EvalSettings, 'run'), metavar='RUN')] = None,
+    test: Annotated[Optional[Path], Opt(help=_h(EvalSettings, 'test'), metavar='FILE')] = None,
+    api_model: Annotated[Optional[str], Opt(help=_h(EvalSettings, 'api_model'), metavar='M')] = None,
+    base_url: Annotated[Optional[str], Opt(help=_h(EvalSettings, 'base_url'), metavar='URL')] = None,
+    pool: Annotated[Optional[list[Path]], Opt(help=_h(EvalSettings, 'pool'), metavar='FILE')] = None,
+    judge: Annotated[Optional[str], Opt(help=_h(EvalSettings, 'judge'), metavar='M')] = None,
+    judge_base_url: Annotated[Optional[str], Opt(help=_h(EvalSettings, 'judge_base_url'), metavar='URL')] = None,
+    max_new_tokens: Annotated[Optional[int], Opt(help=_h(EvalSettings, 'max_new_tokens'))] = None,
+    batch_size: Annotated[Optional[int], Opt(help=_h(EvalSettings, 'batch_size'))] = None,
+    temperature: Annotated[Optional[float], Opt(help=_h(EvalSettings, 'temperature'))] = None,
+    limit: Annotated[Optional[int], Opt(help=_h(EvalSettings, 'limit'))] = None,
+    max_pairs: Annotated[Optional[int], Opt(help=_h(EvalSettings, 'max_pairs'))] = None,
+    seed: Annotated[Optional[int], Opt(help=_h(EvalSettings, 'seed'))] = None,
+    tokenize: Annotated[Optional[str], Opt(help=_h(EvalSettings, 'tokenize'))] = None,
+    timeout: Annotated[Optional[float], Opt(help=_h(EvalSettings, 'timeout'), metavar='S')] = None,
+    concurrency: Annotated[Optional[int], Opt(help=_h(EvalSettings, 'concurrency'))] = None,
+    max_retries: Annotated[Optional[int], Opt(help=_h(EvalSettings, 'max_retries'))] = None,
+    budget_usd: Annotated[Optional[float], Opt(help=_h(EvalSettings, 'budget_usd'), metavar='X')] = None,
+    json_output: Annotated[Optional[bool], Opt('--json', help=_h(EvalSettings, 'json_output'))] = None,
+    output: Annotated[Optional[Path], Opt('-o', '--output', help=_h(EvalSettings, 'output'), metavar='DIR')] = None,
 ) -> int:
     """Answer the test questions and measure how well each persona stays itself and in its stage.
 
@@ -327,7 +337,7 @@ def eval_(
     """
     from persllm_cli.eval import command as stage
 
-    project, settings = _settings(ctx, stage.EvalSettings, "eval", dict(locals()), project_required=False)
+    project, settings = _settings(ctx, EvalSettings, "eval", dict(locals()), project_required=False)
     return stage.run(project, settings)
 
 

@@ -35,15 +35,17 @@ from persllm_cli.persona.speaker import RunSpeaker, Speaker, check_stage
 
 @dataclass
 class ChatSettings:
-    run: Path | None = None
-    stage: str | None = None
-    prompt: str | None = None
-    system: str | None = None
-    max_new_tokens: int = setting(256, at_least=1)
-    temperature: float = setting(0.7, at_least=0)
-    api_model: str | None = None
-    base_url: str | None = None
-    json_output: bool = False
+    run: Path | None = setting(None, help='Run directory (default: runs/latest of the project).')
+    stage: str | None = setting(None, help='Stage to speak from (default: the last stage).')
+    prompt: str | None = setting(None, help='Answer this once and print only the answer.')
+    system: str | None = setting(None, help='A system message (with --api-model: added to the persona prompt).')
+    max_new_tokens: int = setting(256, at_least=1, help='Longest answer, in tokens.')
+    temperature: float = setting(0.7, at_least=0, help='Sampling temperature; 0 for greedy.')
+    api_model: str | None = setting(None,
+                                    help="Chat through an OpenAI-compatible model with retrieval over the project's material instead.")
+    base_url: str | None = setting(None, help='Server URL for --api-model.')
+    json_output: bool = setting(False,
+                                help='One JSON object per answer ({"stage", "prompt", "answer"}), reading questions line by line.')
 
 
 def run(project: Project | None, settings: ChatSettings) -> int:

@@ -83,13 +83,49 @@ def _coerce(value: Any, tp: Any, name: str, origin: str) -> Any:
     return value
 
 
-def setting(default: Any, **rules: Any) -> Any:
-    """A settings field with the values it may take, checked by `resolve` wherever a value comes
-    from: at_least, more_than, at_most, less_than (numbers; None always passes) and choices.
+def setting(default: Any, *, help: str = "", **rules: Any) -> Any:
+    """A settings field with its help and the values it may take, checked by `resolve` wherever a
+    value comes from: at_least, more_than, at_most, less_than (numbers; None always passes) and
+    choices. The CLI shows the help with the real default (`help_text`), so both are written once.
 
-        concurrency: int = setting(8, at_least=1)
+        concurrency: int = setting(8, at_least=1, help="Requests in flight at once.")
     """
-    return field(default=default, metadata={"rules": rules})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"rules": rules, "help": help})
+    return field(default=default, metadata={"rules": rules, "help": help})
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Path):
+        return value.as_posix()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def help_text(cls: type, name: str, *, flag: str | None = None) -> str:
+    """The help of setting `name` of `cls`, ending in its real default ("[default: 8]").
+
+    A bool shown as `--x/--no-x` states its default as the flag that is on; a default of None or
+    an empty list states nothing (the help says what happens then)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    text = f.metadata.get("help", "")
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = f.default_factory()  # type: ignore[misc]
+    else:
+        default = None
+    if default is None or default == [] or default == {}:
+        return text
+    if isinstance(default, bool):
+        if not flag or "/" not in flag:
+            return text
+        on, off = flag.split("/")
+        shown = (on if default else off).lstrip("-")
+    else:
+        shown = _shown(default)
+    return f"{text} [default: {shown}]".strip()
 
 
 _RULE_WORDS = {"at_least": "at least", "more_than": "more than", "at_most": "at most", "less_than": "less than"}

@@ -23,10 +23,11 @@ from persllm_cli.core.errors import PersllmError
 
 @dataclass
 class DedupSettings:
-    input: Path = Path("build/annotations.jsonl")
-    output: Path = Path("build/dedup.jsonl")
-    threshold: float = setting(0.95, more_than=0, at_most=1)
-    embedder: str = "tfidf"
+    input: Path = setting(Path("build/annotations.jsonl"), help='Annotations JSONL.')
+    output: Path = setting(Path("build/dedup.jsonl"), help='')
+    threshold: float = setting(0.95, more_than=0, at_most=1,
+                               help='Drop a question whose cosine similarity to a kept one reaches this.')
+    embedder: str = setting("tfidf", help='tfidf or st:NAME.')
 
 
 def drop_reason(r: records.Record) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +22,23 @@ MODES = ("retrieve", "generate")
 
 @dataclass
 class DpoSettings:
-    input: Path = Path("build/train.jsonl")
-    pool: list[Path] = field(default_factory=list)
-    skip: int = setting(5, at_least=0)
-    mode: str = setting("retrieve", choices=MODES)
-    output: Path = Path("build/dpo.jsonl")
-    backend: str | None = setting(None, choices=BACKENDS)
-    model: str | None = None
-    base_url: str | None = None
-    concurrency: int | None = setting(None, at_least=1)
-    budget_usd: float | None = setting(None, at_least=0)  # --mode generate; else [annotate] budget_usd
-    dry_run: bool = False             # --mode generate
-    embedder: str = "tfidf"  # question similarity for --mode retrieve
+    input: Path = setting(Path("build/train.jsonl"), help='')
+    pool: list[Path] = setting([], help='Answers of other personas to draw rejected answers from; repeatable.')
+    skip: int = setting(5, at_least=0, help='Pass over this many nearest questions first.')
+    mode: str = setting("retrieve", choices=MODES,
+                        help="retrieve (another stage's answer to a similar question) or generate (ask the annotator with another stage's material).")
+    output: Path = setting(Path("build/dpo.jsonl"), help='')
+    backend: str | None = setting(None, choices=BACKENDS,
+                                  help='For --mode generate: openai or local (else [annotate] settings).')
+    model: str | None = setting(None, help='For --mode generate: the annotator model.')
+    base_url: str | None = setting(None, help='For --mode generate: OpenAI-compatible server URL.')
+    concurrency: int | None = setting(None, at_least=1, help='For --mode generate: requests in flight.')
+    budget_usd: float | None = setting(None, at_least=0,
+                                       help='For --mode generate: stop cleanly before spending more than this many dollars.')  # --mode generate; else [annotate] budget_usd
+    dry_run: bool = setting(False,
+                            help='For --mode generate: send nothing; print the requests, tokens and dollars it would take.')  # --mode generate
+    embedder: str = setting("tfidf",
+                            help='For --mode retrieve: question similarity, tfidf or st:NAME.')  # question similarity for --mode retrieve
 
 
 @dataclass

@@ -27,11 +27,11 @@ from persllm_cli.data.records import Record
 
 @dataclass
 class SplitSettings:
-    input: Path = Path("build/dedup.jsonl")
-    test_size: float = setting(0.2, more_than=0, less_than=1)
-    seed: int = 0
-    train_output: Path = Path("build/train.jsonl")
-    test_output: Path = Path("build/test.jsonl")
+    input: Path = setting(Path("build/dedup.jsonl"), help='')
+    test_size: float = setting(0.2, more_than=0, less_than=1, help='Share of records in the test set.')
+    seed: int = setting(0, help='')
+    train_output: Path = setting(Path("build/train.jsonl"), help='')
+    test_output: Path = setting(Path("build/test.jsonl"), help='')
 
 
 def group_key(r: Record) -> tuple[str, ...]:

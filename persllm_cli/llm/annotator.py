@@ -19,25 +19,32 @@ DEFAULT_MODEL = {"openai": "gpt-4o-mini", "local": "smollm2-135m"}
 
 @dataclass
 class AnnotateSettings:
-    stages: list[str] | None = None
-    pattern: str = setting("ordinary", choices=PATTERNS)
-    cot: bool = False
-    time_prefix: bool = True
-    questions_per_paragraph: int = setting(1, at_least=1)
-    limit: int | None = setting(None, at_least=0)
-    instructions: Path | None = None
-    backend: str = setting("openai", choices=BACKENDS)
-    model: str | None = None
-    base_url: str | None = None
-    concurrency: int = setting(8, at_least=1)
-    max_retries: int = setting(5, at_least=0)
-    timeout: float = setting(120.0, more_than=0)
-    budget_usd: float | None = setting(None, at_least=0)
-    dry_run: bool = False
-    review: bool = False
-    feedback: Path | None = None
-    embedder: str = "tfidf"
-    output: Path = Path("build/annotations.jsonl")
+    stages: list[str] | None = setting(None, help='Stage to annotate; repeat for several (default: all).')
+    pattern: str = setting("ordinary", choices=PATTERNS,
+                           help='Question pattern: ordinary, error (false premise to reject) or thought (opinion).')
+    cot: bool = setting(False,
+                        help='Ask for an analysis before the answer (stored apart; only the answer is trained on).')
+    time_prefix: bool = setting(True, help='Tell the annotator "Now it is {stage label}."')
+    questions_per_paragraph: int = setting(1, at_least=1, help='Questions per seed paragraph.')
+    limit: int | None = setting(None, at_least=0, help='At most N new records in this run, over all stages.')
+    instructions: Path | None = setting(None,
+                                        help="Answer these general instructions in the persona's voice instead (txt, one per line, or JSONL with messages).")
+    backend: str = setting("openai", choices=BACKENDS,
+                           help='openai (any OpenAI-compatible server) or local (transformers, offline).')
+    model: str | None = setting(None,
+                                help='Annotator model: an API model name, or for --backend local smollm2-135m, a model dir or runs/NAME.')
+    base_url: str | None = setting(None,
+                                   help='OpenAI-compatible server URL (else OPENAI_BASE_URL). The key is read from OPENAI_API_KEY only.')
+    concurrency: int = setting(8, at_least=1, help='Requests in flight at once.')
+    max_retries: int = setting(5, at_least=0, help='Retries per item before it is recorded as failed.')
+    timeout: float = setting(120.0, more_than=0, help='Seconds to wait for one request.')
+    budget_usd: float | None = setting(None, at_least=0,
+                                       help='Stop cleanly before spending more than this many dollars.')
+    dry_run: bool = setting(False, help='Send nothing; print the requests, tokens and dollars the run would take.')
+    review: bool = setting(False, help='Show the first answers and ask: ok, or a standard to add.')
+    feedback: Path | None = setting(None, help='Standards to add to the instructions, one per line.')
+    embedder: str = setting("tfidf", help='Retrieval embedder: tfidf or st:NAME (sentence-transformers).')
+    output: Path = setting(Path("build/annotations.jsonl"), help='Output JSONL (appended; reruns resume).')
     # persllm.toml only
     max_tokens: int = setting(1024, at_least=1)
     temperature: float = setting(0.7, at_least=0)

@@ -18,25 +18,25 @@ METHODS = ("sft", "dpo", "sft+dpo")
 
 @dataclass
 class TrainSettings:
-    data: Path = Path("build/tokenized")
-    base: str | None = None
-    method: str = setting("sft", choices=METHODS)
-    qlora: bool = True
-    lora_r: int = setting(16, at_least=1)
-    lora_alpha: int = setting(32, more_than=0)
-    lora_dropout: float = setting(0.05, at_least=0, less_than=1)
-    learning_rate: float = setting(2e-4, more_than=0, less_than=math.inf)
-    epochs: float = setting(1.0, more_than=0, less_than=math.inf)
-    max_steps: int | None = setting(None, at_least=1)
-    batch_size: int = setting(4, at_least=1)
-    grad_accum: int = setting(4, at_least=1)
-    beta: float = setting(0.1, more_than=0, less_than=math.inf)
-    gpus: str | None = None
-    nproc: int | None = setting(None, at_least=1)
-    resume: bool = False
-    output: Path | None = None
-    seed: int = setting(0, at_least=0, less_than=2**32)
-    save_steps: int = setting(50, at_least=1)
+    data: Path = setting(Path("build/tokenized"), help='Tokenized data.')
+    base: str | None = setting(None, help='Base model (must match the tokenized data). [default: from the data]')
+    method: str = setting("sft", choices=METHODS, help='sft, dpo or sft+dpo.')
+    qlora: bool = setting(True, help='4-bit NF4 base on CUDA.')
+    lora_r: int = setting(16, at_least=1, help='')
+    lora_alpha: int = setting(32, more_than=0, help='')
+    lora_dropout: float = setting(0.05, at_least=0, less_than=1, help='')
+    learning_rate: float = setting(2e-4, more_than=0, less_than=math.inf, help='')
+    epochs: float = setting(1.0, more_than=0, less_than=math.inf, help='')
+    max_steps: int | None = setting(None, at_least=1, help='Stop after N optimizer steps (overrides --epochs).')
+    batch_size: int = setting(4, at_least=1, help='Per-device micro batch.')
+    grad_accum: int = setting(4, at_least=1, help='')
+    beta: float = setting(0.1, more_than=0, less_than=math.inf, help='DPO beta.')
+    gpus: str | None = setting(None, help='Train on N GPUs (or all) with DDP under torchrun.')
+    nproc: int | None = setting(None, at_least=1, help='Train with N processes on CPU (gloo DDP).')
+    resume: bool = setting(False, help="Continue from the run's last checkpoint.")
+    output: Path | None = setting(None, help='Run directory. [default: runs/<date>-<method>]')
+    seed: int = setting(0, at_least=0, less_than=2**32, help='')
+    save_steps: int = setting(50, at_least=1, help='Checkpoint every N steps.')
 
 
 def launched_by_torchrun() -> bool:

@@ -48,14 +48,17 @@ WRITES = {"sft.jsonl", "dpo.jsonl", "tokenizer", "meta.json", "stats.json"}  # w
 
 @dataclass
 class TokenizeSettings:
-    train: Path = Path("build/train.jsonl")
-    dpo: Path | None = None
-    general: Path | None = None
-    repeat: int = setting(5, at_least=1)
-    base: str = "smollm2-135m"
-    time_tokens: int | None = setting(None, at_least=1)
-    max_length: int = setting(2048, at_least=16)
-    output: Path = Path("build/tokenized")
+    train: Path = setting(Path("build/train.jsonl"), help='SFT records.')
+    dpo: Path | None = setting(None, help='Preference pairs. [default: build/dpo.jsonl if present]')
+    general: Path | None = setting(None, help='General instruction data (JSONL with messages) to mix in.')
+    repeat: int = setting(5, at_least=1, help='Repeat persona data this many times when mixing with --general.')
+    base: str = setting("smollm2-135m", help='Base model: smollm2-135m, a model directory or a hub id.')
+    time_tokens: int | None = setting(None, at_least=1,
+                                      help='Number of time tokens; must equal the number of stages. [default: number of stages]')
+    max_length: int = setting(2048, at_least=16,
+                              help='Longest sequence; longer conversations split at turn boundaries.')
+    output: Path = setting(Path("build/tokenized"),
+                           help='Output folder; an existing one must be empty or an earlier tokenize output.')
 
 
 # ------------------------------------------------------------------------------------ the stage
