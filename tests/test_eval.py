@@ -253,8 +253,13 @@ def test_pool_gives_cross_persona(project, cli, monkeypatch, tmp_path):
 
 
 def _judge_responder(body, n):
-    """Prefers the system's answer, wherever it is shown; says yes to premises."""
+    """Prefers the system's answer, wherever it is shown; says yes to premises; finds every item
+    neither knowledge nor attitude, and no time leak."""
     text = body["messages"][-1]["content"]
+    if "[Character's answer]" in text:
+        return "Verdict: neither"
+    if "[Later material" in text:
+        return "Verdict: no"
     if "[Answer to check]" in text:
         return "It corrects the mistake.\nVerdict: yes"
     a = text.split("[Answer A]")[1].split("[Answer B]")[0]
@@ -269,15 +274,18 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--json")
     assert result.exit_code == 0, result.output
     calls = fake_openai.completions()
-    assert len(calls) == 7 * 2 + 2                  # both orders for 7 answers, premise check for the 2 error items
+    # 7 classifications, both orders for 7 answers, premise check for the 2 error items, 2 leak checks
+    # (late items t04 and t06 asked at the early stage; t05 has a false premise).
+    assert len(calls) == 7 + 7 * 2 + 2 + 2
     prompts = [c.body["messages"][-1]["content"] for c in calls]
     assert sum("[Answer to check]" in p for p in prompts) == 2
     data = json.loads(result.stdout)
     j = data["systems"]["sft"]["judge"]
     assert j["win"] == 100.0 and j["preference"] == 100.0 and j["consistency"] == 100.0
     assert j["premise_rejected"] == 100.0 and j["premise_items"] == 2
+    assert j["leak_rate"] == 0.0 and j["leak_items"] == 2 and j["knowledge_score"] is None
     spend = data["judge"]
-    assert spend["requests"] == 16
+    assert spend["requests"] == 25
     assert spend["prompt_tokens"] == sum(sum(len(m["content"].split()) for m in c.body["messages"]) for c in calls)
     want = (spend["prompt_tokens"] * 0.15 + spend["completion_tokens"] * 0.60) / 1e6
     assert spend["cost_usd"] == pytest.approx(want)
@@ -285,11 +293,13 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     # A rerun asks nothing again; a judge stuck on "A" shows its position bias as ties.
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--json")
     assert result.exit_code == 0
-    assert len(fake_openai.completions()) == 16
+    assert len(fake_openai.completions()) == 25
     again = json.loads(result.stdout)["judge"]
     assert again["this_run"]["requests"] == 0
-    assert (again["requests"], again["prompt_tokens"], again["cost_usd"]) == (16, spend["prompt_tokens"], pytest.approx(want))
-    fake_openai.responder = lambda body, n: "Verdict: A" if "[Answer A]" in body["messages"][-1]["content"] else "Verdict: no"
+    assert (again["requests"], again["prompt_tokens"], again["cost_usd"]) == (25, spend["prompt_tokens"], pytest.approx(want))
+    fake_openai.responder = lambda body, n: ("Verdict: A" if "[Answer A]" in body["messages"][-1]["content"] else
+                                             "Verdict: neither" if "[Character's answer]" in body["messages"][-1]["content"]
+                                             else "Verdict: no")
     result = cli("eval", str(run), "--judge", "fake-model", "--json")
     j = json.loads(result.stdout)["systems"]["sft"]["judge"]
     assert (j["win"], j["tie"], j["loss"], j["consistency"], j["premise_rejected"]) == (0.0, 100.0, 0.0, 0.0, 0.0)
@@ -301,7 +311,7 @@ def test_budget_limits_judge_and_api_answers_together(project, cli, monkeypatch,
     with open(project / "persllm.toml", "a", encoding="utf-8") as f:
         f.write('\n[annotate.prices]\n"gpt-4o-mini" = [1000.0, 1000.0]\n')   # $0.001 a token
     def responder(body, n):
-        if "[Answer A]" in body["messages"][-1]["content"] or "[Answer to check]" in body["messages"][-1]["content"]:
+        if any(mark in body["messages"][-1]["content"] for mark in ("[Answer A]", "[Answer to check]", "[Character's answer]")):
             return _judge_responder(body, n)
         return "Well, as I remember it, the thing number one."
     fake_openai.responder = responder
@@ -311,17 +321,19 @@ def test_budget_limits_judge_and_api_answers_together(project, cli, monkeypatch,
     assert r.exit_code == 3, r.output
     assert "budget of $2.0 reached" in r.stderr
     sent = len(fake_openai.completions())
-    assert 4 < sent < 4 + 4 * 2 + 1               # every answer, then part of the judge's 9 requests
+    assert 4 < sent < 4 + 4 + 4 * 2 + 1           # every answer, then part of the judge's 13 requests
     out = project / "build" / "eval" / "api-gpt-4o-mini"
     spent = sum(json.loads(line)["generator"]["cost_usd"] for line in (out / "answers.jsonl").read_text().splitlines())
-    spent += sum(json.loads(line)["judge"]["cost_usd"] for line in (out / "judge.jsonl").read_text().splitlines())
+    for name in ("judge.jsonl", "judge_items.jsonl"):   # verdicts per system; classifications of the items
+        if (out / name).exists():
+            spent += sum(json.loads(line)["judge"]["cost_usd"] for line in (out / name).read_text().splitlines())
     assert 0 < spent <= 2.0
     assert json.loads(r.stdout)["judge"]["this_run"]["cost_usd"] == pytest.approx(spent - sum(
         json.loads(line)["generator"]["cost_usd"] for line in (out / "answers.jsonl").read_text().splitlines()))
     # Without a budget the rerun asks only what is missing.
     r = cli("eval", *flags)
     assert r.exit_code == 0, r.output
-    assert len(fake_openai.completions()) == 4 + 4 * 2 + 1
+    assert len(fake_openai.completions()) == 4 + 4 + 4 * 2 + 1
     assert cli("eval", *flags, "--budget-usd", "-1").exit_code == 2  # a bad flag value: usage
 
 
@@ -334,9 +346,10 @@ def test_judge_requests_run_concurrently(project, cli, monkeypatch, fake_openai)
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "4", "--concurrency", "8")
     assert result.exit_code == 0, result.output
     calls = fake_openai.completions()
-    assert len(calls) == 4 * 2 + 1                 # t01 is the one error-pattern item among the first four
-    # One at a time, 9 requests of 0.3 s would arrive over 2.4 s; eight at once arrive together.
-    assert calls[7].time - calls[0].time < 0.3
+    assert len(calls) == 4 + 4 * 2 + 1             # 4 classifications; t01 is the one error-pattern item of four
+    # One at a time, requests of 0.3 s would arrive 0.3 s apart; up to eight at once arrive together.
+    assert calls[3].time - calls[0].time < 0.3     # the 4 classifications
+    assert calls[11].time - calls[4].time < 0.3    # the first 8 verdicts
 
 
 def test_judge_without_verdict_is_partial(project, cli, monkeypatch, fake_openai):
@@ -345,11 +358,18 @@ def test_judge_without_verdict_is_partial(project, cli, monkeypatch, fake_openai
     _use_generators(monkeypatch, {"sft": FakeGenerator()})
     monkeypatch.setenv("PERSLLM_EVAL_BACKOFF_SECONDS", "0.01")
     fake_openai.push(Fail(500))                    # a transient error uses up the first attempt
-    fake_openai.responder = lambda body, n: "I cannot decide." if n <= 2 else "Verdict: tie\n" if "[Answer A]" in body["messages"][-1]["content"] else "Verdict: yes"
+    def responder(body, n):
+        text = body["messages"][-1]["content"]
+        if n <= 2:
+            return "I cannot decide."
+        return ("Verdict: tie\n" if "[Answer A]" in text else "Verdict: neither" if "[Character's answer]" in text
+                else "Verdict: yes")
+    fake_openai.responder = responder
     one_at_a_time = ("--concurrency", "1", "--max-retries", "1")
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1", *one_at_a_time)
-    assert result.exit_code == 3                   # first question: a 500, then no verdict -> failed
-    first = json.loads((run / "eval" / "judge.jsonl").read_text().splitlines()[0])
+    assert result.exit_code == 3                   # the first request (the item's class): a 500, then no verdict -> failed
+    first = json.loads((run / "eval" / "judge_items.jsonl").read_text().splitlines()[0])
+    assert first["kind"] == "class"
     assert (first["status"], first["judge"]["attempts"]) == ("failed", 2)
     assert first["error"] == "malformed reply: no verdict in the judge's reply (after 2 attempts)"
     assert "rerun" in result.stderr
