@@ -614,3 +614,29 @@ def test_paper_protocols_and_time_leakage(project, cli, monkeypatch, fake_openai
     redo = json.loads(again.stdout)
     assert redo["judge"]["this_run"]["requests"] == 0
     assert redo["systems"]["sft"]["judge"] == sft and redo["systems"]["sft-dpo"]["judge"] == dpo
+
+
+def test_protocols_stop_at_the_budget_and_resume(project, cli, monkeypatch, fake_openai):
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PERSLLM_EVAL_BACKOFF_SECONDS", "0.01")
+    with open(project / "persllm.toml", "a", encoding="utf-8") as f:
+        f.write('\n[annotate.prices]\n"gpt-4o-mini" = [1000.0, 1000.0]\n')   # $0.001 a token
+    _make_run(project, "sft")
+    _make_run(project, "sft-dpo")
+    _use_generators(monkeypatch, {"sft": FakeGenerator("plainly"), "sft-dpo": FakeGenerator("")})
+    state: dict = {"class_bad": True, "rank_bad": True}          # no malformed replies here
+    fake_openai.responder = _protocol_judge(state)
+    args = ("eval", "runs/sft", "runs/sft-dpo", "--judge", "gpt-4o-mini", "--concurrency", "1", "--json")
+    r = cli(*args, "--budget-usd", "3")
+    assert r.exit_code == 3 and "budget of $3.0 reached" in r.stderr
+    sent = len(fake_openai.completions())
+    assert 7 < sent < 49                          # the classifications, then part of the rest
+    spent = json.loads(r.stdout)["judge"]["this_run"]["cost_usd"]
+    assert 0 < spent <= 3.0
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert len(fake_openai.completions()) == 49   # only what was missing was asked
+    data = json.loads(r.stdout)
+    assert data["judge"]["requests"] == 49 and data["judge"]["this_run"]["requests"] == 49 - sent
+    sft, dpo = data["systems"]["sft"]["judge"], data["systems"]["sft-dpo"]["judge"]
+    assert (sft["knowledge_score"], dpo["attitude_rank"], sft["leak_rate"]) == (2.0, 1.0, 100.0)
