@@ -303,7 +303,7 @@ def eval_(
     api_model: Annotated[Optional[str], Opt(help="Also evaluate this OpenAI-compatible model, prompted with the persona and stage (a baseline without training).", metavar="M")] = None,
     base_url: Annotated[Optional[str], Opt(help="Server URL for --api-model (else OPENAI_BASE_URL). The key is read from OPENAI_API_KEY only.", metavar="URL")] = None,
     pool: Annotated[Optional[list[Path]], Opt(help="Answers of other personas (JSONL with persona and messages, e.g. another project's eval answers) for cross-persona BLEU; repeatable.", metavar="FILE")] = None,
-    judge: Annotated[Optional[str], Opt(help="Judge model (OpenAI-compatible): compares each answer with the reference in both orders and checks false-premise questions were rejected.", metavar="M")] = None,
+    judge: Annotated[Optional[str], Opt(help="Judge model (OpenAI-compatible): compares each answer with the reference in both orders, checks false-premise questions were rejected, scores knowledge (0-5), ranks attitude across systems, and checks later stages' knowledge does not leak into earlier ones.", metavar="M")] = None,
     judge_base_url: Annotated[Optional[str], Opt(help="Server URL for --judge. [default: --base-url, else OPENAI_BASE_URL]", metavar="URL")] = None,
     max_new_tokens: Annotated[Optional[int], Opt(help="Longest answer, in tokens. [default: 256]")] = None,
     batch_size: Annotated[Optional[int], Opt(help="Questions generated together. [default: 8]")] = None,
