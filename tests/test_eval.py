@@ -253,8 +253,13 @@ def test_pool_gives_cross_persona(project, cli, monkeypatch, tmp_path):
 
 
 def _judge_responder(body, n):
-    """Prefers the system's answer, wherever it is shown; says yes to premises."""
+    """Prefers the system's answer, wherever it is shown; says yes to premises; finds every item
+    neither knowledge nor attitude, and no time leak."""
     text = body["messages"][-1]["content"]
+    if "[Character's answer]" in text:
+        return "Verdict: neither"
+    if "[Later material" in text:
+        return "Verdict: no"
     if "[Answer to check]" in text:
         return "It corrects the mistake.\nVerdict: yes"
     a = text.split("[Answer A]")[1].split("[Answer B]")[0]
@@ -269,15 +274,18 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--json")
     assert result.exit_code == 0, result.output
     calls = fake_openai.completions()
-    assert len(calls) == 7 * 2 + 2                  # both orders for 7 answers, premise check for the 2 error items
+    # 7 classifications, both orders for 7 answers, premise check for the 2 error items, 2 leak checks
+    # (late items t04 and t06 asked at the early stage; t05 has a false premise).
+    assert len(calls) == 7 + 7 * 2 + 2 + 2
     prompts = [c.body["messages"][-1]["content"] for c in calls]
     assert sum("[Answer to check]" in p for p in prompts) == 2
     data = json.loads(result.stdout)
     j = data["systems"]["sft"]["judge"]
     assert j["win"] == 100.0 and j["preference"] == 100.0 and j["consistency"] == 100.0
     assert j["premise_rejected"] == 100.0 and j["premise_items"] == 2
+    assert j["leak_rate"] == 0.0 and j["leak_items"] == 2 and j["knowledge_score"] is None
     spend = data["judge"]
-    assert spend["requests"] == 16
+    assert spend["requests"] == 25
     assert spend["prompt_tokens"] == sum(sum(len(m["content"].split()) for m in c.body["messages"]) for c in calls)
     want = (spend["prompt_tokens"] * 0.15 + spend["completion_tokens"] * 0.60) / 1e6
     assert spend["cost_usd"] == pytest.approx(want)
@@ -285,11 +293,13 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     # A rerun asks nothing again; a judge stuck on "A" shows its position bias as ties.
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--json")
     assert result.exit_code == 0
-    assert len(fake_openai.completions()) == 16
+    assert len(fake_openai.completions()) == 25
     again = json.loads(result.stdout)["judge"]
     assert again["this_run"]["requests"] == 0
-    assert (again["requests"], again["prompt_tokens"], again["cost_usd"]) == (16, spend["prompt_tokens"], pytest.approx(want))
-    fake_openai.responder = lambda body, n: "Verdict: A" if "[Answer A]" in body["messages"][-1]["content"] else "Verdict: no"
+    assert (again["requests"], again["prompt_tokens"], again["cost_usd"]) == (25, spend["prompt_tokens"], pytest.approx(want))
+    fake_openai.responder = lambda body, n: ("Verdict: A" if "[Answer A]" in body["messages"][-1]["content"] else
+                                             "Verdict: neither" if "[Character's answer]" in body["messages"][-1]["content"]
+                                             else "Verdict: no")
     result = cli("eval", str(run), "--judge", "fake-model", "--json")
     j = json.loads(result.stdout)["systems"]["sft"]["judge"]
     assert (j["win"], j["tie"], j["loss"], j["consistency"], j["premise_rejected"]) == (0.0, 100.0, 0.0, 0.0, 0.0)
@@ -301,7 +311,7 @@ def test_budget_limits_judge_and_api_answers_together(project, cli, monkeypatch,
     with open(project / "persllm.toml", "a", encoding="utf-8") as f:
         f.write('\n[annotate.prices]\n"gpt-4o-mini" = [1000.0, 1000.0]\n')   # $0.001 a token
     def responder(body, n):
-        if "[Answer A]" in body["messages"][-1]["content"] or "[Answer to check]" in body["messages"][-1]["content"]:
+        if any(mark in body["messages"][-1]["content"] for mark in ("[Answer A]", "[Answer to check]", "[Character's answer]")):
             return _judge_responder(body, n)
         return "Well, as I remember it, the thing number one."
     fake_openai.responder = responder
@@ -311,17 +321,19 @@ def test_budget_limits_judge_and_api_answers_together(project, cli, monkeypatch,
     assert r.exit_code == 3, r.output
     assert "budget of $2.0 reached" in r.stderr
     sent = len(fake_openai.completions())
-    assert 4 < sent < 4 + 4 * 2 + 1               # every answer, then part of the judge's 9 requests
+    assert 4 < sent < 4 + 4 + 4 * 2 + 1           # every answer, then part of the judge's 13 requests
     out = project / "build" / "eval" / "api-gpt-4o-mini"
     spent = sum(json.loads(line)["generator"]["cost_usd"] for line in (out / "answers.jsonl").read_text().splitlines())
-    spent += sum(json.loads(line)["judge"]["cost_usd"] for line in (out / "judge.jsonl").read_text().splitlines())
+    for name in ("judge.jsonl", "judge_items.jsonl"):   # verdicts per system; classifications of the items
+        if (out / name).exists():
+            spent += sum(json.loads(line)["judge"]["cost_usd"] for line in (out / name).read_text().splitlines())
     assert 0 < spent <= 2.0
     assert json.loads(r.stdout)["judge"]["this_run"]["cost_usd"] == pytest.approx(spent - sum(
         json.loads(line)["generator"]["cost_usd"] for line in (out / "answers.jsonl").read_text().splitlines()))
     # Without a budget the rerun asks only what is missing.
     r = cli("eval", *flags)
     assert r.exit_code == 0, r.output
-    assert len(fake_openai.completions()) == 4 + 4 * 2 + 1
+    assert len(fake_openai.completions()) == 4 + 4 + 4 * 2 + 1
     assert cli("eval", *flags, "--budget-usd", "-1").exit_code == 2  # a bad flag value: usage
 
 
@@ -334,9 +346,10 @@ def test_judge_requests_run_concurrently(project, cli, monkeypatch, fake_openai)
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "4", "--concurrency", "8")
     assert result.exit_code == 0, result.output
     calls = fake_openai.completions()
-    assert len(calls) == 4 * 2 + 1                 # t01 is the one error-pattern item among the first four
-    # One at a time, 9 requests of 0.3 s would arrive over 2.4 s; eight at once arrive together.
-    assert calls[7].time - calls[0].time < 0.3
+    assert len(calls) == 4 + 4 * 2 + 1             # 4 classifications; t01 is the one error-pattern item of four
+    # One at a time, requests of 0.3 s would arrive 0.3 s apart; up to eight at once arrive together.
+    assert calls[3].time - calls[0].time < 0.3     # the 4 classifications
+    assert calls[11].time - calls[4].time < 0.3    # the first 8 verdicts
 
 
 def test_judge_without_verdict_is_partial(project, cli, monkeypatch, fake_openai):
@@ -345,11 +358,18 @@ def test_judge_without_verdict_is_partial(project, cli, monkeypatch, fake_openai
     _use_generators(monkeypatch, {"sft": FakeGenerator()})
     monkeypatch.setenv("PERSLLM_EVAL_BACKOFF_SECONDS", "0.01")
     fake_openai.push(Fail(500))                    # a transient error uses up the first attempt
-    fake_openai.responder = lambda body, n: "I cannot decide." if n <= 2 else "Verdict: tie\n" if "[Answer A]" in body["messages"][-1]["content"] else "Verdict: yes"
+    def responder(body, n):
+        text = body["messages"][-1]["content"]
+        if n <= 2:
+            return "I cannot decide."
+        return ("Verdict: tie\n" if "[Answer A]" in text else "Verdict: neither" if "[Character's answer]" in text
+                else "Verdict: yes")
+    fake_openai.responder = responder
     one_at_a_time = ("--concurrency", "1", "--max-retries", "1")
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--limit", "1", *one_at_a_time)
-    assert result.exit_code == 3                   # first question: a 500, then no verdict -> failed
-    first = json.loads((run / "eval" / "judge.jsonl").read_text().splitlines()[0])
+    assert result.exit_code == 3                   # the first request (the item's class): a 500, then no verdict -> failed
+    first = json.loads((run / "eval" / "judge_items.jsonl").read_text().splitlines()[0])
+    assert first["kind"] == "class"
     assert (first["status"], first["judge"]["attempts"]) == ("failed", 2)
     assert first["error"] == "malformed reply: no verdict in the judge's reply (after 2 attempts)"
     assert "rerun" in result.stderr
@@ -437,3 +457,186 @@ def test_chinese_material_is_scored_per_character(project, cli, monkeypatch):
     sft = data["systems"]["sft"]
     assert sft["distinction"]["intra"] == pytest.approx(100.0)   # the two early answers are identical
     assert 0 < sft["reference"]["rouge_l"] < 100
+
+
+# ---------------------------------------------------------------- the paper's protocols and time leakage
+
+
+@pytest.mark.parametrize("text,choices,want", [
+    ("Mostly there.\nVerdict: 4", [str(k) for k in range(6)], "4"),
+    ("Verdict: 7", [str(k) for k in range(6)], None),
+    ("It asks about his feelings. **Verdict:** Attitude", judge.CATEGORIES, "attitude"),
+    ("Verdict: opinion", judge.CATEGORIES, None),
+])
+def test_parse_protocol_verdicts(text, choices, want):
+    assert judge.parse_verdict(text, choices) == want
+
+
+@pytest.mark.parametrize("text,n,want", [
+    ("B sounds most like him.\nRanking: B > A = C", 3, [["B"], ["A", "C"]]),
+    ("**Ranking:** c, a, b", 3, [["C"], ["A"], ["B"]]),
+    ("Ranking: A > B\n\nOn reflection:\nRanking: B = A", 2, [["B", "A"]]),
+    ("Ranking: A > B", 3, None),                 # C is missing
+    ("Ranking: A > A > B", 3, None),             # A twice
+    ("Ranking: A > B > D", 3, None),             # no answer D was shown
+    ("B is best, then A.", 2, None),
+])
+def test_parse_ranking(text, n, want):
+    assert judge.parse_ranking(text, n) == want
+
+
+def test_shuffle_is_seeded_and_unshuffles():
+    names = ["sft", "sft-dpo", "api:gpt-4o-mini"]
+    order = judge.shuffled_order("t01", names, 0)
+    assert sorted(order) == sorted(names)
+    assert order == judge.shuffled_order("t01", list(reversed(names)), 0)     # does not depend on the input order
+    firsts = [judge.shuffled_order(f"t{k}", ["a", "b"], 0)[0] for k in range(400)]
+    assert 150 < firsts.count("a") < 250           # each system is shown first about half the time
+    assert firsts != [judge.shuffled_order(f"t{k}", ["a", "b"], 1)[0] for k in range(400)]   # the seed matters
+    # The judge's letters map back through the recorded order; tied systems share a rank.
+    assert judge.unshuffle([["B"], ["A", "C"]], ["x", "y", "z"]) == {"y": 1, "x": 2, "z": 2}
+    assert judge.unshuffle([["C"], ["A"], ["B"]], ["x", "y", "z"]) == {"z": 1, "x": 2, "y": 3}
+    # Whatever the order shown, a judge that sees the true ranking gives back the same ranks.
+    truth = {"sft-dpo": 1, "api:gpt-4o-mini": 2, "sft": 3}
+    for k in range(20):
+        order = judge.shuffled_order(f"t{k}", names, 0)
+        letters = sorted(judge.LETTERS[:3], key=lambda letter: truth[order[judge.LETTERS.index(letter)]])
+        assert judge.unshuffle([[x] for x in letters], order) == truth
+
+
+def test_leak_questions_come_only_from_later_stages():
+    from persllm_cli.eval.command import TestItem, leak_items
+
+    def item(i, stage, pattern="ordinary"):
+        return TestItem(id=f"{stage}{i}", persona="H", stage=stage, pattern=pattern, question=f"q {stage} {i}",
+                        reference=f"r {stage} {i}")
+
+    items = ([item(i, "a") for i in range(3)] + [item(i, "b") for i in range(4)] + [item(4, "b", "error")]
+             + [item(i, "c") for i in range(5)])
+    leaks = leak_items(["a", "b", "c"], items, 100, seed=0)
+    by_stage = {}
+    for x in leaks:
+        by_stage.setdefault(x.stage, []).append(x)
+    assert set(by_stage) == {"a", "b"}                           # the last stage has nothing later
+    assert {x.later_stage for x in by_stage["a"]} == {"b", "c"} and len(by_stage["a"]) == 9   # not the error item
+    assert {x.later_stage for x in by_stage["b"]} == {"c"} and len(by_stage["b"]) == 5
+    for x in leaks:
+        assert x.pattern == judge.LEAK and x.id == f"leak:{x.stage}:{x.later_stage}{x.question.split()[-1]}"
+        assert x.question.startswith(f"q {x.later_stage}") and x.reference.startswith(f"r {x.later_stage}")
+    capped = leak_items(["a", "b", "c"], items, 3, seed=0)
+    assert [len([x for x in capped if x.stage == st]) for st in "ab"] == [3, 3]
+    assert [x.id for x in capped] == [x.id for x in leak_items(["a", "b", "c"], items, 3, seed=0)]   # stable
+    assert leak_items(["a", "b", "c"], items, 0, seed=0) == []
+    assert leak_items(["a"], [item(0, "a")], 5, seed=0) == []
+
+
+def _protocol_judge(state: dict):
+    """A scripted judge: t00/t06 are knowledge items, t02/t03 attitude items. Answers saying
+    "plainly" (the sft run) score 2 and leak; the others score 4, do not leak and rank first.
+    The first classification and the first ranking come back malformed (they must be retried)."""
+    def responder(body, n):
+        text = body["messages"][-1]["content"]
+        if "[Character's answer]" in text:
+            if not state.get("class_bad"):
+                state["class_bad"] = True
+                return "Hmm, hard to say."
+            num = int(re.search(r"Question (\d+)", text).group(1))
+            return "Verdict: knowledge" if num in (0, 6) else "Verdict: attitude" if num in (2, 3) else "Verdict: neither"
+        if "[Later material" in text:
+            return "Verdict: yes" if "plainly" in text.split("[Answer given at")[1] else "Verdict: no"
+        if "[Answer to score]" in text:
+            return "Verdict: 2" if "plainly" in text.split("[Answer to score]")[1] else "Verdict: 4"
+        if "Ranking:" in text:
+            state.setdefault("rank_prompts", []).append(text)
+            if not state.get("rank_bad"):
+                state["rank_bad"] = True
+                return "Ranking: A"                  # a label missing: malformed
+            shown = re.findall(r"\[Answer ([A-Z])\]\n(.*)", text)
+            best = [letter for letter, a in shown if "plainly" not in a]
+            worst = [letter for letter, a in shown if "plainly" in a]
+            return "Ranking: " + " > ".join(best + worst)
+        return _judge_responder(body, n)
+    return responder
+
+
+def test_paper_protocols_and_time_leakage(project, cli, monkeypatch, fake_openai):
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PERSLLM_EVAL_BACKOFF_SECONDS", "0.01")
+    _make_run(project, "sft")
+    _make_run(project, "sft-dpo")
+    gens = {"sft": FakeGenerator("plainly"), "sft-dpo": FakeGenerator("")}
+    _use_generators(monkeypatch, gens)
+    state: dict = {}
+    fake_openai.responder = _protocol_judge(state)
+    args = ("eval", "runs/sft", "runs/sft-dpo", "--judge", "gpt-4o-mini", "--concurrency", "1", "--json")
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    # The late items t04 and t06 (not t05, a false premise) are asked at the early stage, with its token.
+    assert gens["sft"].asked == [("early", 6), ("late", 3)]
+    answers = {json.loads(x)["id"]: json.loads(x) for x in (project / "runs" / "sft" / "eval" / "answers.jsonl").read_text().splitlines()}
+    assert {k for k in answers if k.startswith("leak:")} == {"leak:early:t04", "leak:early:t06"}
+    assert {(answers[k]["stage"], answers[k]["pattern"]) for k in answers if k.startswith("leak:")} == {("early", "leak")}
+    prompts = [c.body["messages"][-1]["content"] for c in fake_openai.completions()]
+    leak_prompts = [p for p in prompts if "[Later material" in p]
+    assert len(leak_prompts) == 4
+    assert all("first year" in p and "after the war" in p and re.search(r"Question [46] about the late", p) for p in leak_prompts)
+    # 7 classifications (+1 retry), per run 14 orders + 2 premises + 2 knowledge + 2 leaks, 2 rankings (+1 retry).
+    assert len(prompts) == 7 + 1 + 2 * 20 + 2 + 1
+    data = json.loads(result.stdout)
+    sft, dpo = data["systems"]["sft"]["judge"], data["systems"]["sft-dpo"]["judge"]
+    assert (sft["knowledge_items"], sft["knowledge_score"], dpo["knowledge_score"]) == (2, 2.0, 4.0)
+    assert (sft["attitude_items"], sft["attitude_rank"], dpo["attitude_rank"]) == (2, 2.0, 1.0)
+    assert (sft["leak_items"], sft["leak_rate"], dpo["leak_rate"]) == (2, 100.0, 0.0)
+    assert sft["leak_by_stage"] == {"early": {"items": 2, "leaked": 2, "rate": 100.0}}
+    assert sft["premise_rejected"] == 100.0 and sft["failed"] == 0
+    j = data["judge"]
+    assert j["classes"] == {"knowledge": 2, "attitude": 2, "neither": 3}
+    assert (j["ranked_items"], j["systems_ranked"], j["leak_questions"], j["requests"]) == (2, 2, 2, len(prompts))
+    # Each ranking shows the answers in the recorded seeded order, and the letters are read back through it.
+    shared = [json.loads(x) for x in (project / "build" / "eval" / "judge_items.jsonl").read_text().splitlines()]
+    ranks = [r for r in shared if r["kind"] == "rank" and r["status"] == "ok"]
+    assert sorted(r["test_id"] for r in ranks) == ["t02", "t03"]
+    for r in ranks:
+        assert r["order"] == judge.shuffled_order(r["test_id"], ["sft", "sft-dpo"], 0)
+        assert r["verdict"][0] == [judge.LETTERS[r["order"].index("sft-dpo")]]
+    first_class = next(r for r in shared if r["kind"] == "class" and r["test_id"] == "t00")
+    assert first_class["judge"]["attempts"] == 2                     # the malformed reply was retried
+    assert sum(r["judge"]["attempts"] for r in shared if r["kind"] == "rank") == 3
+    md = (project / "build" / "eval" / "eval.md").read_text()
+    assert "| knowledge score (0-5) | 2.00 | 4.00 |" in md
+    assert "| attitude rank (1 = best) | 2.00 | 1.00 |" in md
+    assert "| time leak % (lower is better) | 100.00 | 0.00 |" in md
+    assert "| sft | early | 2 | 2 | 100.00 |" in md and "| false premise rejected % | 100.00 | 100.00 |" in md
+    assert (project / "build" / "eval" / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    # Resume: a rerun asks nothing and reports the same figures.
+    again = cli(*args)
+    assert again.exit_code == 0 and len(fake_openai.completions()) == len(prompts)
+    redo = json.loads(again.stdout)
+    assert redo["judge"]["this_run"]["requests"] == 0
+    assert redo["systems"]["sft"]["judge"] == sft and redo["systems"]["sft-dpo"]["judge"] == dpo
+
+
+def test_protocols_stop_at_the_budget_and_resume(project, cli, monkeypatch, fake_openai):
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PERSLLM_EVAL_BACKOFF_SECONDS", "0.01")
+    with open(project / "persllm.toml", "a", encoding="utf-8") as f:
+        f.write('\n[annotate.prices]\n"gpt-4o-mini" = [1000.0, 1000.0]\n')   # $0.001 a token
+    _make_run(project, "sft")
+    _make_run(project, "sft-dpo")
+    _use_generators(monkeypatch, {"sft": FakeGenerator("plainly"), "sft-dpo": FakeGenerator("")})
+    state: dict = {"class_bad": True, "rank_bad": True}          # no malformed replies here
+    fake_openai.responder = _protocol_judge(state)
+    args = ("eval", "runs/sft", "runs/sft-dpo", "--judge", "gpt-4o-mini", "--concurrency", "1", "--json")
+    r = cli(*args, "--budget-usd", "3")
+    assert r.exit_code == 3 and "budget of $3.0 reached" in r.stderr
+    sent = len(fake_openai.completions())
+    assert 7 < sent < 49                          # the classifications, then part of the rest
+    spent = json.loads(r.stdout)["judge"]["this_run"]["cost_usd"]
+    assert 0 < spent <= 3.0
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert len(fake_openai.completions()) == 49   # only what was missing was asked
+    data = json.loads(r.stdout)
+    assert data["judge"]["requests"] == 49 and data["judge"]["this_run"]["requests"] == 49 - sent
+    sft, dpo = data["systems"]["sft"]["judge"], data["systems"]["sft-dpo"]["judge"]
+    assert (sft["knowledge_score"], dpo["attitude_rank"], sft["leak_rate"]) == (2.0, 1.0, 100.0)

@@ -16,6 +16,7 @@ Where files go:
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 import time
 from collections import Counter, defaultdict
@@ -123,6 +124,31 @@ def _fingerprint(source: str, s: EvalSettings) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
+def stage_order(project: Project | None, systems: list[System], items: list[TestItem]) -> list[str]:
+    """The test set's stages from earliest to latest: the project's order, else the first system's."""
+    order = [st.id for st in project.stages] if project else list(systems[0].labels) if systems else []
+    used = {i.stage for i in items}
+    return [st for st in order if st in used] + sorted(used - set(order))
+
+
+def leak_items(order: list[str], items: list[TestItem], per_stage: int, seed: int) -> list[TestItem]:
+    """For every stage with a later one: up to `per_stage` questions of later stages' test items
+    (their references hold the later knowledge), to be asked at that earlier stage. False-premise
+    items are left out (their premise is untrue at any stage). Chosen with a generator seeded by
+    (seed, stage), so a rerun asks the same ones. Ids: leak:<earlier stage>:<test id>."""
+    out = []
+    for k, stage in enumerate(order):
+        later = set(order[k + 1:])
+        pool = [i for i in items if i.stage in later and i.pattern != "error"]
+        if not pool or per_stage <= 0:
+            continue
+        chosen = {i.id for i in random.Random(f"{seed}|leak|{stage}").sample(pool, min(per_stage, len(pool)))}
+        out += [TestItem(id=f"leak:{stage}:{i.id}", persona=i.persona, stage=stage, pattern=judge.LEAK,
+                         question=i.question, reference=i.reference, later_stage=i.stage)
+                for i in pool if i.id in chosen]
+    return out
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -152,8 +178,12 @@ def run(project: Project | None, s: EvalSettings) -> int:
             if not pricing(model, prices).known:
                 console.note(f"no price known for {model!r}: --budget-usd cannot limit its requests "
                              "(add it under [annotate.prices] in persllm.toml)")
+    leaks = leak_items(stage_order(project, systems, items), items, s.leak_questions, s.seed) if s.judge else []
+    leak_answers: dict[str, dict[str, records.Record]] = {}
     for system in systems:
-        answers[system.name], failed, spend = eval_answers.generate(system, items, s, prices=prices, budget=budget)
+        got, failed, spend = eval_answers.generate(system, items + leaks, s, prices=prices, budget=budget)
+        answers[system.name] = {k: r for k, r in got.items() if not k.startswith("leak:")}
+        leak_answers[system.name] = {k: r for k, r in got.items() if k.startswith("leak:")}
         if spend is not None:
             spends[system.name] = spend
         failed_total += failed
@@ -163,15 +193,16 @@ def run(project: Project | None, s: EvalSettings) -> int:
     from persllm_cli.eval import report as evalreport
 
     result = evalreport.score(systems, items, answers, pools, s)
+    report_dir = s.output or (systems[0].dir if len(systems) == 1 else (project.root if project else Path.cwd()) / "build" / "eval")
     if judge_backend is not None:
-        failed_total += judge_all(judge_backend, systems, items, answers, s, result, prices, budget)
+        failed_total += judge_all(judge_backend, systems, items, answers, s, result, prices, budget,
+                                  leaks=leaks, leak_answers=leak_answers, shared_dir=report_dir)
     if budget.hit:
         console.warn(f"budget of ${s.budget_usd} reached: some requests were not sent; "
                      "rerun with a higher --budget-usd to continue (answers and verdicts so far are kept)")
     for name, spend in spends.items():
         result["systems"][name]["generation_spend"] = dict(spend.__dict__)
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    report_dir = s.output or (systems[0].dir if len(systems) == 1 else (project.root if project else Path.cwd()) / "build" / "eval")
     evalreport.write(report_dir, result, s)
     if failed_total:
         return EXIT_PARTIAL
@@ -180,10 +211,43 @@ def run(project: Project | None, s: EvalSettings) -> int:
 
 def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
               answers: dict[str, dict[str, records.Record]], s: EvalSettings, result: dict[str, Any],
-              prices: dict[str, list[float]] | None = None, budget: Budget | None = None) -> int:
-    """Ask the judge about every answered item of every system; fill result['systems'][*]['judge']."""
+              prices: dict[str, list[float]] | None = None, budget: Budget | None = None, *,
+              leaks: list[TestItem] | None = None, leak_answers: dict[str, dict[str, records.Record]] | None = None,
+              shared_dir: Path | None = None) -> int:
+    """Ask the judge about every answered item of every system; fill result['systems'][*]['judge'].
+
+    First every test item is classified (knowledge, attitude or neither; kept in
+    <shared_dir>/judge_items.jsonl with the attitude rankings, which span all systems); then per
+    system the pairwise comparison, false premises, knowledge scores and leak checks (the system's
+    judge.jsonl); then the attitude items are ranked across systems."""
+    leaks, leak_answers = leaks or [], leak_answers or {}
+    shared = (shared_dir or systems[0].dir) / "judge_items.jsonl"
+    records.make_dirs(shared.parent)
     total, new = judge.Spend(), judge.Spend()
     failed = 0
+    persona = systems[0].persona
+    labels: dict[str, str] = {}
+    for system in reversed(systems):
+        labels.update(system.labels)
+
+    def settings(title: str) -> RunnerSettings:
+        return RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries,
+                              backoff_base=s.backoff_seconds, title=title)
+
+    def account(recs: dict[str, records.Record], spend: judge.Spend) -> None:
+        for acc, part in ((total, judge.total_spend(recs)), (new, spend)):
+            acc.requests += part.requests
+            acc.prompt_tokens += part.prompt_tokens
+            acc.completion_tokens += part.completion_tokens
+            acc.cost_usd = None if part.cost_usd is None or acc.cost_usd is None else acc.cost_usd + part.cost_usd
+
+    kw = dict(max_tokens=s.judge_max_tokens, pricing=pricing(backend.model, prices), budget=budget)
+    questions = [judge.TestQuestion(test_id=i.id, persona=persona, stage_label=labels.get(i.stage, i.stage),
+                                    question=i.question, reference=i.reference) for i in items]
+    categories, class_recs, spend = judge.classify(backend, questions, shared, settings=settings("classifying items"), **kw)
+    account(class_recs, spend)
+    unclassified = len(items) - len(categories)
+    failed += unclassified
     for system in systems:
         jitems = []
         for i in items:
@@ -191,21 +255,48 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
             if r and r.get("status") == "ok":
                 jitems.append(judge.Item(test_id=i.id, persona=system.persona,
                                          stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
-                                         question=i.question, reference=i.reference, answer=records.answer(r)))
-        rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries,
-                            backoff_base=s.backoff_seconds, title=f"judging ({system.name})")
-        verdicts, spend = judge.run(backend, jitems, system.dir / "judge.jsonl", max_tokens=s.judge_max_tokens,
-                                    pricing=pricing(backend.model, prices), settings=rs, budget=budget)
+                                         question=i.question, reference=i.reference, answer=records.answer(r),
+                                         category=categories.get(i.id), stage=i.stage))
+        for i in leaks:
+            r = leak_answers.get(system.name, {}).get(i.id)
+            if r and r.get("status") == "ok":
+                jitems.append(judge.Item(test_id=i.id, persona=system.persona,
+                                         stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
+                                         question=i.question, reference=i.reference, answer=records.answer(r),
+                                         later_label=system.labels.get(i.later_stage, i.later_stage), stage=i.stage))
+        verdicts, spend = judge.run(backend, jitems, system.dir / "judge.jsonl", settings=settings(f"judging ({system.name})"), **kw)
         summary = judge.summarize(jitems, verdicts, backend.model)
         result["systems"][system.name]["judge"] = summary
         failed += summary["failed"]
-        for acc, part in ((total, judge.total_spend(verdicts)), (new, spend)):
-            acc.requests += part.requests
-            acc.prompt_tokens += part.prompt_tokens
-            acc.completion_tokens += part.completion_tokens
-            acc.cost_usd = None if part.cost_usd is None or acc.cost_usd is None else acc.cost_usd + part.cost_usd
+        account(verdicts, spend)
+    # Attitude items: every system's answer in one request, in a seeded shuffled order.
+    attitude = [i for i in items if categories.get(i.id) == "attitude"]
+    rank_items = []
+    for i in attitude:
+        got = {system.name: records.answer(answers[system.name][i.id]) for system in systems
+               if answers[system.name].get(i.id, {}).get("status") == "ok"}
+        rank_items.append(judge.RankItem(test_id=i.id, persona=persona, stage_label=labels.get(i.stage, i.stage),
+                                         question=i.question, reference=i.reference, answers=got))
+    ranks: dict[str, dict[str, int]] = {}
+    if len(systems) > 1 and rank_items:
+        ranks, rank_recs, spend = judge.rank(backend, rank_items, shared, seed=s.seed,
+                                             settings=settings("ranking attitude"), **kw)
+        account(rank_recs, spend)
+        unranked = sum(1 for it in rank_items if len(it.answers) > 1 and it.test_id not in ranks)
+        failed += unranked
+    for system in systems:
+        mine = [r[system.name] for r in ranks.values() if system.name in r]
+        summary = result["systems"][system.name]["judge"]
+        summary["attitude_items"] = len(mine)
+        summary["attitude_rank"] = sum(mine) / len(mine) if mine else None
+    counts = Counter(categories.values())
     # Totals cover every verdict in the report (asked now or by an earlier run); this_run is what this run spent.
-    result["judge"] = {"model": backend.model, **total.__dict__, "this_run": dict(new.__dict__)}
+    result["judge"] = {"model": backend.model, **total.__dict__, "this_run": dict(new.__dict__),
+                       "classes": {c: counts.get(c, 0) for c in judge.CATEGORIES}, "unclassified": unclassified,
+                       "ranked_items": len(ranks), "systems_ranked": len(systems) if len(systems) > 1 else 0,
+                       "leak_questions": len(leaks), "items_file": str(shared)}
+    if len(systems) == 1 and attitude:
+        console.note("attitude ranking needs two or more systems side by side (runs or --api-model); skipped")
     if failed:
         console.warn(f"the judge gave no verdict on {failed} item(s); rerun to ask again")
     return failed

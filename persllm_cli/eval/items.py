@@ -21,8 +21,10 @@ class EvalSettings:
                                    help='Server URL for --api-model (else OPENAI_BASE_URL). The key is read from OPENAI_API_KEY only.')
     pool: list[Path] = setting([],
                                help="Answers of other personas (JSONL with persona and messages, e.g. another project's eval answers) for cross-persona BLEU; repeatable.")
-    judge: str | None = setting(None,
-                                help='Judge model (OpenAI-compatible): compares each answer with the reference in both orders and checks false-premise questions were rejected.')
+    judge: str | None = setting(None, help=(
+        "Judge model (OpenAI-compatible): compares each answer with the reference in both orders, checks "
+        "false-premise questions were rejected, scores knowledge (0-5), ranks attitude across systems, and "
+        "checks later stages' knowledge does not leak into earlier ones."))
     judge_base_url: str | None = setting(None,
                                          help='Server URL for --judge. [default: --base-url, else OPENAI_BASE_URL]')
     judge_max_tokens: int = setting(512, at_least=1)
@@ -38,6 +40,9 @@ class EvalSettings:
     concurrency: int = setting(8, at_least=1, help='API requests in flight at once (judge and --api-model).')
     max_retries: int = setting(5, at_least=0,
                                help='Retries of a failed API request or a reply without a verdict, with backoff (Retry-After honoured).')
+    # persllm.toml / PERSLLM_EVAL_LEAK_QUESTIONS only
+    leak_questions: int = setting(20, at_least=0, help="With --judge: questions from later stages asked at each "
+                                  "earlier stage, to measure time leakage (0: none).")
     budget_usd: float | None = setting(None, at_least=0,
                                        help="Stop cleanly before this run's API requests (--api-model and --judge together) would cost more than this many dollars.")
     json_output: bool = setting(False, help='Print all metrics as JSON on stdout.')
@@ -55,6 +60,7 @@ class TestItem:
     pattern: str
     question: str
     reference: str
+    later_stage: str = ""         # a leak item: the stage whose material the question comes from
 
 
 @dataclass

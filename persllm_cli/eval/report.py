@@ -31,6 +31,9 @@ JUDGE_ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("judge loss %", ("judge", "loss")),
     ("judge order consistency %", ("judge", "consistency")),
     ("false premise rejected %", ("judge", "premise_rejected")),
+    ("knowledge score (0-5)", ("judge", "knowledge_score")),
+    ("attitude rank (1 = best)", ("judge", "attitude_rank")),
+    ("time leak % (lower is better)", ("judge", "leak_rate")),
 ]
 
 
@@ -135,9 +138,29 @@ def markdown(result: dict[str, Any]) -> str:
               "- Reference overlap: corpus BLEU and mean ROUGE-L F1 (0-100) of the answers against the test set's answers."]
     if result.get("judge"):
         j = result["judge"]
+        leak_rows = [(name, st, v["judge"]["leak_by_stage"][st]) for name, v in result["systems"].items()
+                     if v.get("judge") for st in v["judge"].get("leak_by_stage") or {}]
+        if leak_rows:
+            insert = ["## Time leakage by stage", "",
+                      "Questions about later stages, asked at the stage shown; the share of answers that reveal the later knowledge.", "",
+                      "| system | asked at stage | questions | leaked | leak % |", "|---|---|---:|---:|---:|"]
+            insert += [f"| {name} | {st} | {v['items']} | {v['leaked']} | {_fmt(float(v['rate']))} |" for name, st, v in leak_rows]
+            at = lines.index("## How to read this")
+            lines[at:at] = insert + [""]
+        classes = j.get("classes") or {}
         cost = "unknown price" if j["cost_usd"] is None else f"${j['cost_usd']:.4f}"
         lines += ["- Judge: each answer was compared with the reference twice, in both orders; a win needs both"
                   " orders to prefer the system's answer. Preference 50 means on a par with the references.",
+                  "- Knowledge and attitude (the PersLLM paper's protocols): the judge sorted the test items into"
+                  f" knowledge ({classes.get('knowledge', 0)}), attitude ({classes.get('attitude', 0)}) and neither"
+                  f" ({classes.get('neither', 0)}). Knowledge answers get a 0-5 score of how much of the reference's"
+                  " knowledge they carry. Attitude answers of all systems are ranked together on attitude and"
+                  " speaking style, shown in a shuffled order per item (ties share a rank; 1 is best; needs two or"
+                  f" more systems; {j.get('ranked_items', 0)} item(s) ranked).",
+                  f"- Time leakage: {j.get('leak_questions', 0)} question(s) from later stages' test items were asked"
+                  " at an earlier stage; the judge says whether the answer reveals the later knowledge. Lower is"
+                  " better: the time tokens keep the future out.",
+                  "- False premise rejected: the share of `error`-pattern items whose answer rejected the premise.",
                   f"- Judge `{j['model']}`: {j['requests']} requests, {j['prompt_tokens']} prompt and"
                   f" {j['completion_tokens']} completion tokens, {cost}."]
     return "\n".join(lines) + "\n"
@@ -152,8 +175,11 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
     names = list(result["systems"])
     panels = [("Distinction (BLEU)", ROWS[:3]),
-              ("Against the references", ROWS[3:] + ([JUDGE_ROWS[0], JUDGE_ROWS[5]] if result.get("judge") else []))]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+              ("Against the references (0-100)", ROWS[3:] + ([JUDGE_ROWS[0], JUDGE_ROWS[5], JUDGE_ROWS[8]]
+                                                             if result.get("judge") else []))]
+    if result.get("judge"):
+        panels.append(("Judge scores", JUDGE_ROWS[6:8]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
     width = 0.8 / max(1, len(names))
     for ax, (title, wanted) in zip(axes, panels):
         for k, name in enumerate(names):
