@@ -33,7 +33,7 @@ from persllm_cli.persona.conversation import Conversation
 from persllm_cli.persona.speaker import RunSpeaker, Speaker, check_stage
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatSettings:
     run: Path | None = setting(None, help='Run directory (default: runs/latest of the project).')
     stage: str | None = setting(None, help='Stage to speak from (default: the last stage).')

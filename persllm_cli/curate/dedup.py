@@ -21,7 +21,7 @@ from persllm_cli.data.curation import check_stages, latest, read_numbered
 from persllm_cli.core.errors import PersllmError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DedupSettings:
     input: Path = setting(Path("build/annotations.jsonl"), help='Annotations JSONL.')
     output: Path = setting(Path("build/dedup.jsonl"), help='')

@@ -20,7 +20,7 @@ from persllm_cli.llm.backends import BACKENDS
 MODES = ("retrieve", "generate")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DpoSettings:
     input: Path = setting(Path("build/train.jsonl"), help='')
     pool: list[Path] = setting([], help='Answers of other personas to draw rejected answers from; repeatable.')

@@ -25,7 +25,7 @@ from persllm_cli.core.errors import PersllmError
 from persllm_cli.data.records import Record
 
 
-@dataclass
+@dataclass(frozen=True)
 class SplitSettings:
     input: Path = setting(Path("build/dedup.jsonl"), help='')
     test_size: float = setting(0.2, more_than=0, less_than=1, help='Share of records in the test set.')

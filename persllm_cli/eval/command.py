@@ -155,8 +155,6 @@ def leak_items(order: list[str], items: list[TestItem], per_stage: int, seed: in
 def run(project: Project | None, s: EvalSettings) -> int:
     """Validate everything, generate what is missing, score, judge, report."""
     t0 = time.perf_counter()
-    s.output = Path(s.output).resolve() if s.output else None
-    s.pool = [Path(p).resolve() for p in s.pool]
     if project is None and not Path(s.test).exists():
         raise PersllmError(f"not inside a persllm project (no persllm.toml here or above) and no {s.test}; "
                            "run eval in a project, pass -C DIR, or name a --test file")

@@ -10,7 +10,7 @@ from persllm_cli.data import metrics
 from persllm_cli.model.runs import RunInfo
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSettings:
     run: list[Path] = setting([],
                               help='Run directories to evaluate side by side, e.g. runs/sft runs/sft-dpo. [default: runs/latest, unless --api-model is given]')

@@ -17,7 +17,7 @@ from persllm_cli.core.resources import examples_dir, render, template_text
 EXAMPLES = ("harry",)
 
 
-@dataclass
+@dataclass(frozen=True)
 class InitSettings:
     directory: Path
     name: str | None = None

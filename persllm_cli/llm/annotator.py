@@ -17,7 +17,7 @@ from persllm_cli.llm.backends import BACKENDS
 DEFAULT_MODEL = {"openai": "gpt-4o-mini", "local": "smollm2-135m"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class AnnotateSettings:
     stages: list[str] | None = setting(None, help='Stage to annotate; repeat for several (default: all).')
     pattern: str = setting("ordinary", choices=PATTERNS,

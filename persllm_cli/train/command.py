@@ -18,6 +18,7 @@ adapter/, tokenizer/, checkpoints/, metrics.jsonl, loss.png, run.json, README.md
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -121,7 +122,7 @@ def run(project: Project, settings: TrainSettings) -> int:
         n = _gpu_count(settings.gpus)
     elif settings.nproc:
         n = settings.nproc
-    settings.output = run_dir
+    settings = dataclasses.replace(settings, output=run_dir)  # the run directory this run writes
     existed = run_dir.exists()
     had_files = existed and any(run_dir.iterdir())
     try:

@@ -16,7 +16,7 @@ from persllm_cli.data import records
 METHODS = ("sft", "dpo", "sft+dpo")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
     data: Path = setting(Path("build/tokenized"), help='Tokenized data.')
     base: str | None = setting(None, help='Base model (must match the tokenized data). [default: from the data]')

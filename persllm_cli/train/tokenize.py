@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 WRITES = {"sft.jsonl", "dpo.jsonl", "tokenizer", "meta.json", "stats.json"}  # what -o DIR holds afterwards
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizeSettings:
     train: Path = setting(Path("build/train.jsonl"), help='SFT records.')
     dpo: Path | None = setting(None, help='Preference pairs. [default: build/dpo.jsonl if present]')
