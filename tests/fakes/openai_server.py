@@ -247,6 +247,9 @@ class FakeOpenAI:
             daemon_threads = True
             request_queue_size = 256
 
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass   # a client closing a kept-alive connection is normal, not a traceback
+
         self._server = Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
