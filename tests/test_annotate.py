@@ -17,7 +17,7 @@ from persllm_cli.annotate.prompts import parse_reply
 from persllm_cli.data.records import read_jsonl, record_id
 from persllm_cli.llm.runner import Malformed
 from tests.conftest import REPO, persllm_cmd, run_persllm, subprocess_env
-from tests.fakes.openai_server import Fail, Hang, Malformed as BadReply, Reply
+from tests.fakes.openai_server import Fail, Malformed as BadReply, Reply, Stall
 
 EARLY = [
     "Harry lived in the cupboard under the stairs at number four, Privet Drive, with the Dursleys.",
@@ -135,7 +135,7 @@ def test_retries_on_429_500_and_malformed(cli, proj, fake_openai):
 
 
 def test_timeout_is_retried(cli, proj, fake_openai):
-    fake_openai.push(Hang(1.0))
+    fake_openai.push(Stall(1.0))   # --timeout is the longest silence in a streamed reply
     r = cli("annotate", "--stage", "late", "--timeout", "0.3")
     assert r.exit_code == 0, r.output
     (rec,) = records(proj)

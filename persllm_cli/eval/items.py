@@ -36,7 +36,8 @@ class EvalSettings:
     seed: int = setting(0, help='Seed for sampling answer pairs.')
     tokenize: str = setting("auto", choices=metrics.TOKENIZE_CHOICES,
                             help='BLEU/ROUGE tokenizer: auto (zh or char for CJK text, else 13a), 13a, zh, char, intl.')
-    timeout: float = setting(120.0, more_than=0, help='Seconds to wait for one API request.')
+    timeout: float = setting(120.0, more_than=0, help=(
+        "Longest silence inside an API reply, in seconds (the first token may take max(300, 5 x S))."))
     concurrency: int = setting(8, at_least=1, help='API requests in flight at once (judge and --api-model).')
     max_retries: int = setting(5, at_least=0,
                                help='Retries of a failed API request or a reply without a verdict, with backoff (Retry-After honoured).')

@@ -37,7 +37,9 @@ class AnnotateSettings:
                                    help='OpenAI-compatible server URL (else OPENAI_BASE_URL). The key is read from OPENAI_API_KEY only.')
     concurrency: int = setting(8, at_least=1, help='Requests in flight at once.')
     max_retries: int = setting(5, at_least=0, help='Retries per item before it is recorded as failed.')
-    timeout: float = setting(120.0, more_than=0, help='Seconds to wait for one request.')
+    timeout: float = setting(120.0, more_than=0, help=(
+        "Longest silence inside an API reply, in seconds: replies stream, and a slow one that keeps coming "
+        "is never cut (the first token may take max(300, 5 x S))."))
     budget_usd: float | None = setting(None, at_least=0,
                                        help='Stop cleanly before spending more than this many dollars.')
     dry_run: bool = setting(False, help='Send nothing; print the requests, tokens and dollars the run would take.')

@@ -9,7 +9,15 @@ them from worker threads.
 - `LocalBackend`: a transformers model on this machine (the embedded smollm2-135m, a model
   directory, or a trained runs/NAME), so the pipeline works offline.
 
-Errors: `TransientError` (timeouts, connection errors, 429, 5xx: retry, honouring `retry_after`),
+Timeouts measure silence, not length: `OpenAIBackend` streams every reply and gives up only when
+no token has come for `timeout` seconds, or when the first token has not come within
+`first_token_timeout` (default `first_token_limit(timeout)`: at least 5 minutes, for a server that
+reads a long prompt slowly or queues requests behind others). A slow answer that keeps coming is
+never thrown away.
+
+Errors: `TransientError` (timeouts, connection errors, 429, 5xx: retry, honouring `retry_after`;
+its `kind` says "timeout", "overload" (429, 503, connection refused: the server cannot keep up,
+send less) or "other"),
 `FatalError` (a PersllmError: bad key, unknown model, unreachable server before anything worked),
 `RequestError` (this one request cannot work, e.g. a 400 for a too-long prompt: fail the item),
 `Stopped` (the caller set the `stop` event it passed: the request was given up, nothing to record).
@@ -41,14 +49,16 @@ class Completion:
     completion_tokens: int
     seconds: float
     model: str
+    first_token_seconds: float | None = None   # a streamed reply's wait for its first chunk
 
 
 class TransientError(Exception):
     """A failure worth retrying. `retry_after` is the server's Retry-After in seconds, if it sent one."""
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, kind: str = "other"):
         super().__init__(message)
         self.retry_after = retry_after
+        self.kind = kind   # "timeout", "overload" or "other"
 
 
 class FatalError(PersllmError):
@@ -135,6 +145,87 @@ def redact_url(url: str | None) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def first_token_limit(timeout: float) -> float:
+    """How long to wait for a reply's first token: generous, because a server on a CPU may read a
+    long prompt for minutes, or hold the request in its queue while it answers others."""
+    return max(300.0, 5 * timeout)
+
+
+class _Watch:
+    """One streaming request the watchdog looks after."""
+
+    __slots__ = ("deadline", "sock", "response", "expired", "first")
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.sock: Any = None
+        self.response: Any = None
+        self.expired = False
+        self.first = True   # no chunk yet: the deadline is the first-token limit
+
+
+class _Watchdog:
+    """Ends streams that have gone silent: one thread for a backend's requests.
+
+    A blocked read cannot be given a new timeout once it has started, so when a stream's deadline
+    passes the watchdog shuts its socket down, which wakes the reading thread at once (the worker
+    then sees `expired` and reports a timeout)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watches: set[_Watch] = set()
+        self._thread: threading.Thread | None = None
+
+    def add(self, w: _Watch) -> None:
+        with self._lock:
+            self._watches.add(w)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="persllm-watchdog")
+                self._thread.start()
+
+    def remove(self, w: _Watch) -> None:
+        with self._lock:
+            self._watches.discard(w)
+
+    def _loop(self) -> None:
+        import time
+
+        while True:
+            time.sleep(0.1)
+            now = time.monotonic()
+            with self._lock:
+                late = [w for w in self._watches if now > w.deadline and not w.expired]
+                for w in late:
+                    w.expired = True
+            for w in late:
+                _cut(w)
+
+
+def _cut(w: _Watch) -> None:
+    """Stop a stream from another thread: shut the socket down (wakes a blocked recv), then close."""
+    import socket
+
+    if w.sock is not None:
+        try:
+            socket.socket.shutdown(w.sock, socket.SHUT_RDWR)   # the plain socket's, also under TLS
+        except OSError:
+            pass
+    elif w.response is not None:
+        try:
+            w.response.close()
+        except Exception:  # noqa: BLE001 - best effort from another thread
+            pass
+
+
+def _socket_of(stream: Any) -> Any:
+    """The socket under an openai Stream (httpx/httpcore expose it), or None."""
+    try:
+        ns = stream.response.extensions.get("network_stream")
+        return ns.get_extra_info("socket") if ns is not None else None
+    except Exception:  # noqa: BLE001 - another transport: the watchdog falls back to close()
+        return None
+
+
 # Reasoning models take max_completion_tokens instead of max_tokens.
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
@@ -145,15 +236,31 @@ class OpenAIBackend:
     The client never retries by itself (`max_retries=0`): the runner owns retries, backoff and
     accounting. The key is read from OPENAI_API_KEY, kept in the client only, and scrubbed from
     every message this class raises.
+
+    Replies are streamed: `timeout` is the longest silence between two chunks, `first_token_timeout`
+    the longest wait for the first one (see the module's docstring). `received` counts the chunks
+    (about one token each) that have arrived, and `streaming` the requests whose reply is coming
+    in now, for progress displays and the runner's adaptive limit. `stream=False` asks for whole
+    replies instead, with `timeout` bounding each read (the behaviour before streaming).
     """
 
     name = "openai"
     in_process = False   # a request in flight is left to die with the process (no torch in it)
 
-    def __init__(self, model: str, base_url: str | None = None, timeout: float = 120.0):
+    def __init__(self, model: str, base_url: str | None = None, timeout: float = 120.0,
+                 first_token_timeout: float | None = None, stream: bool = True):
         import os
 
         self.model = model
+        self.timeout = timeout
+        self.first_token_timeout = first_token_timeout if first_token_timeout is not None else first_token_limit(timeout)
+        self.streamed = stream
+        self.received = 0        # chunks received so far, all requests together
+        self.streaming = 0       # requests whose first chunk has come and whose last has not
+        self._counts = threading.Lock()
+        self._watchdog = _Watchdog()
+        self._stream_usage = True   # ask for usage in the stream until a server refuses the option
+        self._first_token = threading.local()   # this thread's last wait for a first chunk
         self._key = os.environ.get("OPENAI_API_KEY", "")
         if not self._key.strip():
             raise FatalError("OPENAI_API_KEY is not set; export your key (it is read only from the "
@@ -179,16 +286,17 @@ class OpenAIBackend:
         """Map an openai exception to TransientError / FatalError / RequestError."""
         o = self._openai
         if isinstance(e, o.APITimeoutError):
-            return TransientError(f"request timed out ({self.where})")
+            return TransientError(f"request timed out ({self.where})", kind="timeout")
         if isinstance(e, o.APIConnectionError):
-            return TransientError(f"cannot connect to {self.where}")
+            return TransientError(f"cannot connect to {self.where}", kind="overload")
         if isinstance(e, o.APIStatusError):
             status = e.status_code
             retry = _retry_after(getattr(e.response, "headers", None))
             if isinstance(e, o.RateLimitError) or status == 429:
-                return TransientError(f"rate limited (429): {self._message(e)}", retry_after=retry)
+                return TransientError(f"rate limited (429): {self._message(e)}", retry_after=retry, kind="overload")
             if status >= 500 or status == 408 or status == 409:
-                return TransientError(f"server error ({status}): {self._message(e)}", retry_after=retry)
+                kind = "overload" if status in (502, 503, 504, 529) else "timeout" if status == 408 else "other"
+                return TransientError(f"server error ({status}): {self._message(e)}", retry_after=retry, kind=kind)
             if isinstance(e, (o.AuthenticationError, o.PermissionDeniedError)) or status in (401, 403):
                 return FatalError(f"{self.where} rejected the API key ({status}): {self._message(e)} "
                                   "(check OPENAI_API_KEY)")
@@ -225,22 +333,91 @@ class OpenAIBackend:
             kwargs["temperature"] = temperature
         return kwargs
 
+    def _timeouts(self) -> Any:
+        """httpx timeouts of one request: the read limit is the first-token limit (the wait for
+        the reply's headers); silence after the first chunk is the watchdog's to judge."""
+        if not self.streamed:
+            return self.timeout
+        return self._openai.Timeout(self.first_token_timeout, connect=min(self.timeout, 30.0),
+                                    write=self.timeout, pool=self.first_token_timeout)
+
+    def _chunks(self, client: Any, messages: list[Message], max_tokens: int, temperature: float) -> Iterator[Any]:
+        """The chunks of one streamed completion, under the watchdog: TransientError(kind="timeout")
+        when the first chunk has not come within `first_token_timeout` or a later one within `timeout`."""
+        import time
+
+        kwargs = self._request(messages, max_tokens, temperature)
+        t0 = time.monotonic()
+        w = _Watch(t0 + self.first_token_timeout)
+        self._watchdog.add(w)
+        started = False
+        response = None
+        try:
+            try:
+                try:
+                    response = client.chat.completions.create(
+                        **kwargs, stream=True, timeout=self._timeouts(),
+                        **({"stream_options": {"include_usage": True}} if self._stream_usage else {}))
+                except self._openai.BadRequestError as e:
+                    if not (self._stream_usage and "stream_options" in str(e)):
+                        raise
+                    self._stream_usage = False   # this server does not know the option: do without
+                    response = client.chat.completions.create(**kwargs, stream=True, timeout=self._timeouts())
+                w.response, w.sock = response, _socket_of(response)
+                if w.expired:   # the deadline passed while the headers came
+                    _cut(w)
+                for chunk in response:
+                    if w.expired:
+                        break
+                    w.deadline = time.monotonic() + self.timeout
+                    if not started:
+                        started = True
+                        self._first_token.seconds = time.monotonic() - t0
+                        with self._counts:
+                            self.streaming += 1
+                    if any(getattr(c.delta, "content", None) for c in chunk.choices or []):
+                        with self._counts:
+                            self.received += 1
+                    yield chunk
+            except Exception as e:  # noqa: BLE001 - the transport's errors, whichever library
+                o = self._openai
+                transport = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
+                if w.expired:
+                    pass   # the watchdog cut it: a timeout, said below
+                elif started and (isinstance(e, o.APIConnectionError) or transport):
+                    raise TransientError(f"the connection to {self.where} broke mid-answer") from None
+                elif isinstance(e, o.APIError):
+                    raise self._translate(e) from None
+                else:
+                    raise
+            if w.expired:
+                if started:
+                    raise TransientError(f"no token from {self.where} for {self.timeout:g} s (--timeout)",
+                                         kind="timeout")
+                raise TransientError(f"no first token from {self.where} within {self.first_token_timeout:g} s",
+                                     kind="timeout")
+        finally:
+            self._watchdog.remove(w)
+            if started:
+                with self._counts:
+                    self.streaming -= 1
+            if response is not None:
+                try:
+                    response.close()
+                except Exception:  # noqa: BLE001 - already broken
+                    pass
+
     def stream(self, messages: list[Message], *, max_tokens: int, temperature: float,
                retries: int = 2) -> Iterator[str]:
         """One chat completion as text pieces, as they arrive (for a person watching: `chat`).
         The client retries a failed connection `retries` times; errors are translated like
-        `complete`'s (TransientError / FatalError / RequestError)."""
+        `complete`'s (TransientError / FatalError / RequestError), timeouts measure silence."""
         client = self._client.with_options(max_retries=retries)
-        try:
-            response = client.chat.completions.create(**self._request(messages, max_tokens, temperature),
-                                                      stream=True)
-            for chunk in response:
-                for choice in chunk.choices or []:
-                    text = getattr(choice.delta, "content", None)
-                    if text:
-                        yield text
-        except self._openai.APIError as e:
-            raise self._translate(e) from None
+        for chunk in self._chunks(client, messages, max_tokens, temperature):
+            for choice in chunk.choices or []:
+                text = getattr(choice.delta, "content", None)
+                if text:
+                    yield text
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
                  sections: list[str] | None = None, stage_token: str | None = None,
@@ -249,21 +426,43 @@ class OpenAIBackend:
 
         del sections, stage_token, stop  # a capable API model follows the format in the prompt
         t0 = time.perf_counter()
-        try:
-            resp = self._client.chat.completions.create(**self._request(messages, max_tokens, temperature))
-        except self._openai.APIError as e:
-            raise self._translate(e) from None
-        seconds = time.perf_counter() - t0
-        text = ""
-        if resp.choices:
-            text = resp.choices[0].message.content or ""
-        usage = resp.usage
+        if not self.streamed:
+            return self._complete_whole(messages, max_tokens, temperature, t0)
+        pieces: list[str] = []
+        usage = None
+        model = None
+        self._first_token.seconds = None
+        for chunk in self._chunks(self._client, messages, max_tokens, temperature):
+            model = model or getattr(chunk, "model", None)
+            if getattr(chunk, "usage", None) is not None:
+                usage = chunk.usage
+            if chunk.choices:
+                text = getattr(chunk.choices[0].delta, "content", None)
+                if text:
+                    pieces.append(text)
+        c = self._completion("".join(pieces), usage, model, messages, time.perf_counter() - t0)
+        c.first_token_seconds = self._first_token.seconds
+        return c
+
+    def _completion(self, text: str, usage: Any, model: str | None, messages: list[Message],
+                    seconds: float) -> Completion:
         if usage is not None and usage.prompt_tokens is not None:
             pt, ct = int(usage.prompt_tokens), int(usage.completion_tokens or 0)
         else:  # servers without usage: estimate, so accounting still adds up
             pt, ct = estimate_prompt_tokens(messages), estimate_tokens(text)
         return Completion(text=text, prompt_tokens=pt, completion_tokens=ct, seconds=seconds,
-                          model=resp.model or self.model)
+                          model=model or self.model)
+
+    def _complete_whole(self, messages: list[Message], max_tokens: int, temperature: float, t0: float) -> Completion:
+        """One reply in a single response (`stream=False`): `timeout` bounds every read."""
+        import time
+
+        try:
+            resp = self._client.chat.completions.create(**self._request(messages, max_tokens, temperature))
+        except self._openai.APIError as e:
+            raise self._translate(e) from None
+        text = (resp.choices[0].message.content or "") if resp.choices else ""
+        return self._completion(text, resp.usage, resp.model, messages, time.perf_counter() - t0)
 
 
 class LocalBackend:
@@ -392,7 +591,8 @@ BACKENDS = ("openai", "local")  # what make_backend builds; the settings' choice
 
 
 def make_backend(kind: str, model: str | None, base_url: str | None = None, timeout: float = 120.0) -> Backend:
-    """'openai' (model required) or 'local' (default the embedded smollm2-135m)."""
+    """'openai' (model required) or 'local' (default the embedded smollm2-135m). `timeout`: the
+    longest silence in an API reply (see OpenAIBackend)."""
     if kind == "openai":
         if not model:
             raise PersllmError("--backend openai needs --model (or model in [annotate] of persllm.toml)")

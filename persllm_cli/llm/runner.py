@@ -17,6 +17,16 @@ generate, eval): worker threads, retries with backoff, accounting, a budget, res
   `Malformed` are retried up to `max_retries` times, then the item is written `failed`.
   `RequestError` fails the item at once. `FatalError` stops the run; before the first success
   nothing is written at all (the caller exits 1 with one line).
+- Adaptive limit: at most `concurrency` requests are in flight, fewer while the server shows it
+  cannot keep up. A timeout or an overload answer (429, 503, connection refused) cuts the limit
+  (to half, and to no more than the replies still streaming, so a server that answers one request
+  at a time gets one at a time) before the request is retried; each success grows it back by
+  1/limit (one more request in flight per `limit` successes), unless its first token took more
+  than half the backend's first-token limit (requests wait in the server's queue nearly as long
+  as we allow: more of them would time out). One cut per round of requests: the requests already
+  in flight when the limit was cut do not cut it again.
+- When requests keep timing out or being refused, one warning line says so and names the knobs
+  (--timeout, --concurrency, --max-tokens), once per run. The progress shows tokens arriving.
 - Budget: before each attempt the worst case of that request (estimated prompt + max_tokens) is
   reserved; if it could pass `budget_usd`, nothing more is sent and the run stops cleanly.
 - Ctrl-C: nothing more is sent, what is written stays written, KeyboardInterrupt propagates (130).
@@ -80,6 +90,11 @@ class RunnerSettings:
     backoff_base: float = 1.0    # first retry waits up to this many seconds (full jitter)
     backoff_max: float = 60.0
     title: str = "annotate"
+    adaptive: bool = True        # cut the requests in flight on timeouts and overload answers
+
+
+# Timeouts or overload answers in one run before the runner says so (once).
+WARN_AFTER = 2
 
 
 @dataclass
@@ -96,6 +111,9 @@ class RunStats:
     cost_usd: float = 0.0
     seconds: float = 0.0
     stopped: str | None = None   # "budget", "interrupted", "fatal" or None
+    timeouts: int = 0       # attempts that timed out (no token for --timeout, or no first token)
+    overloads: int = 0      # attempts refused for overload (429, 503, connection refused)
+    concurrency: float = 0  # the adaptive limit at the end of the run
     errors: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -153,6 +171,36 @@ class _Shared:
         self.completion_tokens = 0
         self.budget_hit = False
         self.fatal: FatalError | None = None
+        self.limit = float(settings.concurrency)   # the adaptive limit on requests in flight
+        self.epoch = 0                             # bumped at each cut
+        self.timeouts = 0
+        self.overloads = 0
+        self.last_trouble = ""
+
+    def congested(self, epoch: int, kind: str, message: str, streaming: int | None) -> None:
+        """A request that started in `epoch` timed out or was refused for overload: cut the limit,
+        once per epoch, to half and to no more than the replies still streaming (`streaming`)."""
+        with self.lock:
+            if kind == "timeout":
+                self.timeouts += 1
+            else:
+                self.overloads += 1
+            self.last_trouble = message
+            if not self.settings.adaptive or epoch != self.epoch:
+                return
+            cut = self.limit // 2
+            if streaming is not None:
+                cut = min(cut, streaming)
+            self.limit = max(1.0, cut)
+            self.epoch += 1
+
+    def succeeded(self, c: Completion, first_token_limit: float | None) -> None:
+        queued = (c.first_token_seconds is not None and first_token_limit is not None
+                  and c.first_token_seconds > first_token_limit / 2)
+        with self.lock:
+            if self.limit < self.settings.concurrency and not queued:
+                self.limit = min(float(self.settings.concurrency), self.limit + 1 / self.limit)
+                self.settled.notify_all()
 
     def reserve(self, messages: list[Message]) -> float | None:
         """Reserve the worst-case cost of one request, or None when it could pass the budget.
@@ -161,6 +209,10 @@ class _Shared:
         for them to settle before giving up."""
         worst = self.price.cost(estimate_prompt_tokens(messages), self.settings.max_tokens)
         with self.lock:
+            while self.in_flight >= int(self.limit) and not self.stop.is_set():
+                self.settled.wait(0.5)   # the adaptive limit: wait for a request to finish
+            if self.stop.is_set():
+                return None
             budget = self.settings.budget_usd
             while budget is not None and self.spent + self.reserved + worst > budget:
                 if self.in_flight == 0 or self.stop.is_set():
@@ -210,6 +262,7 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
         reserved = sh.reserve(messages)
         if reserved is None:
             return "unsent", None, usage, "budget"
+        epoch = sh.epoch
         usage.attempts += 1
         completion = None
         retry_after = None
@@ -219,6 +272,10 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
                                           stop=sh.stop, **hints)
         except TransientError as e:
             last_error, retry_after = str(e), e.retry_after
+            kind = getattr(e, "kind", "other")
+            if kind in ("timeout", "overload"):
+                # Cut the limit before this request gives its slot back, so the retry waits for it.
+                sh.congested(epoch, kind, last_error, getattr(backend, "streaming", None))
         except RequestError as e:
             sh.settle(reserved, None)
             return "failed", None, usage, str(e)
@@ -237,6 +294,7 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
             usage.completion_tokens += completion.completion_tokens
             usage.cost_usd += cost
             usage.seconds += completion.seconds
+            sh.succeeded(completion, getattr(backend, "first_token_timeout", None))
             try:
                 return "ok", parse(item, completion), usage, None
             except Malformed as e:
@@ -315,15 +373,21 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
             on_record(record)
 
     pending = len(todo)
+    arriving = _Arriving(backend)
+    warned = False
     try:
         with console.progress("{task.fields[failed]} failed", "{task.fields[inflight]} in flight",
-                              "{task.fields[tokens]} tok", "${task.fields[cost]}") as bar:
-            task = bar.add_task(settings.title, total=len(todo), failed=0, inflight=0, tokens=0, cost="0.00")
+                              "{task.fields[tokens]} tok", "{task.fields[arriving]}", "${task.fields[cost]}") as bar:
+            task = bar.add_task(settings.title, total=len(todo), failed=0, inflight=0, tokens=0, cost="0.00",
+                                arriving="")
             while pending:
+                if not warned and sh.timeouts + sh.overloads >= WARN_AFTER:
+                    warned = True
+                    console.warn(_trouble_line(sh, backend))
                 try:
                     it, kind, parsed, usage, error = results.get(timeout=0.2)
                 except queue.Empty:
-                    _refresh(bar, task, sh, stats)
+                    _refresh(bar, task, sh, stats, arriving)
                     continue
                 pending -= 1
                 if kind == "bug":
@@ -349,13 +413,16 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
                     stats.errors[reason] = stats.errors.get(reason, 0) + 1
                     (write if seen_ok else held.append)(record)
                 bar.advance(task)
-                _refresh(bar, task, sh, stats)
+                _refresh(bar, task, sh, stats, arriving)
             if sh.fatal is None:
                 for r in held:
                     write(r)
     except KeyboardInterrupt:
         sh.stop.set()
         stats.stopped = "interrupted"
+        if sh.fatal is None:   # items that failed before any success still end as failed records
+            for r in held:
+                write(r)
         raise
     finally:
         sh.stop.set()
@@ -365,6 +432,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
         if appender is not None:
             appender.close()
         stats.requests = sh.requests
+        stats.timeouts, stats.overloads, stats.concurrency = sh.timeouts, sh.overloads, sh.limit
         stats.seconds = time.perf_counter() - t0
     if sh.fatal is not None:
         stats.stopped = "fatal"
@@ -374,10 +442,57 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
     return stats
 
 
-def _refresh(bar: Any, task: Any, sh: _Shared, stats: RunStats) -> None:
+class _Arriving:
+    """Tokens arriving now, from a streaming backend's `received` count: "12.5 tok/s" over the
+    last few seconds, or how long the stream has been silent, so a slow server can be told from a
+    dead one. Empty for a backend that does not stream."""
+
+    WINDOW = 5.0
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.samples: list[tuple[float, int]] = []
+        self.last_change = time.monotonic()
+
+    def text(self, in_flight: int) -> str:
+        received = getattr(self.backend, "received", None)
+        if not isinstance(received, int):
+            return ""
+        now = time.monotonic()
+        if self.samples and received != self.samples[-1][1]:
+            self.last_change = now
+        self.samples.append((now, received))
+        while len(self.samples) > 2 and now - self.samples[0][0] > self.WINDOW:
+            self.samples.pop(0)
+        if in_flight == 0:
+            return ""
+        (t_first, n_first), (t_last, n_last) = self.samples[0], self.samples[-1]
+        silent = now - self.last_change
+        if n_last == n_first and silent >= 2:
+            return f"no token for {silent:.0f}s"
+        rate = (n_last - n_first) / (t_last - t_first) if t_last > t_first else 0.0
+        return f"{rate:.1f} tok/s arriving"
+
+
+def _trouble_line(sh: _Shared, backend: Backend) -> str:
+    """The one warning of a run whose requests keep timing out or being refused."""
+    where = getattr(backend, "where", backend.name)
+    with sh.lock:
+        timeouts, overloads, limit, last = sh.timeouts, sh.overloads, int(sh.limit), sh.last_trouble
+    now = f"now sending {limit} request{'s' if limit != 1 else ''} at a time"
+    if timeouts >= overloads:
+        return (f"requests to {where} keep timing out ({timeouts} so far; last: {last}); {now}. "
+                "A slow server? --timeout is the longest silence allowed inside a reply: raise it, "
+                "or lower --concurrency or --max-tokens")
+    return (f"the server at {where} keeps refusing requests ({overloads} so far; last: {last}); {now}. "
+            "Lower --concurrency (or --max-tokens) to ask less of it")
+
+
+def _refresh(bar: Any, task: Any, sh: _Shared, stats: RunStats, arriving: _Arriving | None = None) -> None:
     with sh.lock:
         tokens, cost, inflight = sh.prompt_tokens + sh.completion_tokens, sh.spent, sh.in_flight
-    bar.update(task, failed=stats.failed, inflight=inflight, tokens=f"{tokens:,}", cost=f"{cost:.2f}")
+    bar.update(task, failed=stats.failed, inflight=inflight, tokens=f"{tokens:,}", cost=f"{cost:.2f}",
+               arriving=arriving.text(inflight) if arriving else "")
 
 
 def summary(stats: RunStats, title: str = "annotate") -> None:
@@ -390,6 +505,9 @@ def summary(stats: RunStats, title: str = "annotate") -> None:
         ["completion tokens", f"{stats.completion_tokens:,}"], ["cost", f"${stats.cost_usd:.4f}"],
         ["seconds", f"{stats.seconds:.1f}"], ["requests/s", f"{rate:.1f}"],
     ]
+    if stats.timeouts or stats.overloads:
+        rows += [["timed out (retried)", stats.timeouts], ["refused for overload (retried)", stats.overloads],
+                 ["requests in flight at the end (adapted)", int(stats.concurrency)]]
     console.table(title, ["", "value"], rows)
     for reason, n in sorted(stats.errors.items(), key=lambda kv: -kv[1]):
         console.note(f"  {n} failed: {reason}")

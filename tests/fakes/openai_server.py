@@ -56,6 +56,14 @@ class Hang:
 
 
 @dataclass
+class Stall:
+    """Stream the next reply's first piece, then go silent this many seconds before the rest
+    (for the silence timeout; a request that is not streamed just waits this long)."""
+
+    seconds: float
+
+
+@dataclass
 class Logged:
     time: float
     path: str
@@ -92,7 +100,7 @@ class FakeOpenAI:
         self._thread: threading.Thread | None = None
 
     # -- control
-    def push(self, *actions: Fail | Malformed | Reply | Hang) -> None:
+    def push(self, *actions: Fail | Malformed | Reply | Hang | Stall) -> None:
         with self._lock:
             self._script.extend(actions)
 
@@ -126,25 +134,35 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _stream(self, n: int, model: str, text: str) -> None:
-                """Server-sent events as the real API streams them: a chunk per word, then [DONE]."""
+            def _stream(self, n: int, model: str, text: str, usage: dict[str, int] | None,
+                        stall: float = 0.0) -> None:
+                """Server-sent events as the real API streams them (chunked, so the connection is
+                kept alive): a chunk per word, the usage chunk when asked for, then [DONE]."""
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")
+                self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                self.close_connection = True
 
-                def event(delta: dict[str, Any], finish: str | None) -> None:
+                def send(data: bytes) -> None:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+
+                def event(delta: dict[str, Any] | None, finish: str | None, extra: dict[str, Any] | None = None) -> None:
                     chunk = {"id": f"chatcmpl-fake-{n}", "object": "chat.completion.chunk",
                              "created": int(time.time()), "model": model,
-                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                    self.wfile.flush()
+                             "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
+                             **(extra or {})}
+                    send(f"data: {json.dumps(chunk)}\n\n".encode())
 
                 for i, piece in enumerate(re.findall(r"\S+\s*|\s+", text)):
                     event({"role": "assistant", "content": piece} if i == 0 else {"content": piece}, None)
+                    if i == 0 and stall:
+                        time.sleep(stall)
                 event({}, "stop")
-                self.wfile.write(b"data: [DONE]\n\n")
+                if usage is not None:
+                    event(None, None, {"usage": usage})
+                send(b"data: [DONE]\n\n")
+                self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 
             def _error(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> None:
@@ -185,6 +203,11 @@ class FakeOpenAI:
                 if isinstance(action, Hang):
                     time.sleep(action.seconds)
                     action = None
+                stall = 0.0
+                if isinstance(action, Stall):
+                    stall, action = action.seconds, None
+                    if not (body or {}).get("stream"):
+                        time.sleep(stall)
                 if not self._authorized():
                     entry.status = 401
                     return self._error(401, "Incorrect API key provided", "invalid_api_key")
@@ -206,8 +229,11 @@ class FakeOpenAI:
                 prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
                 completion_tokens = len(text.split())
                 entry.status = 200
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}
                 if body.get("stream"):
-                    return self._stream(n, model, text)
+                    wants_usage = (body.get("stream_options") or {}).get("include_usage")
+                    return self._stream(n, model, text, usage if wants_usage else None, stall)
                 self._send(200, {
                     "id": f"chatcmpl-fake-{n}", "object": "chat.completion", "created": int(time.time()),
                     "model": model,
@@ -220,6 +246,9 @@ class FakeOpenAI:
         class Server(ThreadingHTTPServer):
             daemon_threads = True
             request_queue_size = 256
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass   # a client closing a kept-alive connection is normal, not a traceback
 
         self._server = Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

@@ -1,0 +1,188 @@
+"""Annotate against servers people really run: slow, local, one request at a time.
+
+Against tests/fakes/slow_server.py (a real HTTP server on 127.0.0.1, the real openai client): a
+timeout measures silence, not length; timeouts and overload answers lower the requests in flight
+instead of piling retries on the server; one warning line says what is happening; every item ends
+as a record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from persllm_cli.annotate.prompts import parse_reply
+from persllm_cli.llm.backends import OpenAIBackend, TransientError
+from persllm_cli.data.records import read_jsonl
+from persllm_cli.llm.runner import Item, RunnerSettings, _Arriving, run_items
+from tests.fakes.slow_server import SlowOpenAI
+from tests.test_annotate import make_project
+
+ASK = [{"role": "user", "content": "Tell me about the train. [Analysis]"}]
+
+
+@pytest.fixture
+def slow(monkeypatch):
+    """A factory of started slow servers, with OPENAI_API_KEY/OPENAI_BASE_URL pointing at the last."""
+    started: list[SlowOpenAI] = []
+
+    def make(**kw) -> SlowOpenAI:
+        fake = SlowOpenAI(**kw).start()
+        started.append(fake)
+        monkeypatch.setenv("OPENAI_API_KEY", fake.api_key)
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.url)
+        return fake
+
+    yield make
+    for fake in started:
+        fake.stop()
+
+
+def run(fake: SlowOpenAI, n: int, out: Path, *, timeout: float, concurrency: int, first_token: float | None = None,
+        max_retries: int = 5, adaptive: bool = True):
+    backend = OpenAIBackend("fake-model", base_url=fake.url, timeout=timeout, first_token_timeout=first_token)
+
+    def record(item, reply, usage, error):
+        return {"id": item.id, "status": "ok" if reply else "failed", "error": error, "annotator": usage.as_dict()}
+
+    settings = RunnerSettings(concurrency=concurrency, max_retries=max_retries, max_tokens=64,
+                              backoff_base=0.05, backoff_max=0.2, adaptive=adaptive)
+    stats = run_items([Item(f"item-{i}", i) for i in range(n)], backend,
+                      build_messages=lambda it: [{"role": "user", "content": f"Paragraph {it.data}. [Analysis]"}],
+                      parse=lambda it, c: parse_reply(c.text, cot=True, want_question=True),
+                      make_record=record, output=out, settings=settings)
+    return stats, read_jsonl(out)
+
+
+# ------------------------------------------------------------------------------ the backend
+
+def test_an_answer_longer_than_the_timeout_is_kept_while_tokens_keep_coming(slow):
+    fake = slow(tokens=30, rate=30)        # 1 s to answer, a token every 33 ms
+    backend = OpenAIBackend("fake-model", base_url=fake.url, timeout=0.3)
+    c = backend.complete(ASK, max_tokens=64, temperature=0)
+    assert c.completion_tokens == 30 and c.text.startswith("[Question]")
+    assert fake.started == 1 and fake.abandoned == 0
+    assert backend.received == 30 and backend.streaming == 0
+    # chat --api-model streams through the same path, under the same silence timeout
+    assert len(list(backend.stream(ASK, max_tokens=64, temperature=0))) == 30
+
+
+def test_silence_past_the_timeout_is_a_timeout(slow):
+    fake = slow(tokens=10, rate=50, stall_first=1, stall_after=3, stall_seconds=3)
+    backend = OpenAIBackend("fake-model", base_url=fake.url, timeout=0.3)
+    with pytest.raises(TransientError, match=r"no token .* for 0.3 s") as e:
+        backend.complete(ASK, max_tokens=64, temperature=0)
+    assert e.value.kind == "timeout" and backend.streaming == 0
+
+
+def test_the_first_token_has_its_own_limit(slow):
+    fake = slow(tokens=10, rate=50, prompt_seconds=1.0)   # reads the prompt for 1 s
+    quick = OpenAIBackend("fake-model", base_url=fake.url, timeout=0.3)   # default first-token limit
+    assert quick.first_token_timeout >= 300
+    assert quick.complete(ASK, max_tokens=64, temperature=0).completion_tokens == 10
+    strict = OpenAIBackend("fake-model", base_url=fake.url, timeout=0.3, first_token_timeout=0.5)
+    with pytest.raises(TransientError, match="no first token") as e:
+        strict.complete(ASK, max_tokens=64, temperature=0)
+    assert e.value.kind == "timeout"
+
+
+# ------------------------------------------------------------------------------ the runner
+
+def test_one_at_a_time_server_gets_every_item_and_no_wasted_generation(slow, tmp_path):
+    fake = slow(tokens=15, rate=50)   # 0.3 s an answer, longer than the timeout; queued requests wait
+    stats, recs = run(fake, 6, tmp_path / "out.jsonl", timeout=0.2, concurrency=4)
+    assert stats.ok == 6 and [r["status"] for r in recs] == ["ok"] * 6
+    assert fake.started == 6 and fake.abandoned == 0 and stats.timeouts == 0
+    assert all(r["annotator"]["attempts"] == 1 for r in recs)
+
+
+def test_timeouts_lower_the_requests_in_flight_and_waste_fewer_generations(slow, tmp_path):
+    # The first-token limit is shorter than the queue: a request queued behind two others times
+    # out, and the server still generates it (a wasted generation).
+    fake = slow(tokens=15, rate=50)   # 0.3 s an answer
+    stats, recs = run(fake, 6, tmp_path / "out.jsonl", timeout=0.2, first_token=0.5, concurrency=6)
+    assert stats.ok == 6 and stats.failed == 0 and stats.timeouts >= 1
+    # Cut to the one reply that was streaming, grown back only while first tokens come quickly:
+    # never again three in the queue.
+    assert stats.concurrency < 3
+    blind = slow(tokens=15, rate=50)
+    blind_stats, _ = run(blind, 6, tmp_path / "blind.jsonl", timeout=0.2, first_token=0.5, concurrency=6,
+                         adaptive=False)
+    assert fake.started - 6 < blind.started - blind_stats.ok
+
+
+def test_overload_answers_lower_the_requests_in_flight(slow, tmp_path):
+    # A server that takes one request and refuses (503) the rest at once.
+    fake = slow(tokens=5, rate=50, max_queue=0)   # 0.1 s an answer
+    stats, recs = run(fake, 6, tmp_path / "out.jsonl", timeout=5, concurrency=4, max_retries=5)
+    assert stats.ok == 6 and stats.overloads == fake.refused
+    assert fake.started == 6
+    # Growth back probes with one extra request per success at most: refusals stay about one per
+    # item, where four workers retrying blindly would be refused many times per item.
+    assert fake.refused <= 2 * 6 + 4
+
+
+def test_without_the_adaptive_limit_the_same_server_refuses_far_more(slow, tmp_path):
+    fake = slow(tokens=5, rate=50, max_queue=0)
+    stats, _ = run(fake, 6, tmp_path / "out.jsonl", timeout=5, concurrency=4, max_retries=30, adaptive=False)
+    adaptive_fake = slow(tokens=5, rate=50, max_queue=0)
+    run(adaptive_fake, 6, tmp_path / "out2.jsonl", timeout=5, concurrency=4, max_retries=30)
+    assert fake.refused > adaptive_fake.refused
+
+
+def test_progress_shows_tokens_arriving_and_silence():
+    class Streaming:
+        received = 0
+
+    backend = Streaming()
+    arriving = _Arriving(backend)
+    assert arriving.text(in_flight=1).endswith("tok/s arriving")
+    backend.received = 40
+    assert arriving.text(in_flight=1) != "0.0 tok/s arriving"
+    arriving.last_change -= 5   # nothing since
+    arriving.samples = [(t - 5, n) for t, n in arriving.samples]
+    arriving.samples.append((arriving.samples[-1][0], 40))
+    assert arriving.text(in_flight=1).startswith("no token for")
+    assert arriving.text(in_flight=0) == ""
+    assert _Arriving(object()).text(in_flight=1) == ""   # a backend that does not stream
+
+
+# ------------------------------------------------------------------------------ the command
+
+@pytest.fixture
+def proj(tmp_path, cli, monkeypatch) -> Path:
+    root = make_project(cli, tmp_path / "hp", early=[f"Harry went to class number {i} with Ron." for i in range(4)])
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_annotate_against_a_one_at_a_time_server_slower_than_the_timeout(cli, proj, slow):
+    # The issue's run, scaled down: each answer takes longer than --timeout to generate in full.
+    fake = slow(tokens=20, rate=40)   # 0.5 s an answer
+    r = cli("annotate", "--stage", "early", "--model", "fake-model", "--limit", "4", "--concurrency", "2",
+            "--timeout", "0.3")
+    assert r.exit_code == 0, r.output
+    recs = read_jsonl(proj / "build/annotations.jsonl")
+    assert [x["status"] for x in recs] == ["ok"] * 4
+    assert fake.started == 4 and fake.abandoned == 0
+    assert "keep timing out" not in r.output
+
+
+def test_timeouts_are_said_once_and_every_item_ends_as_a_record(cli, proj, slow):
+    # Every generation goes silent for longer than --timeout: all attempts time out.
+    fake = slow(tokens=6, rate=50, stall_first=1000, stall_after=1, stall_seconds=1.0)
+    r = cli("annotate", "--stage", "early", "--model", "fake-model", "--concurrency", "2", "--timeout", "0.2",
+            "--max-retries", "1")
+    assert r.exit_code == 3, r.output
+    assert r.output.count("keep timing out") == 1
+    assert "--timeout" in r.output and "--concurrency" in r.output and "--max-tokens" in r.output
+    recs = read_jsonl(proj / "build/annotations.jsonl")
+    assert len(recs) == 4 and {x["status"] for x in recs} == {"failed"}
+    assert all("no token" in x["error"] and "(after 2 attempts)" in x["error"] for x in recs)
+    # The server recovers: a rerun retries just the failed items, and they come out ok.
+    fake.stall_first = 0
+    before = fake.received
+    r = cli("annotate", "--stage", "early", "--model", "fake-model", "--timeout", "0.2")
+    assert r.exit_code == 0, r.output
+    assert fake.received - before == 4
+    assert [x["status"] for x in read_jsonl(proj / "build/annotations.jsonl")][-4:] == ["ok"] * 4
