@@ -26,7 +26,7 @@ from typing import Any, Iterator, Protocol
 from persllm_cli.core import console
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import setting
-from persllm_cli.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, PersllmError
+from persllm_cli.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, PersllmError, Terminated
 
 Message = dict[str, str]
 
@@ -299,8 +299,10 @@ def _interactive(conv: Conversation) -> int:
         try:
             for piece in conv.ask(text):
                 _write(piece)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             _write("\n")
+            if isinstance(e, Terminated):  # SIGTERM ends the session; Ctrl-C only this answer
+                raise
             console.note("(answer stopped; it is not kept in the conversation)")
             continue
         except PersllmError as e:
