@@ -242,3 +242,36 @@ def test_atomic_write_that_fails_leaves_the_old_file(tmp_path):
     assert r.stdout.startswith(f"cannot write {target}: File too large"), r.stdout + r.stderr
     assert target.read_text() == "old\n"
     assert [p.name for p in target.parent.iterdir()] == ["report.json"]          # no temp file left
+
+
+# ------------------------------------------------------------------------------ tokenize: noise and a failed write
+
+LIBRARY_NOISE = ("%|", "it/s]", "de-quantizing", "Warning", "warn(", "Traceback")
+
+
+@pytest.mark.slow
+def test_tokenize_converts_quietly_and_a_failed_write_keeps_the_old_output(cli, tmp_path):
+    """The one-time GGUF conversion (fresh PERSLLM_HOME) with stderr not a terminal: persllm's own
+    lines only. Then a tokenize under a file-size limit: one line naming the file, exit 1, the
+    previous output untouched."""
+    from tests.test_tokenize import _project as tokenize_project
+
+    p = tokenize_project(cli, tmp_path)
+    env = subprocess_env()
+    r = run_persllm("tokenize", cwd=p, env=env, timeout=400)
+    assert r.returncode == 0, r.stderr
+    assert "Converting the embedded model smollm2-135m" in r.stderr
+    for noise in LIBRARY_NOISE:
+        assert noise not in r.stderr, r.stderr
+    out = p / "build" / "tokenized"
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    assert not (p / "build" / ".tokenized.lock").exists()          # a run that ends leaves no lock file
+
+    r = subprocess.run([*persllm_cmd(), "tokenize", "--max-length", "64"], cwd=p, env=env, capture_output=True,
+                       text=True, timeout=400, preexec_fn=_limit_file_size(200_000))
+    assert r.returncode == 1, r.stderr
+    (line,) = r.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: cannot write ") and "File too large" in line and f"{out} is unchanged" in line
+    assert "Traceback" not in r.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+    assert sorted(x.name for x in (p / "build").iterdir()) == ["dpo.jsonl", "tokenized", "train.jsonl"]

@@ -121,6 +121,20 @@ def make_dirs(path: Path) -> None:
 WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
+def os_error(e: BaseException) -> OSError | None:
+    """`e` as an OSError: itself, or what a Rust library (tokenizers, safetensors) raises for one
+    ("... (os error 27)"). None for anything else."""
+    if isinstance(e, OSError):
+        return e
+    import re
+
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    if m is None:
+        return None
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code))
+
+
 def write_failed(path: Path, e: OSError, after: str = "") -> PersllmError:
     """A write that failed (disk full, a file-size limit, a quota, a permission) as one line naming the file."""
     why = e.strerror or str(e)

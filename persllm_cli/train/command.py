@@ -202,10 +202,11 @@ def _run(project: Project, settings: TrainSettings, meta: dict, run_dir: Path) -
 
         try:
             return train_rank(project, settings, meta, run_dir)
-        except OSError as e:  # disk full, a size limit, a permission while saving
-            if e.errno not in records.WRITE_ERRORS:
+        except Exception as e:  # disk full, a size limit, a permission while saving
+            err = records.os_error(e)
+            if err is None or err.errno not in records.WRITE_ERRORS:
                 raise
-            raise records.write_failed(Path(e.filename or run_dir), e,
+            raise records.write_failed(Path(err.filename or run_dir), err,
                                        "checkpoints saved before it are kept; make room and rerun with --resume") from None
     except BaseException:  # a bug too: its traceback stays, but no half-made run blocks the rerun
         _drop_if_empty(run_dir, existed, had_files)

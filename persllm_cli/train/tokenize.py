@@ -245,9 +245,11 @@ def _write_dir(out: Path, tok, examples, pairs, meta, stats) -> None:
         os.replace(tmp, out)
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:  # disk full, a size limit, a permission: the old output stays as it was
-        where = e.filename or tmp
-        raise PersllmError(f"cannot write {where}: {e.strerror or e}; {out} is unchanged") from None
+    except Exception as e:  # disk full, a size limit, a permission: the old output stays as it was
+        err = records.os_error(e)
+        if err is None:
+            raise
+        raise records.write_failed(Path(err.filename or out), err, f"{out} is unchanged") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
