@@ -57,9 +57,10 @@ ANNOTATE = ("annotate", "--stage", "early", "--concurrency", "1")
 def test_second_run_names_the_holder_and_exits_1_and_wait_waits(tmp_path, cli, fake_openai):
     root = _project(cli, tmp_path)
     out = root / "build/annotations.jsonl"
-    fake_openai.latency = 0.6   # 8 requests one at a time: about 5 s of writing to overlap with
+    fake_openai.latency = 1.5   # 8 requests one at a time: about 12 s of writing to overlap with
     env = _env(fake_openai)
     first = _start(root, env, *ANNOTATE)
+    waiter_err = tmp_path / "waiter.err"
     try:
         _wait_lines(out, 1, first)
         second = run_persllm(*ANNOTATE, cwd=root, env=env, timeout=60)
@@ -67,20 +68,23 @@ def test_second_run_names_the_holder_and_exits_1_and_wait_waits(tmp_path, cli, f
         (line,) = second.stderr.strip().splitlines()
         assert line.startswith("error: ") and str(out) in line and f"process {first.pid}" in line
         assert "persllm annotate" in line and "--wait" in line
-        waiter = _start(root, env, "--wait", *ANNOTATE)
-        time.sleep(2.0)
-        assert waiter.poll() is None and first.poll() is None   # waiting, not writing
+        with open(waiter_err, "w") as err_file:
+            waiter = subprocess.Popen([*persllm_cmd(), "--wait", *ANNOTATE], cwd=root, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+        deadline = time.time() + 30
+        while time.time() < deadline and "waiting for" not in waiter_err.read_text():
+            time.sleep(0.05)
+        assert f"waiting for process {first.pid}" in waiter_err.read_text()
+        assert first.poll() is None                      # it waits while the first one writes
         _, err_first = first.communicate(timeout=60)
         assert first.returncode == 0, err_first
-        _, err = waiter.communicate(timeout=60)
-        assert waiter.returncode == 0, err
-        assert f"waiting for process {first.pid}" in err and "nothing to do" in err
+        assert waiter.wait(timeout=60) == 0, waiter_err.read_text()
+        assert "nothing to do" in waiter_err.read_text()
     finally:
-        for p in (first,):
-            p.kill()
+        first.kill()
     ids = _ids(out)
     assert len(ids) == len(set(ids)) == len(PARAS)       # no record twice, nothing interleaved
-    assert len(fake_openai.completions()) == len(PARAS)    # and no request paid for twice
+    assert len(fake_openai.completions()) == len(PARAS)  # and no request paid for twice
 
 
 def test_a_killed_holder_never_blocks_the_next_run(tmp_path, cli, fake_openai):
