@@ -16,7 +16,7 @@ import typer
 from persllm_cli import __version__
 from persllm_cli.core import console
 from persllm_cli.core.project import Project, open_project
-from persllm_cli.core.errors import EXIT_INTERRUPTED, PersllmError
+from persllm_cli.core.errors import EXIT_INTERRUPTED, PersllmError, Terminated, stop_on_sigterm
 from persllm_cli.core.settings import help_text as _h
 from persllm_cli.core.settings import resolve
 # The settings dataclasses hold every flag's help and default (written once, shown from the real
@@ -61,9 +61,13 @@ def _main(
     ctx: typer.Context,
     project: Annotated[Optional[Path], typer.Option("-C", "--project", help="Use the project in DIR or the nearest folder above it with persllm.toml, instead of the one around the working directory. Paths given on the command line still resolve against the working directory.", metavar="DIR")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="When another persllm run is writing the same output, wait for it to finish instead of exiting 1.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     console.set_quiet(quiet)
+    from persllm_cli.data import lock
+
+    lock.set_wait(wait)
     ctx.obj = Globals(project_dir=project)
 
 
@@ -77,8 +81,9 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
         except PersllmError as e:
             console.error(str(e))
             raise typer.Exit(e.exit_code)
-        except KeyboardInterrupt:
-            console.error("interrupted; the work done so far is saved")
+        except KeyboardInterrupt as e:
+            how = " by SIGTERM" if isinstance(e, Terminated) else ""
+            console.error(f"interrupted{how}; the work done so far is saved")
             raise typer.Exit(EXIT_INTERRUPTED)
         if code:
             raise typer.Exit(code)
@@ -343,4 +348,5 @@ def eval_(
 
 def main() -> None:
     """Console-script entry point. Typer's standalone mode turns usage errors into exit 2."""
+    stop_on_sigterm()  # SIGTERM stops a run like Ctrl-C (exit 130); a file-size limit fails the write (exit 1)
     app(prog_name="persllm")

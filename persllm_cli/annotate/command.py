@@ -23,6 +23,7 @@ from persllm_cli.core.settings import public_settings
 from persllm_cli.data.corpus import Paragraph, read_paragraphs
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.data.records import Record, read_text, record_id, resume_state, write_meta
+from persllm_cli.data.lock import hold
 from persllm_cli.llm.pricing import Price, pricing
 from persllm_cli.llm.runner import Budget, Item, RunnerSettings, dry_run, run_items, summary
 
@@ -264,7 +265,13 @@ def run(project: Project, s: AnnotateSettings) -> int:
         if cost.note:
             console.note(cost.note)
         return _dry_run(items, ann, s, model, price, output)
+    with hold(output):  # one writer per output: a second run exits 1 (or waits with --wait)
+        return _run(project, s, t0, model, standards, items, ann, output, cost)
 
+
+def _run(project: Project, s: AnnotateSettings, t0: float, model: str, standards: list[str], items: list[Item],
+         ann: Annotator, output: Path, cost: Any) -> int:
+    price = cost.price
     from persllm_cli.llm.backends import make_backend
 
     backend = make_backend(s.backend, model, s.base_url, s.timeout)

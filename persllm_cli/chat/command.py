@@ -26,7 +26,7 @@ from typing import Any
 from persllm_cli.core import console
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import setting
-from persllm_cli.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, PersllmError
+from persllm_cli.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, PersllmError, Terminated
 from persllm_cli.model.generate import Sampling
 from persllm_cli.persona.api import ApiSpeaker
 from persllm_cli.persona.conversation import Conversation
@@ -159,8 +159,10 @@ def _interactive(conv: Conversation) -> int:
         try:
             for piece in conv.ask(text):
                 _write(piece)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             _write("\n")
+            if isinstance(e, Terminated):  # SIGTERM ends the session; Ctrl-C only this answer
+                raise
             console.note("(answer stopped; it is not kept in the conversation)")
             continue
         except PersllmError as e:

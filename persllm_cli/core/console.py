@@ -140,6 +140,18 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Every tqdm bar (the GGUF conversion's, transformers' shard loading): persllm shows its own
+    # progress where progress is welcome and nothing where it is not.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if not live():
+        # Not a terminal, -q or CI: stderr carries persllm's own lines only. Library warnings
+        # (transformers, peft, torch) are dropped here and, through the variable, in torchrun ranks.
+        import warnings
+
+        warnings.simplefilter("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        for name in ("transformers", "peft", "trl", "torch", "huggingface_hub", "sentence_transformers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     # bitsandbytes warns about an optional CPU kernel package at import; it changes nothing here.
     for name in ("bitsandbytes", "datasets", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)

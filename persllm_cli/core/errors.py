@@ -23,5 +23,29 @@ class PersllmError(Exception):
         return " ".join(str(self.args[0]).split())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: handled everywhere exactly like Ctrl-C (exit 130)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the clean-up short
+    raise Terminated()
+
+
+def stop_on_sigterm() -> None:
+    """Treat SIGTERM (CI runners, systemd, containers, `timeout`) like Ctrl-C: Terminated is raised in
+    the main thread, so every Ctrl-C path runs (finished work saved, sidecars, workers and torchrun
+    ranks stopped) and the exit code is 130. A second SIGTERM during that is ignored; kill -9 still works.
+    Also ignores SIGXFSZ, so a file-size limit (ulimit -f) fails the write with EFBIG, which the
+    writers report naming the file, instead of killing the process."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 class Stopped(Exception):
     """The caller set `stop` (Ctrl-C, a fatal error elsewhere): generation was given up mid-way."""

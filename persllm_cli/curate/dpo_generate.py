@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 
 from persllm_cli.core import console
 from persllm_cli.data import records
+from persllm_cli.data.lock import hold
 from persllm_cli.core.project import Project, Stage
 from persllm_cli.data.corpus import Paragraph, read_paragraphs
 from persllm_cli.data.curation import normalise
@@ -234,53 +235,55 @@ def run(project: Project, s: DpoSettings, annotator: AnnotateSettings) -> int:
             console.note(cost.note)
         return 0
 
-    backend = make_backend(ann.backend, ann.model, ann.base_url, a.timeout)
-    backend.check()
-    rs = RunnerSettings(concurrency=ann.concurrency, max_retries=a.max_retries, max_tokens=a.max_tokens,
-                        temperature=a.temperature, budget_usd=budget, backoff_base=a.backoff_seconds,
-                        title="dpo generate")
-    stats = run_items(items, backend, build_messages=lambda it: it.data.messages, parse=_parse,
-                      make_record=_work_record, output=work, settings=rs, price=price)
-    if stats.planned == 0 and stats.skipped:
-        console.info(f"nothing to ask: all {stats.skipped} answers are already in {work}")
-    else:
-        summary(stats, "dpo --mode generate")
-    if cost.note:
-        console.note(cost.note)
-    if stats.stopped == "budget":
-        console.warn(f"budget of ${budget} reached: {stats.not_sent} request(s) not sent; "
-                     "rerun with a higher --budget-usd to continue")
-
-    done = records.resume_state(work).records if work.exists() else {}
-    pairs: list[Record] = []
-    missing: dict[str, str] = {}
-    not_ok = 0
-    for it in items:
-        p: Planned = it.data
-        w = done.get(it.id)
-        if w is None or w.get("status") != "ok":
-            not_ok += 1
-            missing[p.record["id"]] = NOT_ANSWERED if w is None else FAILED
-            continue
-        pair, why = to_pair(p, str(w.get("text") or ""), project, rejected_id=it.id)
-        if pair is None:
-            missing[p.record["id"]] = why
+    # One writer per output: a second run exits 1 (or waits with --wait) instead of paying twice.
+    with hold(s.output):
+        backend = make_backend(ann.backend, ann.model, ann.base_url, a.timeout)
+        backend.check()
+        rs = RunnerSettings(concurrency=ann.concurrency, max_retries=a.max_retries, max_tokens=a.max_tokens,
+                            temperature=a.temperature, budget_usd=budget, backoff_base=a.backoff_seconds,
+                            title="dpo generate")
+        stats = run_items(items, backend, build_messages=lambda it: it.data.messages, parse=_parse,
+                          make_record=_work_record, output=work, settings=rs, price=price)
+        if stats.planned == 0 and stats.skipped:
+            console.info(f"nothing to ask: all {stats.skipped} answers are already in {work}")
         else:
-            pairs.append(pair)
-    if not pairs:
+            summary(stats, "dpo --mode generate")
+        if cost.note:
+            console.note(cost.note)
+        if stats.stopped == "budget":
+            console.warn(f"budget of ${budget} reached: {stats.not_sent} request(s) not sent; "
+                         "rerun with a higher --budget-usd to continue")
+
+        done = records.resume_state(work).records if work.exists() else {}
+        pairs: list[Record] = []
+        missing: dict[str, str] = {}
+        not_ok = 0
+        for it in items:
+            p: Planned = it.data
+            w = done.get(it.id)
+            if w is None or w.get("status") != "ok":
+                not_ok += 1
+                missing[p.record["id"]] = NOT_ANSWERED if w is None else FAILED
+                continue
+            pair, why = to_pair(p, str(w.get("text") or ""), project, rejected_id=it.id)
+            if pair is None:
+                missing[p.record["id"]] = why
+            else:
+                pairs.append(pair)
+        if not pairs:
+            if not_ok:
+                console.warn(f"no pair yet: {not_ok} request(s) failed or were not sent; rerun to retry them "
+                             f"(answers so far are kept in {work})")
+                return EXIT_PARTIAL
+            raise PersllmError(f"no generated answer differs from the chosen one ({len(missing)} record(s)); "
+                               "nothing written")
+        settings = public_settings(s)
+        settings.update(ann.public())
+        report(project, s, inputs, pairs, missing, pool_records=0, unusable_pool=0,
+                   seconds=time.perf_counter() - started, settings=settings,
+                   extra={"work_file": str(work), "price_per_million": [price.input, price.output],
+                          "last_run": stats.as_dict()})
         if not_ok:
-            console.warn(f"no pair yet: {not_ok} request(s) failed or were not sent; rerun to retry them "
-                         f"(answers so far are kept in {work})")
+            console.warn(f"{not_ok} request(s) failed or were not sent; rerun to retry them")
             return EXIT_PARTIAL
-        raise PersllmError(f"no generated answer differs from the chosen one ({len(missing)} record(s)); "
-                           "nothing written")
-    settings = public_settings(s)
-    settings.update(ann.public())
-    report(project, s, inputs, pairs, missing, pool_records=0, unusable_pool=0,
-               seconds=time.perf_counter() - started, settings=settings,
-               extra={"work_file": str(work), "price_per_million": [price.input, price.output],
-                      "last_run": stats.as_dict()})
-    if not_ok:
-        console.warn(f"{not_ok} request(s) failed or were not sent; rerun to retry them")
-        return EXIT_PARTIAL
-    return 0
+        return 0

@@ -8,6 +8,7 @@ trailing newline, and is cut off on the next run instead of being read as data.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -120,25 +121,56 @@ def make_dirs(path: Path) -> None:
         raise PersllmError(f"cannot create the folder {path}: {why}") from None
 
 
+# errno values of a write the user can fix: disk full, a file-size limit, a quota, a permission, read-only.
+WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """`e` as an OSError: itself, or what a Rust library (tokenizers, safetensors) raises for one
+    ("... (os error 27)"). None for anything else."""
+    if isinstance(e, OSError):
+        return e
+    import re
+
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    if m is None:
+        return None
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code))
+
+
+def write_failed(path: Path, e: OSError, after: str = "") -> PersllmError:
+    """A write that failed (disk full, a file-size limit, a quota, a permission) as one line naming the file."""
+    why = e.strerror or str(e)
+    if e.errno == errno.EFBIG:
+        why += " (a file-size limit, e.g. ulimit -f)"
+    return PersllmError(f"cannot write {path}: {why}" + (f"; {after}" if after else ""))
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a whole file so that readers see the old file or the new one, never a part."""
+    """Write a whole file so that readers see the old file or the new one, never a part.
+    A failed write (disk full, ...) leaves the old file as it was and raises one line naming it."""
     path = Path(path)
     if path.is_dir():
         raise _is_a_directory(path)
     make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 suits the temp file, not the output
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise write_failed(path, e, "the file is as it was before") from None
         raise
     _fsync_dir(path.parent)
 
@@ -287,32 +319,62 @@ class Appender:
 
     kill -9 loses nothing that `append` returned from. fsync (power cuts) runs at most every
     `fsync_every` seconds and on close, so fast runs do not wait on the disk per record.
+    A write that fails (disk full, a file-size limit, a quota) cuts the part of the line that got
+    out, so the file stays whole up to its last record, and raises one line naming the file (exit 1);
+    a rerun resumes from there.
     """
 
     def __init__(self, path: Path, fsync_every: float = 0.5):
         self.path = Path(path)
         make_dirs(self.path.parent)
-        repair_tail(self.path)
-        self._f = open(self.path, "a", encoding="utf-8", newline="\n")
+        try:
+            repair_tail(self.path)
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise write_failed(self.path, e) from None
         self._fsync_every = fsync_every
         self._last_sync = time.monotonic()
         self.count = 0
 
+    def _failed(self, e: OSError) -> PersllmError:
+        return write_failed(self.path, e, "the records before this one are kept; make room and rerun to resume")
+
     def append(self, record: Record) -> None:
-        # One write call per line: a crash tears at most this line.
-        self._f.write(dumps(record) + "\n")
-        self._f.flush()
+        if self._fd is None:
+            raise ValueError("append to a closed Appender")
+        data = (dumps(record) + "\n").encode("utf-8")
+        start = None
+        try:
+            start = os.lseek(self._fd, 0, os.SEEK_END)
+            view = memoryview(data)
+            while view:  # one line, written whole or cut back off
+                view = view[os.write(self._fd, view):]
+        except OSError as e:
+            if start is not None:
+                try:
+                    os.ftruncate(self._fd, start)
+                except OSError:
+                    pass  # left torn: the next run's repair_tail cuts it
+            raise self._failed(e) from None
         self.count += 1
         now = time.monotonic()
         if now - self._last_sync >= self._fsync_every:
-            os.fsync(self._f.fileno())
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise self._failed(e) from None
             self._last_sync = now
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            raise self._failed(e) from None
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> "Appender":
         return self

@@ -20,6 +20,7 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from persllm_cli.core import console
 from persllm_cli.eval import answers as eval_answers
 from persllm_cli.eval import judge
 from persllm_cli.data import records
+from persllm_cli.data.lock import hold
 from persllm_cli.core.project import Project
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.llm.backends import Backend
@@ -167,6 +169,16 @@ def run(project: Project | None, s: EvalSettings) -> int:
         judge_backend = eval_answers.open_backend("openai", s.judge, s.judge_base_url or s.base_url, s.timeout)
         judge_backend.check()
 
+    # One writer per answers/verdicts folder: a second eval of the same run exits 1 (or waits with
+    # --wait) instead of asking for the same answers twice. Sorted, so two waiting evals never deadlock.
+    with ExitStack() as locks:
+        for folder in sorted({system.dir.resolve() for system in systems}):
+            locks.enter_context(hold(folder))
+        return _run(project, s, t0, items, systems, pools, prices, judge_backend)
+
+
+def _run(project: Project | None, s: EvalSettings, t0: float, items: list[TestItem], systems: list[System],
+         pools: dict[str, list[str]], prices: Any, judge_backend: Any) -> int:
     answers: dict[str, dict[str, records.Record]] = {}
     spends: dict[str, judge.Spend] = {}
     failed_total = 0

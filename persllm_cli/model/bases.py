@@ -13,7 +13,9 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 from persllm_cli.core import console
 from persllm_cli.core.project import persllm_home
@@ -108,12 +110,40 @@ def ensure_embedded(name: str) -> Path:
     return target
 
 
+@contextmanager
+def _own_progress(title: str) -> Iterator[None]:
+    """transformers' GGUF loader shows a tqdm bar of its own; it reports to persllm's progress instead
+    (a rich bar on a terminal, nothing otherwise)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - another transformers layout: its bar stays off (TQDM_DISABLE)
+        yield
+        return
+    with console.progress() as bar:
+        task = bar.add_task(title, total=None)
+
+        def tracked(iterable: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            if hasattr(iterable, "__len__"):
+                bar.update(task, total=len(iterable))
+            for x in iterable:
+                yield x
+                bar.advance(task)
+
+        old = getattr(gguf_utils, "tqdm", None)
+        gguf_utils.tqdm = tracked
+        try:
+            yield
+        finally:
+            gguf_utils.tqdm = old
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _own_progress(f"converting {gguf.name}"):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader marks the model as quantised; the dequantised weights save fine once that
     # marker is gone.
     if hasattr(model.config, "quantization_config"):

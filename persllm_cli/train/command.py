@@ -31,6 +31,7 @@ from persllm_cli.core import console
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings
 from persllm_cli.core.errors import PersllmError
+from persllm_cli.data import records
 from persllm_cli.train.settings import TrainSettings, launched_by_torchrun, read_data
 
 
@@ -114,6 +115,19 @@ def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
 def run(project: Project, settings: TrainSettings) -> int:
     """Validate, then train here or relaunch under torchrun."""
     meta, run_dir = validate(project, settings)
+    if launched_by_torchrun():  # a rank: the process that started torchrun holds the lock
+        return _run(project, settings, meta, run_dir)
+    from persllm_cli.data.lock import hold
+
+    # One run per run folder: a second one exits 1 (or waits with --wait). Checked again under the
+    # lock, since the folder may have changed while this one waited.
+    settings.output = run_dir
+    with hold(run_dir):
+        meta, run_dir = validate(project, settings)
+        return _run(project, settings, meta, run_dir)
+
+
+def _run(project: Project, settings: TrainSettings, meta: dict, run_dir: Path) -> int:
     from persllm_cli.model.bases import resolve_base
 
     resolve_base(settings.base or meta["base"])  # fail early on a missing base
@@ -130,7 +144,14 @@ def run(project: Project, settings: TrainSettings) -> int:
             return _relaunch(project, settings, n)
         from persllm_cli.train.rank import train_rank
 
-        return train_rank(project, settings, meta, run_dir)
+        try:
+            return train_rank(project, settings, meta, run_dir)
+        except Exception as e:  # disk full, a size limit, a permission while saving
+            err = records.os_error(e)
+            if err is None or err.errno not in records.WRITE_ERRORS:
+                raise
+            raise records.write_failed(Path(err.filename or run_dir), err,
+                                       "checkpoints saved before it are kept; make room and rerun with --resume") from None
     except BaseException:  # a bug too: its traceback stays, but no half-made run blocks the rerun
         _drop_if_empty(run_dir, existed, had_files)
         raise
@@ -164,7 +185,7 @@ def _relaunch(project: Project, settings: TrainSettings, n: int) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     try:
-        proc = subprocess.run(cmd, env=env)
+        proc = _run_group(cmd, env)
     finally:
         Path(spec_path).unlink(missing_ok=True)
     if proc.returncode in (130, -2):
@@ -174,3 +195,25 @@ def _relaunch(project: Project, settings: TrainSettings, n: int) -> int:
     return 0
 
 
+def _run_group(cmd: list[str], env: dict[str, str], grace: float = 30.0) -> subprocess.Popen:
+    """Run torchrun in its own process group and wait. Interrupted (Ctrl-C, SIGTERM), the whole group
+    (torchrun and every rank) gets SIGTERM, and SIGKILL after `grace` seconds: no rank outlives us.
+    Killing torchrun alone would leave its ranks training."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        proc.wait()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+            os.killpg(proc.pid, signal.SIGKILL)  # ranks that did not stop (or outlived torchrun)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    return proc

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from persllm_cli.core import console
-from persllm_cli.core.errors import EXIT_INTERRUPTED, PersllmError
+from persllm_cli.core.errors import EXIT_INTERRUPTED, PersllmError, stop_on_sigterm
 
 
 def main(argv: list[str]) -> int:
@@ -19,6 +19,7 @@ def main(argv: list[str]) -> int:
     from persllm_cli.train.settings import read_data, settings_from_public
     from persllm_cli.train.rank import train_rank
 
+    stop_on_sigterm()  # the parent stops its ranks with SIGTERM: handled like Ctrl-C
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     project = load_project(Path(spec["project"]))
     settings = settings_from_public(spec["settings"])

@@ -116,7 +116,15 @@ def _dpo_pair(tokenizer, project: Project, r: dict, where: str) -> dict:
 
 
 def run(project: Project, settings: TokenizeSettings) -> int:
-    """Render, mask and save; validate everything before writing anything."""
+    """Render, mask and save; validate everything before writing anything. One tokenize per output
+    folder at a time: a second one exits 1 (or waits with --wait)."""
+    from persllm_cli.data.lock import hold
+
+    with hold(settings.output):
+        return _run(project, settings)
+
+
+def _run(project: Project, settings: TokenizeSettings) -> int:
     import time
 
     from persllm_cli.model.bases import resolve_base
@@ -240,6 +248,11 @@ def _write_dir(out: Path, tok, examples, pairs, meta, stats) -> None:
         os.replace(tmp, out)
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:  # disk full, a size limit, a permission: the old output stays as it was
+        err = records.os_error(e)
+        if err is None:
+            raise
+        raise records.write_failed(Path(err.filename or out), err, f"{out} is unchanged") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
