@@ -329,6 +329,33 @@ def eval_(
     return stage.run(project, settings)
 
 
+# --------------------------------------------------------------------------------------- export
+
+@app.command()
+@guarded
+def export(
+    ctx: typer.Context,
+    run: Annotated[Optional[Path], typer.Argument(help="Run directory (default: runs/latest of the project).", metavar="RUN")] = None,
+    format: Annotated[Optional[str], Opt("--format", "-f", help="hf (merged safetensors), gguf (llama.cpp) or ollama (GGUF + one Modelfile per stage). [default: hf]")] = None,
+    output: Annotated[Optional[Path], Opt("-o", "--output", help="Folder for the export; must be new or empty unless --force.", metavar="DIR")] = None,
+    stage: Annotated[Optional[str], Opt(help="Default stage of the exported chat template. [default: the last stage]", metavar="ID")] = None,
+    dtype: Annotated[Optional[str], Opt(help="Weights of the hf export: float32, float16 or bfloat16. [default: float32]")] = None,
+    quant: Annotated[Optional[str], Opt(help="GGUF weights: f16 or q8_0. [default: f16]")] = None,
+    check: Annotated[Optional[bool], Opt("--check/--no-check", help="Load the export as a consumer would and compare it with the run on a few prompts per stage. [default: check]")] = None,
+    check_tokens: Annotated[Optional[int], Opt(help="Greedy tokens per check answer. [default: 24]")] = None,
+    force: Annotated[Optional[bool], Opt("--force", help="Replace a non-empty output folder.")] = None,
+) -> int:
+    """Export a run as a merged transformers model, a GGUF file, or an Ollama model, time tokens kept.
+
+    The exported chat template takes the stage (apply_chat_template(..., stage="early"), or chat_template_kwargs in OpenAI-compatible servers); without it, the default stage. With --check (the default) the export is loaded back the way a consumer would and compared with the run: same prompt tokens, same greedy answers (hf, gguf f16), the largest logit difference, q8_0's token agreement. Nothing is written unless everything passed.
+    """
+    flags = dict(locals())  # taken before the import below adds a name
+    from persllm_cli.export import command as exporter
+
+    project, settings = _settings(ctx, exporter.ExportSettings, "export", flags, project_required=False)
+    return exporter.run(project, settings)
+
+
 def main() -> None:
     """Console-script entry point. Typer's standalone mode turns usage errors into exit 2."""
     app(prog_name="persllm")
