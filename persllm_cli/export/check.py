@@ -29,6 +29,7 @@ class Report:
     total: int = 0
     exact: int = 0
     answers: int = 0
+    near_ties: int = 0
 
     @property
     def agreement(self) -> float:
@@ -95,10 +96,15 @@ def compare(reference: tuple[Any, Any, runs.RunInfo], exported: tuple[Any, Any],
             report.answers += 1
             same = answer == ref_answer
             report.exact += int(same)
+            tie = False
+            if not same:
+                tie = _near_tie(a, b, start, picks, ref_answer)
+                report.near_ties += int(tie)
             if n == 1:
                 last_logits[s["id"]] = b[start]
-            report.rows.append([s["id"], n, "yes" if same else "no", f"{agree}/{len(ref_answer)}", f"{diff:.2e}"])
-            if exact and not same:
+            report.rows.append([s["id"], n, "yes" if same else ("near tie" if tie else "no"),
+                                f"{agree}/{len(ref_answer)}", f"{diff:.2e}"])
+            if exact and not same and not tie:
                 raise PersllmError(
                     f"export check failed ({what}): stage {s['id']}, prompt {n}: the greedy answer differs from "
                     f"the run's ({ref_tok.decode(answer)[:60]!r} vs {ref_tok.decode(ref_answer)[:60]!r})")
@@ -108,6 +114,19 @@ def compare(reference: tuple[Any, Any, runs.RunInfo], exported: tuple[Any, Any],
             raise PersllmError(f"export check failed ({what}): every stage gives the same output; the stage "
                                "token does not reach the model")
     return report
+
+
+def _near_tie(a: Any, b: Any, start: int, picks: list[int], ref_answer: list[int]) -> bool:
+    """Whether the first token the export chose differently was a near tie for the run itself: its top
+    two logits closer than twice the export's rounding error there (f16 weights may then go either way).
+    Beyond the first difference the two answers continue different texts, so only that one counts."""
+    for j, (p, t) in enumerate(zip(picks, ref_answer)):
+        if p != t:
+            row = start + j
+            top = a[row].topk(2).values
+            return float(top[0] - top[1]) <= 2 * float((a[row] - b[row]).abs().max())
+    # Teacher-forced picks all agree: the answers differ only after a stop token or in length.
+    return True
 
 
 def load_hf(out: Path) -> tuple[Any, Any]:

@@ -131,7 +131,10 @@ def _check(info, settings: ExportSettings, tmp: Path, hf_dir: Path, gguf_name: s
     from persllm_cli.export import check
     from persllm_cli.model import load
 
+    from transformers.utils import logging as hf_logging
+
     reference = load.load_run(info.path)
+    hf_logging.disable_progress_bar()
     if settings.format == "hf":
         exported, what, exact = check.load_hf(hf_dir), "hf", True
     else:
@@ -143,7 +146,8 @@ def _check(info, settings: ExportSettings, tmp: Path, hf_dir: Path, gguf_name: s
     gc.collect()
     console.table(f"Check: {what} export vs the run (greedy, {settings.check_tokens} tokens)",
                   ["stage", "prompt", "same answer", "tokens agreeing", "max |logit diff|"], report.rows)
-    console.info(f"Check passed: {report.exact}/{report.answers} identical answers, token agreement "
+    ties = f" ({report.near_ties} differ after a near tie of the run's own top two tokens)" if report.near_ties else ""
+    console.info(f"Check passed: {report.exact}/{report.answers} identical answers{ties}, token agreement "
                  f"{report.agreement:.1%}, largest logit difference {report.max_logit_diff:.2e}")
     return {"format": what, "identical": report.exact, "answers": report.answers,
-            "agreement": report.agreement, "max_logit_diff": report.max_logit_diff}
+            "agreement": report.agreement, "near_ties": report.near_ties, "max_logit_diff": report.max_logit_diff}
