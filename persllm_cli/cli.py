@@ -26,6 +26,7 @@ from persllm_cli.curate.dedup import DedupSettings
 from persllm_cli.curate.pairs import DpoSettings
 from persllm_cli.curate.split import SplitSettings
 from persllm_cli.eval.items import EvalSettings
+from persllm_cli.export.command import ExportSettings
 from persllm_cli.llm.annotator import AnnotateSettings
 from persllm_cli.train.settings import TrainSettings
 from persllm_cli.train.tokenize import TokenizeSettings
@@ -344,6 +345,33 @@ def eval_(
 
     project, settings = _settings(ctx, EvalSettings, "eval", dict(locals()), project_required=False)
     return stage.run(project, settings)
+
+
+# --------------------------------------------------------------------------------------- export
+
+@app.command()
+@guarded
+def export(
+    ctx: typer.Context,
+    run: Annotated[Optional[Path], typer.Argument(help=_h(ExportSettings, 'run'), metavar='RUN')] = None,
+    format: Annotated[Optional[str], Opt('--format', '-f', help=_h(ExportSettings, 'format'))] = None,
+    output: Annotated[Optional[Path], Opt('-o', '--output', help=_h(ExportSettings, 'output'), metavar='DIR')] = None,
+    stage: Annotated[Optional[str], Opt(help=_h(ExportSettings, 'stage'), metavar='ID')] = None,
+    dtype: Annotated[Optional[str], Opt(help=_h(ExportSettings, 'dtype'))] = None,
+    quant: Annotated[Optional[str], Opt(help=_h(ExportSettings, 'quant'))] = None,
+    check: Annotated[Optional[bool], Opt('--check/--no-check', help=_h(ExportSettings, 'check', flag='--check/--no-check'))] = None,
+    check_tokens: Annotated[Optional[int], Opt(help=_h(ExportSettings, 'check_tokens'))] = None,
+    force: Annotated[Optional[bool], Opt('--force', help=_h(ExportSettings, 'force'))] = None,
+) -> int:
+    """Export a run as a merged transformers model, a GGUF file, or an Ollama model, time tokens kept.
+
+    The exported chat template takes the stage (apply_chat_template(..., stage="early"), or chat_template_kwargs in OpenAI-compatible servers); without it, the default stage. With --check (the default) the export is loaded back the way a consumer would and compared with the run: same prompt tokens, same greedy answers (hf, gguf f16), the largest logit difference, q8_0's token agreement. Nothing is written unless everything passed.
+    """
+    flags = dict(locals())  # taken before the import below adds a name
+    from persllm_cli.export import command as exporter
+
+    project, settings = _settings(ctx, ExportSettings, "export", flags, project_required=False)
+    return exporter.run(project, settings)
 
 
 def main() -> None:

@@ -1,0 +1,160 @@
+"""`persllm export`: a run as a merged transformers model (hf), a GGUF file (gguf), or a GGUF with one
+Ollama Modelfile per stage (ollama), checked against the run itself before it is kept.
+
+Everything is built in a hidden temporary folder next to `-o` and renamed into place at the end:
+a failure, a failed check or Ctrl-C leaves no half export.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from persllm_cli.core import console
+from persllm_cli.core.errors import PersllmError
+from persllm_cli.core.project import Project
+from persllm_cli.core.settings import setting
+from persllm_cli.data.lock import hold
+from persllm_cli.data.records import plain_modes
+
+FORMATS = ("hf", "gguf", "ollama")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    run: Path | None = setting(None, help='Run directory (default: runs/latest of the project).')
+    format: str = setting("hf", choices=FORMATS,
+                          help='hf (merged safetensors), gguf (llama.cpp) or ollama (GGUF + one Modelfile per stage).')
+    output: Path | None = setting(None, help='Folder for the export; must be new or empty unless --force.')
+    stage: str | None = setting(None, help='Default stage of the exported chat template. [default: the last stage]')
+    dtype: str = setting("float32", choices=("float32", "float16", "bfloat16"),
+                         help='Weights of the hf export: float32, float16 or bfloat16.')
+    quant: str = setting("f16", choices=("f16", "q8_0"), help='GGUF weights: f16 or q8_0.')
+    check: bool = setting(True,
+                          help='Load the export as a consumer would and compare it with the run on a few prompts per stage.')
+    check_tokens: int = setting(24, at_least=1, help='Greedy tokens per check answer.')
+    force: bool = setting(False, help='Replace a non-empty output folder.')
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+def _prepare_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise PersllmError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise PersllmError(f"{out} is not empty; choose another -o or pass --force to replace it")
+
+
+def _base_model_type(base: str) -> str | None:
+    from persllm_cli.model import bases
+    import json
+
+    where = Path(bases.resolve_base(base))
+    if (where / "config.json").is_file():
+        return json.loads((where / "config.json").read_text(encoding="utf-8")).get("model_type")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(base).model_type
+    except (OSError, ValueError) as e:
+        raise PersllmError(f"base model {base} could not be loaded: {' '.join(str(e).split())[:200]}") from None
+
+
+def run(project: Project | None, settings: ExportSettings) -> int:
+    from persllm_cli.export import gguf_file, hf, model_card
+    from persllm_cli.model import runs
+
+    if settings.output is None:
+        raise PersllmError("say where the export goes: -o DIR")
+    run_dir = runs.resolve_run(settings.run, project)
+    info = runs.read_run(run_dir)
+    default_stage, _ = info.stage_token(settings.stage)  # an unknown stage fails here
+    out = Path(settings.output).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One export into a folder at a time: a second one says who holds it (or waits with --wait).
+    with hold(out):
+        _prepare_output(out, settings.force)
+        model_type = _base_model_type(info.base)  # a missing base fails here
+        if settings.format in ("gguf", "ollama"):
+            gguf_file.check_architecture(model_type, info.base)
+
+        started = time.monotonic()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+        try:
+            hf_dir = tmp if settings.format == "hf" else tmp / ".merged"
+            hf_dir.mkdir(exist_ok=True)
+            console.info(f"Merging {run_dir.name} into its base {info.base} ({settings.dtype})...")
+            facts = hf.write(info, hf_dir, dtype=settings.dtype, default_stage=default_stage)
+            tokenizer = hf.export_tokenizer(info, default_stage)
+            safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(info.data.get("persona", "persona"))).strip("-").lower() or "persona"
+            gguf_name = f"{safe}-{settings.quant}.gguf"
+            if settings.format != "hf":
+                console.info(f"Writing {gguf_name}...")
+                gguf_file.write(hf_dir, tmp / gguf_name, quant=settings.quant, tokenizer=tokenizer, name=safe)
+            if settings.format == "ollama":
+                from transformers import AutoTokenizer
+
+                from persllm_cli.export import ollama
+
+                run_tok = AutoTokenizer.from_pretrained(info.path / "tokenizer")
+                system = info.data.get("system")
+                for s in info.stages:
+                    (tmp / f"Modelfile.{s['id']}").write_text(
+                        ollama.modelfile(gguf_name, run_tok, s["token"], system), encoding="utf-8")
+            export_seconds = time.monotonic() - started
+            export_peak = _peak_gb()
+            figures: dict[str, Any] = {}
+            if settings.check:
+                figures = _check(info, settings, tmp, hf_dir, gguf_name, default_stage)
+            if settings.format != "hf":
+                shutil.rmtree(hf_dir)
+            (tmp / "README.md").write_text(model_card.render(info, settings.format, default_stage, gguf_name, facts, figures),
+                                           encoding="utf-8")
+            plain_modes(tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        console.info(f"Exported {settings.format} to {out} in {export_seconds:.1f} s (peak memory {export_peak:.2f} GB"
+                     f"{'' if not settings.check else f'; with the check {time.monotonic() - started:.1f} s, {_peak_gb():.2f} GB'})")
+        if settings.format == "ollama":
+            console.info(f"Ollama: cd {out} && ollama create NAME -f Modelfile.{default_stage}")
+        return 0
+
+
+def _check(info, settings: ExportSettings, tmp: Path, hf_dir: Path, gguf_name: str, default_stage: str) -> dict[str, Any]:
+    from persllm_cli.export import check
+    from persllm_cli.model import load
+
+    from transformers.utils import logging as hf_logging
+
+    reference = load.load_run(info.path)
+    hf_logging.disable_progress_bar()
+    if settings.format == "hf":
+        exported, what, exact = check.load_hf(hf_dir), "hf", True
+    else:
+        exported, what, exact = check.load_gguf(tmp / gguf_name), f"gguf {settings.quant}", settings.quant == "f16"
+    console.info(f"Checking the {what} export against the run ({len(info.stages)} stages x {len(check.PROMPTS)} prompts)...")
+    report = check.compare(reference, exported, default_stage=default_stage, exact=exact,
+                           max_new_tokens=settings.check_tokens, what=what)
+    del exported, reference
+    gc.collect()
+    console.table(f"Check: {what} export vs the run (greedy, {settings.check_tokens} tokens)",
+                  ["stage", "prompt", "same answer", "tokens agreeing", "max |logit diff|"], report.rows)
+    ties = f" ({report.near_ties} differ after a near tie of the run's own top two tokens)" if report.near_ties else ""
+    console.info(f"Check passed: {report.exact}/{report.answers} identical answers{ties}, token agreement "
+                 f"{report.agreement:.1%}, largest logit difference {report.max_logit_diff:.2e}")
+    return {"format": what, "identical": report.exact, "answers": report.answers,
+            "agreement": report.agreement, "near_ties": report.near_ties, "max_logit_diff": report.max_logit_diff}

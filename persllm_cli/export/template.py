@@ -1,0 +1,60 @@
+"""The exported chat template: the base's template with the stage token put first, exactly as
+model/chat_format.py renders conversations for training (after a real BOS, else at the very start).
+
+The stage is a template variable: `apply_chat_template(messages, stage="early")` in transformers,
+`chat_template_kwargs={"stage": "early"}` in OpenAI-compatible servers; without it the default stage.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# What chat_format.render writes when the base has no chat template: User:/Assistant: lines.
+PLAIN_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- set r = {'user': 'User', 'assistant': 'Assistant', 'system': 'System'} -%}"
+    "{{ (r[m['role']] if m['role'] in r else m['role']|title) ~ ': ' ~ m['content']"
+    " ~ (eos_token if m['role'] == 'assistant' else '') ~ '\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
+
+
+def stage_template(base_template: str | None, stages: list[dict[str, str]], default_stage: str) -> str:
+    """A Jinja chat template that renders like `with_stage(render(...), token_of(stage))`."""
+    tokens = {s["id"]: s["token"] for s in stages}
+    known = ", ".join(tokens)
+    body = base_template or PLAIN_TEMPLATE
+    # The base template renders into a variable (no whitespace control around it, so its output is
+    # kept byte for byte); the stage token then goes where chat_format.with_stage puts it.
+    return (
+        "{%- set persllm_tokens = " + json.dumps(tokens, ensure_ascii=False) + " -%}"
+        "{%- if stage is not defined or stage is none -%}{%- set stage = " + json.dumps(default_stage) + " -%}{%- endif -%}"
+        "{%- if stage not in persllm_tokens -%}{{ raise_exception('unknown stage ' ~ stage ~ ' (stages: "
+        + known + ")') }}{%- endif -%}"
+        "{%- set persllm_token = persllm_tokens[stage] -%}"
+        "{% set persllm_body %}" + body + "{% endset %}"
+        "{%- if bos_token and persllm_body.startswith(bos_token) and persllm_body.count(bos_token) == 1 -%}"
+        "{{ bos_token ~ persllm_token ~ persllm_body[bos_token|length:] }}"
+        "{%- else -%}{{ persllm_token ~ persllm_body }}{%- endif -%}"
+    )
+
+
+def stop_strings(tokenizer: Any) -> list[str]:
+    """Strings that end the assistant's turn: the EOS and ChatML's <|im_end|>, or the plain layout's
+    next user line."""
+    from persllm_cli.model.chat_format import PLAIN_STOP, has_chat_template
+
+    stops = []
+    for t in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        if t and t in tokenizer.get_vocab() and t not in stops:
+            stops.append(t)
+    if not has_chat_template(tokenizer):
+        stops.append(PLAIN_STOP)
+    return stops
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in stop_strings(tokenizer) if t in vocab]

@@ -1,0 +1,156 @@
+"""`persllm export`: hf, gguf and ollama exports that keep the time tokens, checked against the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.run_factory import STAGES, make_run
+
+
+def _fake_run(tmp_path: Path, base: str) -> Path:
+    """A run directory complete enough for the checks made before any model loads."""
+    run = tmp_path / "runs" / "fake"
+    (run / "adapter").mkdir(parents=True)
+    (run / "tokenizer").mkdir()
+    (run / "run.json").write_text(json.dumps({
+        "persona": "Harry Potter", "base": base, "complete": True,
+        "stages": [{"id": "early", "label": "a", "token": "<TIME-I>"}, {"id": "late", "label": "b", "token": "<TIME-II>"}],
+    }))
+    return run
+
+
+def _one_line_error(result, *words: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    for w in words:
+        assert w in lines[0], result.output
+
+
+def test_unknown_stage_is_one_line(tmp_path, cli):
+    base = tmp_path / "gpt2base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "gpt2"}')
+    run = _fake_run(tmp_path, str(base))
+    _one_line_error(cli("export", str(run), "-o", str(tmp_path / "out"), "--stage", "nope"), "unknown stage", "early, late")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path, cli):
+    base = tmp_path / "gpt2base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "gpt2"}')
+    run = _fake_run(tmp_path, str(base))
+    _one_line_error(cli("export", str(run), "--format", "gguf", "-o", str(tmp_path / "out")), "'gpt2'", "llama, qwen2")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_missing_base_is_one_line(tmp_path, cli):
+    run = _fake_run(tmp_path, str(tmp_path / "no-such-base"))
+    _one_line_error(cli("export", str(run), "-o", str(tmp_path / "out")), "base model not found")
+
+
+def test_non_empty_output_needs_force(tmp_path, cli):
+    base = tmp_path / "gpt2base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "gpt2"}')
+    run = _fake_run(tmp_path, str(base))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _one_line_error(cli("export", str(run), "-o", str(out)), "not empty", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_format_is_refused(tmp_path, cli):
+    run = _fake_run(tmp_path, "x")
+    result = cli("export", str(run), "--format", "onnx", "-o", str(tmp_path / "out"))
+    assert result.exit_code != 0
+    assert "hf, gguf, ollama" in result.output
+
+
+@pytest.fixture
+def trained_run(tmp_path, smollm2) -> Path:
+    return make_run(tmp_path / "runs" / "r1", smollm2)
+
+
+@pytest.mark.slow
+def test_hf_export_matches_the_run(tmp_path, cli, trained_run):
+    from transformers import AutoTokenizer
+
+    from persllm_cli.model import chat_format
+
+    out = tmp_path / "hf"
+    result = cli("export", str(trained_run), "-o", str(out), "--stage", "middle", "--check-tokens", "8")
+    assert result.exit_code == 0, result.output
+    assert "Check passed: 6/6 identical answers" in result.output
+    assert "largest logit difference 0.00e+00" in result.output
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf")]  # the temporary folder is gone
+
+    # The exported template renders exactly what training rendered, for every stage.
+    exported = AutoTokenizer.from_pretrained(out)
+    run_tok = AutoTokenizer.from_pretrained(trained_run / "tokenizer")
+    conversations = [[{"role": "user", "content": "Who are you?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}]]
+    tokens = dict(zip([s for s, _ in STAGES], ["<TIME-I>", "<TIME-II>", "<TIME-III>"]))
+    for messages in conversations:
+        for stage, token in tokens.items():
+            got = exported.apply_chat_template(messages, add_generation_prompt=True, stage=stage)["input_ids"]
+            assert got == chat_format.prompt_ids(run_tok, messages, token)
+        # No stage: the default one (--stage middle).
+        got = exported.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+        assert got == chat_format.prompt_ids(run_tok, messages, "<TIME-II>")
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert run_tok.convert_tokens_to_ids("<|im_end|>") in (gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]])
+    card = (out / "README.md").read_text()
+    for text in ("Harry Potter", "<TIME-I>", "<TIME-III>", "middle (default)", "smollm2-135m", "vllm serve", "llama"):
+        assert text in card
+
+    # A second export into the same folder needs --force.
+    again = cli("export", str(trained_run), "-o", str(out), "--no-check")
+    assert again.exit_code == 1 and "--force" in again.output
+
+
+@pytest.mark.slow
+def test_gguf_f16_read_back_by_transformers(tmp_path, cli, trained_run):
+    out = tmp_path / "gguf"
+    result = cli("export", str(trained_run), "--format", "gguf", "-o", str(out), "--check-tokens", "6")
+    assert result.exit_code == 0, result.output
+    assert "Check passed" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "harry-potter-f16.gguf"]
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(out / "harry-potter-f16.gguf")
+    assert reader.fields["general.architecture"].contents() == "llama"
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert tokens[-3:] == ["<TIME-I>", "<TIME-II>", "<TIME-III>"]
+    template = reader.fields["tokenizer.chat_template"].contents()
+    assert "<TIME-I>" in template and '"late"' in template
+
+
+@pytest.mark.slow
+def test_ollama_q8_0_modelfiles(tmp_path, cli, trained_run):
+    out = tmp_path / "ollama"
+    result = cli("export", str(trained_run), "--format", "ollama", "--quant", "q8_0", "-o", str(out), "--no-check")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["Modelfile.early", "Modelfile.late", "Modelfile.middle", "README.md", "harry-potter-q8_0.gguf"]
+    early = (out / "Modelfile.early").read_text()
+    assert early.startswith("FROM ./harry-potter-q8_0.gguf\n")
+    assert 'TEMPLATE """<TIME-I>' in early and "<TIME-II>" not in early
+    assert 'PARAMETER stop "<|im_end|>"' in early
+    assert "You are a helpful AI assistant" in early  # SmolLM2's default system turn, as training rendered it
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(out / "harry-potter-q8_0.gguf")
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
