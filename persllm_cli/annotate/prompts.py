@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from persllm_cli.llm.backends import Message
+from persllm_cli.data.records import Message
 from persllm_cli.core.resources import render
 from persllm_cli.llm.runner import Malformed
 

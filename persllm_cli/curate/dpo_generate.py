@@ -35,7 +35,7 @@ from persllm_cli.core.project import Project, Stage
 from persllm_cli.data.corpus import Paragraph, read_paragraphs
 from persllm_cli.data.curation import normalise
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
-from persllm_cli.data.records import Record
+from persllm_cli.data.records import Message, Record
 from persllm_cli.core.resources import render
 from persllm_cli.data.retrieval import Index
 from persllm_cli.curate.pairs import DpoSettings, load_inputs, make_pair, pair_id, report
@@ -43,7 +43,6 @@ from persllm_cli.llm.annotator import DEFAULT_MODEL, AnnotateSettings
 from persllm_cli.llm.pricing import pricing
 from persllm_cli.llm.runner import Item, Malformed, RunnerSettings, dry_run, run_items, summary
 
-Message = dict[str, str]
 EMPTY_ANSWER = "the annotator's answer was empty"
 SAME_ANSWER = "the generated answer equals the chosen one"
 FAILED = "the request failed after retries (rerun to retry)"

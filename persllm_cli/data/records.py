@@ -27,6 +27,9 @@ from persllm_cli.core.errors import PersllmError
 Record = dict[str, Any]
 
 
+# One chat message, as records, prompts and every model and API exchange carry them.
+Message = dict[str, str]
+
 # The question patterns of the method: plain questions, false premises to reject, opinions.
 PATTERNS = ("ordinary", "error", "thought")
 

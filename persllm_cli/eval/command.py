@@ -263,14 +263,14 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
         for i in items:
             r = answers[system.name].get(i.id)
             if r and r.get("status") == "ok":
-                jitems.append(judge.Item(test_id=i.id, persona=system.persona,
+                jitems.append(judge.Answered(test_id=i.id, persona=system.persona,
                                          stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
                                          question=i.question, reference=i.reference, answer=records.answer(r),
                                          category=categories.get(i.id), stage=i.stage))
         for i in leaks:
             r = leak_answers.get(system.name, {}).get(i.id)
             if r and r.get("status") == "ok":
-                jitems.append(judge.Item(test_id=i.id, persona=system.persona,
+                jitems.append(judge.Answered(test_id=i.id, persona=system.persona,
                                          stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
                                          question=i.question, reference=i.reference, answer=records.answer(r),
                                          later_label=system.labels.get(i.later_stage, i.later_stage), stage=i.stage))

@@ -62,7 +62,7 @@ def parse_verdict(text: str, choices: Iterable[str]) -> str | None:
 
 
 @dataclass
-class Item:
+class Answered:
     """One answered test item, as the judge needs it. For a leak item (pattern `leak`) the
     question and reference come from `later_label`'s material; the answer was given at
     `stage_label`."""
@@ -79,14 +79,14 @@ class Item:
     stage: str = ""                 # the stage id the answer was given at (leak items: the earlier one)
 
 
-def task_key(item: Item, kind: str, judge_model: str) -> str:
+def task_key(item: Answered, kind: str, judge_model: str) -> str:
     h = hashlib.sha256()
     for part in (item.test_id, kind, judge_model, item.answer):
         h.update(part.encode("utf-8") + b"\0")
     return h.hexdigest()
 
 
-def prompt(item: Item, kind: str) -> list[dict[str, str]]:
+def prompt(item: Answered, kind: str) -> list[dict[str, str]]:
     common = dict(persona=item.persona, stage_label=item.stage_label, question=item.question)
     if kind == "premise":
         text = resources.render("eval/judge_premise.txt", reference=item.reference, answer=item.answer, **common)
@@ -101,7 +101,7 @@ def prompt(item: Item, kind: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def tasks(items: list[Item], judge_model: str) -> list[tuple[str, str, Item]]:
+def tasks(items: list[Answered], judge_model: str) -> list[tuple[str, str, Answered]]:
     """(key, kind, item) for every request the judge has to answer, in a fixed order."""
     out = []
     for item in items:
@@ -133,7 +133,7 @@ def choices(kind: str) -> tuple[str, ...]:
     return ("yes", "no") if kind in ("premise", LEAK) else ("a", "b", "tie")
 
 
-def run(backend: Backend, items: list[Item], path, *, max_tokens: int = 512, pricing: Pricing | None = None,
+def run(backend: Backend, items: list[Answered], path, *, max_tokens: int = 512, pricing: Pricing | None = None,
         settings: RunnerSettings | None = None, budget: Budget | None = None) -> tuple[dict[str, Record], Spend]:
     """Judge every item not judged yet through the concurrent runner (retries, Retry-After,
     accounting; a reply without a verdict is retried like a transient error), appending one
@@ -339,7 +339,7 @@ def total_spend(verdicts: dict[str, Record]) -> Spend:
     return total
 
 
-def summarize(items: list[Item], verdicts: dict[str, Record], judge_model: str) -> dict[str, Any]:
+def summarize(items: list[Answered], verdicts: dict[str, Record], judge_model: str) -> dict[str, Any]:
     """Win/tie/loss against the reference (both orders must agree), consistency, premise rejection,
     the mean knowledge score (0-5) of knowledge items, and the leak rate of leak items (overall and
     per stage the answer was given at).

@@ -38,8 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
 from persllm_cli.core.errors import PersllmError
-
-Message = dict[str, str]
+from persllm_cli.data.records import Message
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Any
 
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.core.project import time_token
+from persllm_cli.data.records import Message
 
-Message = dict[str, str]
 
 
 

@@ -17,7 +17,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from persllm_cli.model.chat_format import PLAIN_STOP, Message, has_chat_template, prompt_ids
+from persllm_cli.data.records import Message
+from persllm_cli.model.chat_format import PLAIN_STOP, has_chat_template, prompt_ids
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from persllm_cli.core.project import Project, Stage
 from persllm_cli.data import corpus
 from persllm_cli.data.retrieval import Index
 from persllm_cli.llm.backends import Backend, RequestError, TransientError
-from persllm_cli.model.chat_format import Message
+from persllm_cli.data.records import Message
 from persllm_cli.model.generate import Sampling
 
 KNOWLEDGE_WORDS = 600  # per turn: enough to ground an answer, small enough for any context window

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from persllm_cli.core import console
-from persllm_cli.model.chat_format import Message
+from persllm_cli.data.records import Message
 from persllm_cli.persona.speaker import Speaker, check_stage, stage_label
 
 

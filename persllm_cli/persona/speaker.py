@@ -22,7 +22,7 @@ from typing import Any, Iterator, Protocol
 
 from persllm_cli.core import console
 from persllm_cli.core.errors import PersllmError
-from persllm_cli.model.chat_format import Message
+from persllm_cli.data.records import Message
 from persllm_cli.model.generate import Sampling
 
 
