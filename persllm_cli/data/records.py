@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -107,6 +108,39 @@ def plain_modes(path: Path) -> None:
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
         if not p.is_symlink():
             p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+@contextmanager
+def replace_dir(target: Path, *, prefix: str | None = None) -> Iterator[Path]:
+    """Build a folder in a hidden temporary sibling of `target`; when the block ends without an
+    error, it takes `target`'s place (the old folder, if any, moved aside first and then removed).
+    Readers see the old folder or the new one, never half of one, and a failure leaves `target` as
+    it was. Used by tokenize, train (the adapter), the embedded model's conversion and export.
+
+        with replace_dir(out) as tmp:
+            (tmp / "meta.json").write_text(...)
+    """
+    target = Path(target)
+    make_dirs(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        plain_modes(tmp)  # mkdtemp (and safetensors) make 0700 folders and 0600 files
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        try:
+            if target.exists() or target.is_symlink():
+                os.replace(target, aside / "old")
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if (aside / "old").exists():
+                    os.replace(aside / "old", target)
+                raise
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_a_directory(path: Path) -> PersllmError:

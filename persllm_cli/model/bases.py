@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +18,7 @@ from typing import Any, Iterator
 from persllm_cli.core import console
 from persllm_cli.core.project import persllm_home
 from persllm_cli.core.errors import PersllmError
-from persllm_cli.data.records import plain_modes
+from persllm_cli.data.records import replace_dir
 
 EMBEDDED = {
     "smollm2-135m": {
@@ -95,16 +93,8 @@ def ensure_embedded(name: str) -> Path:
             if is_model_dir(target) and (target / "model.safetensors").exists():
                 return target  # another process converted it while we waited
             console.note(f"Converting the embedded model {name} to safetensors under {target.parent} (once)...")
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-            try:
+            with replace_dir(target, prefix=f".{name}.") as tmp:
                 _convert_gguf(gguf, tmp)
-                plain_modes(tmp)
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target

@@ -205,16 +205,10 @@ def lora_hash(model) -> str:
 
 
 def _save_adapter(model, target: Path) -> None:
-    tmp = target.parent / f".{target.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     # save_embedding_layers=False: the resized vocabulary would otherwise make PEFT save both whole
     # embedding matrices; the time-token rows are already in the adapter as trainable tokens.
-    model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
-    records.plain_modes(tmp)  # safetensors writes its files 0600
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with records.replace_dir(target) as tmp:
+        model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
 
 
 def _hardware(device: str, rank: Rank, s: TrainSettings) -> dict:

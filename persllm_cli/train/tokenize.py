@@ -27,8 +27,6 @@ point in the persona's life, and tying it to a stage would blur what the tokens 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,34 +226,21 @@ def _check_output(out: Path) -> None:
 def _write_dir(out: Path, tok, examples, pairs, meta, stats) -> None:
     _check_output(out)  # again: the tokenizing took a while
     out = Path(out).resolve()  # a symlinked output keeps its link; the directory it names is replaced
-    records.make_dirs(out.parent)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        with open(tmp / "sft.jsonl", "w", encoding="utf-8") as f:
-            for e in examples:
-                f.write(json.dumps(e, separators=(",", ":")) + "\n")
-        if pairs:
-            records.write_jsonl_atomic(tmp / "dpo.jsonl", pairs)
-        tok.save_pretrained(tmp / "tokenizer")
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
+        with records.replace_dir(out) as tmp:
+            with open(tmp / "sft.jsonl", "w", encoding="utf-8") as f:
+                for e in examples:
+                    f.write(json.dumps(e, separators=(",", ":")) + "\n")
+            if pairs:
+                records.write_jsonl_atomic(tmp / "dpo.jsonl", pairs)
+            tok.save_pretrained(tmp / "tokenizer")
+            (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     except Exception as e:  # disk full, a size limit, a permission: the old output stays as it was
         err = records.os_error(e)
         if err is None:
             raise
         raise records.write_failed(Path(err.filename or out), err, f"{out} is unchanged") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _print_stats(stats: dict, out: Path) -> None:
