@@ -292,6 +292,33 @@ def chat(
     return chat_stage.run(project, settings)
 
 
+# ---------------------------------------------------------------------------------------- serve
+
+@app.command()
+@guarded
+def serve(
+    ctx: typer.Context,
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories to serve. [default: runs/latest, unless --api-model is given]", metavar="RUN")] = None,
+    api_model: Annotated[Optional[str], Opt(help="Also serve this OpenAI-compatible model as the persona, with retrieval over the project's material.", metavar="M")] = None,
+    base_url: Annotated[Optional[str], Opt(help="Server URL for --api-model (else OPENAI_BASE_URL); its key is read from OPENAI_API_KEY only.", metavar="URL")] = None,
+    host: Annotated[Optional[str], Opt(help="Address to listen on. Any address but a loopback one needs PERSLLM_API_KEY set. [default: 127.0.0.1]")] = None,
+    port: Annotated[Optional[int], Opt(help="Port to listen on; 0 picks a free one. [default: 8000]")] = None,
+    max_batch: Annotated[Optional[int], Opt(help="Requests answered together on a model. [default: 8]")] = None,
+    max_queue: Annotated[Optional[int], Opt(help="Requests that may wait; more get 429 with Retry-After. [default: 64]")] = None,
+    max_tokens: Annotated[Optional[int], Opt(help="Longest answer when a request does not say. [default: 256]")] = None,
+    temperature: Annotated[Optional[float], Opt(help="Temperature when a request does not say. [default: 0.7]")] = None,
+) -> int:
+    """Serve personas behind an OpenAI-compatible API (/v1/models, /v1/chat/completions) and a chat page at /.
+
+    Model ids are NAME@STAGE for every stage of every run (NAME is the run folder's name), and NAME alone for its last stage. Requests to the same run are answered in batches. Set PERSLLM_API_KEY to require Authorization: Bearer KEY; binding anything but 127.0.0.1 requires it. SIGTERM or Ctrl-C stops accepting, lets answers in flight end, and exits 0.
+    """
+    flags = dict(locals())
+    from persllm_cli.serve import command as serve_stage
+
+    project, settings = _settings(ctx, serve_stage.ServeSettings, "serve", flags, project_required=False)
+    return serve_stage.run(project, settings)
+
+
 # ----------------------------------------------------------------------------------------- eval
 
 @app.command("eval")
