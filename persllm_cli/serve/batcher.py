@@ -165,7 +165,8 @@ class Scheduler:
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         rows = [_Row(j, tok, tuple(j.sampling.stop) + plain_stop, device) for j in jobs]
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        past = out.past_key_values
+        new_api = "cache" in getattr(out, "__dataclass_fields__", {})  # transformers renamed past_key_values
+        past = out.cache if new_api else out.past_key_values
         logits = out.logits[:, -1, :]
         last_pos = pos[:, -1]
         steps = max(j.sampling.max_new_tokens for j in jobs)
@@ -184,9 +185,10 @@ class Scheduler:
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
             last_pos = last_pos + 1
+            cache_arg = {"cache": past} if new_api else {"past_key_values": past}
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                        past_key_values=past, use_cache=True)
-            past = out.past_key_values
+                        use_cache=True, **cache_arg)
+            past = out.cache if new_api else out.past_key_values
             logits = out.logits[:, -1, :]
         for row in rows:
             if not row.done:

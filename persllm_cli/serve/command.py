@@ -7,7 +7,8 @@ API and a chat page, on one machine.
 Safety: it binds 127.0.0.1 unless told otherwise, and binding any other address needs an API key
 from the environment (PERSLLM_API_KEY), never from a flag, so it shows neither in `ps` nor in shell
 history. SIGTERM or Ctrl-C: stop accepting, give in-flight answers `shutdown_grace` seconds to end,
-then end the rest where they are (each stream still gets its last chunk and [DONE]), and exit 0.
+then end the rest where they are (each stream still gets its last chunk and [DONE]), and exit: 0 after
+SIGTERM, 130 after Ctrl-C (as every persllm command).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persllm_cli.core import console
-from persllm_cli.core.errors import EXIT_USAGE, PersllmError
+from persllm_cli.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, PersllmError
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import setting
 from persllm_cli.model.generate import Sampling
@@ -95,6 +96,8 @@ def run(project: Project | None, settings: ServeSettings) -> int:
 def _serve(app, state, s: ServeSettings) -> int:
     import uvicorn
 
+    got: list[int] = []
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 - signal handler
             if not state.draining:
@@ -108,6 +111,9 @@ def _serve(app, state, s: ServeSettings) -> int:
             else:  # a second Ctrl-C: end them now
                 _end_all(state)
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after shutting down; a clean stop exits by its code instead.
+            self._captured_signals.clear()
+            got.append(sig)
 
     config = uvicorn.Config(app, host=s.host, port=s.port, access_log=False, log_level="warning",
                             timeout_graceful_shutdown=s.shutdown_grace + 5, lifespan="off")
@@ -117,7 +123,9 @@ def _serve(app, state, s: ServeSettings) -> int:
     _end_all(state)
     if state.scheduler:
         state.scheduler.close()
-    return 0
+    import signal
+
+    return EXIT_INTERRUPTED if signal.SIGINT in got else 0
 
 
 def _end_all(state) -> None:
