@@ -27,6 +27,7 @@ from persllm_cli.curate.pairs import DpoSettings
 from persllm_cli.curate.split import SplitSettings
 from persllm_cli.eval.items import EvalSettings
 from persllm_cli.export.command import ExportSettings
+from persllm_cli.serve.command import ServeSettings
 from persllm_cli.llm.annotator import AnnotateSettings
 from persllm_cli.train.settings import TrainSettings
 from persllm_cli.train.tokenize import TokenizeSettings
@@ -308,6 +309,33 @@ def chat(
 
     project, settings = _settings(ctx, ChatSettings, "chat", flags, project_required=False)
     return chat_stage.run(project, settings)
+
+
+# ---------------------------------------------------------------------------------------- serve
+
+@app.command()
+@guarded
+def serve(
+    ctx: typer.Context,
+    runs: Annotated[Optional[list[Path]], typer.Argument(help=_h(ServeSettings, 'runs'), metavar='RUN')] = None,
+    api_model: Annotated[Optional[str], Opt(help=_h(ServeSettings, 'api_model'), metavar='M')] = None,
+    base_url: Annotated[Optional[str], Opt(help=_h(ServeSettings, 'base_url'), metavar='URL')] = None,
+    host: Annotated[Optional[str], Opt(help=_h(ServeSettings, 'host'))] = None,
+    port: Annotated[Optional[int], Opt(help=_h(ServeSettings, 'port'))] = None,
+    max_batch: Annotated[Optional[int], Opt(help=_h(ServeSettings, 'max_batch'))] = None,
+    max_queue: Annotated[Optional[int], Opt(help=_h(ServeSettings, 'max_queue'))] = None,
+    max_tokens: Annotated[Optional[int], Opt(help=_h(ServeSettings, 'max_tokens'))] = None,
+    temperature: Annotated[Optional[float], Opt(help=_h(ServeSettings, 'temperature'))] = None,
+) -> int:
+    """Serve personas behind an OpenAI-compatible API (/v1/models, /v1/chat/completions) and a chat page at /.
+
+    Model ids are NAME@STAGE for every stage of every run (NAME is the run folder's name), and NAME alone for its last stage. Requests to the same run are answered in batches. Set PERSLLM_API_KEY to require Authorization: Bearer KEY; binding anything but 127.0.0.1 requires it. SIGTERM or Ctrl-C stops accepting, lets answers in flight end, and exits 0.
+    """
+    flags = dict(locals())
+    from persllm_cli.serve import command as serve_stage
+
+    project, settings = _settings(ctx, ServeSettings, "serve", flags, project_required=False)
+    return serve_stage.run(project, settings)
 
 
 # ----------------------------------------------------------------------------------------- eval

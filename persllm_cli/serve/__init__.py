@@ -1,0 +1,1 @@
+"""`persllm serve`: the persona behind an OpenAI-compatible API and a web chat page."""

@@ -1,0 +1,160 @@
+"""`persllm serve`: trained runs (and/or an API model with retrieval) behind an OpenAI-compatible
+API and a chat page, on one machine.
+
+    persllm serve runs/sft runs/sft-dpo --port 8000
+    curl -s localhost:8000/v1/models
+
+Safety: it binds 127.0.0.1 unless told otherwise, and binding any other address needs an API key
+from the environment (PERSLLM_API_KEY), never from a flag, so it shows neither in `ps` nor in shell
+history. SIGTERM or Ctrl-C: stop accepting, give in-flight answers `shutdown_grace` seconds to end,
+then end the rest where they are (each stream still gets its last chunk and [DONE]), and exit: 0 after
+SIGTERM, 130 after Ctrl-C (as every persllm command).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from persllm_cli.core import console
+from persllm_cli.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, PersllmError
+from persllm_cli.core.project import Project
+from persllm_cli.core.settings import setting
+from persllm_cli.model.generate import Sampling
+
+KEY_ENV = "PERSLLM_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    runs: list[Path] | None = setting(None,
+                                      help='Run directories to serve. [default: runs/latest, unless --api-model is given]')
+    api_model: str | None = setting(None,
+                                    help="Also serve this OpenAI-compatible model as the persona, with retrieval over the project's material.")
+    base_url: str | None = setting(None,
+                                   help='Server URL for --api-model (else OPENAI_BASE_URL); its key is read from OPENAI_API_KEY only.')
+    host: str = setting("127.0.0.1",
+                        help='Address to listen on. Any address but a loopback one needs PERSLLM_API_KEY set.')
+    port: int = setting(8000, at_least=0, at_most=65535, help='Port to listen on; 0 picks a free one.')
+    max_batch: int = setting(8, at_least=1, help='Requests answered together on a model.')
+    max_queue: int = setting(64, at_least=1, help='Requests that may wait; more get 429 with Retry-After.')
+    max_tokens: int = setting(256, at_least=1, help='Longest answer when a request does not say.')
+    temperature: float = setting(0.7, at_least=0, at_most=2, help='Temperature when a request does not say.')
+    max_body_kb: int = setting(1024, at_least=1)
+    shutdown_grace: float = setting(10.0, at_least=0)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def run(project: Project | None, settings: ServeSettings) -> int:
+    s = settings
+    key = os.environ.get(KEY_ENV) or None
+    if not is_loopback(s.host) and key is None:
+        raise PersllmError(f"refusing to serve on {s.host} without an API key: set {KEY_ENV} "
+                           "(clients send it as Authorization: Bearer KEY), or bind 127.0.0.1", exit_code=EXIT_USAGE)
+    from persllm_cli.serve.app import Limits, Served, State, create_app
+    from persllm_cli.serve.batcher import Scheduler
+
+    sampling = Sampling(max_new_tokens=s.max_tokens, temperature=s.temperature)
+    served: list[Served] = []
+    run_dirs = list(s.runs or [])
+    if s.api_model:
+        from persllm_cli.persona.api import ApiSpeaker
+
+        served.append(Served(ApiSpeaker.for_project(project, s.api_model, s.base_url, sampling)))
+    if run_dirs or not s.api_model:
+        from persllm_cli.model.runs import resolve_run
+        from persllm_cli.persona.speaker import RunSpeaker
+
+        dirs = [resolve_run(d, project) for d in run_dirs] if run_dirs else [resolve_run(None, project)]
+        speakers = [RunSpeaker(d, sampling) for d in dirs]  # every run checked before any loads
+        for sp in speakers:
+            console.note(f"Loading {sp.info.path} (base {sp.info.base})...")
+            sp.load()
+            served.append(Served(sp, key=str(sp.info.path)))
+    names = [x.name for x in served]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise PersllmError(f"two served models are both named {twice[0]!r}: serve runs from folders with different names")
+    runs_loaded = {x.key: (x.speaker.model, x.speaker.tokenizer) for x in served if x.key is not None}
+    scheduler = Scheduler(runs_loaded, max_batch=s.max_batch, max_queue=s.max_queue) if runs_loaded else None
+    limits = Limits(max_body_bytes=s.max_body_kb * 1024, default_max_tokens=s.max_tokens,
+                    default_temperature=s.temperature, api_concurrency=s.max_batch)
+    state = State(served, scheduler, api_key=key, limits=limits)
+    app = create_app(state)
+    if scheduler:
+        scheduler.start()
+    return _serve(app, state, s)
+
+
+def _serve(app, state, s: ServeSettings) -> int:
+    import uvicorn
+
+    got: list[int] = []
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 - signal handler
+            if not state.draining:
+                state.draining = True
+                console.note("stopping: no new requests; ending the answers in flight...")
+                if state.scheduler:
+                    state.scheduler.stop_accepting()
+                timer = threading.Timer(s.shutdown_grace, _end_all, args=(state,))
+                timer.daemon = True
+                timer.start()
+            else:  # a second Ctrl-C: end them now
+                _end_all(state)
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after shutting down; a clean stop exits by its code instead.
+            self._captured_signals.clear()
+            got.append(sig)
+
+    config = uvicorn.Config(app, host=s.host, port=s.port, access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=s.shutdown_grace + 5, lifespan="off")
+    server = Server(config)
+    _announce(server, state, s)
+    server.run()
+    _end_all(state)
+    if state.scheduler:
+        state.scheduler.close()
+    import signal
+
+    return EXIT_INTERRUPTED if signal.SIGINT in got else 0
+
+
+def _end_all(state) -> None:
+    if state.scheduler:
+        state.scheduler.finish_all()
+    for handle in list(state.api_streams):
+        handle.cancel()
+
+
+def _announce(server, state, s: ServeSettings) -> None:
+    """Say where it listens once the socket is bound (port 0 picks a free one)."""
+    def wait() -> None:
+        import time
+
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if not server.started:
+            return
+        port = s.port
+        for srv in getattr(server, "servers", []):
+            for sock in srv.sockets:
+                port = sock.getsockname()[1]
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        ids = ", ".join(state.models())
+        console.info(f"Serving {ids}")
+        console.info(f"Listening on http://{host}:{port} (page at /, API at /v1){' - API key required' if state.api_key else ''}")
+
+    threading.Thread(target=wait, daemon=True).start()

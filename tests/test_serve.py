@@ -1,0 +1,246 @@
+"""`persllm serve`: the OpenAI-compatible API driven by the real `openai` client against a live
+server on 127.0.0.1 (a subprocess), its errors, key, queue, disconnects and SIGTERM."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx2 as httpx  # the HTTP client the openai package is built on
+import openai
+import pytest
+
+from tests.conftest import run_persllm, subprocess_env
+from tests.run_factory import make_run
+from tests.serve_server import ServeProcess
+
+pytestmark = pytest.mark.slow
+KEY = "serve-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def serve_run(_embedded_models, tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("serve-runs") / "r1", _embedded_models / "smollm2-135m")
+
+
+def _env(embedded: Path, **extra: str) -> dict[str, str]:
+    env = subprocess_env(PERSLLM_HOME=str(embedded.parent), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
+    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PERSLLM_API_KEY"):
+        env.pop(var, None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(serve_run, _embedded_models):
+    s = ServeProcess(str(serve_run), env=_env(_embedded_models))
+    yield s
+    assert s.stop() == 0, s.log()
+
+
+@pytest.fixture(scope="module")
+def strict(serve_run, _embedded_models):
+    """A server with a key, one request per batch and room for one waiting request."""
+    s = ServeProcess(str(serve_run), "--max-batch", "1", "--max-queue", "1",
+                     env=_env(_embedded_models, PERSLLM_API_KEY=KEY))
+    yield s
+    s.stop()
+
+
+def client(s: ServeProcess, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=s.v1, api_key=key, max_retries=0, timeout=120)
+
+
+ASK = [{"role": "user", "content": "Who are you?"}]
+
+
+# ----------------------------------------------------------------------------------- models
+
+def test_models_one_id_per_stage_and_a_default(server):
+    ids = [m.id for m in client(server).models.list().data]
+    assert ids == ["r1@early", "r1@middle", "r1@late", "r1"]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["models"] == 4
+
+
+# ------------------------------------------------------------------------------- completions
+
+def test_greedy_stream_equals_whole_equals_chat(server, serve_run, cli, smollm2):
+    c = client(server)
+    whole = c.chat.completions.create(model="r1@early", messages=ASK, temperature=0, max_tokens=16)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.usage.completion_tokens == 16 and whole.usage.prompt_tokens > 0
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 16
+    assert whole.choices[0].finish_reason == "length"
+    chunks = list(c.chat.completions.create(model="r1@early", messages=ASK, temperature=0, max_tokens=16,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == whole.choices[0].message.content
+    r = cli("chat", str(serve_run), "--stage", "early", "--prompt", "Who are you?", "--temperature", "0",
+            "--max-new-tokens", "16")
+    assert r.exit_code == 0
+    assert r.stdout == streamed + "\n"
+    # NAME alone is the last stage; another stage is another time token, so another prompt.
+    late = c.chat.completions.create(model="r1", messages=ASK, temperature=0, max_tokens=16)
+    late2 = c.chat.completions.create(model="r1@late", messages=ASK, temperature=0, max_tokens=16)
+    assert late.choices[0].message.content == late2.choices[0].message.content
+    assert late.model == "r1"
+
+
+def test_stream_without_usage_and_done_marker(server):
+    with httpx.stream("POST", server.v1 + "/chat/completions", timeout=120,
+                      json={"model": "r1@middle", "messages": ASK, "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("usage" not in ch for ch in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_seed_and_concurrent_requests_are_batched(server):
+    c = client(server)
+    base = c.chat.completions.create(model="r1@early", messages=ASK, temperature=0, max_tokens=16)
+    text = base.choices[0].message.content
+    word = text.split()[2]
+    cut = c.chat.completions.create(model="r1@early", messages=ASK, temperature=0, max_tokens=16, stop=[word])
+    assert cut.choices[0].finish_reason == "stop"
+    assert text.startswith(cut.choices[0].message.content) and word not in cut.choices[0].message.content
+    a, b = (c.chat.completions.create(model="r1@early", messages=ASK, temperature=0.9, top_p=0.9, seed=7,
+                                      max_tokens=12).choices[0].message.content for _ in range(2))
+    assert a == b
+    # Four different questions at once: the same greedy answers as one at a time.
+    questions = ["Who are you?", "Where do you live?", "What is your favourite spell, and why do you like it?",
+                 "Hi"]
+    alone = [c.chat.completions.create(model="r1@late", messages=[{"role": "user", "content": q}], temperature=0,
+                                       max_tokens=12).choices[0].message.content for q in questions]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda q: c.chat.completions.create(
+            model="r1@late", messages=[{"role": "user", "content": q}], temperature=0,
+            max_tokens=12).choices[0].message.content, questions))
+    assert together == alone
+    assert httpx.get(server.url + "/health").json()["largest_batch"] > 1
+
+
+# ---------------------------------------------------------------------------------- errors
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "Traceback" not in r.text
+    return err
+
+
+def test_errors_have_openai_shape(server):
+    url = server.v1 + "/chat/completions"
+    err = _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert "JSON" in err["message"]
+    for body, field in [({"model": "r1", "messages": ASK, "temperature": 5}, "temperature"),
+                        ({"model": "r1", "messages": ASK, "max_tokens": 0}, "max_tokens"),
+                        ({"model": "r1", "messages": ASK, "top_p": "x"}, "top_p"),
+                        ({"model": "r1", "messages": []}, "messages"),
+                        ({"model": "r1", "messages": ASK, "n": 2}, "n"),
+                        ({"model": "r1", "messages": ASK, "stop": 3}, "stop")]:
+        err = _error(httpx.post(url, json=body), 400)
+        assert err["param"] == field and field in err["message"]
+    _error(httpx.post(url, content=b"x" * (1024 * 1024 + 1)), 413)
+    _error(httpx.get(server.url + "/nowhere"), 404)
+    c = client(server)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="nobody@early", messages=ASK)
+    assert e.value.code == "model_not_found" and "r1@early" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="r1", messages=ASK, n=2)
+    assert e.value.param == "n"
+
+
+def test_disconnect_stops_generation(server):
+    with httpx.stream("POST", server.v1 + "/chat/completions", timeout=120,
+                      json={"model": "r1", "messages": ASK, "max_tokens": 2000, "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+    start = time.monotonic()
+    # The model is free again at once: the abandoned answer is not generated to its 2000 tokens.
+    out = client(server).chat.completions.create(model="r1", messages=ASK, temperature=0, max_tokens=2)
+    assert out.usage.completion_tokens == 2
+    assert time.monotonic() - start < 30
+    deadline = time.monotonic() + 10
+    while "client-gone" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "client-gone" in server.log()
+
+
+def test_access_log_has_no_text(server):
+    client(server).chat.completions.create(model="r1", messages=[{"role": "user", "content": "secret words"}],
+                                           max_tokens=2)
+    log = server.log()
+    assert "secret words" not in log
+    assert any(line.startswith("POST /v1/chat/completions 200 ") and "tokens=" in line for line in server.lines)
+
+
+# ----------------------------------------------------------------------- key, queue, signals
+
+def test_key_required_and_compared(strict):
+    with pytest.raises(openai.AuthenticationError):
+        client(strict, "wrong").models.list()
+    err = _error(httpx.get(strict.v1 + "/models"), 401)
+    assert err["code"] == "invalid_api_key"
+    assert [m.id for m in client(strict, KEY).models.list().data][0] == "r1@early"
+    assert httpx.get(strict.url + "/health").status_code == 200  # health and the page need no key
+    assert httpx.get(strict.url + "/").status_code == 200
+    assert KEY not in strict.log() and "wrong" not in strict.log()
+
+
+def test_full_queue_is_429_with_retry_after(strict):
+    def long() -> int:
+        with httpx.stream("POST", strict.v1 + "/chat/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "r1", "messages": ASK, "max_tokens": 60, "stream": True}) as r:
+            for _ in r.iter_lines():
+                pass
+            return r.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(long)
+        time.sleep(1.0)
+        waiting = pool.submit(long)
+        time.sleep(0.5)
+        r = httpx.post(strict.v1 + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "r1", "messages": ASK, "max_tokens": 2})
+        assert running.result() == 200 and waiting.result() == 200
+    err = _error(r, 429)
+    assert r.headers["Retry-After"] == "1" and err["code"] == "queue_full"
+
+
+def test_sigterm_ends_streams_cleanly(serve_run, _embedded_models):
+    s = ServeProcess(str(serve_run), env=_env(_embedded_models))
+    try:
+        with httpx.stream("POST", s.v1 + "/chat/completions", timeout=120,
+                          json={"model": "r1", "messages": ASK, "max_tokens": 3000, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(lines)
+            s.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] is not None
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        s.stop()
+    assert "stopping" in s.log()
+
+
+def test_public_bind_needs_a_key(serve_run, _embedded_models):
+    r = run_persllm("serve", str(serve_run), "--host", "0.0.0.0", env=_env(_embedded_models), timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: refusing to serve on 0.0.0.0 without an API key: set PERSLLM_API_KEY (clients send it as "
+        "Authorization: Bearer KEY), or bind 127.0.0.1"]
