@@ -329,6 +329,39 @@ def eval_(
     return stage.run(project, settings)
 
 
+# ------------------------------------------------------------------------------------- converse
+
+@app.command()
+@guarded
+def converse(
+    ctx: typer.Context,
+    speakers: Annotated[Optional[list[str]], typer.Argument(help="Two or more speakers: runs/NAME@STAGE (a trained run at a stage), PROJECT_DIR@STAGE (its runs/latest), api:MODEL@STAGE (MODEL prompted as this project's persona, with retrieval over its material) or api:MODEL:PROJECT_DIR@STAGE (another project's). Without @STAGE: the last stage.", metavar="SPEAKER...")] = None,
+    scene: Annotated[Optional[str], Opt(help="The opening context every speaker sees (required to start; a rerun may leave it out).", metavar="TEXT")] = None,
+    turns: Annotated[Optional[int], Opt(help="Turns in the whole conversation, all speakers together. [default: 6]", metavar="N")] = None,
+    first: Annotated[Optional[int], Opt(help="Which speaker opens (1 = the first given); then round robin. [default: 1]", metavar="K")] = None,
+    output: Annotated[Optional[Path], Opt("-o", "--output", help="Transcript JSONL, one record per turn, with FILE.md beside it; rerunning with the same file continues the conversation. [default: build/converse.jsonl]", metavar="FILE")] = None,
+    max_new_tokens: Annotated[Optional[int], Opt(help="Longest line, in tokens. [default: 128]")] = None,
+    temperature: Annotated[Optional[float], Opt(help="Sampling temperature; 0 for greedy. [default: 0.7]")] = None,
+    seed: Annotated[Optional[int], Opt(help="Seed for sampling on this machine (trained runs).")] = None,
+    base_url: Annotated[Optional[str], Opt(help="Server URL for api: speakers (else OPENAI_BASE_URL). The key is read from OPENAI_API_KEY only.", metavar="URL")] = None,
+    judge: Annotated[Optional[str], Opt(help="Judge model (OpenAI-compatible): a verdict per turn on whether the speaker stayed in character and in its stage.", metavar="M")] = None,
+    judge_base_url: Annotated[Optional[str], Opt(help="Server URL for --judge. [default: --base-url, else OPENAI_BASE_URL]", metavar="URL")] = None,
+    timeout: Annotated[Optional[float], Opt(help="Seconds to wait for one API request. [default: 120]", metavar="S")] = None,
+    max_retries: Annotated[Optional[int], Opt(help="Retries of a failed API request, with backoff. [default: 5]")] = None,
+    budget_usd: Annotated[Optional[float], Opt(help="Stop cleanly (exit 3) before this run's API requests (speakers and judge) would cost more than this many dollars.", metavar="X")] = None,
+    dry_run: Annotated[Optional[bool], Opt("--dry-run", help="Send nothing and load nothing; print the requests, tokens and dollars the API turns would take.")] = None,
+) -> int:
+    """Let personas talk to each other: trained runs at a stage (one persona at two stages can talk to itself) and prompted API personas, in turns.
+
+    Lines stream to stdout under each speaker's name; every finished turn is saved (JSONL and markdown), so Ctrl-C (exit 130) keeps them and a rerun with the same -o continues. At the end: BLEU between the speakers against BLEU within each speaker and, with --judge, verdicts per turn.
+    """
+    flags = dict(locals())
+    from persllm_cli.converse import command as stage
+
+    project, settings = _settings(ctx, stage.ConverseSettings, "converse", flags, project_required=False)
+    return stage.run(project, settings)
+
+
 def main() -> None:
     """Console-script entry point. Typer's standalone mode turns usage errors into exit 2."""
     app(prog_name="persllm")

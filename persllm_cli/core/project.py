@@ -12,7 +12,7 @@ from persllm_cli.core.errors import PersllmError
 
 PROJECT_FILE = "persllm.toml"
 # The tables persllm.toml may hold: the persona, its stages, and one per command's settings.
-SECTIONS = ("persona", "stages", "annotate", "dedup", "split", "dpo", "tokenize", "train", "chat", "eval")
+SECTIONS = ("persona", "stages", "annotate", "dedup", "split", "dpo", "tokenize", "train", "chat", "eval", "converse")
 
 def roman(n: int) -> str:
     """1 -> 'I', 4 -> 'IV', 14 -> 'XIV' (stage tokens are <TIME-I>, <TIME-II>, ...)."""
