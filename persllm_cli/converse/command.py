@@ -20,7 +20,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -350,7 +350,9 @@ def run(project: Project | None, s: ConverseSettings) -> int:
             _write(f"{p.name}: ")
             started = time.perf_counter()
             if p.kind == "run":
-                text, tokens = _run_turn(p, messages, sampling)
+                # A fixed --seed makes the conversation repeatable, but each turn its own draw.
+                turn_sampling = replace(sampling, seed=None if s.seed is None else s.seed + i)
+                text, tokens = _run_turn(p, messages, turn_sampling)
                 cost: float | None = 0.0
             else:
                 try:
