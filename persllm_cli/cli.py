@@ -22,6 +22,7 @@ from persllm_cli.core.settings import resolve
 # The settings dataclasses hold every flag's help and default (written once, shown from the real
 # value by `_h`); these modules are light, the stages behind them are imported when a command runs.
 from persllm_cli.chat.command import ChatSettings
+from persllm_cli.converse.command import ConverseSettings
 from persllm_cli.curate.dedup import DedupSettings
 from persllm_cli.curate.pairs import DpoSettings
 from persllm_cli.curate.split import SplitSettings
@@ -400,6 +401,39 @@ def export(
 
     project, settings = _settings(ctx, ExportSettings, "export", flags, project_required=False)
     return exporter.run(project, settings)
+
+
+# ------------------------------------------------------------------------------------- converse
+
+@app.command()
+@guarded
+def converse(
+    ctx: typer.Context,
+    speakers: Annotated[Optional[list[str]], typer.Argument(help=_h(ConverseSettings, 'speakers'), metavar='SPEAKER...')] = None,
+    scene: Annotated[Optional[str], Opt(help=_h(ConverseSettings, 'scene'), metavar='TEXT')] = None,
+    turns: Annotated[Optional[int], Opt(help=_h(ConverseSettings, 'turns'), metavar='N')] = None,
+    first: Annotated[Optional[int], Opt(help=_h(ConverseSettings, 'first'), metavar='K')] = None,
+    output: Annotated[Optional[Path], Opt('-o', '--output', help=_h(ConverseSettings, 'output'), metavar='FILE')] = None,
+    max_new_tokens: Annotated[Optional[int], Opt(help=_h(ConverseSettings, 'max_new_tokens'))] = None,
+    temperature: Annotated[Optional[float], Opt(help=_h(ConverseSettings, 'temperature'))] = None,
+    seed: Annotated[Optional[int], Opt(help=_h(ConverseSettings, 'seed'))] = None,
+    base_url: Annotated[Optional[str], Opt(help=_h(ConverseSettings, 'base_url'), metavar='URL')] = None,
+    judge: Annotated[Optional[str], Opt(help=_h(ConverseSettings, 'judge'), metavar='M')] = None,
+    judge_base_url: Annotated[Optional[str], Opt(help=_h(ConverseSettings, 'judge_base_url'), metavar='URL')] = None,
+    timeout: Annotated[Optional[float], Opt(help=_h(ConverseSettings, 'timeout'), metavar='S')] = None,
+    max_retries: Annotated[Optional[int], Opt(help=_h(ConverseSettings, 'max_retries'))] = None,
+    budget_usd: Annotated[Optional[float], Opt(help=_h(ConverseSettings, 'budget_usd'), metavar='X')] = None,
+    dry_run: Annotated[Optional[bool], Opt('--dry-run', help=_h(ConverseSettings, 'dry_run'))] = None,
+) -> int:
+    """Let personas talk to each other: trained runs at a stage (one persona at two stages can talk to itself) and prompted API personas, in turns.
+
+    Lines stream to stdout under each speaker's name; every finished turn is saved (JSONL and markdown), so Ctrl-C (exit 130) keeps them and a rerun with the same -o continues. At the end: BLEU between the speakers against BLEU within each speaker and, with --judge, verdicts per turn.
+    """
+    flags = dict(locals())
+    from persllm_cli.converse import command as stage
+
+    project, settings = _settings(ctx, ConverseSettings, "converse", flags, project_required=False)
+    return stage.run(project, settings)
 
 
 def main() -> None:

@@ -48,6 +48,10 @@ ask early "What was it like to see Hogwarts for the first time?"
 ask middle "What do you think of Professor Umbridge?"
 ask late "What do you do for a living now?"
 
+step "persllm converse .@early .@late (young and old Harry talk; transcript in build/converse.md)"
+persllm converse .@early .@late --turns 6 --max-new-tokens 60 --seed 0 \
+  --scene "Harry, eleven and just sorted into Gryffindor, meets his older self, an Auror after the war, in the Gryffindor common room late at night. The young one speaks first."
+
 step "persllm eval (answers the held-out test questions; BLEU within and across stages, and against the references)"
 persllm eval --max-new-tokens 48
 
@@ -60,6 +64,7 @@ Where everything went (in $DEMO_DIR/):
   build/tokenized/         token ids, label masks, tokenizer with <TIME-I..III>, stats.json
   runs/demo/               adapter/, tokenizer/, metrics.jsonl, loss.png, run.json, README.md
   runs/demo/eval/          answers.jsonl, eval.md, eval.png, eval.json
+  build/converse.jsonl     young and old Harry talking (and build/converse.md)
   runs/latest -> demo
 Talk to it:  cd $DEMO_DIR && persllm chat --stage early
 TXT
