@@ -31,6 +31,7 @@ from persllm_cli.core import console, resources
 from persllm_cli.core.errors import EXIT_PARTIAL, EXIT_USAGE, PersllmError
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings, setting
+from persllm_cli.data.lock import hold
 from persllm_cli.data.records import Appender, read_jsonl, write_meta
 from persllm_cli.llm.backends import RequestError, TransientError, estimate_prompt_tokens
 from persllm_cli.llm.pricing import Pricing, price_table, pricing
@@ -309,6 +310,15 @@ def _dry_run(people: list[Participant], records: list[dict[str, Any]], scene: st
 
 
 def run(project: Project | None, s: ConverseSettings) -> int:
+    """Check the speakers, then talk (or only estimate with --dry-run), holding the transcript's lock."""
+    if s.dry_run:
+        return _converse(project, s)
+    # One conversation per transcript: a second run says who holds it (or waits with --wait).
+    with hold(Path(s.output)):
+        return _converse(project, s)
+
+
+def _converse(project: Project | None, s: ConverseSettings) -> int:
     t0 = time.perf_counter()
     specs = list(s.speakers or [])
     if len(specs) < 2:
