@@ -8,10 +8,8 @@ a failure, a failed check or Ctrl-C leaves no half export.
 from __future__ import annotations
 
 import gc
-import os
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from persllm_cli.core.errors import PersllmError
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import setting
 from persllm_cli.data.lock import hold
-from persllm_cli.data.records import plain_modes
+from persllm_cli.data.records import replace_dir
 
 FORMATS = ("hf", "gguf", "ollama")
 
@@ -88,9 +86,7 @@ def run(project: Project | None, settings: ExportSettings) -> int:
             gguf_file.check_architecture(model_type, info.base)
 
         started = time.monotonic()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-        try:
+        with replace_dir(out, prefix=f".{out.name}.export-") as tmp:  # a failure leaves no half export
             hf_dir = tmp if settings.format == "hf" else tmp / ".merged"
             hf_dir.mkdir(exist_ok=True)
             console.info(f"Merging {run_dir.name} into its base {info.base} ({settings.dtype})...")
@@ -120,13 +116,6 @@ def run(project: Project | None, settings: ExportSettings) -> int:
                 shutil.rmtree(hf_dir)
             (tmp / "README.md").write_text(model_card.render(info, settings.format, default_stage, gguf_name, facts, figures),
                                            encoding="utf-8")
-            plain_modes(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         console.info(f"Exported {settings.format} to {out} in {export_seconds:.1f} s (peak memory {export_peak:.2f} GB"
                      f"{'' if not settings.check else f'; with the check {time.monotonic() - started:.1f} s, {_peak_gb():.2f} GB'})")
         if settings.format == "ollama":
