@@ -52,6 +52,30 @@ step "persllm converse .@early .@late (young and old Harry talk; transcript in b
 persllm converse .@early .@late --turns 6 --max-new-tokens 60 --seed 0 \
   --scene "Harry, eleven and just sorted into Gryffindor, meets his older self, an Auror after the war, in the Gryffindor common room late at night. The young one speaks first."
 
+step "persllm export --format hf (merged safetensors; loaded back with plain transformers and compared with the run)"
+persllm export --format hf -o export/hf --force
+step "persllm export --format ollama --no-check (a GGUF with the time tokens, and one Modelfile per stage)"
+persllm export --format ollama -o export/ollama --force --no-check
+ls -l export/ollama >&2
+
+step "persllm serve (OpenAI-compatible API and chat page), asked once with the openai client, then stopped with SIGTERM"
+persllm serve --port 0 2> build/serve.log &
+server=$!
+for _ in $(seq 1 600); do grep -q "Listening on" build/serve.log && break; kill -0 "$server" 2>/dev/null || break; sleep 0.2; done
+url=$(grep -o 'http://[^ ]*' build/serve.log | head -1)
+python - "$url" <<'PY'
+import sys
+from openai import OpenAI
+
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+print("models:", ", ".join(m.id for m in client.models.list().data), file=sys.stderr)
+reply = client.chat.completions.create(model="demo@early", max_tokens=40, temperature=0,
+                                       messages=[{"role": "user", "content": "Who is your best friend?"}])
+print(f"demo@early: {reply.choices[0].message.content}\n({reply.usage.completion_tokens} tokens)", file=sys.stderr)
+PY
+kill -TERM "$server"; wait "$server"
+cat build/serve.log >&2
+
 step "persllm eval (answers the held-out test questions; BLEU within and across stages, and against the references)"
 persllm eval --max-new-tokens 48
 
@@ -65,6 +89,9 @@ Where everything went (in $DEMO_DIR/):
   runs/demo/               adapter/, tokenizer/, metrics.jsonl, loss.png, run.json, README.md
   runs/demo/eval/          answers.jsonl, eval.md, eval.png, eval.json
   build/converse.jsonl     young and old Harry talking (and build/converse.md)
+  export/hf/               the run merged into its base, chat template with the stage (transformers, vLLM)
+  export/ollama/           the same as a GGUF file, with Modelfile.<stage> for Ollama
   runs/latest -> demo
 Talk to it:  cd $DEMO_DIR && persllm chat --stage early
+Serve it:    cd $DEMO_DIR && persllm serve    (then open http://127.0.0.1:8000/)
 TXT
