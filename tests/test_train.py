@@ -297,7 +297,7 @@ def test_a_failed_start_leaves_no_half_made_run(cli, tiny_project, monkeypatch):
     with pytest.raises(ValueError):  # a bug keeps its traceback...
         cli("train", "--output", "runs/g")
     assert not (runs / "g").exists()  # ...but leaves no run.json for a rerun to call "already exists"
-    (runs / "empty").mkdir()
+    (runs / "empty").mkdir(parents=True)  # a failed start leaves no empty runs/ behind either
     with pytest.raises(ValueError):
         cli("train", "--output", "runs/empty")
     assert list((runs / "empty").iterdir()) == []  # the user's own directory stays, as it was

@@ -121,7 +121,7 @@ def run(project: Project, settings: TrainSettings) -> int:
 
     # One run per run folder: a second one exits 1 (or waits with --wait). Checked again under the
     # lock, since the folder may have changed while this one waited.
-    settings.output = run_dir
+    settings = dataclasses.replace(settings, output=run_dir)  # the run folder this run writes
     with hold(run_dir):
         meta, run_dir = validate(project, settings)
         return _run(project, settings, meta, run_dir)
@@ -136,7 +136,6 @@ def _run(project: Project, settings: TrainSettings, meta: dict, run_dir: Path) -
         n = _gpu_count(settings.gpus)
     elif settings.nproc:
         n = settings.nproc
-    settings = dataclasses.replace(settings, output=run_dir)  # the run directory this run writes
     existed = run_dir.exists()
     had_files = existed and any(run_dir.iterdir())
     try:
