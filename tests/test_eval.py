@@ -164,12 +164,17 @@ class FakeGenerator:
 
     def __init__(self, flavour: str = "", fail_after: int | None = None):
         self.name, self.flavour, self.fail_after = "fake", flavour, fail_after
-        self.asked: list[tuple[str, int]] = []
+        self.asked: list[tuple[str | None, int]] = []
+        self.questions: list[tuple[str | None, list[str]]] = []
 
     def answer_batch(self, conversations, stage):
         if self.fail_after is not None and len(self.asked) >= self.fail_after:
             raise KeyboardInterrupt
         self.asked.append((stage, len(conversations)))
+        self.questions.append((stage, [c[-1]["content"] for c in conversations]))
+        if stage is None:     # no stage token: the model speaks from no time in particular
+            return [f"Looking back {self.flavour} I remember {c[-1]['content'].split()[1]} and the castle."
+                    for c in conversations]
         return [f"In my {stage} years {self.flavour} I remember {c[-1]['content'].split()[1]} and the castle."
                 for c in conversations]
 
@@ -275,8 +280,9 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     assert result.exit_code == 0, result.output
     calls = fake_openai.completions()
     # 7 classifications, both orders for 7 answers, premise check for the 2 error items, 2 leak checks
-    # (late items t04 and t06 asked at the early stage; t05 has a false premise).
-    assert len(calls) == 7 + 7 * 2 + 2 + 2
+    # (late items t04 and t06 asked at the early stage; t05 has a false premise) and the same 2
+    # answered with no stage token.
+    assert len(calls) == 7 + 7 * 2 + 2 + 2 + 2
     prompts = [c.body["messages"][-1]["content"] for c in calls]
     assert sum("[Answer to check]" in p for p in prompts) == 2
     data = json.loads(result.stdout)
@@ -284,8 +290,9 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     assert j["win"] == 100.0 and j["preference"] == 100.0 and j["consistency"] == 100.0
     assert j["premise_rejected"] == 100.0 and j["premise_items"] == 2
     assert j["leak_rate"] == 0.0 and j["leak_items"] == 2 and j["knowledge_score"] is None
+    assert (j["leak_notoken_rate"], j["leak_notoken_items"]) == (0.0, 2)
     spend = data["judge"]
-    assert spend["requests"] == 25
+    assert spend["requests"] == 27
     assert spend["prompt_tokens"] == sum(sum(len(m["content"].split()) for m in c.body["messages"]) for c in calls)
     want = (spend["prompt_tokens"] * 0.15 + spend["completion_tokens"] * 0.60) / 1e6
     assert spend["cost_usd"] == pytest.approx(want)
@@ -293,10 +300,10 @@ def test_judge_both_orders_premise_and_resume(project, cli, monkeypatch, fake_op
     # A rerun asks nothing again; a judge stuck on "A" shows its position bias as ties.
     result = cli("eval", str(run), "--judge", "gpt-4o-mini", "--json")
     assert result.exit_code == 0
-    assert len(fake_openai.completions()) == 25
+    assert len(fake_openai.completions()) == 27
     again = json.loads(result.stdout)["judge"]
     assert again["this_run"]["requests"] == 0
-    assert (again["requests"], again["prompt_tokens"], again["cost_usd"]) == (25, spend["prompt_tokens"], pytest.approx(want))
+    assert (again["requests"], again["prompt_tokens"], again["cost_usd"]) == (27, spend["prompt_tokens"], pytest.approx(want))
     fake_openai.responder = lambda body, n: ("Verdict: A" if "[Answer A]" in body["messages"][-1]["content"] else
                                              "Verdict: neither" if "[Character's answer]" in body["messages"][-1]["content"]
                                              else "Verdict: no")
@@ -543,7 +550,8 @@ def _protocol_judge(state: dict):
             num = int(re.search(r"Question (\d+)", text).group(1))
             return "Verdict: knowledge" if num in (0, 6) else "Verdict: attitude" if num in (2, 3) else "Verdict: neither"
         if "[Later material" in text:
-            return "Verdict: yes" if "plainly" in text.split("[Answer given at")[1] else "Verdict: no"
+            answer = text.split("[Answer given at")[1]
+            return "Verdict: yes" if "plainly" in answer or "Looking back" in answer else "Verdict: no"
         if "[Answer to score]" in text:
             return "Verdict: 2" if "plainly" in text.split("[Answer to score]")[1] else "Verdict: 4"
         if "Ranking:" in text:
@@ -571,27 +579,39 @@ def test_paper_protocols_and_time_leakage(project, cli, monkeypatch, fake_openai
     args = ("eval", "runs/sft", "runs/sft-dpo", "--judge", "gpt-4o-mini", "--concurrency", "1", "--json")
     result = cli(*args)
     assert result.exit_code == 0, result.output
-    # The late items t04 and t06 (not t05, a false premise) are asked at the early stage, with its token.
-    assert gens["sft"].asked == [("early", 6), ("late", 3)]
+    # The late items t04 and t06 (not t05, a false premise) are asked at the early stage, with its
+    # token, and once more with no stage token at all (stage None: the speaker adds no token).
+    assert gens["sft"].asked == [("early", 6), ("late", 3), (None, 2)]
+    assert gens["sft"].questions[-1] == (None, ["Question 4 about the late years?", "Question 6 about the late years?"])
     answers = {json.loads(x)["id"]: json.loads(x) for x in (project / "runs" / "sft" / "eval" / "answers.jsonl").read_text().splitlines()}
     assert {k for k in answers if k.startswith("leak:")} == {"leak:early:t04", "leak:early:t06"}
     assert {(answers[k]["stage"], answers[k]["pattern"]) for k in answers if k.startswith("leak:")} == {("early", "leak")}
+    bare = {k: r for k, r in answers.items() if k.startswith("notoken:")}
+    assert set(bare) == {"notoken:t04", "notoken:t06"}
+    assert all(r["stage"] is None and r["generator"]["stage_token"] is False
+               and r["messages"][1]["content"].startswith("Looking back plainly") for r in bare.values())
     prompts = [c.body["messages"][-1]["content"] for c in fake_openai.completions()]
     leak_prompts = [p for p in prompts if "[Later material" in p]
-    assert len(leak_prompts) == 4
+    assert len(leak_prompts) == 8
     assert all("first year" in p and "after the war" in p and re.search(r"Question [46] about the late", p) for p in leak_prompts)
-    # 7 classifications (+1 retry), per run 14 orders + 2 premises + 2 knowledge + 2 leaks, 2 rankings (+1 retry).
-    assert len(prompts) == 7 + 1 + 2 * 20 + 2 + 1
+    assert sum("Looking back" in p for p in leak_prompts) == 4    # the no-token answers, judged at the early stage
+    # 7 classifications (+1 retry), per run 14 orders + 2 premises + 2 knowledge + 2 leaks + 2 no-token
+    # leaks, 2 rankings (+1 retry).
+    assert len(prompts) == 7 + 1 + 2 * 22 + 2 + 1
     data = json.loads(result.stdout)
     sft, dpo = data["systems"]["sft"]["judge"], data["systems"]["sft-dpo"]["judge"]
     assert (sft["knowledge_items"], sft["knowledge_score"], dpo["knowledge_score"]) == (2, 2.0, 4.0)
     assert (sft["attitude_items"], sft["attitude_rank"], dpo["attitude_rank"]) == (2, 2.0, 1.0)
     assert (sft["leak_items"], sft["leak_rate"], dpo["leak_rate"]) == (2, 100.0, 0.0)
     assert sft["leak_by_stage"] == {"early": {"items": 2, "leaked": 2, "rate": 100.0}}
+    # Without a token both runs leak; with it only sft does: the tokens work for sft-dpo.
+    assert (sft["leak_notoken_items"], sft["leak_notoken_rate"], dpo["leak_notoken_rate"]) == (2, 100.0, 100.0)
+    assert dpo["leak_notoken_by_stage"] == {"early": {"items": 2, "leaked": 2, "rate": 100.0}}
     assert sft["premise_rejected"] == 100.0 and sft["failed"] == 0
     j = data["judge"]
     assert j["classes"] == {"knowledge": 2, "attitude": 2, "neither": 3}
     assert (j["ranked_items"], j["systems_ranked"], j["leak_questions"], j["requests"]) == (2, 2, 2, len(prompts))
+    assert j["leak_notoken_questions"] == 2
     # Each ranking shows the answers in the recorded seeded order, and the letters are read back through it.
     shared = [json.loads(x) for x in (project / "build" / "eval" / "judge_items.jsonl").read_text().splitlines()]
     ranks = [r for r in shared if r["kind"] == "rank" and r["status"] == "ok"]
@@ -607,12 +627,16 @@ def test_paper_protocols_and_time_leakage(project, cli, monkeypatch, fake_openai
     assert "| attitude rank (1 = best) | 2.00 | 1.00 |" in md
     assert "| time leak % (lower is better) | 100.00 | 0.00 |" in md
     assert "| sft | early | 2 | 2 | 100.00 |" in md and "| false premise rejected % | 100.00 | 100.00 |" in md
+    assert "| time leak % without a stage token | 100.00 | 100.00 |" in md
+    assert "## Time tokens against no token" in md
+    assert "| sft | early | 2 | 100.00 | 100.00 | +0.00 |" in md and "| sft-dpo | early | 2 | 0.00 | 100.00 | +100.00 |" in md
     assert (project / "build" / "eval" / "eval.png").read_bytes()[:4] == b"\x89PNG"
     # Resume: a rerun asks nothing and reports the same figures.
     again = cli(*args)
     assert again.exit_code == 0 and len(fake_openai.completions()) == len(prompts)
     redo = json.loads(again.stdout)
     assert redo["judge"]["this_run"]["requests"] == 0
+    assert gens["sft"].asked == [("early", 6), ("late", 3), (None, 2)]      # no answer asked again either
     assert redo["systems"]["sft"]["judge"] == sft and redo["systems"]["sft-dpo"]["judge"] == dpo
 
 
@@ -630,13 +654,54 @@ def test_protocols_stop_at_the_budget_and_resume(project, cli, monkeypatch, fake
     r = cli(*args, "--budget-usd", "3")
     assert r.exit_code == 3 and "budget of $3.0 reached" in r.stderr
     sent = len(fake_openai.completions())
-    assert 7 < sent < 49                          # the classifications, then part of the rest
+    assert 7 < sent < 53                          # the classifications, then part of the rest
     spent = json.loads(r.stdout)["judge"]["this_run"]["cost_usd"]
     assert 0 < spent <= 3.0
     r = cli(*args)
     assert r.exit_code == 0, r.output
-    assert len(fake_openai.completions()) == 49   # only what was missing was asked
+    assert len(fake_openai.completions()) == 53   # only what was missing was asked
     data = json.loads(r.stdout)
-    assert data["judge"]["requests"] == 49 and data["judge"]["this_run"]["requests"] == 49 - sent
+    assert data["judge"]["requests"] == 53 and data["judge"]["this_run"]["requests"] == 53 - sent
     sft, dpo = data["systems"]["sft"]["judge"], data["systems"]["sft-dpo"]["judge"]
     assert (sft["knowledge_score"], dpo["attitude_rank"], sft["leak_rate"]) == (2.0, 1.0, 100.0)
+
+
+def test_run_speaker_without_a_stage_token(project, monkeypatch):
+    """answer_batch(..., None) hands generate_batch no stage token; a stage hands its own."""
+    from persllm_cli.model import generate
+    from persllm_cli.persona.speaker import RunSpeaker
+
+    seen = []
+    monkeypatch.setattr(generate, "generate_batch",
+                        lambda model, tok, convs, *, stage_token, sampling=None: seen.append(stage_token) or ["x"] * len(convs))
+    speaker = RunSpeaker(_make_run(project, "sft"), loaded=(object(), object()))
+    q = [[{"role": "user", "content": "Who won the war?"}]]
+    assert speaker.answer_batch(q, None) == ["x"] and speaker.answer_batch(q, "early") == ["x"]
+    assert seen == [None, "<TIME-I>"]
+
+
+def test_api_model_has_no_no_token_answers(project, cli, monkeypatch, fake_openai):
+    """Beside a trained run, the prompted API model answers the leak questions only at their stage
+    (it has no stage token to leave out); its no-token columns stay empty."""
+    monkeypatch.chdir(project)
+    _make_run(project, "sft")
+    real_open = eval_answers.open_speaker
+    monkeypatch.setattr(eval_answers, "open_speaker", lambda system, s, prices=None:
+                        FakeGenerator("") if system.kind == "run" else real_open(system, s, prices))
+    state: dict = {"class_bad": True, "rank_bad": True}
+    judge_ = _protocol_judge(state)
+    fake_openai.responder = lambda body, n: (judge_(body, n) if "Verdict" in body["messages"][-1]["content"]
+                                             or "Ranking" in body["messages"][-1]["content"]
+                                             else "Well, as I remember it, the castle.")
+    result = cli("eval", "runs/sft", "--api-model", "gpt-4o-mini", "--judge", "gpt-4o-mini", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    api_ids = [json.loads(x)["id"] for x in
+               (project / "build" / "eval" / "api-gpt-4o-mini" / "answers.jsonl").read_text().splitlines()]
+    assert not any(i.startswith("notoken:") for i in api_ids) and sum(i.startswith("leak:") for i in api_ids) == 2
+    api, sft = data["systems"]["api:gpt-4o-mini"]["judge"], data["systems"]["sft"]["judge"]
+    assert (api["leak_items"], api["leak_notoken_items"], api["leak_notoken_rate"]) == (2, 0, None)
+    assert (sft["leak_rate"], sft["leak_notoken_rate"]) == (0.0, 100.0)
+    md = (project / "build" / "eval" / "eval.md").read_text()
+    assert "| time leak % without a stage token | 100.00 | - |" in md
+    assert "| sft | early | 2 | 0.00 | 100.00 | +100.00 |" in md and "| api:gpt-4o-mini | early |" not in md.split("## Time tokens against no token")[1]

@@ -64,7 +64,8 @@ def _answer_all_api(speaker: ApiSpeaker, system: System, items: list[TestItem], 
 def _answer_record(system: System, item: TestItem, text: str | None, model: str, extra: dict[str, Any],
                    error: str | None = None) -> records.Record:
     ok = bool(text and text.strip())
-    return {"id": item.id, "persona": system.persona, "stage": item.stage, "pattern": item.pattern,
+    extra = {**extra, "stage_token": False} if item.no_token else extra
+    return {"id": item.id, "persona": system.persona, "stage": item.stage or None, "pattern": item.pattern,
             "messages": [{"role": "user", "content": item.question}]
                         + ([{"role": "assistant", "content": text}] if ok else []),
             "generator": {"system": system.name, "kind": system.kind, "model": model,
@@ -111,6 +112,8 @@ def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen: C
             state.records[rec["id"]] = rec
 
         if isinstance(speaker, ApiSpeaker):
+            if any(i.no_token for i in pending):
+                raise ValueError("a prompted API model has no stage token to leave out")
             spend = _answer_all_api(speaker, system, pending, path, s, pricing(system.model, prices), keep, budget)
         else:
             _answer_in_batches(system, speaker, pending, path, s.batch_size, keep)
@@ -125,10 +128,11 @@ def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen: C
 
 def _answer_in_batches(system: System, speaker: Speaker, pending: list[TestItem], path: Path, batch_size: int,
                        keep: Callable[[records.Record], None]) -> None:
-    """A local model: stage by stage (one time token per batch), `batch_size` questions at a time."""
-    by_stage: dict[str, list[TestItem]] = defaultdict(list)
+    """A local model: stage by stage (one time token per batch; the no-token items together, with
+    None for the stage: no token at all), `batch_size` questions at a time."""
+    by_stage: dict[str | None, list[TestItem]] = defaultdict(list)
     for i in pending:
-        by_stage[i.stage].append(i)
+        by_stage[None if i.no_token else i.stage].append(i)
     with records.Appender(path) as out, console.progress() as bar:
         task = bar.add_task(f"answering ({system.name})", total=len(pending))
         for stage, group in by_stage.items():

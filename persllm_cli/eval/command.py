@@ -151,6 +151,23 @@ def leak_items(order: list[str], items: list[TestItem], per_stage: int, seed: in
     return out
 
 
+NO_TOKEN = "notoken:"   # the id prefix of a leak question answered with no stage token
+
+
+def no_token_items(leaks: list[TestItem]) -> list[TestItem]:
+    """The leak questions once each, to be answered by a trained run with no stage token (ids
+    notoken:<test id>). Without a token the answer does not depend on the stage it is checked
+    against, so a question chosen for several earlier stages is answered once; the judge then
+    checks that one answer against each of those stages (`leak-notoken:<stage>:<test id>`)."""
+    out: dict[str, TestItem] = {}
+    for i in leaks:
+        tid = i.id.split(":", 2)[2]
+        out.setdefault(tid, TestItem(id=NO_TOKEN + tid, persona=i.persona, stage="", pattern=judge.LEAK,
+                                     question=i.question, reference=i.reference, later_stage=i.later_stage,
+                                     no_token=True))
+    return list(out.values())
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -189,11 +206,16 @@ def _run(project: Project | None, s: EvalSettings, t0: float, items: list[TestIt
                 console.note(f"no price known for {model!r}: --budget-usd cannot limit its requests "
                              "(add it under [annotate.prices] in persllm.toml)")
     leaks = leak_items(stage_order(project, systems, items), items, s.leak_questions, s.seed) if s.judge else []
+    # A trained run also answers the leak questions with no stage token: the leak rate without
+    # the tokens is what the tokens are measured against.
+    bare = no_token_items(leaks)
     leak_answers: dict[str, dict[str, records.Record]] = {}
+    item_ids = {i.id for i in items}
     for system in systems:
-        got, failed, spend = eval_answers.generate(system, items + leaks, s, prices=prices, budget=budget)
-        answers[system.name] = {k: r for k, r in got.items() if not k.startswith("leak:")}
-        leak_answers[system.name] = {k: r for k, r in got.items() if k.startswith("leak:")}
+        asked = items + leaks + (bare if system.kind == "run" else [])
+        got, failed, spend = eval_answers.generate(system, asked, s, prices=prices, budget=budget)
+        answers[system.name] = {k: r for k, r in got.items() if k in item_ids}
+        leak_answers[system.name] = {k: r for k, r in got.items() if k not in item_ids}
         if spend is not None:
             spends[system.name] = spend
         failed_total += failed
@@ -229,7 +251,8 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
     First every test item is classified (knowledge, attitude or neither; kept in
     <shared_dir>/judge_items.jsonl with the attitude rankings, which span all systems); then per
     system the pairwise comparison, false premises, knowledge scores and leak checks (the system's
-    judge.jsonl); then the attitude items are ranked across systems."""
+    judge.jsonl; a trained run's leak questions both with the stage token and without one); then
+    the attitude items are ranked across systems."""
     leaks, leak_answers = leaks or [], leak_answers or {}
     shared = (shared_dir or systems[0].dir) / "judge_items.jsonl"
     records.make_dirs(shared.parent)
@@ -268,12 +291,17 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
                                          question=i.question, reference=i.reference, answer=records.answer(r),
                                          category=categories.get(i.id), stage=i.stage))
         for i in leaks:
-            r = leak_answers.get(system.name, {}).get(i.id)
-            if r and r.get("status") == "ok":
-                jitems.append(judge.Answered(test_id=i.id, persona=system.persona,
-                                         stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
-                                         question=i.question, reference=i.reference, answer=records.answer(r),
-                                         later_label=system.labels.get(i.later_stage, i.later_stage), stage=i.stage))
+            # With the stage's token (leak:<stage>:<test id>), and for a trained run the same
+            # question answered with no token, judged against the same stage (leak-notoken:...).
+            tid = i.id.split(":", 2)[2]
+            for no_token, rid, jid in ((False, i.id, i.id), (True, NO_TOKEN + tid, f"leak-notoken:{i.stage}:{tid}")):
+                r = leak_answers.get(system.name, {}).get(rid)
+                if r and r.get("status") == "ok":
+                    jitems.append(judge.Answered(test_id=jid, persona=system.persona,
+                                             stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
+                                             question=i.question, reference=i.reference, answer=records.answer(r),
+                                             later_label=system.labels.get(i.later_stage, i.later_stage),
+                                             stage=i.stage, no_token=no_token))
         verdicts, spend = judge.run(backend, jitems, system.dir / "judge.jsonl", settings=settings(f"judging ({system.name})"), **kw)
         summary = judge.summarize(jitems, verdicts, backend.model)
         result["systems"][system.name]["judge"] = summary
@@ -304,7 +332,9 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
     result["judge"] = {"model": backend.model, **total.__dict__, "this_run": dict(new.__dict__),
                        "classes": {c: counts.get(c, 0) for c in judge.CATEGORIES}, "unclassified": unclassified,
                        "ranked_items": len(ranks), "systems_ranked": len(systems) if len(systems) > 1 else 0,
-                       "leak_questions": len(leaks), "items_file": str(shared)}
+                       "leak_questions": len(leaks),
+                       "leak_notoken_questions": len(no_token_items(leaks)) if any(x.kind == "run" for x in systems) else 0,
+                       "items_file": str(shared)}
     if len(systems) == 1 and attitude:
         console.note("attitude ranking needs two or more systems side by side (runs or --api-model); skipped")
     if failed:

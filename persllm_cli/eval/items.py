@@ -62,6 +62,7 @@ class TestItem:
     question: str
     reference: str
     later_stage: str = ""         # a leak item: the stage whose material the question comes from
+    no_token: bool = False        # answered with no stage token (a trained run only; `stage` is then "")
 
 
 @dataclass

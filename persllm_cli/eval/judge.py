@@ -21,7 +21,9 @@ The paper's protocols (see `classify`, `rank` and the `knowledge` / `leak` kinds
   in an order shuffled per item with a seeded generator; the record keeps that order so the
   letters are mapped back to systems (ties allowed: a system's rank is 1 + the systems ahead);
 - a leak item is a later stage's question asked at an earlier stage: the judge says whether the
-  answer reveals what the character only learns later (`leak`, per system).
+  answer reveals what the character only learns later (`leak`, per system). A trained run's
+  answer to the same question with no stage token is judged against the same stage too
+  (`no_token`), so the two leak rates show what the time tokens do.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Answered:
     category: str | None = None     # the judge's classification of the test item, when known
     later_label: str = ""
     stage: str = ""                 # the stage id the answer was given at (leak items: the earlier one)
+    no_token: bool = False          # a leak item answered with no stage token, judged against `stage`
 
 
 def task_key(item: Answered, kind: str, judge_model: str) -> str:
@@ -342,12 +345,13 @@ def total_spend(verdicts: dict[str, Record]) -> Spend:
 def summarize(items: list[Answered], verdicts: dict[str, Record], judge_model: str) -> dict[str, Any]:
     """Win/tie/loss against the reference (both orders must agree), consistency, premise rejection,
     the mean knowledge score (0-5) of knowledge items, and the leak rate of leak items (overall and
-    per stage the answer was given at).
+    per stage the answer was given at), with the stage token and (`leak_notoken_*`) without one.
 
     `preference` is the mean of per-item scores on 0-100 where one order's vote is worth half:
     100 = always preferred to the reference, 50 = on a par, 0 = never."""
     scores, agree, premise, knowledge, failed = [], 0, [], [], 0
     leaks: dict[str, list[bool]] = {}
+    bare: dict[str, list[bool]] = {}     # the same leak questions answered with no stage token
     for item in items:
         def verdict(kind: str) -> str | None:
             r = verdicts.get(task_key(item, kind, judge_model))
@@ -358,7 +362,7 @@ def summarize(items: list[Answered], verdicts: dict[str, Record], judge_model: s
             if v is None:
                 failed += 1
             else:
-                leaks.setdefault(item.stage, []).append(v == "yes")
+                (bare if item.no_token else leaks).setdefault(item.stage, []).append(v == "yes")
             continue
         ab, ba = verdict("ab"), verdict("ba")
         if ab is None or ba is None:
@@ -382,6 +386,11 @@ def summarize(items: list[Answered], verdicts: dict[str, Record], judge_model: s
                 knowledge.append(int(k))
     n = len(scores)
     all_leaks = [x for v in leaks.values() for x in v]
+    all_bare = [x for v in bare.values() for x in v]
+
+    def by_stage(got: dict[str, list[bool]]) -> dict[str, dict[str, Any]]:
+        return {st: {"items": len(v), "leaked": sum(v), "rate": 100 * sum(v) / len(v)} for st, v in got.items()}
+
     return {
         "items": n,
         "win": 100 * sum(s > 0 for s in scores) / n if n else None,
@@ -395,7 +404,9 @@ def summarize(items: list[Answered], verdicts: dict[str, Record], judge_model: s
         "knowledge_score": fmean(knowledge) if knowledge else None,
         "leak_items": len(all_leaks),
         "leak_rate": 100 * sum(all_leaks) / len(all_leaks) if all_leaks else None,
-        "leak_by_stage": {st: {"items": len(v), "leaked": sum(v), "rate": 100 * sum(v) / len(v)}
-                          for st, v in leaks.items()},
+        "leak_by_stage": by_stage(leaks),
+        "leak_notoken_items": len(all_bare),
+        "leak_notoken_rate": 100 * sum(all_bare) / len(all_bare) if all_bare else None,
+        "leak_notoken_by_stage": by_stage(bare),
         "failed": failed,
     }

@@ -34,6 +34,7 @@ JUDGE_ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("knowledge score (0-5)", ("judge", "knowledge_score")),
     ("attitude rank (1 = best)", ("judge", "attitude_rank")),
     ("time leak % (lower is better)", ("judge", "leak_rate")),
+    ("time leak % without a stage token", ("judge", "leak_notoken_rate")),
 ]
 
 
@@ -147,6 +148,22 @@ def markdown(result: dict[str, Any]) -> str:
             insert += [f"| {name} | {st} | {v['items']} | {v['leaked']} | {_fmt(float(v['rate']))} |" for name, st, v in leak_rows]
             at = lines.index("## How to read this")
             lines[at:at] = insert + [""]
+        bare_rows = [(name, st, v["judge"]["leak_by_stage"].get(st), b) for name, v in result["systems"].items()
+                     if v.get("judge") for st, b in (v["judge"].get("leak_notoken_by_stage") or {}).items()]
+        if bare_rows:
+            insert = ["## Time tokens against no token", "",
+                      "The same questions about later stages, answered by the trained run with the stage's token"
+                      " and with no stage token at all, each judged against the stage shown. Lower with the token"
+                      " than without means the tokens keep the future out.", "",
+                      "| system | asked at stage | questions | leak % with token | leak % no token | difference |",
+                      "|---|---|---:|---:|---:|---:|"]
+            for name, st, w, b in bare_rows:
+                with_rate = None if w is None else float(w["rate"])
+                diff = None if with_rate is None else float(b["rate"]) - with_rate
+                insert.append(f"| {name} | {st} | {b['items']} | {_fmt(with_rate)} | {_fmt(float(b['rate']))} |"
+                              f" {'-' if diff is None else f'{diff:+.2f}'} |")
+            at = lines.index("## How to read this")
+            lines[at:at] = insert + [""]
         classes = j.get("classes") or {}
         cost = "unknown price" if j["cost_usd"] is None else f"${j['cost_usd']:.4f}"
         lines += ["- Judge: each answer was compared with the reference twice, in both orders; a win needs both"
@@ -159,7 +176,11 @@ def markdown(result: dict[str, Any]) -> str:
                   f" more systems; {j.get('ranked_items', 0)} item(s) ranked).",
                   f"- Time leakage: {j.get('leak_questions', 0)} question(s) from later stages' test items were asked"
                   " at an earlier stage; the judge says whether the answer reveals the later knowledge. Lower is"
-                  " better: the time tokens keep the future out.",
+                  " better: the time tokens keep the future out."
+                  + (f" A trained run also answered {j['leak_notoken_questions']} of these question(s) with no stage"
+                     " token, judged against the same stages: the leak rate the tokens are compared with"
+                     " (difference = no token - with token; positive means the tokens help)."
+                     if j.get("leak_notoken_questions") else ""),
                   "- False premise rejected: the share of `error`-pattern items whose answer rejected the premise.",
                   f"- Judge `{j['model']}`: {j['requests']} requests, {j['prompt_tokens']} prompt and"
                   f" {j['completion_tokens']} completion tokens, {cost}."]
@@ -175,7 +196,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
     names = list(result["systems"])
     panels = [("Distinction (BLEU)", ROWS[:3]),
-              ("Against the references (0-100)", ROWS[3:] + ([JUDGE_ROWS[0], JUDGE_ROWS[5], JUDGE_ROWS[8]]
+              ("Against the references (0-100)", ROWS[3:] + ([JUDGE_ROWS[0], JUDGE_ROWS[5], JUDGE_ROWS[8], JUDGE_ROWS[9]]
                                                              if result.get("judge") else []))]
     if result.get("judge"):
         panels.append(("Judge scores", JUDGE_ROWS[6:8]))

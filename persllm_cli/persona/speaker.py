@@ -48,9 +48,10 @@ class Speaker(Protocol):
         iterator early stops the generation."""
         ...
 
-    def answer_batch(self, conversations: list[list[Message]], stage_id: str,
+    def answer_batch(self, conversations: list[list[Message]], stage_id: str | None,
                      sampling: Sampling | None = None) -> list[str | None]:
-        """One answer per conversation (None for one that failed), all at `stage_id`."""
+        """One answer per conversation (None for one that failed), all at `stage_id`. A trained
+        run also takes None: no stage token at all (eval compares its leakage with the tokens')."""
         ...
 
 
@@ -138,11 +139,13 @@ class RunSpeaker:
 
         return stream_reply(self.model, self.tokenizer, messages, self.token(stage_id), sampling or self.sampling)
 
-    def answer_batch(self, conversations: list[list[Message]], stage_id: str,
+    def answer_batch(self, conversations: list[list[Message]], stage_id: str | None,
                      sampling: Sampling | None = None) -> list[str | None]:
+        """None as `stage_id`: the prompt carries no stage token (the model's own default time)."""
         from persllm_cli.model.generate import generate_batch
 
-        return list(generate_batch(self.model, self.tokenizer, conversations, stage_token=self.token(stage_id),
+        token = None if stage_id is None else self.token(stage_id)
+        return list(generate_batch(self.model, self.tokenizer, conversations, stage_token=token,
                                    sampling=sampling or self.sampling))
 
 
