@@ -1,5 +1,6 @@
 """Time and peak memory of `persllm export` for the embedded 135M model (hf and gguf f16), each in
-its own process (peak RSS is per process), without the check and with it.
+its own process (peak RSS is per process), without the check and with it, and q8_0 with its check
+(token agreement with the run).
 
     python benchmarks/export_time.py [--keep DIR]
 
@@ -40,11 +41,12 @@ def main() -> None:
         make_run(run, base)
     fp32 = (base / "model.safetensors").stat().st_size
     results = []
-    for fmt in ("hf", "gguf"):
-        for check in ("--no-check", "--check"):
-            out = work / f"out-{fmt}{check}"
+    rounds = [("hf", "f16", "--no-check"), ("hf", "f16", "--check"), ("gguf", "f16", "--no-check"),
+              ("gguf", "f16", "--check"), ("gguf", "q8_0", "--check")]
+    for fmt, quant, check in rounds:
+            out = work / f"out-{fmt}-{quant}{check}"
             cmd = ["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, "-m", "persllm_cli", "export", str(run),
-                   "--format", fmt, "-o", str(out), "--force", check, "--check-tokens", "24"]
+                   "--format", fmt, "--quant", quant, "-o", str(out), "--force", check, "--check-tokens", "24"]
             started = time.monotonic()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             wall = time.monotonic() - started
@@ -52,8 +54,9 @@ def main() -> None:
                 sys.exit(proc.stderr[-2000:])
             rss = int(re.search(r"MAXRSS (\d+)", proc.stderr).group(1)) * 1024
             line = next((l for l in proc.stderr.splitlines() if l.startswith("Exported")), "")
-            summary = next((l for l in proc.stderr.splitlines() if l.startswith("Check passed")), "")
-            results.append({"format": fmt, "check": check == "--check", "process_s": round(wall, 1),
+            summary = " | ".join(l.strip() for l in proc.stderr.splitlines()
+                                 if l.lstrip().startswith(("Check", "check", "hf", "gguf", "token agreement", "largest")))
+            results.append({"format": fmt, "quant": quant if fmt != "hf" else None, "check": check == "--check", "process_s": round(wall, 1),
                             "peak_rss_mb": round(rss / 2**20), "peak_vs_fp32": round(rss / fp32, 2),
                             "export_line": line, "check_line": summary})
             print(json.dumps(results[-1]), flush=True)

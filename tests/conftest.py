@@ -133,3 +133,22 @@ def pytest_collection_modifyitems(config, items):
         # The marker itself: item.keywords also holds the names of parent folders (a checkout in .../gpu/).
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def project(cli, tmp_path, monkeypatch) -> Path:
+    """A project with two stages of short material (retrieval for chat --api-model and converse), as
+    the working directory. Test files with their own `project` fixture use theirs."""
+    root = tmp_path / "harry"
+    assert cli("init", str(root), "--name", "Harry Potter", "--stage", "early:first year at Hogwarts",
+               "--stage", "late:after the war").exit_code == 0
+    (root / "data/early/knowledge.txt").write_text(
+        "I caught the golden snitch in my mouth during my first Quidditch match.\n"
+        "Hagrid told me I was a wizard on my eleventh birthday.\n", encoding="utf-8")
+    (root / "data/early/style.txt").write_text("Blimey, that was brilliant!\n", encoding="utf-8")
+    (root / "data/late/knowledge.txt").write_text(
+        "After the war I trained as an Auror and later led the Auror office.\n"
+        "I married Ginny and we named our son James Sirius.\n", encoding="utf-8")
+    (root / "data/late/style.txt").write_text("I try to keep my temper these days.\n", encoding="utf-8")
+    monkeypatch.chdir(root)
+    return root

@@ -196,23 +196,7 @@ def test_terminal_loads_while_the_user_types_and_a_failed_load_is_one_line(cli, 
 
 
 # ----------------------------------------------------------------------------- API model
-
-@pytest.fixture
-def project(cli, tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "harry"
-    assert cli("init", str(root), "--name", "Harry Potter", "--stage", "early:first year at Hogwarts",
-               "--stage", "late:after the war").exit_code == 0
-    (root / "data/early/knowledge.txt").write_text(
-        "I caught the golden snitch in my mouth during my first Quidditch match.\n"
-        "Hagrid told me I was a wizard on my eleventh birthday.\n", encoding="utf-8")
-    (root / "data/early/style.txt").write_text("Blimey, that was brilliant!\n", encoding="utf-8")
-    (root / "data/late/knowledge.txt").write_text(
-        "After the war I trained as an Auror and later led the Auror office.\n"
-        "I married Ginny and we named our son James Sirius.\n", encoding="utf-8")
-    (root / "data/late/style.txt").write_text("I try to keep my temper these days.\n", encoding="utf-8")
-    monkeypatch.chdir(root)
-    return root
-
+# (the `project` fixture, in conftest.py: two stages of short material for retrieval)
 
 def test_api_model_streams_with_stage_material(cli, project, fake_openai):
     fake_openai.push(Reply("I was eleven,\nand it was brilliant."))

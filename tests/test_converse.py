@@ -25,23 +25,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture
-def project(cli, tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "harry"
-    assert cli("init", str(root), "--name", "Harry Potter", "--stage", "early:first year at Hogwarts",
-               "--stage", "late:after the war").exit_code == 0
-    (root / "data/early/knowledge.txt").write_text(
-        "I caught the golden snitch in my mouth during my first Quidditch match.\n"
-        "Hagrid told me I was a wizard on my eleventh birthday.\n", encoding="utf-8")
-    (root / "data/early/style.txt").write_text("Blimey, that was brilliant!\n", encoding="utf-8")
-    (root / "data/late/knowledge.txt").write_text(
-        "After the war I trained as an Auror and later led the Auror office.\n"
-        "I married Ginny and we named our son James Sirius.\n", encoding="utf-8")
-    (root / "data/late/style.txt").write_text("I try to keep my temper these days.\n", encoding="utf-8")
-    monkeypatch.chdir(root)
-    return root
-
-
 @pytest.fixture(scope="session")
 def _session_run(_embedded_models, tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("converse-runs") / "r1", _embedded_models / "smollm2-135m")
