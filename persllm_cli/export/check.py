@@ -5,7 +5,9 @@ the export is loaded with plain transformers (`AutoModelForCausalLM`, or transfo
 reader for a GGUF file) and prompted through the exported chat template. For every stage and a few
 prompts: the prompt token ids must be equal, greedy answers must be equal (hf, gguf f16; q8_0 reports
 how many answer tokens agree), the largest logit difference is reported, a prompt without a stage
-must get the default stage, and different stages must give different logits.
+must get the default stage, and different stages must give different logits. An export in 16 bits
+is compared twice: with the run as trained (float32; how far the rounding moves it), then, exactly,
+with the run's weights rounded the same way (`round_like_export`).
 """
 
 from __future__ import annotations
@@ -127,6 +129,19 @@ def _near_tie(a: Any, b: Any, start: int, picks: list[int], ref_answer: list[int
             return float(top[0] - top[1]) <= 2 * float((a[row] - b[row]).abs().max())
     # Teacher-forced picks all agree: the answers differ only after a stop token or in length.
     return True
+
+
+def round_like_export(model: Any, dtype: Any, *, vectors: bool) -> None:
+    """Round the run's weights, in place, the way the export stores them: matrices in `dtype`, and
+    vectors (norms, biases) too when `vectors` (an hf export in float16 keeps nothing in float32; a GGUF
+    keeps vectors in F32). The export must then give the same greedy answers as this reference: a
+    difference could only come from the conversion, not from the rounding every f16 export has."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 or vectors:
+                p.copy_(p.to(dtype).to(p.dtype))
 
 
 def load_hf(out: Path) -> tuple[Any, Any]:

@@ -135,15 +135,39 @@ def _check(info, settings: ExportSettings, tmp: Path, hf_dir: Path, gguf_name: s
         exported, what, exact = check.load_hf(hf_dir), "hf", True
     else:
         exported, what, exact = check.load_gguf(tmp / gguf_name), f"gguf {settings.quant}", settings.quant == "f16"
+    import torch
+
+    rounded = None  # an export in 16 bits: the dtype its matrices were rounded to, and whether vectors too
+    if settings.format == "hf" and settings.dtype != "float32":
+        rounded = (getattr(torch, settings.dtype), True)
+    elif settings.format != "hf" and settings.quant == "f16":
+        rounded = (torch.float16, False)
     console.info(f"Checking the {what} export against the run ({len(info.stages)} stages x {len(check.PROMPTS)} prompts)...")
-    report = check.compare(reference, exported, default_stage=default_stage, exact=exact,
-                           max_new_tokens=settings.check_tokens, what=what)
+    as_trained = check.compare(reference, exported, default_stage=default_stage, exact=exact and rounded is None,
+                               max_new_tokens=settings.check_tokens, what=what)
+    _report(f"{what} export vs the run as trained (float32)", settings, as_trained)
+    report = as_trained
+    if rounded is not None:
+        check.round_like_export(reference[0], rounded[0], vectors=rounded[1])
+        report = check.compare(reference, exported, default_stage=default_stage, exact=True,
+                               max_new_tokens=settings.check_tokens, what=f"{what} vs the run rounded alike")
+        _report(f"{what} export vs the run with its weights rounded alike", settings, report)
     del exported, reference
     gc.collect()
-    console.table(f"Check: {what} export vs the run (greedy, {settings.check_tokens} tokens)",
-                  ["stage", "prompt", "same answer", "tokens agreeing", "max |logit diff|"], report.rows)
     ties = f" ({report.near_ties} differ after a near tie of the run's own top two tokens)" if report.near_ties else ""
     console.info(f"Check passed: {report.exact}/{report.answers} identical answers{ties}, token agreement "
-                 f"{report.agreement:.1%}, largest logit difference {report.max_logit_diff:.2e}")
-    return {"format": what, "identical": report.exact, "answers": report.answers,
-            "agreement": report.agreement, "near_ties": report.near_ties, "max_logit_diff": report.max_logit_diff}
+                 f"{report.agreement:.1%}, largest logit difference {report.max_logit_diff:.2e}"
+                 + (f"; against the float32 run: {as_trained.exact}/{as_trained.answers} identical, token agreement "
+                    f"{as_trained.agreement:.1%}" if rounded is not None else ""))
+    figures = {"format": what, "identical": report.exact, "answers": report.answers,
+               "agreement": report.agreement, "near_ties": report.near_ties, "max_logit_diff": report.max_logit_diff}
+    if rounded is not None:
+        figures["vs_float32"] = {"identical": as_trained.exact, "answers": as_trained.answers,
+                                 "agreement": as_trained.agreement, "near_ties": as_trained.near_ties,
+                                 "max_logit_diff": as_trained.max_logit_diff}
+    return figures
+
+
+def _report(title: str, settings: ExportSettings, report: Any) -> None:
+    console.table(f"Check: {title} (greedy, {settings.check_tokens} tokens)",
+                  ["stage", "prompt", "same answer", "tokens agreeing", "max |logit diff|"], report.rows)

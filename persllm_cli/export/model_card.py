@@ -42,9 +42,14 @@ def render(info: runs.RunInfo, fmt: str, default_stage: str, gguf_name: str, fac
     elif data:
         lines.append("- Training data: " + json.dumps(data, ensure_ascii=False)[:500])
     if figures:
-        lines.append(f"- Export check ({figures['format']}, greedy, vs the run): {figures['identical']}/{figures['answers']} "
+        against = "the run with its weights rounded alike" if "vs_float32" in figures else "the run"
+        lines.append(f"- Export check ({figures['format']}, greedy, vs {against}): {figures['identical']}/{figures['answers']} "
                      f"identical answers, token agreement {figures['agreement']:.1%}, largest logit difference "
                      f"{figures['max_logit_diff']:.2e}")
+        if "vs_float32" in figures:
+            f32 = figures["vs_float32"]
+            lines.append(f"- Against the run as trained (float32): {f32['identical']}/{f32['answers']} identical answers, "
+                         f"token agreement {f32['agreement']:.1%}, largest logit difference {f32['max_logit_diff']:.2e}")
     lines += _eval_lines(info)
     lines += ["", "## Use", ""]
     if fmt == "hf":
