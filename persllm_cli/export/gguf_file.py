@@ -82,6 +82,12 @@ def _permute(weights: Any, n_head: int) -> Any:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
+# Kept in F16 in a q8_0 file: the embedding rows hold the time tokens, whose differences can be far
+# smaller than Q8_0's step (a lightly trained run's stage rows differ by ~1e-5 and would come out
+# identical, every stage then saying the same); llama.cpp's own mixes keep these tensors finer too.
+KEEP_F16 = ("token_embd.weight", "output.weight")
+
+
 def write(hf_dir: Path, path: Path, *, quant: str, tokenizer: Any, name: str) -> None:
     """Write `path` from the merged export in `hf_dir`."""
     import gguf
@@ -139,7 +145,7 @@ def write(hf_dir: Path, path: Path, *, quant: str, tokenizer: Any, name: str) ->
         shape = list(where[key].get_slice(key).get_shape())
         if len(shape) == 1:
             kind, nbytes, dtype, shape_out = "f32", shape[0] * 4, np.float32, shape
-        elif quant == "q8_0" and shape[-1] % 32 == 0:
+        elif quant == "q8_0" and shape[-1] % 32 == 0 and target not in KEEP_F16:
             kind = "q8_0"
             shape_out = [shape[0], shape[1] // 32 * 34]
             nbytes, dtype = shape_out[0] * shape_out[1], np.uint8
