@@ -174,12 +174,15 @@ class _Watchdog:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._busy = threading.Condition(self._lock)   # signalled when a first watch comes
         self._watches: set[_Watch] = set()
         self._thread: threading.Thread | None = None
 
     def add(self, w: _Watch) -> None:
         with self._lock:
             self._watches.add(w)
+            if len(self._watches) == 1:
+                self._busy.notify()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="persllm-watchdog")
                 self._thread.start()
@@ -189,9 +192,13 @@ class _Watchdog:
             self._watches.discard(w)
 
     def _loop(self) -> None:
+        """Ten looks a second while streams are open; asleep while none is."""
         import time
 
         while True:
+            with self._lock:
+                while not self._watches:
+                    self._busy.wait()
             time.sleep(0.1)
             now = time.monotonic()
             with self._lock:

@@ -140,12 +140,13 @@ class FakeOpenAI:
                 """Server-sent events as the real API streams them (chunked, so the connection is
                 kept alive): a chunk per word, the usage chunk when asked for, then [DONE].
 
-                Without a stall the whole body goes out in one write: the fake is the benchmarks'
-                server, and a write + flush per word made it, not the client, the cost measured."""
+                Without a stall the whole response (headers, events, the last chunk) goes out in
+                one write: the fake is the benchmarks' server, and a write + flush per word made
+                it, not the client, the cost measured."""
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
+                self._headers_buffer.append(b"\r\n")   # end_headers() without its write: see below
                 head = f'{{"id": "chatcmpl-fake-{n}", "object": "chat.completion.chunk", ' \
                        f'"created": {int(time.time())}, "model": {json.dumps(model)}, '
 
@@ -153,8 +154,11 @@ class FakeOpenAI:
                     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
                     return f'data: {head}"choices": {json.dumps(choices)}{extra}}}\n\n'.encode()
 
-                def send(data: bytes) -> None:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                def send(data: bytes, end: bytes = b"") -> None:
+                    """One write: the headers not yet sent, this chunk, and `end`."""
+                    headers = b"".join(self._headers_buffer)
+                    self._headers_buffer = []
+                    self.wfile.write(b"%s%x\r\n%s\r\n%s" % (headers, len(data), data, end))
                     self.wfile.flush()
 
                 pieces = re.findall(r"\S+\s*|\s+", text)
@@ -168,9 +172,7 @@ class FakeOpenAI:
                     send(events[0])
                     time.sleep(stall)
                     events = events[1:]
-                send(b"".join(events))
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
+                send(b"".join(events), b"0\r\n\r\n")
 
             def _error(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> None:
                 self._send(status, {"error": {"message": message, "type": "fake_error", "code": code}}, headers)
