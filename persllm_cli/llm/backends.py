@@ -419,7 +419,9 @@ class OpenAIBackend:
                     try:
                         chunk = loads(payload)
                     except ValueError:
-                        raise TransientError(f"the server at {self.where} sent a malformed chunk") from None
+                        chunk = None
+                    if not isinstance(chunk, dict):
+                        raise TransientError(f"the server at {self.where} sent a malformed chunk")
                     if not started:
                         started = True
                         self._first_token.seconds = monotonic() - t0
@@ -440,6 +442,9 @@ class OpenAIBackend:
                 transport = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
                 if w.expired:
                     pass   # the watchdog cut it: a timeout, said below
+                elif (not started and isinstance(e, o.APITimeoutError)
+                      and monotonic() - t0 >= 0.99 * self.first_token_timeout):
+                    w.expired = True   # the read of the headers, whose limit is the first token's: said below
                 elif started and (isinstance(e, o.APIConnectionError) or transport):
                     raise TransientError(f"the connection to {self.where} broke mid-answer") from None
                 elif transport:
