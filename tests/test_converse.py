@@ -132,6 +132,57 @@ def test_two_api_personas_take_turns_from_their_own_side(cli, project, fake_open
     assert "BLEU between speakers" in r.stderr and fake_openai.api_key not in r.stdout + r.stderr + md
 
 
+def test_api_lines_stream_under_the_speakers_name_with_the_servers_token_counts(cli, project, fake_openai,
+                                                                                monkeypatch):
+    from persllm_cli.converse import command
+
+    writes: list[str] = []
+    real = command._write
+    monkeypatch.setattr(command, "_write", lambda text: (writes.append(text), real(text)))
+    fake_openai.push(Reply("Who are you? You look like my dad."), Reply("I am you, twenty years on."))
+    r = cli("converse", "api:fake-model@early", "api:fake-model@late", "--scene", SCENE, "--turns", "2")
+    assert r.exit_code == 0, r.stderr
+    # The line came in pieces (the fake sends a chunk per word), each written as it arrived.
+    line = writes[writes.index("Harry Potter (early): ") + 1:]
+    assert line[:3] == ["Who ", "are ", "you? "]
+    assert r.stdout.splitlines()[0] == "Harry Potter (early): Who are you? You look like my dad."
+    recs = read_jsonl(project / "build/converse.jsonl")
+    # The server's own count (usage asked for in the stream): 8 words, 8 tokens for the fake.
+    assert [x["tokens_from"] for x in recs] == ["server", "server"] and recs[0]["tokens"] == 8
+    assert all(q.body["stream"] and q.body["stream_options"] == {"include_usage": True}
+               for q in fake_openai.completions())
+
+
+def test_a_server_without_usage_gets_an_estimate_said_in_the_transcript(cli, project, fake_openai):
+    fake_openai.usage = False
+    fake_openai.push(Reply("Blimey."), Reply("Sit down, Harry."))
+    r = cli("converse", "api:fake-model@early", "api:fake-model@late", "--scene", SCENE, "--turns", "2")
+    assert r.exit_code == 0, r.stderr
+    recs = read_jsonl(project / "build/converse.jsonl")
+    assert [x["tokens_from"] for x in recs] == ["estimate", "estimate"]
+    assert recs[1]["tokens"] > 0 and "Harry Potter (late): Sit down, Harry." in r.stdout
+
+
+def test_a_line_cut_off_mid_stream_is_retried_and_said(cli, project, fake_openai):
+    from tests.fakes.openai_server import Stall
+
+    with open(project / "persllm.toml", "a") as f:
+        f.write("[converse]\nbackoff_seconds = 0.01\n")
+    # The first attempt sends its first word, then goes silent past --timeout.
+    fake_openai.responder = lambda body, n: "Well, I never thought I would see you."
+    fake_openai.push(Stall(1.5), Reply("Hello there, old me."), Reply("Hello, young me."))
+    r = cli("converse", "api:fake-model@early", "api:fake-model@late", "--scene", SCENE, "--turns", "2",
+            "--timeout", "0.3")
+    assert r.exit_code == 0, r.stderr
+    first, again = r.stdout.splitlines()[:2]
+    assert first == "Harry Potter (early): Well, [cut off]"
+    assert again == "Harry Potter (early): Hello there, old me."
+    assert "retrying" in r.stderr
+    recs = read_jsonl(project / "build/converse.jsonl")
+    assert [x["text"] for x in recs] == ["Hello there, old me.", "Hello, young me."]
+    assert len(fake_openai.completions()) == 3
+
+
 def test_three_speakers_name_the_others_and_first_picks_the_opener(cli, project, fake_openai):
     fake_openai.push(*[Reply(f"line {i}") for i in range(1, 5)])
     r = cli("converse", "api:fake-model@early", "api:fake-model@late", "api:gpt-4o-mini@late",

@@ -86,6 +86,58 @@ def test_the_first_token_has_its_own_limit(slow):
     assert e.value.kind == "timeout"
 
 
+def test_the_stream_is_read_as_server_sent_events(monkeypatch):
+    """Events over several data: lines, comments, a usage chunk, an error event, a malformed chunk,
+    a stream that ends without [DONE]: read as the SSE format says, without openai's Stream."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bodies = {
+        "split": b'data: {"model":"m","choices":[{"delta":{"content":"a"}}]}\n\n: ping\n\n'
+                 b'data: {"choices":[{"delta":{"content":"b"}}],\ndata: "usage":{"prompt_tokens":3,'
+                 b'"completion_tokens":2}}\n\ndata: [DONE]\n\n',
+        "error": b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"error":{"message":"boom"}}\n\n',
+        "malformed": b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: [1,2\n\n',
+        "no-done": b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n',
+    }
+    case = {"now": ""}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = bodies[case["now"]]
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    backend = OpenAIBackend("m", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", timeout=5)
+    try:
+        case["now"] = "split"
+        c = backend.complete(ASK, max_tokens=5, temperature=0)
+        assert (c.text, c.prompt_tokens, c.completion_tokens, c.usage, c.model) == ("ab", 3, 2, "server", "m")
+        case["now"] = "no-done"
+        c = backend.complete(ASK, max_tokens=5, temperature=0)
+        assert c.text == "x" and c.usage == "estimate"   # no usage sent: estimated, and said so
+        for name, said in (("error", "failed mid-answer: boom"), ("malformed", "malformed chunk")):
+            case["now"] = name
+            with pytest.raises(TransientError, match=said):
+                backend.complete(ASK, max_tokens=5, temperature=0)
+        assert backend.streaming == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ------------------------------------------------------------------------------ the runner
 
 def test_one_at_a_time_server_gets_every_item_and_no_wasted_generation(slow, tmp_path):

@@ -3,9 +3,12 @@
 Speakers (speakers.py) take turns round robin, `--first` opening. Each sees the conversation from
 its own side: the scene as the opening user message, its own lines as assistant turns, the others'
 lines as user turns (prefixed with the speaker's name when more than two talk), consecutive user
-lines joined; the history is fitted to each model's context like `chat`. A trained run's line
-streams to stdout as it is generated; an API persona's line is asked for whole (so its tokens and
-dollars are the server's own count, with retries and backoff) and printed when it arrives.
+lines joined; the history is fitted to each model's context like `chat`. Every line streams to
+stdout under its speaker's name as it comes: a trained run's as it is generated, an API persona's
+as the server sends it (one request per attempt, with retries and backoff; an attempt that breaks
+off mid-line is marked "[cut off]" and the line starts again). An API line's tokens and dollars
+are the server's own count (its usage, asked for in the stream), an estimate only when the server
+sends none; the record's "tokens_from" says which ("server", "estimate"; "tokenizer" for a run).
 
 Every finished turn is appended to the JSONL transcript (transcript.py) and the markdown beside it
 is rewritten; Ctrl-C loses only the turn in progress (exit 130) and a rerun with the same `-o`
@@ -151,13 +154,27 @@ def _run_turn(p: Participant, messages: list[Message], sampling: Sampling) -> tu
 
 
 def _api_turn(p: Participant, messages: list[Message], s: ConverseSettings, price: Pricing,
-              spend: Spend) -> tuple[str, int, float | None]:
+              spend: Spend) -> tuple[str, int, float | None, str]:
+    """One API line, streamed to stdout as it arrives. Returns (text, completion tokens, cost,
+    where the token counts come from: "server" or "estimate")."""
     full = p.speaker.messages(messages, p.stage_id)
     spend.allow(price.price.cost(estimate_prompt_tokens(full), s.max_new_tokens))
     backend = p.speaker.backend
+    shown: list[str] = []   # what this attempt has printed
+
+    def show(piece: str) -> None:
+        if not shown:
+            piece = piece.lstrip()   # the line starts after "NAME: "
+            if not piece:
+                return
+        shown.append(piece)
+        _write(piece)
 
     def ask() -> Any:
-        c = backend.complete(full, max_tokens=s.max_new_tokens, temperature=s.temperature)
+        if shown:   # an attempt broke off mid-line: the retry starts the line again
+            _write(("" if shown[-1][-1:].isspace() else " ") + "[cut off]\n" + f"{p.name}: ")
+            shown.clear()
+        c = backend.complete(full, max_tokens=s.max_new_tokens, temperature=s.temperature, on_text=show)
         spend.requests += 1
         spend.spent += price.price.cost(c.prompt_tokens, c.completion_tokens)
         if not c.text.strip():
@@ -166,8 +183,10 @@ def _api_turn(p: Participant, messages: list[Message], s: ConverseSettings, pric
 
     c = _with_retries(p.name, ask, s)
     text = c.text.strip()
-    _write(text)
-    return text, c.completion_tokens, price.cost(price.price.cost(c.prompt_tokens, c.completion_tokens))
+    if not shown:   # a backend that does not stream
+        _write(text)
+    usage = getattr(c, "usage", "server")
+    return text, c.completion_tokens, price.cost(price.price.cost(c.prompt_tokens, c.completion_tokens)), usage
 
 
 # ---------------------------------------------------------------------------------- the summary
@@ -373,9 +392,10 @@ def _converse(project: Project | None, s: ConverseSettings) -> int:
                 turn_sampling = replace(sampling, seed=None if s.seed is None else s.seed + i)
                 text, tokens = _run_turn(p, messages, turn_sampling)
                 cost: float | None = 0.0
+                counted = "tokenizer"
             else:
                 try:
-                    text, tokens, cost = _api_turn(p, messages, s, prices[p.model], spend)
+                    text, tokens, cost, counted = _api_turn(p, messages, s, prices[p.model], spend)
                 except BudgetReached:
                     _write("\n")
                     stopped = "budget"
@@ -385,7 +405,7 @@ def _converse(project: Project | None, s: ConverseSettings) -> int:
             _write("\n\n")
             record = {"turn": i, "speaker": p.name, "spec": p.spec.text, "kind": p.kind, "model": p.model,
                       "persona": p.persona, "stage": p.stage_id, "stage_label": p.stage_label, "text": text,
-                      "tokens": tokens, "seconds": round(time.perf_counter() - started, 3), "cost": cost}
+                      "tokens": tokens, "tokens_from": counted, "seconds": round(time.perf_counter() - started, 3), "cost": cost}
             if i == 0:
                 record["scene"] = scene
             assert appender is not None

@@ -1,7 +1,8 @@
 """The saved conversation: one JSONL record per finished turn, and the same as markdown.
 
 A record: {"turn", "speaker", "spec", "kind", "model", "persona", "stage", "stage_label", "text",
-"tokens", "seconds", "cost"} and, on turn 0 only, "scene". A turn is written only once it is
+"tokens", "tokens_from", "seconds", "cost"} and, on turn 0 only, "scene" ("tokens_from": "server",
+"estimate" or "tokenizer": where the line's token count comes from). A turn is written only once it is
 complete, so a stopped conversation keeps every finished turn and a rerun with the same file
 carries on from the next one.
 """

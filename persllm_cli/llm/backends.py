@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.data.records import Message
@@ -49,6 +49,8 @@ class Completion:
     seconds: float
     model: str
     first_token_seconds: float | None = None   # a streamed reply's wait for its first chunk
+    usage: str = "counted"   # where the token counts come from: "server" (the API's usage),
+                             # "estimate" (a server that sent none) or "counted" (a local model)
 
 
 class TransientError(Exception):
@@ -172,12 +174,15 @@ class _Watchdog:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._busy = threading.Condition(self._lock)   # signalled when a first watch comes
         self._watches: set[_Watch] = set()
         self._thread: threading.Thread | None = None
 
     def add(self, w: _Watch) -> None:
         with self._lock:
             self._watches.add(w)
+            if len(self._watches) == 1:
+                self._busy.notify()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="persllm-watchdog")
                 self._thread.start()
@@ -187,9 +192,13 @@ class _Watchdog:
             self._watches.discard(w)
 
     def _loop(self) -> None:
+        """Ten looks a second while streams are open; asleep while none is."""
         import time
 
         while True:
+            with self._lock:
+                while not self._watches:
+                    self._busy.wait()
             time.sleep(0.1)
             now = time.monotonic()
             with self._lock:
@@ -216,13 +225,26 @@ def _cut(w: _Watch) -> None:
             pass
 
 
-def _socket_of(stream: Any) -> Any:
-    """The socket under an openai Stream (httpx/httpcore expose it), or None."""
+def _socket_of(response: Any) -> Any:
+    """The socket under an httpx response (httpx/httpcore expose it), or None."""
     try:
-        ns = stream.response.extensions.get("network_stream")
+        ns = response.extensions.get("network_stream")
         return ns.get_extra_info("socket") if ns is not None else None
     except Exception:  # noqa: BLE001 - another transport: the watchdog falls back to close()
         return None
+
+
+def _response_type() -> type:
+    """The HTTP response class of the openai client's HTTP library (httpx, or httpx2 in its later
+    versions; the one openai has loaded): `client.post(..., cast_to=it)` returns the response itself."""
+    import sys
+
+    for name in ("httpx2", "httpx"):
+        if name in sys.modules:
+            return sys.modules[name].Response
+    import httpx
+
+    return httpx.Response
 
 
 # Reasoning models take max_completion_tokens instead of max_tokens.
@@ -340,9 +362,29 @@ class OpenAIBackend:
         return self._openai.Timeout(self.first_token_timeout, connect=min(self.timeout, 30.0),
                                     write=self.timeout, pool=self.first_token_timeout)
 
-    def _chunks(self, client: Any, messages: list[Message], max_tokens: int, temperature: float) -> Iterator[Any]:
-        """The chunks of one streamed completion, under the watchdog: TransientError(kind="timeout")
-        when the first chunk has not come within `first_token_timeout` or a later one within `timeout`."""
+    def _open(self, client: Any, kwargs: dict[str, Any]) -> Any:
+        """Send one streamed request; the httpx response, its body unread (read as raw server-sent
+        events by `_chunks`). `client.post` (the openai client's documented way to a raw response)
+        keeps its auth, errors and retries but skips what cost the most CPU per request: checking
+        the typed parameters, and openai's Stream, which builds a pydantic object per chunk."""
+        options: dict[str, Any] = {"timeout": self._timeouts(), "security": {"bearer_auth": True}}
+        usage = {"stream_options": {"include_usage": True}} if self._stream_usage else {}
+        try:
+            return client.post("/chat/completions", cast_to=_response_type(), stream=True,
+                               body={**kwargs, "stream": True, **usage}, options=options)
+        except self._openai.BadRequestError as e:
+            if not (usage and "stream_options" in str(e)):
+                raise
+            self._stream_usage = False   # this server does not know the option: do without
+            return client.post("/chat/completions", cast_to=_response_type(), stream=True,
+                               body={**kwargs, "stream": True}, options=options)
+
+    def _chunks(self, client: Any, messages: list[Message], max_tokens: int,
+                temperature: float) -> Iterator[dict[str, Any]]:
+        """The chunks (decoded JSON of each server-sent event) of one streamed completion, under
+        the watchdog: TransientError(kind="timeout") when the first chunk has not come within
+        `first_token_timeout` or a later one within `timeout`."""
+        import json
         import time
 
         kwargs = self._request(messages, max_tokens, temperature)
@@ -351,40 +393,62 @@ class OpenAIBackend:
         self._watchdog.add(w)
         started = False
         response = None
+        timeout = self.timeout
+        monotonic = time.monotonic
+        loads = json.loads
         try:
             try:
-                try:
-                    response = client.chat.completions.create(
-                        **kwargs, stream=True, timeout=self._timeouts(),
-                        **({"stream_options": {"include_usage": True}} if self._stream_usage else {}))
-                except self._openai.BadRequestError as e:
-                    if not (self._stream_usage and "stream_options" in str(e)):
-                        raise
-                    self._stream_usage = False   # this server does not know the option: do without
-                    response = client.chat.completions.create(**kwargs, stream=True, timeout=self._timeouts())
+                response = self._open(client, kwargs)
                 w.response, w.sock = response, _socket_of(response)
                 if w.expired:   # the deadline passed while the headers came
                     _cut(w)
-                for chunk in response:
+                data: list[str] = []
+                for line in response.iter_lines():
                     if w.expired:
                         break
-                    w.deadline = time.monotonic() + self.timeout
+                    if line.startswith("data:"):
+                        data.append(line[6:] if line.startswith("data: ") else line[5:])
+                        continue
+                    if line or not data:
+                        continue   # comments (": ping"), event names, ids; a blank line ends an event
+                    payload = data[0] if len(data) == 1 else "\n".join(data)
+                    data = []
+                    if payload.startswith("[DONE]"):
+                        break
+                    w.deadline = monotonic() + timeout
+                    try:
+                        chunk = loads(payload)
+                    except ValueError:
+                        chunk = None
+                    if not isinstance(chunk, dict):
+                        raise TransientError(f"the server at {self.where} sent a malformed chunk")
                     if not started:
                         started = True
-                        self._first_token.seconds = time.monotonic() - t0
+                        self._first_token.seconds = monotonic() - t0
                         with self._counts:
                             self.streaming += 1
-                    if any(getattr(c.delta, "content", None) for c in chunk.choices or []):
+                    if chunk.get("error"):
+                        raise TransientError(f"the server at {self.where} failed mid-answer: "
+                                             f"{self._message_of(chunk['error'])}")
+                    choices = chunk.get("choices")
+                    if choices and (choices[0].get("delta") or {}).get("content"):
                         with self._counts:
                             self.received += 1
                     yield chunk
+            except TransientError:
+                raise
             except Exception as e:  # noqa: BLE001 - the transport's errors, whichever library
                 o = self._openai
                 transport = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
                 if w.expired:
                     pass   # the watchdog cut it: a timeout, said below
+                elif (not started and isinstance(e, o.APITimeoutError)
+                      and monotonic() - t0 >= 0.99 * self.first_token_timeout):
+                    w.expired = True   # the read of the headers, whose limit is the first token's: said below
                 elif started and (isinstance(e, o.APIConnectionError) or transport):
                     raise TransientError(f"the connection to {self.where} broke mid-answer") from None
+                elif transport:
+                    raise TransientError(f"the connection to {self.where} broke before the answer") from None
                 elif isinstance(e, o.APIError):
                     raise self._translate(e) from None
                 else:
@@ -406,6 +470,10 @@ class OpenAIBackend:
                 except Exception:  # noqa: BLE001 - already broken
                     pass
 
+    def _message_of(self, error: Any) -> str:
+        msg = error.get("message") if isinstance(error, dict) else error
+        return self._scrub(" ".join(str(msg).split()))[:300]
+
     def stream(self, messages: list[Message], *, max_tokens: int, temperature: float,
                retries: int = 2) -> Iterator[str]:
         """One chat completion as text pieces, as they arrive (for a person watching: `chat`).
@@ -413,44 +481,59 @@ class OpenAIBackend:
         `complete`'s (TransientError / FatalError / RequestError), timeouts measure silence."""
         client = self._client.with_options(max_retries=retries)
         for chunk in self._chunks(client, messages, max_tokens, temperature):
-            for choice in chunk.choices or []:
-                text = getattr(choice.delta, "content", None)
+            for choice in chunk.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content")
                 if text:
                     yield text
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
                  sections: list[str] | None = None, stage_token: str | None = None,
-                 stop: threading.Event | None = None) -> Completion:
+                 stop: threading.Event | None = None,
+                 on_text: Callable[[str], None] | None = None) -> Completion:
+        """One reply. `on_text`, if given, is called with each piece of text as it arrives (a
+        person watching the reply come), before the whole Completion is returned."""
         import time
 
         del sections, stage_token, stop  # a capable API model follows the format in the prompt
         t0 = time.perf_counter()
         if not self.streamed:
-            return self._complete_whole(messages, max_tokens, temperature, t0)
+            c = self._complete_whole(messages, max_tokens, temperature, t0)
+            if on_text is not None and c.text:
+                on_text(c.text)
+            return c
         pieces: list[str] = []
         usage = None
         model = None
         self._first_token.seconds = None
         for chunk in self._chunks(self._client, messages, max_tokens, temperature):
-            model = model or getattr(chunk, "model", None)
-            if getattr(chunk, "usage", None) is not None:
-                usage = chunk.usage
-            if chunk.choices:
-                text = getattr(chunk.choices[0].delta, "content", None)
+            model = model or chunk.get("model")
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            choices = chunk.get("choices")
+            if choices:
+                text = (choices[0].get("delta") or {}).get("content")
                 if text:
                     pieces.append(text)
+                    if on_text is not None:
+                        on_text(text)
         c = self._completion("".join(pieces), usage, model, messages, time.perf_counter() - t0)
         c.first_token_seconds = self._first_token.seconds
         return c
 
     def _completion(self, text: str, usage: Any, model: str | None, messages: list[Message],
                     seconds: float) -> Completion:
-        if usage is not None and usage.prompt_tokens is not None:
-            pt, ct = int(usage.prompt_tokens), int(usage.completion_tokens or 0)
-        else:  # servers without usage: estimate, so accounting still adds up
-            pt, ct = estimate_prompt_tokens(messages), estimate_tokens(text)
-        return Completion(text=text, prompt_tokens=pt, completion_tokens=ct, seconds=seconds,
-                          model=model or self.model)
+        """`usage`: the server's (a dict from a stream, an object from a whole reply) or None."""
+        if isinstance(usage, dict):
+            pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        else:
+            pt, ct = getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
+        if pt is not None:
+            return Completion(text=text, prompt_tokens=int(pt), completion_tokens=int(ct or 0), seconds=seconds,
+                              model=model or self.model, usage="server")
+        # servers without usage: estimate, so accounting still adds up
+        return Completion(text=text, prompt_tokens=estimate_prompt_tokens(messages),
+                          completion_tokens=estimate_tokens(text), seconds=seconds, model=model or self.model,
+                          usage="estimate")
 
     def _complete_whole(self, messages: list[Message], max_tokens: int, temperature: float, t0: float) -> Completion:
         """One reply in a single response (`stream=False`): `timeout` bounds every read."""

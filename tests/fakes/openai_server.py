@@ -91,6 +91,7 @@ class FakeOpenAI:
     models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4-turbo", "fake-model")
     responder: Callable[[dict[str, Any], int], str] = default_responder
     requests: list[Logged] = field(default_factory=list)
+    usage: bool = True   # False: never send token counts (servers that do not, even when asked)
 
     def __post_init__(self) -> None:
         self._script: deque = deque()
@@ -137,33 +138,41 @@ class FakeOpenAI:
             def _stream(self, n: int, model: str, text: str, usage: dict[str, int] | None,
                         stall: float = 0.0) -> None:
                 """Server-sent events as the real API streams them (chunked, so the connection is
-                kept alive): a chunk per word, the usage chunk when asked for, then [DONE]."""
+                kept alive): a chunk per word, the usage chunk when asked for, then [DONE].
+
+                Without a stall the whole response (headers, events, the last chunk) goes out in
+                one write: the fake is the benchmarks' server, and a write + flush per word made
+                it, not the client, the cost measured."""
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
+                self._headers_buffer.append(b"\r\n")   # end_headers() without its write: see below
+                head = f'{{"id": "chatcmpl-fake-{n}", "object": "chat.completion.chunk", ' \
+                       f'"created": {int(time.time())}, "model": {json.dumps(model)}, '
 
-                def send(data: bytes) -> None:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                def event(delta: dict[str, Any] | None, finish: str | None, extra: str = "") -> bytes:
+                    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+                    return f'data: {head}"choices": {json.dumps(choices)}{extra}}}\n\n'.encode()
+
+                def send(data: bytes, end: bytes = b"") -> None:
+                    """One write: the headers not yet sent, this chunk, and `end`."""
+                    headers = b"".join(self._headers_buffer)
+                    self._headers_buffer = []
+                    self.wfile.write(b"%s%x\r\n%s\r\n%s" % (headers, len(data), data, end))
                     self.wfile.flush()
 
-                def event(delta: dict[str, Any] | None, finish: str | None, extra: dict[str, Any] | None = None) -> None:
-                    chunk = {"id": f"chatcmpl-fake-{n}", "object": "chat.completion.chunk",
-                             "created": int(time.time()), "model": model,
-                             "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
-                             **(extra or {})}
-                    send(f"data: {json.dumps(chunk)}\n\n".encode())
-
-                for i, piece in enumerate(re.findall(r"\S+\s*|\s+", text)):
-                    event({"role": "assistant", "content": piece} if i == 0 else {"content": piece}, None)
-                    if i == 0 and stall:
-                        time.sleep(stall)
-                event({}, "stop")
+                pieces = re.findall(r"\S+\s*|\s+", text)
+                events = [event({"role": "assistant", "content": p} if i == 0 else {"content": p}, None)
+                          for i, p in enumerate(pieces)]
+                events.append(event({}, "stop"))
                 if usage is not None:
-                    event(None, None, {"usage": usage})
-                send(b"data: [DONE]\n\n")
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
+                    events.append(event(None, None, f', "usage": {json.dumps(usage)}'))
+                events.append(b"data: [DONE]\n\n")
+                if stall and events:
+                    send(events[0])
+                    time.sleep(stall)
+                    events = events[1:]
+                send(b"".join(events), b"0\r\n\r\n")
 
             def _error(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> None:
                 self._send(status, {"error": {"message": message, "type": "fake_error", "code": code}}, headers)
@@ -232,15 +241,14 @@ class FakeOpenAI:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                          "total_tokens": prompt_tokens + completion_tokens}
                 if body.get("stream"):
-                    wants_usage = (body.get("stream_options") or {}).get("include_usage")
+                    wants_usage = fake.usage and (body.get("stream_options") or {}).get("include_usage")
                     return self._stream(n, model, text, usage if wants_usage else None, stall)
                 self._send(200, {
                     "id": f"chatcmpl-fake-{n}", "object": "chat.completion", "created": int(time.time()),
                     "model": model,
                     "choices": [{"index": 0, "finish_reason": "stop",
                                  "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                              "total_tokens": prompt_tokens + completion_tokens},
+                    **({"usage": usage} if fake.usage else {}),
                 })
 
         class Server(ThreadingHTTPServer):
