@@ -84,8 +84,41 @@ def default_responder(body: dict[str, Any], n: int) -> str:
     return "\n".join(parts)
 
 
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass   # a client closing a connection (kept alive, or mid-request) is normal here, not a traceback
+
+
+class LocalServer:
+    """start() / stop() / `with` for a fake server on 127.0.0.1, on a free port."""
+
+    _server: ThreadingHTTPServer | None = None
+
+    def start(self):  # noqa: ANN201 - returns the subclass
+        raise NotImplementedError
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = QuietServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self):  # noqa: ANN204 - returns the subclass
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
-class FakeOpenAI:
+class FakeOpenAI(LocalServer):
     latency: float = 0.0
     api_key: str = DEFAULT_KEY
     models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4-turbo", "fake-model")
@@ -97,8 +130,6 @@ class FakeOpenAI:
         self._script: deque = deque()
         self._lock = threading.Lock()
         self._count = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- control
     def push(self, *actions: Fail | Malformed | Reply | Hang | Stall) -> None:
@@ -251,29 +282,8 @@ class FakeOpenAI:
                     **({"usage": usage} if fake.usage else {}),
                 })
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 256
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass   # a client closing a kept-alive connection is normal, not a traceback
-
-        self._server = Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "FakeOpenAI":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main() -> None:

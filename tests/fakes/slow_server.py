@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tests.fakes.openai_server import DEFAULT_KEY
+from tests.fakes.openai_server import DEFAULT_KEY, LocalServer
 
 
 def reply_tokens(body: dict[str, Any], n: int, tokens: int) -> list[str]:
@@ -47,7 +47,7 @@ def reply_tokens(body: dict[str, Any], n: int, tokens: int) -> list[str]:
 
 
 @dataclass
-class SlowOpenAI:
+class SlowOpenAI(LocalServer):
     tokens: int = 300
     rate: float = 10.0
     prompt_seconds: float = 0.0
@@ -223,25 +223,5 @@ class SlowOpenAI:
                     self.close_connection = True
                 fake._end(gone)
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 256
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass   # a client that went away mid-request is normal here
-
-        self._server = Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "SlowOpenAI":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
