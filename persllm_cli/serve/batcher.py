@@ -2,16 +2,18 @@
 of a model together, one token per step, while requests come and go between steps.
 
 Each loop the scheduler admits waiting requests (oldest first) to their model's running batch, up to
-`max_batch` rows per model, then runs one decode step for every model that has rows. A newcomer is
-prefilled alone (its own KV cache, no padding: a long prompt costs no one else a padded prefill), its
-first token is picked and sent at once, and its cache is merged into the running batch's: both are
-left-padded to the longer of the two, the attention mask hides the padding and every row keeps its
-own position ids. Rows end on an end-of-turn token, a stop string, their own max_tokens or their
+`max_batch` rows per model, prefills the newcomers, then runs one decode step for every model that
+has rows. Newcomers are prefilled in small groups of similar prompt lengths, shortest first (at most
+a quarter plus 8 tokens of padding: a long prompt is never padded onto a short one, and a short
+question's first token does not wait behind a long prompt of the same round); each row's first
+token is picked and sent at once, and the group's KV cache is merged into the running batch's: both
+are left-padded to the longer of the two, the attention mask hides the padding and every row keeps
+its own position ids. Rows end on an end-of-turn token, a stop string, their own max_tokens or their
 client going away, and leave the batch at once (their cache rows are dropped, and columns that only
 padding still fills are cut away, so a long prompt that has finished stops costing anything).
 
 A row alone in its batch is computed exactly as `model.generate` computes it (a prefill of the prompt
-alone, then one token at a time), so greedy answers equal `persllm chat`'s; a row beside others
+alone, unpadded, then one token at a time), so greedy answers equal `persllm chat`'s; a row beside others
 continues like the same prompt alone (left padding masked, position ids its own), as in
 model/generate.generate_batch.
 
@@ -163,11 +165,12 @@ class Scheduler:
             for job in gone:
                 self._end(job, ("done", "stop", len(job.prompt), 0))
             with torch.inference_mode():
-                for job in newcomers:
+                for group in _groups(newcomers):
                     try:
-                        self._prefill(job)
-                    except Exception as e:  # noqa: BLE001 - this request hears of it
-                        self._end(job, ("error", f"generation failed: {type(e).__name__}: {e}"))
+                        self._prefill(group)
+                    except Exception as e:  # noqa: BLE001 - these requests hear of it
+                        for job in group:
+                            self._end(job, ("error", f"generation failed: {type(e).__name__}: {e}"))
                 for key, batch in list(self._batches.items()):
                     try:
                         self._step(key, batch)
@@ -197,34 +200,46 @@ class Scheduler:
         self._new_api[key] = new_api
         return out.logits[:, -1, :], (out.cache if new_api else out.past_key_values)
 
-    def _prefill(self, job: Job) -> None:
-        """The prompt alone through the model, its first token picked and sent, its cache merged into
-        the running batch (or starting one)."""
+    def _prefill(self, jobs: list[Job]) -> None:
+        """The prompts (one model's, of similar lengths) through the model together, left-padded,
+        each row's first token picked and sent, their cache merged into the running batch (or
+        starting one). A prompt alone is not padded at all."""
         import torch
 
         if self._finish_all.is_set():
-            self._end(job, ("done", "stop", len(job.prompt), 0))
+            for job in jobs:
+                self._end(job, ("done", "stop", len(job.prompt), 0))
             return
-        model, tok = self.models[job.key]
+        key = jobs[0].key
+        model, tok = self.models[key]
         device = getattr(model, "device", None) or next(model.parameters()).device
-        ids = torch.tensor([job.prompt], dtype=torch.long, device=device)
-        mask = torch.ones_like(ids)
-        pos = torch.arange(ids.shape[1], device=device)[None, :]
-        logits, cache = self._forward(job.key, input_ids=ids, attention_mask=mask, position_ids=pos)
-        batch = self._batches.get(job.key)
+        width = max(len(j.prompt) for j in jobs)
+        ids = torch.zeros((len(jobs), width), dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for i, j in enumerate(jobs):
+            ids[i, width - len(j.prompt):] = torch.tensor(j.prompt, dtype=torch.long)
+            mask[i, width - len(j.prompt):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        logits, cache = self._forward(key, input_ids=ids, attention_mask=mask, position_ids=pos)
+        batch = self._batches.get(key)
         if batch is None:
-            batch = self._batches[job.key] = _Batch(tok)
-        row = _Row(job, tok, tuple(job.sampling.stop) + batch.plain_stop, device)
-        row.next_pos = ids.shape[1]
-        t = row.pick(logits[0])
-        row.add(t, batch.eos)
-        if row.done:
-            if not batch.rows:
-                del self._batches[job.key]
-            return
-        row.pending = t
-        batch.join(row, cache, mask)
-        self.largest_batch = max(self.largest_batch, len(batch.rows))
+            batch = self._batches[key] = _Batch(tok)
+        group = _Batch(tok)
+        group.cache, group.mask = cache, mask
+        for i, job in enumerate(jobs):
+            row = _Row(job, tok, tuple(job.sampling.stop) + batch.plain_stop, device)
+            row.next_pos = len(job.prompt)
+            t = row.pick(logits[i])
+            row.add(t, batch.eos)
+            row.pending = t
+            group.rows.append(row)
+        group.drop_done()
+        if group.rows:
+            batch.join(group)
+            self.largest_batch = max(self.largest_batch, len(batch.rows))
+        elif not batch.rows:
+            del self._batches[key]
 
     def _step(self, key: str, batch: "_Batch") -> None:
         """One token for every row of the batch; rows that end leave it at once."""
@@ -264,6 +279,22 @@ def _mergeable(model: Any) -> bool:
         return False
 
 
+def _groups(jobs: list[Job], most: int = 8) -> list[list[Job]]:
+    """Newcomers in prefill groups: one model's, shortest prompts first (a long prompt should not
+    delay a short question's first token), and prompts of similar length only (at most a quarter
+    plus 8 tokens longer than the group's shortest), so little is spent on padding."""
+    groups: list[list[Job]] = []
+    for job in sorted(jobs, key=lambda j: (j.key, len(j.prompt))):
+        g = groups[-1] if groups else None
+        if (g is not None and g[0].key == job.key and len(g) < most
+                and len(job.prompt) <= len(g[0].prompt) * 1.25 + 8):
+            g.append(job)
+        else:
+            groups.append([job])
+    groups.sort(key=lambda g: len(g[0].prompt))
+    return groups
+
+
 class _Batch:
     """The running rows of one model and their KV cache, left-padded to a common length (`mask` marks
     the real positions of each row)."""
@@ -276,22 +307,23 @@ class _Batch:
                     if isinstance(i, int) and i != tok.unk_token_id}
         self.plain_stop = () if has_chat_template(tok) else (PLAIN_STOP,)
 
-    def join(self, row: "_Row", cache: Any, mask: Any) -> None:
+    def join(self, other: "_Batch") -> None:
+        """Take in the rows of `other` (just prefilled), their cache and the batch's left-padded to the longer."""
         import torch
         import torch.nn.functional as F
 
         if not self.rows:
-            self.rows, self.cache, self.mask = [row], cache, mask
+            self.rows, self.cache, self.mask = list(other.rows), other.cache, other.mask
             return
-        have, new = self.mask.shape[1], mask.shape[1]
+        have, new = self.mask.shape[1], other.mask.shape[1]
         width = max(have, new)
-        for mine, theirs in zip(self.cache.layers, cache.layers):
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
             mine.keys = torch.cat([F.pad(mine.keys, (0, 0, width - have, 0)),
                                    F.pad(theirs.keys, (0, 0, width - new, 0))], dim=0)
             mine.values = torch.cat([F.pad(mine.values, (0, 0, width - have, 0)),
                                      F.pad(theirs.values, (0, 0, width - new, 0))], dim=0)
-        self.mask = torch.cat([F.pad(self.mask, (width - have, 0)), F.pad(mask, (width - new, 0))], dim=0)
-        self.rows.append(row)
+        self.mask = torch.cat([F.pad(self.mask, (width - have, 0)), F.pad(other.mask, (width - new, 0))], dim=0)
+        self.rows.extend(other.rows)
 
     def drop_done(self) -> None:
         """Remove the rows that have ended, and the leading columns that are padding in every row left."""
