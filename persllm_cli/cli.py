@@ -327,6 +327,7 @@ def serve(
     max_queue: Annotated[Optional[int], Opt(help=_h(ServeSettings, 'max_queue'))] = None,
     max_tokens: Annotated[Optional[int], Opt(help=_h(ServeSettings, 'max_tokens'))] = None,
     temperature: Annotated[Optional[float], Opt(help=_h(ServeSettings, 'temperature'))] = None,
+    weights: Annotated[Optional[str], Opt(help=_h(ServeSettings, 'weights'))] = None,
 ) -> int:
     """Serve personas behind an OpenAI-compatible API (/v1/models, /v1/chat/completions) and a chat page at /.
 

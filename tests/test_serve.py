@@ -43,9 +43,30 @@ def server(serve_run, _embedded_models):
 
 
 @pytest.fixture(scope="module")
-def strict(serve_run, _embedded_models):
-    """A server with a key, one request per batch and room for one waiting request."""
-    s = ServeProcess(str(serve_run), "--max-batch", "1", "--max-queue", "1",
+def other_run(serve_run) -> Path:
+    """A second run on the same base whose LoRA weights are not zero, so it answers unlike r1."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    r2 = serve_run.parent / "r2"
+    shutil.copytree(serve_run, r2, symlinks=True)
+    f = r2 / "adapter" / "adapter_model.safetensors"
+    weights = load_file(f)
+    g = torch.Generator().manual_seed(1)
+    for k, v in weights.items():
+        if "lora_B" in k:
+            weights[k] = torch.randn(v.shape, generator=g) * 0.05
+    save_file(weights, f)
+    return r2
+
+
+@pytest.fixture(scope="module")
+def strict(serve_run, other_run, _embedded_models):
+    """A server with a key, one request per batch and room for one waiting request, serving r1 and r2
+    on one shared base (--weights shared)."""
+    s = ServeProcess(str(serve_run), str(other_run), "--max-batch", "1", "--max-queue", "1", "--weights", "shared",
                      env=_env(_embedded_models, PERSLLM_API_KEY=KEY))
     yield s
     s.stop()
@@ -129,6 +150,69 @@ def test_stop_seed_and_concurrent_requests_are_batched(server):
     assert httpx.get(server.url + "/health").json()["largest_batch"] > 1
 
 
+def test_rows_join_and_leave_the_running_batch(serve_run, smollm2):
+    """In process: a request arriving while others decode joins their batch at the next step, a row
+    that ends leaves it at once (a long prompt's padding goes with it), and every greedy answer is
+    the one the same request gets alone."""
+    import threading
+
+    from persllm_cli.model.chat_format import prompt_ids
+    from persllm_cli.model.generate import Sampling
+    from persllm_cli.model.load import load_run
+    from persllm_cli.serve.batcher import Scheduler
+
+    model, tok, info = load_run(serve_run)
+    token = info.stage_token("late")[1]
+    asks = {"long": (" ".join(["The castle was quiet that night."] * 30) + " Why?", 3),
+            "a": ("Who are you?", 14), "b": ("Where do you live?", 10), "c": ("Hi, what is your favourite spell?", 6)}
+    ids = {k: prompt_ids(tok, [{"role": "user", "content": q}], token) for k, (q, _) in asks.items()}
+    sched = Scheduler({"r": (model, tok)}, max_batch=8)
+    seen: list[tuple[int, int]] = []   # (rows, cache width) of every decode step
+    step = sched._step
+
+    def recording(key, batch):
+        seen.append((len(batch.rows), batch.mask.shape[1] if batch.rows else 0))
+        step(key, batch)
+
+    sched._step = recording
+    texts: dict[str, str] = {}
+    ends: dict[str, tuple] = {}
+    done: dict[str, threading.Event] = {}
+
+    def submit(k: str, then: str | None = None) -> None:
+        texts[k], done[k] = "", threading.Event()
+
+        def emit(event: tuple) -> None:
+            if event[0] == "text":
+                if then and not texts[k]:
+                    submit(then, {"b": "c"}.get(then))   # from the scheduler thread: joins at the next step
+                texts[k] += event[1]
+            else:
+                ends[k] = event
+                done[k].set()
+
+        sched.submit("r", ids[k], Sampling(max_new_tokens=asks[k][1], temperature=0), emit)
+
+    submit("long")
+    submit("a", then="b")
+    sched.start()
+    try:
+        for k in asks:
+            while k not in done:
+                time.sleep(0.01)
+            assert done[k].wait(120)
+        together = dict(texts), dict(ends)
+        assert max(rows for rows, _ in seen) >= 3 and sched.largest_batch >= 3
+        assert seen[-1][1] < len(ids["long"])   # the long prompt's columns left with it
+        for k in asks:
+            texts.pop(k), done.pop(k)
+            submit(k)
+            assert done[k].wait(120)
+        assert (texts, ends) == together
+    finally:
+        sched.close()
+
+
 # ---------------------------------------------------------------------------------- errors
 
 def _error(r: httpx.Response, status: int) -> dict:
@@ -200,11 +284,31 @@ def test_key_required_and_compared(strict):
     assert KEY not in strict.log() and "wrong" not in strict.log()
 
 
+def test_shared_weights_switch_adapters_and_answer_as_merged(strict, server, other_run, smollm2):
+    """--weights shared: r1 and r2 run on one loaded base, each request on its own run's adapter;
+    greedy answers equal the merged models' (r1 from the merged server, r2 from load_run here)."""
+    assert "one copy of each base" in strict.log()
+    c = client(strict, KEY)
+    ask = dict(messages=ASK, temperature=0, max_tokens=8)
+    merged_r1 = client(server).chat.completions.create(model="r1@early", **ask).choices[0].message.content
+    r1 = c.chat.completions.create(model="r1@early", **ask).choices[0].message.content
+    r2 = c.chat.completions.create(model="r2@early", **ask).choices[0].message.content
+    assert r1 == merged_r1 and r2 != r1
+    from persllm_cli.model.generate import Sampling, stream_reply
+    from persllm_cli.model.load import load_run
+
+    model, tok, info = load_run(other_run)
+    merged_r2 = "".join(stream_reply(model, tok, ASK, info.stage_token("early")[1],
+                                     Sampling(max_new_tokens=8, temperature=0)))
+    assert r2 == merged_r2
+    assert c.chat.completions.create(model="r1@early", **ask).choices[0].message.content == r1
+
+
 def test_full_queue_is_429_with_retry_after(strict):
     def long() -> int:
         with httpx.stream("POST", strict.v1 + "/chat/completions", timeout=120,
                           headers={"Authorization": f"Bearer {KEY}"},
-                          json={"model": "r1", "messages": ASK, "max_tokens": 60, "stream": True}) as r:
+                          json={"model": "r1", "messages": ASK, "max_tokens": 40, "stream": True}) as r:
             for _ in r.iter_lines():
                 pass
             return r.status_code

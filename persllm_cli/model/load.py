@@ -26,29 +26,9 @@ def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, run
     second; merging into 4-bit weights would lose precision, so on CUDA the adapter stays apart.
     A CPU merge is cached (see merged.py): later loads of the same run skip PEFT and the merge.
     """
-    info = runs.read_run(Path(run_dir))
+    tokenizer, info, base = _tokenizer_and_info(Path(run_dir))
     run = info.path
-    base = models.resolve_base(info.base)
-
-    import logging
-
-    # bitsandbytes (imported by peft) warns about an optional CPU kernel package on every start.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # a chat screen is no place for loader chatter
-    hf_logging.disable_progress_bar()
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
-    except (OSError, ValueError) as e:
-        raise PersllmError(f"the tokenizer in {run / 'tokenizer'} could not be loaded: {_first_line(e)}") from None
-    vocab = tokenizer.get_vocab()
-    missing = [s["token"] for s in info.stages if s["token"] not in vocab]
-    if missing:
-        raise PersllmError(f"the tokenizer in {run / 'tokenizer'} lacks the time token(s) {', '.join(missing)}")
 
     merging = merge if merge is not None else not torch.cuda.is_available()
     cached_at = merged.cache_dir(run, base, len(tokenizer)) if merging and not torch.cuda.is_available() else None
@@ -56,6 +36,23 @@ def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, run
     if model is not None:
         model.eval()
         return model, tokenizer, info
+
+    model = _load_base(info, base)
+    # The trained input rows come from the adapter; an untied output head's new rows are not
+    # trained, so they must be built exactly as training built them.
+    models.resize_embeddings(model, len(tokenizer))
+    model = _attach_adapter(model, run, info.base)
+    if merging:
+        model = model.merge_and_unload()
+        merged.store(model, cached_at)
+    model.eval()
+    return model, tokenizer, info
+
+
+def _load_base(info: runs.RunInfo, base: str) -> Any:
+    """The run's base as training loaded it: 4-bit NF4 on CUDA (unless trained without QLoRA), else float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {}
     qlora = bool(info.data.get("settings", {}).get("qlora", True))
@@ -76,25 +73,76 @@ def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, run
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as e:
         raise PersllmError(f"base model {info.base} could not be loaded: {_first_line(e)}") from None
-    # The trained input rows come from the adapter; an untied output head's new rows are not
-    # trained, so they must be built exactly as training built them.
-    models.resize_embeddings(model, len(tokenizer))
-    model = _attach_adapter(model, run, info.base)
-    if merging:
-        model = model.merge_and_unload()
-        merged.store(model, cached_at)
-    model.eval()
-    return model, tokenizer, info
+    return model
 
 
-def _attach_adapter(model: Any, run: Path, base_name: str) -> Any:
+def load_runs_shared(run_dirs: list[Path]) -> list[tuple[Any, Any, runs.RunInfo, str]]:
+    """(model, tokenizer, info, adapter name) per run, where runs on the same base (and with
+    tokenizers of the same size) share one loaded base: one PeftModel holding every run's adapter
+    (`load_adapter`), the caller activating a run's adapter with `model.set_adapter(name)` before
+    each forward pass. The adapters stay unmerged, so on CPU each forward pass is slower than a
+    merged run's (the LoRA products are computed apart), for the memory of a single base.
+    """
+    loaded = [_tokenizer_and_info(Path(d)) for d in run_dirs]
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (tok, info, base) in enumerate(loaded):
+        groups.setdefault((str(base), len(tok)), []).append(i)
+    out: list[Any] = [None] * len(loaded)
+    for (base, _), members in groups.items():
+        first_tok, first_info, _ = loaded[members[0]]
+        model = _load_base(first_info, base)
+        models.resize_embeddings(model, len(first_tok))
+        model = _attach_adapter(model, first_info.path, first_info.base, adapter_name="run0")
+        out[members[0]] = (model, first_tok, first_info, "run0")
+        for n, i in enumerate(members[1:], start=1):
+            tok, info, _ = loaded[i]
+            name = f"run{n}"
+            _attach_adapter(model, info.path, info.base, adapter_name=name, into=model)
+            out[i] = (model, tok, info, name)
+        model.eval()
+    return out
+
+
+def _tokenizer_and_info(run_dir: Path) -> tuple[Any, runs.RunInfo, str]:
+    """The run's tokenizer (checked to hold its time tokens), its run.json and its resolved base."""
+    info = runs.read_run(run_dir)
+    run = info.path
+    base = models.resolve_base(info.base)
+
+    import logging
+
+    # bitsandbytes (imported by peft) warns about an optional CPU kernel package on every start.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # a chat screen is no place for loader chatter
+    hf_logging.disable_progress_bar()
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    except (OSError, ValueError) as e:
+        raise PersllmError(f"the tokenizer in {run / 'tokenizer'} could not be loaded: {_first_line(e)}") from None
+    vocab = tokenizer.get_vocab()
+    missing = [s["token"] for s in info.stages if s["token"] not in vocab]
+    if missing:
+        raise PersllmError(f"the tokenizer in {run / 'tokenizer'} lacks the time token(s) {', '.join(missing)}")
+    return tokenizer, info, base
+
+
+def _attach_adapter(model: Any, run: Path, base_name: str, *, adapter_name: str = "default", into: Any = None) -> Any:
+    """`model` with the run's adapter on top; with `into` (a PeftModel), the adapter is added to it
+    under `adapter_name` instead."""
     from peft import PeftModel
 
     where = run / "adapter"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            model = PeftModel.from_pretrained(model, where)
+            if into is not None:
+                into.load_adapter(where, adapter_name=adapter_name)
+            else:
+                model = PeftModel.from_pretrained(model, where, adapter_name=adapter_name)
         except (RuntimeError, ValueError, KeyError) as e:
             # e.g. "size mismatch for ...lora_A.weight": trained on another base.
             raise PersllmError(f"adapter in {run} does not fit base {base_name}: {_first_line(e, 300)}") from None

@@ -157,7 +157,7 @@ def create_app(state: State) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         waiting = state.scheduler.waiting if state.scheduler else 0
-        largest = max(state.scheduler.batches, default=0) if state.scheduler else 0
+        largest = state.scheduler.largest_batch if state.scheduler else 0
         return {"status": "stopping" if state.draining else "ok", "models": len(state.models()), "waiting": waiting,
                 "largest_batch": largest}
 

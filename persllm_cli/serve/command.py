@@ -43,6 +43,11 @@ class ServeSettings:
     max_queue: int = setting(64, at_least=1, help='Requests that may wait; more get 429 with Retry-After.')
     max_tokens: int = setting(256, at_least=1, help='Longest answer when a request does not say.')
     temperature: float = setting(0.7, at_least=0, at_most=2, help='Temperature when a request does not say.')
+    weights: str = setting("auto", choices=["auto", "merged", "shared"],
+                           help='merged: each run its own model with its adapter folded in (fastest on CPU); shared: '
+                                'runs on the same base share one loaded base, each adapter kept apart and switched per '
+                                'decode step (one copy of the weights; slower per token on CPU). auto: shared on CUDA, '
+                                'merged on CPU.')
     max_body_kb: int = setting(1024, at_least=1)
     shutdown_grace: float = setting(10.0, at_least=0)
 
@@ -67,6 +72,7 @@ def run(project: Project | None, settings: ServeSettings) -> int:
 
     sampling = Sampling(max_new_tokens=s.max_tokens, temperature=s.temperature)
     served: list[Served] = []
+    adapters: dict[str, str] = {}   # scheduler key -> adapter name on a shared base (--weights shared)
     run_dirs = list(s.runs or [])
     if s.api_model:
         from persllm_cli.persona.api import ApiSpeaker
@@ -78,16 +84,26 @@ def run(project: Project | None, settings: ServeSettings) -> int:
 
         dirs = [resolve_run(d, project) for d in run_dirs] if run_dirs else [resolve_run(None, project)]
         speakers = [RunSpeaker(d, sampling) for d in dirs]  # every run checked before any loads
-        for sp in speakers:
-            console.note(f"Loading {sp.info.path} (base {sp.info.base})...")
-            sp.load()
-            served.append(Served(sp, key=str(sp.info.path)))
+        if _share(s.weights):
+            from persllm_cli.model.load import load_runs_shared
+
+            console.note(f"Loading {len(speakers)} run(s), one copy of each base, adapters apart...")
+            for sp, (model, tok, info, name) in zip(speakers, load_runs_shared([sp.info.path for sp in speakers])):
+                sp.model, sp.tokenizer, sp.info = model, tok, info
+                served.append(Served(sp, key=str(sp.info.path)))
+                adapters[str(sp.info.path)] = name
+        else:
+            for sp in speakers:
+                console.note(f"Loading {sp.info.path} (base {sp.info.base})...")
+                sp.load()
+                served.append(Served(sp, key=str(sp.info.path)))
     names = [x.name for x in served]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise PersllmError(f"two served models are both named {twice[0]!r}: serve runs from folders with different names")
     runs_loaded = {x.key: (x.speaker.model, x.speaker.tokenizer) for x in served if x.key is not None}
-    scheduler = Scheduler(runs_loaded, max_batch=s.max_batch, max_queue=s.max_queue) if runs_loaded else None
+    scheduler = Scheduler(runs_loaded, max_batch=s.max_batch, max_queue=s.max_queue,
+                                     adapters=adapters) if runs_loaded else None
     limits = Limits(max_body_bytes=s.max_body_kb * 1024, default_max_tokens=s.max_tokens,
                     default_temperature=s.temperature, api_concurrency=s.max_batch)
     state = State(served, scheduler, api_key=key, limits=limits)
@@ -95,6 +111,14 @@ def run(project: Project | None, settings: ServeSettings) -> int:
     if scheduler:
         scheduler.start()
     return _serve(app, state, s)
+
+
+def _share(weights: str) -> bool:
+    if weights != "auto":
+        return weights == "shared"
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _serve(app, state, s: ServeSettings) -> int:
