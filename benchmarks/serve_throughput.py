@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHORT = ["Who are you?", "Where do you live?", "What is your favourite spell?", "Tell me about your friends.",
          "What did you do today?", "Do you like school?", "What scares you?", "Say something kind."]
+MODEL = ["r1"]  # the served run's name (its folder)
 LONG = " ".join(["The castle was quiet that night, and the corridors smelled of candle wax and old stone."] * 20)
 
 
@@ -57,7 +58,7 @@ def round_(url: str, clients: int, requests: int, max_tokens: int, mixed: bool) 
             q = ps[(i + r) % len(ps)]
             start = time.perf_counter()
             first = None
-            stream = c.chat.completions.create(model="r1", messages=[{"role": "user", "content": q}],
+            stream = c.chat.completions.create(model=MODEL[0], messages=[{"role": "user", "content": q}],
                                                max_tokens=max_tokens, temperature=0.9, seed=i * 100 + r,
                                                stream=True, stream_options={"include_usage": True})
             used = 0
@@ -100,6 +101,7 @@ def main() -> None:
 
             base = ensure_embedded("smollm2-135m")
             run = make_run(Path(tmp) / "r1", Path(base))
+        MODEL[0] = Path(run).name
         server = ServeProcess(str(run), "--max-batch", str(args.clients), "--max-queue", str(4 * args.clients))
         try:
             round_(server.url, 1, 1, 4, False)  # warm-up
