@@ -38,7 +38,7 @@ from persllm_cli.data.lock import hold
 from persllm_cli.data.records import Appender, read_jsonl, write_meta
 from persllm_cli.llm.backends import RequestError, TransientError, estimate_prompt_tokens
 from persllm_cli.llm.pricing import Pricing, price_table, pricing
-from persllm_cli.model.chat_format import Message
+from persllm_cli.data.records import Message
 from persllm_cli.model.generate import Sampling
 
 JUDGE_TEMPLATE = "converse/judge.txt"
