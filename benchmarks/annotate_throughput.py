@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from persllm_cli.core import console  # noqa: E402
 from persllm_cli.annotate.prompts import parse_reply  # noqa: E402
-from persllm_cli.llm.backends import OpenAIBackend  # noqa: E402
+from persllm_cli.llm.openai_compat import OpenAIBackend  # noqa: E402
 from persllm_cli.llm.pricing import Price  # noqa: E402
 from persllm_cli.llm.runner import Item, RunnerSettings, run_items  # noqa: E402
 from tests.fakes.openai_server import FakeOpenAI  # noqa: E402

@@ -121,7 +121,8 @@ def test_long_prompt_notice_only_with_default_budgets_on_cpu(tmp_path, cli, monk
 
 @pytest.mark.slow
 def test_run_puts_the_stage_token_first(tmp_path, smollm2):
-    from persllm_cli.llm.backends import FatalError, LocalBackend
+    from persllm_cli.llm.local import LocalBackend
+    from persllm_cli.llm.protocol import FatalError
     from tests.run_factory import make_run
 
     run_dir = make_run(tmp_path / "runs" / "r1", smollm2)

@@ -17,7 +17,7 @@ from typing import Any
 
 from persllm_cli.core import console
 from persllm_cli.annotate.prompts import build_messages, parse_reply, time_line
-from persllm_cli.llm.annotator import DEFAULT_MODEL, AnnotateSettings
+from persllm_cli.llm.annotator import AnnotateSettings
 from persllm_cli.core.project import Project, Stage
 from persllm_cli.core.settings import public_settings
 from persllm_cli.data.corpus import Paragraph, read_paragraphs
@@ -25,6 +25,7 @@ from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.data.records import Record, read_text, record_id, resume_state, write_meta
 from persllm_cli.data.lock import hold
 from persllm_cli.llm.pricing import Price, pricing
+from persllm_cli.llm.registry import default_model, make_backend
 from persllm_cli.llm.runner import Budget, Item, RunnerSettings, dry_run, run_items, summary
 
 @dataclass
@@ -188,7 +189,7 @@ def _sidecar(project: Project, s: AnnotateSettings, output: Path, model: str, n_
     settings = public_settings(s)
     settings["model"] = model
     if settings.get("base_url"):
-        from persllm_cli.llm.backends import redact_url
+        from persllm_cli.llm.protocol import redact_url
 
         settings["base_url"] = redact_url(settings["base_url"])
     write_meta(output, command="annotate", settings=settings, inputs=_inputs(project, s),
@@ -254,7 +255,7 @@ def _inputs(project: Project, s: AnnotateSettings) -> list[Path]:
 def run(project: Project, s: AnnotateSettings) -> int:
     """Annotate; returns the exit code (0 all ok, 3 some failed or left for a rerun)."""
     t0 = time.perf_counter()
-    model = s.model or DEFAULT_MODEL[s.backend]
+    model = s.model or default_model(s.backend)
     standards = read_feedback(s.feedback)
     items = plan(project, s)
     ann = Annotator(project, s, standards)
@@ -272,8 +273,6 @@ def run(project: Project, s: AnnotateSettings) -> int:
 def _run(project: Project, s: AnnotateSettings, t0: float, model: str, standards: list[str], items: list[Item],
          ann: Annotator, output: Path, cost: Any) -> int:
     price = cost.price
-    from persllm_cli.llm.backends import make_backend
-
     backend = make_backend(s.backend, model, s.base_url, s.timeout)
     backend.check()
     if s.backend == "local":

@@ -36,9 +36,10 @@ from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings, setting
 from persllm_cli.data.lock import hold
 from persllm_cli.data.records import Appender, read_jsonl, write_meta
-from persllm_cli.llm.backends import RequestError, TransientError, estimate_prompt_tokens
-from persllm_cli.llm.pricing import Pricing, price_table, pricing
 from persllm_cli.data.records import Message
+from persllm_cli.llm.pricing import Pricing, price_table, pricing
+from persllm_cli.llm.protocol import RequestError, TransientError, estimate_prompt_tokens, redact_url
+from persllm_cli.llm.registry import API, make_backend
 from persllm_cli.model.generate import Sampling
 
 JUDGE_TEMPLATE = "converse/judge.txt"
@@ -222,8 +223,6 @@ def _line_hash(r: dict[str, Any]) -> str:
 def judge_turns(records: list[dict[str, Any]], people: list[Participant], s: ConverseSettings,
                 scene: str, project: Project | None, spend: Spend) -> dict[int, dict[str, Any]]:
     """One verdict per turn (kept in FILE.judge.jsonl and reused while the line is unchanged)."""
-    from persllm_cli.llm.backends import OpenAIBackend
-
     assert s.judge
     path = _judge_path(Path(s.output))
     saved = {v["turn"]: v for v in read_jsonl(path, required=False) if v.get("status") == "ok"}
@@ -231,7 +230,7 @@ def judge_turns(records: list[dict[str, Any]], people: list[Participant], s: Con
     todo = [r for r in records if r["turn"] not in verdicts]
     if not todo:
         return verdicts
-    backend = OpenAIBackend(s.judge, s.judge_base_url or s.base_url, s.timeout)
+    backend = make_backend(API, s.judge, s.judge_base_url or s.base_url, s.timeout)
     backend.check()
     price = pricing(s.judge, price_table(project))
     if not price.known:
@@ -443,8 +442,6 @@ def _meta(output: Path, s: ConverseSettings, speakers: list[dict[str, Any]], rec
         return
     settings = public_settings(s)
     if settings.get("base_url"):
-        from persllm_cli.llm.backends import redact_url
-
         settings["base_url"] = redact_url(settings["base_url"])
     write_meta(output, command="converse", settings=settings, counts={"turns": len(records)}, seconds=seconds,
                extra={"speakers": speakers, "last_run": {"requests": spend.requests, "cost_usd": round(spend.spent, 6),

@@ -39,8 +39,9 @@ from persllm_cli.data.records import Message, Record
 from persllm_cli.core.resources import render
 from persllm_cli.data.retrieval import Index
 from persllm_cli.curate.pairs import DpoSettings, load_inputs, make_pair, pair_id, report
-from persllm_cli.llm.annotator import DEFAULT_MODEL, AnnotateSettings
+from persllm_cli.llm.annotator import AnnotateSettings
 from persllm_cli.llm.pricing import pricing
+from persllm_cli.llm.registry import default_model, make_backend
 from persllm_cli.llm.runner import Item, Malformed, RunnerSettings, dry_run, run_items, summary
 
 EMPTY_ANSWER = "the annotator's answer was empty"
@@ -180,13 +181,13 @@ class Client:
         backend = s.backend or a.backend
         # [annotate] model belongs to [annotate] backend: a different --backend takes its own default.
         same = backend == a.backend
-        model = s.model or (a.model if same else None) or DEFAULT_MODEL[backend]
+        model = s.model or (a.model if same else None) or default_model(backend)
         base_url = s.base_url or (a.base_url if same else None)
         concurrency = s.concurrency if s.concurrency is not None else a.concurrency
         return cls(backend, model, base_url, concurrency, a)
 
     def public(self) -> dict[str, Any]:
-        from persllm_cli.llm.backends import redact_url
+        from persllm_cli.llm.protocol import redact_url
 
         return {"backend": self.backend, "model": self.model,
                 "base_url": redact_url(self.base_url) if self.base_url else None,
@@ -211,7 +212,6 @@ def _work_record(item: Item, text: str | None, usage: Any, error: str | None) ->
 def run(project: Project, s: DpoSettings, annotator: AnnotateSettings) -> int:
     """Ask the annotator for the rejected answers (resumable), then write the pairs; the exit code."""
     from persllm_cli.core.settings import public_settings
-    from persllm_cli.llm.backends import make_backend
 
     started = time.perf_counter()
     inputs, _, _ = load_inputs(project, s)

@@ -15,7 +15,7 @@ from persllm_cli.core.settings import public_settings, setting
 from persllm_cli.data import records
 from persllm_cli.data.curation import check_usable, latest, normalise, persona, read_numbered, stage_order
 from persllm_cli.data.records import Record
-from persllm_cli.llm.backends import BACKENDS
+from persllm_cli.llm.registry import BACKENDS
 
 MODES = ("retrieve", "generate")
 

@@ -14,19 +14,13 @@ from persllm_cli.eval import judge
 from persllm_cli.eval.items import EvalSettings, System, TestItem
 from persllm_cli.data import records
 from persllm_cli.core.settings import public_settings
-from persllm_cli.llm.backends import Backend, Completion
+from persllm_cli.llm.protocol import Completion, redact_url
 from persllm_cli.llm.pricing import Pricing, pricing
+from persllm_cli.llm.registry import API, make_backend
 from persllm_cli.llm.runner import Budget, Item, Malformed, RunnerSettings, Usage, run_items
 from persllm_cli.model.generate import Sampling
 from persllm_cli.persona.api import ApiSpeaker
 from persllm_cli.persona.speaker import RunSpeaker, Speaker
-
-
-def open_backend(kind: str, model: str, base_url: str | None, timeout: float) -> Backend:
-    """The judge's or baseline's backend (llm/backends.py)."""
-    from persllm_cli.llm.backends import make_backend
-
-    return make_backend(kind, model, base_url, timeout)
 
 
 def _answer_all_api(speaker: ApiSpeaker, system: System, items: list[TestItem], path: Path, s: EvalSettings,
@@ -81,7 +75,7 @@ def open_speaker(system: System, s: EvalSettings, prices: dict[str, list[float]]
         speaker = RunSpeaker(system.info.path, sampling)
         speaker.load()
         return speaker
-    backend = open_backend("openai", system.model, s.base_url, s.timeout)
+    backend = make_backend(API, system.model, s.base_url, s.timeout)
     backend.check()
     stages = [(sid, label) for sid, label in system.labels.items()]
     return ApiSpeaker(backend, system.persona, system.description, stages, sampling)
@@ -152,8 +146,6 @@ def _answer_in_batches(system: System, speaker: Speaker, pending: list[TestItem]
 
 def _sidecar_settings(s: EvalSettings) -> dict[str, Any]:
     settings = public_settings(s)
-    from persllm_cli.llm.backends import redact_url
-
     for key in ("base_url", "judge_base_url"):
         if settings.get(key):
             settings[key] = redact_url(settings[key])

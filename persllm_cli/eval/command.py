@@ -31,8 +31,9 @@ from persllm_cli.data import records
 from persllm_cli.data.lock import hold
 from persllm_cli.core.project import Project
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
-from persllm_cli.llm.backends import Backend
+from persllm_cli.llm.protocol import Backend
 from persllm_cli.llm.pricing import price_table, pricing
+from persllm_cli.llm.registry import API, make_backend
 from persllm_cli.llm.runner import Budget, RunnerSettings
 from persllm_cli.eval.items import EvalSettings, System, TestItem
 from persllm_cli.model.runs import read_run, resolve_run
@@ -183,7 +184,7 @@ def run(project: Project | None, s: EvalSettings) -> int:
     prices = price_table(project)
     judge_backend = None
     if s.judge:
-        judge_backend = eval_answers.open_backend("openai", s.judge, s.judge_base_url or s.base_url, s.timeout)
+        judge_backend = make_backend(API, s.judge, s.judge_base_url or s.base_url, s.timeout)
         judge_backend.check()
 
     # One writer per answers/verdicts folder: a second eval of the same run exits 1 (or waits with

@@ -36,7 +36,7 @@ from statistics import fmean
 from typing import Any, Iterable
 
 from persllm_cli.core import resources
-from persllm_cli.llm.backends import Backend, Completion
+from persllm_cli.llm.protocol import Backend, Completion
 from persllm_cli.data.records import Record
 from persllm_cli.llm.pricing import Price, Pricing
 from persllm_cli.llm.runner import Budget, Item as Task, Malformed, RunnerSettings, Usage, run_items

@@ -12,9 +12,7 @@ from pathlib import Path
 
 from persllm_cli.core.settings import setting
 from persllm_cli.data.records import PATTERNS
-from persllm_cli.llm.backends import BACKENDS
-
-DEFAULT_MODEL = {"openai": "gpt-4o-mini", "local": "smollm2-135m"}
+from persllm_cli.llm.registry import BACKENDS
 
 
 @dataclass(frozen=True)

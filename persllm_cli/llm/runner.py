@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable
 from persllm_cli.core import console
 from persllm_cli.llm.pricing import Price
 from persllm_cli.data.records import Message
-from persllm_cli.llm.backends import Backend, Completion, FatalError, RequestError, TransientError, estimate_prompt_tokens
+from persllm_cli.llm.protocol import Backend, Completion, FatalError, RequestError, TransientError, estimate_prompt_tokens
 from persllm_cli.core.errors import Stopped
 from persllm_cli.data.records import Appender, Record, resume_state
 

@@ -16,7 +16,8 @@ from persllm_cli.core.errors import PersllmError
 from persllm_cli.core.project import Project, Stage
 from persllm_cli.data import corpus
 from persllm_cli.data.retrieval import Index
-from persllm_cli.llm.backends import Backend, RequestError, TransientError
+from persllm_cli.llm.protocol import Backend, RequestError, TransientError
+from persllm_cli.llm.registry import API, make_backend
 from persllm_cli.data.records import Message
 from persllm_cli.model.generate import Sampling
 
@@ -43,10 +44,8 @@ class ApiSpeaker:
         """The persona of `project`, grounded in its material, through the server at `base_url`."""
         if project is None:
             raise PersllmError("--api-model needs a persllm project for its material (run inside one or pass -C DIR)")
-        from persllm_cli.llm.backends import OpenAIBackend
-
         # The key, the base URL and key-free error messages, as for annotate.
-        backend = OpenAIBackend(model, base_url, timeout)
+        backend = make_backend(API, model, base_url, timeout)
         return cls(backend, project.name, project.description, [(s.id, s.label) for s in project.stages],
                    sampling, material=project)
 

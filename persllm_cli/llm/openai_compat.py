@@ -1,109 +1,25 @@
-"""Annotator backends behind one interface.
+"""The "openai" provider: any OpenAI-compatible chat server through the `openai` package.
 
-Every stage that asks a model for text (annotate, dpo --mode generate, eval, chat --api-model)
-goes through a `Backend`. Backends are synchronous and thread-safe; the concurrent runner calls
-them from worker threads.
+The key comes from OPENAI_API_KEY only and is never stored, logged or put in an error message.
 
-- `OpenAIBackend`: any OpenAI-compatible server via the `openai` package. The key comes from
-  OPENAI_API_KEY only and is never stored, logged or put in an error message.
-- `LocalBackend`: a transformers model on this machine (the embedded smollm2-135m, a model
-  directory, or a trained runs/NAME), so the pipeline works offline.
-
-Timeouts measure silence, not length: `OpenAIBackend` streams every reply and gives up only when
-no token has come for `timeout` seconds, or when the first token has not come within
-`first_token_timeout` (default `first_token_limit(timeout)`: at least 5 minutes, for a server that
-reads a long prompt slowly or queues requests behind others). A slow answer that keeps coming is
-never thrown away.
-
-Errors: `TransientError` (timeouts, connection errors, 429, 5xx: retry, honouring `retry_after`;
-its `kind` says "timeout", "overload" (429, 503, connection refused: the server cannot keep up,
-send less) or "other"),
-`FatalError` (a PersllmError: bad key, unknown model, unreachable server before anything worked),
-`RequestError` (this one request cannot work, e.g. a 400 for a too-long prompt: fail the item),
-`Stopped` (the caller set the `stop` event it passed: the request was given up, nothing to record).
-
-    backend = make_backend("openai", "gpt-4o-mini", base_url=None, timeout=120)   # or "local"
-    backend.check()                                   # fail fast, before any output is written
-    c = backend.complete(messages, max_tokens=1024, temperature=0.7)   # -> Completion
-    c = backend.complete(messages, max_tokens=96, temperature=0.7,      # optional hints, which
-                         sections=["question", "response"], stage_token="<TIME-I>")  # only local uses
-
-`estimate_tokens` / `estimate_prompt_tokens` give generous token counts for budgets and --dry-run.
+Timeouts measure silence, not length: replies stream, and a reply is given up only when no token
+has come for `timeout` seconds, or when the first token has not come within `first_token_timeout`
+(default `first_token_limit(timeout)`: at least 5 minutes, for a server that reads a long prompt
+slowly or queues requests behind others). A slow answer that keeps coming is never thrown away.
+The stream is read as raw server-sent events (`_chunks`) under a watchdog (watchdog.py).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
-from persllm_cli.core.errors import PersllmError
 from persllm_cli.data.records import Message
+from persllm_cli.llm.protocol import (Completion, FatalError, RequestError, TransientError, estimate_prompt_tokens,
+                                      estimate_tokens, redact_url)
+from persllm_cli.llm.watchdog import Watch, Watchdog
 
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float
-    model: str
-    first_token_seconds: float | None = None   # a streamed reply's wait for its first chunk
-    usage: str = "counted"   # where the token counts come from: "server" (the API's usage),
-                             # "estimate" (a server that sent none) or "counted" (a local model)
-
-
-class TransientError(Exception):
-    """A failure worth retrying. `retry_after` is the server's Retry-After in seconds, if it sent one."""
-
-    def __init__(self, message: str, retry_after: float | None = None, kind: str = "other"):
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.kind = kind   # "timeout", "overload" or "other"
-
-
-class FatalError(PersllmError):
-    """A failure no retry will fix (bad key, unknown model, unreachable server)."""
-
-
-class Backend(Protocol):
-    name: str   # "openai" or "local"
-    model: str
-    # Generates inside this process (torch): a thread still in `complete` when the interpreter
-    # exits aborts it, so callers must stop it (`stop`) and join it before exiting.
-    in_process: bool
-
-    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
-                 sections: list[str] | None = None, stage_token: str | None = None,
-                 stop: threading.Event | None = None) -> Completion:
-        """One chat completion. Raises TransientError or FatalError.
-
-        Optional hints (a backend may ignore them; callers pass them only when they have them):
-        `sections`, the labelled sections the reply must contain, in order ("question", "analysis",
-        "response"), which lets a small local model be guided through the format; `stage_token`,
-        the time token of the record's stage, which a trained run puts first; `stop`, an event
-        that, once set, makes an in-process backend give up between tokens and raise Stopped."""
-        ...
-
-    def check(self) -> None:
-        """Fail fast (FatalError) when the backend cannot work at all: no key, server unreachable,
-        unknown model. Called once before a run starts."""
-        ...
-
-
-class RequestError(Exception):
-    """This one request cannot succeed (e.g. 400: prompt too long); record the item as failed and go on."""
-
-
-def estimate_tokens(text: str) -> int:
-    """A deliberately generous token count for budgets and --dry-run: ~3 characters per token, and
-    one token per CJK character (tokenizers rarely do better on those)."""
-    cjk = sum(1 for ch in text if "\u3040" <= ch <= "\u9fff" or "\uac00" <= ch <= "\ud7af")
-    return cjk + (len(text) - cjk + 2) // 3
-
-
-def estimate_prompt_tokens(messages: list[Message]) -> int:
-    return sum(estimate_tokens(m.get("content", "")) + 4 for m in messages) + 3
+OPENAI_URL = "https://api.openai.com/v1"   # where the client goes without a base URL
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -133,105 +49,10 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
-def redact_url(url: str | None) -> str:
-    """A base URL fit for messages and sidecars: user:password@ and query strings dropped."""
-    if not url:
-        return "https://api.openai.com/v1"
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 def first_token_limit(timeout: float) -> float:
     """How long to wait for a reply's first token: generous, because a server on a CPU may read a
     long prompt for minutes, or hold the request in its queue while it answers others."""
     return max(300.0, 5 * timeout)
-
-
-class _Watch:
-    """One streaming request the watchdog looks after."""
-
-    __slots__ = ("deadline", "sock", "response", "expired", "first")
-
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-        self.sock: Any = None
-        self.response: Any = None
-        self.expired = False
-        self.first = True   # no chunk yet: the deadline is the first-token limit
-
-
-class _Watchdog:
-    """Ends streams that have gone silent: one thread for a backend's requests.
-
-    A blocked read cannot be given a new timeout once it has started, so when a stream's deadline
-    passes the watchdog shuts its socket down, which wakes the reading thread at once (the worker
-    then sees `expired` and reports a timeout)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._busy = threading.Condition(self._lock)   # signalled when a first watch comes
-        self._watches: set[_Watch] = set()
-        self._thread: threading.Thread | None = None
-
-    def add(self, w: _Watch) -> None:
-        with self._lock:
-            self._watches.add(w)
-            if len(self._watches) == 1:
-                self._busy.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, daemon=True, name="persllm-watchdog")
-                self._thread.start()
-
-    def remove(self, w: _Watch) -> None:
-        with self._lock:
-            self._watches.discard(w)
-
-    def _loop(self) -> None:
-        """Ten looks a second while streams are open; asleep while none is."""
-        import time
-
-        while True:
-            with self._lock:
-                while not self._watches:
-                    self._busy.wait()
-            time.sleep(0.1)
-            now = time.monotonic()
-            with self._lock:
-                late = [w for w in self._watches if now > w.deadline and not w.expired]
-                for w in late:
-                    w.expired = True
-            for w in late:
-                _cut(w)
-
-
-def _cut(w: _Watch) -> None:
-    """Stop a stream from another thread: shut the socket down (wakes a blocked recv), then close."""
-    import socket
-
-    if w.sock is not None:
-        try:
-            socket.socket.shutdown(w.sock, socket.SHUT_RDWR)   # the plain socket's, also under TLS
-        except OSError:
-            pass
-    elif w.response is not None:
-        try:
-            w.response.close()
-        except Exception:  # noqa: BLE001 - best effort from another thread
-            pass
-
-
-def _socket_of(response: Any) -> Any:
-    """The socket under an httpx response (httpx/httpcore expose it), or None."""
-    try:
-        ns = response.extensions.get("network_stream")
-        return ns.get_extra_info("socket") if ns is not None else None
-    except Exception:  # noqa: BLE001 - another transport: the watchdog falls back to close()
-        return None
 
 
 def _response_type() -> type:
@@ -268,7 +89,7 @@ class OpenAIBackend:
     name = "openai"
     in_process = False   # a request in flight is left to die with the process (no torch in it)
 
-    def __init__(self, model: str, base_url: str | None = None, timeout: float = 120.0,
+    def __init__(self, model: str, base_url: str | None = None, timeout: float = 120.0, *,
                  first_token_timeout: float | None = None, stream: bool = True):
         import os
 
@@ -279,7 +100,7 @@ class OpenAIBackend:
         self.received = 0        # chunks received so far, all requests together
         self.streaming = 0       # requests whose first chunk has come and whose last has not
         self._counts = threading.Lock()
-        self._watchdog = _Watchdog()
+        self._watchdog = Watchdog()
         self._stream_usage = True   # ask for usage in the stream until a server refuses the option
         self._first_token = threading.local()   # this thread's last wait for a first chunk
         self._key = os.environ.get("OPENAI_API_KEY", "")
@@ -287,7 +108,7 @@ class OpenAIBackend:
             raise FatalError("OPENAI_API_KEY is not set; export your key (it is read only from the "
                              "environment, never from a flag)")
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        self.where = redact_url(self.base_url)
+        self.where = redact_url(self.base_url) if self.base_url else OPENAI_URL
         import openai
 
         self._openai = openai
@@ -389,7 +210,7 @@ class OpenAIBackend:
 
         kwargs = self._request(messages, max_tokens, temperature)
         t0 = time.monotonic()
-        w = _Watch(t0 + self.first_token_timeout)
+        w = Watch(t0 + self.first_token_timeout)
         self._watchdog.add(w)
         started = False
         response = None
@@ -399,9 +220,9 @@ class OpenAIBackend:
         try:
             try:
                 response = self._open(client, kwargs)
-                w.response, w.sock = response, _socket_of(response)
+                w.attach(response)
                 if w.expired:   # the deadline passed while the headers came
-                    _cut(w)
+                    w.cut()
                 data: list[str] = []
                 for line in response.iter_lines():
                     if w.expired:
@@ -547,138 +368,3 @@ class OpenAIBackend:
         return self._completion(text, resp.usage, resp.model, messages, time.perf_counter() - t0)
 
 
-class LocalBackend:
-    """A transformers causal LM on this machine: the embedded smollm2-135m, a model directory or
-    hub id, or a trained persllm run (loaded by inference.load_run; its stage's time token goes
-    first, as in training). Loaded once, on first use; generation is serialised with a lock because
-    one model object is not safe to drive from several threads.
-
-    With `sections` the reply is generated section by section under labels we write (guided.py):
-    small models do not keep a labelled format by themselves."""
-
-    name = "local"
-    in_process = True
-
-    def __init__(self, model: str = "smollm2-135m", device: str | None = None):
-        self.model = model
-        self.device = device
-        self.run_stages: list[dict[str, str]] | None = None   # set when `model` is a trained run
-        self._lock = threading.Lock()
-        self._loaded: tuple[Any, Any, Any] | None = None
-
-    def _load(self) -> tuple[Any, Any, Any]:
-        with self._lock:
-            if self._loaded is None:
-                self._loaded = self._load_now()
-            return self._loaded
-
-    def _load_now(self) -> tuple[Any, Any, Any]:
-        from pathlib import Path
-
-        import torch
-
-        from persllm_cli.model.guided import Decoder
-
-        path = Path(self.model).expanduser()
-        if (path / "run.json").is_file():
-            from persllm_cli.model.load import load_run
-
-            model, tok, info = load_run(path)
-            self.run_stages = info.stages
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            from persllm_cli.model import bases as models
-
-            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            base = models.resolve_base(self.model)
-            tok = AutoTokenizer.from_pretrained(base)
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
-        model.eval()
-        self.device = str(getattr(model, "device", "cpu"))
-        if self.device == "cpu":
-            _cpu_threads()
-        return model, tok, Decoder(model)
-
-    def check(self) -> None:
-        self._load()
-
-    def _time_token(self, stage_token: str | None) -> str:
-        """What goes before the prompt: a run's time token (the given one, else its last stage's);
-        nothing for a plain model, which knows no time tokens."""
-        if self.run_stages is None:
-            return ""
-        tokens = [s["token"] for s in self.run_stages]
-        if stage_token is None:
-            return tokens[-1]
-        if stage_token not in tokens:
-            raise FatalError(f"run {self.model} has no time token {stage_token} (it knows {', '.join(tokens)})")
-        return stage_token
-
-    def prompt_tokens(self, messages: list[Message], stage_token: str | None = None) -> int:
-        from persllm_cli.model.chat_format import prompt_ids
-
-        _, tok, _ = self._load()
-        return len(prompt_ids(tok, messages, self._time_token(stage_token)))
-
-    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float,
-                 sections: list[str] | None = None, stage_token: str | None = None,
-                 stop: threading.Event | None = None) -> Completion:
-        import time
-
-        from persllm_cli.model.guided import free_reply, guided_reply
-        from persllm_cli.model.chat_format import has_chat_template, prompt_ids
-
-        model, tok, decoder = self._load()
-        eos = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
-               if isinstance(i, int) and i != tok.unk_token_id}
-        with self._lock:
-            t0 = time.perf_counter()
-            prompt = prompt_ids(tok, messages, self._time_token(stage_token))
-            decoder.stop = stop
-            try:
-                if sections:
-                    out = guided_reply(decoder, tok, prompt, sections, max_tokens=max_tokens,
-                                       temperature=temperature, eos=eos)
-                else:
-                    out = free_reply(decoder, tok, prompt, max_tokens=max_tokens, temperature=temperature, eos=eos,
-                                     stop=None if has_chat_template(tok) else "\nUser:")
-            finally:
-                decoder.stop = None
-            return Completion(text=out.text, prompt_tokens=len(prompt) + out.label_tokens,
-                              completion_tokens=out.generated, seconds=time.perf_counter() - t0, model=self.model)
-
-
-def _cpu_threads() -> None:
-    """Threads for CPU generation: the cores this process may use (torch counts the machine's),
-    less those other work keeps busy, at least one; OMP_NUM_THREADS, when set, decides instead.
-    On a shared 2-core machine with a load of 4, one thread generated 5x faster than two."""
-    import os
-
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = max(0.0, os.getloadavg()[0] - 1)   # less our own loading of the model
-    except OSError:
-        busy = 0.0
-    free = max(1, round(allowed - busy))
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), allowed, free)))
-
-
-BACKENDS = ("openai", "local")  # what make_backend builds; the settings' choices of --backend
-
-
-def make_backend(kind: str, model: str | None, base_url: str | None = None, timeout: float = 120.0) -> Backend:
-    """'openai' (model required) or 'local' (default the embedded smollm2-135m). `timeout`: the
-    longest silence in an API reply (see OpenAIBackend)."""
-    if kind == "openai":
-        if not model:
-            raise PersllmError("--backend openai needs --model (or model in [annotate] of persllm.toml)")
-        return OpenAIBackend(model, base_url=base_url, timeout=timeout)
-    if kind == "local":
-        return LocalBackend(model or "smollm2-135m")
-    raise PersllmError(f"unknown backend {kind!r} (use openai or local)")
