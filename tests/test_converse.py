@@ -242,6 +242,26 @@ def test_retries_then_budget_stops_cleanly(cli, project, fake_openai):
     assert len(fake_openai.completions()) == len(recs) + 1  # the 500 was retried
 
 
+def test_a_turn_waits_as_the_server_asks_then_gives_up_in_one_line(cli, project, fake_openai):
+    """converse's turns retry by the runner's policy (llm/retry.py): Retry-After honoured, at most
+    --max-retries retries, then one line."""
+    from tests.fakes.openai_server import Fail
+
+    with open(project / "persllm.toml", "a") as f:
+        f.write("[converse]\nbackoff_seconds = 0.01\n")
+    fake_openai.push(Fail(429, retry_after=1), Reply("first"))
+    r = cli("converse", "api:fake-model@early", "api:fake-model@late", "--scene", SCENE, "--turns", "1")
+    assert r.exit_code == 0, r.stderr
+    refused, answered = fake_openai.completions()
+    assert answered.time - refused.time >= 1.0
+    fake_openai.push(Fail(500), Fail(500), Fail(500))
+    r = cli("converse", "api:fake-model@early", "api:fake-model@late", "--turns", "2", "--max-retries", "1")
+    assert r.exit_code == 1
+    assert r.stderr.count("error:") == 1 and "(after 2 attempts); rerun to continue" in r.stderr
+    assert len(fake_openai.completions()) == 4
+    assert len(read_jsonl(project / "build/converse.jsonl")) == 1
+
+
 def test_dry_run_sends_nothing(cli, project, fake_openai, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
     r = cli("converse", "api:gpt-4o@early", "api:gpt-4o-mini@late", "--scene", SCENE, "--turns", "4", "--dry-run")

@@ -15,7 +15,8 @@ from persllm_cli.annotate.prompts import parse_reply
 from persllm_cli.llm.openai_compat import OpenAIBackend
 from persllm_cli.llm.protocol import TransientError
 from persllm_cli.data.records import read_jsonl
-from persllm_cli.llm.runner import Item, RunnerSettings, _Arriving, run_items
+from persllm_cli.llm.progress import Arriving
+from persllm_cli.llm.runner import Item, RunnerSettings, run_items
 from tests.fakes.slow_server import SlowOpenAI
 from tests.test_annotate import make_project
 
@@ -190,7 +191,7 @@ def test_progress_shows_tokens_arriving_and_silence():
         received = 0
 
     backend = Streaming()
-    arriving = _Arriving(backend)
+    arriving = Arriving(backend)
     assert arriving.text(in_flight=1).endswith("tok/s arriving")
     backend.received = 40
     assert arriving.text(in_flight=1) != "0.0 tok/s arriving"
@@ -199,7 +200,7 @@ def test_progress_shows_tokens_arriving_and_silence():
     arriving.samples.append((arriving.samples[-1][0], 40))
     assert arriving.text(in_flight=1).startswith("no token for")
     assert arriving.text(in_flight=0) == ""
-    assert _Arriving(object()).text(in_flight=1) == ""   # a backend that does not stream
+    assert Arriving(object()).text(in_flight=1) == ""   # a backend that does not stream
 
 
 # ------------------------------------------------------------------------------ the command

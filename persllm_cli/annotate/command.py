@@ -24,9 +24,10 @@ from persllm_cli.data.corpus import Paragraph, read_paragraphs
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.data.records import Record, read_text, record_id, resume_state, write_meta
 from persllm_cli.data.lock import hold
-from persllm_cli.llm.pricing import Price, pricing
+from persllm_cli.llm.pricing import Price, Spend, pricing
+from persllm_cli.llm.progress import dry_run, summary
 from persllm_cli.llm.registry import default_model, make_backend
-from persllm_cli.llm.runner import Budget, Item, RunnerSettings, dry_run, run_items, summary
+from persllm_cli.llm.runner import Item, RunnerSettings, run_items
 
 @dataclass
 class Job:
@@ -197,17 +198,16 @@ def _sidecar(project: Project, s: AnnotateSettings, output: Path, model: str, n_
                extra={"standards": standards, "price_per_million": [price.input, price.output], "last_run": last_run})
 
 
-def _review(items: list[Item], backend: Any, ann: Annotator, rs: RunnerSettings, budget: Budget, price: Price,
+def _review(items: list[Item], backend: Any, ann: Annotator, rs: RunnerSettings, spend: Spend, price: Price,
             output: Path, standards: list[str]) -> None:
     """Show the first answers and take 'ok' or a standard; repeat on fresh items until 'ok'."""
     done_ids: set[str] = set()
     while True:
         shown: list[Record] = []
-        batch = RunnerSettings(**{**budget.settings(rs).__dict__, "limit": ann.s.review_samples})
-        stats = run_items([it for it in items if it.id not in done_ids], backend, build_messages=ann.messages,
-                          parse=ann.parse, make_record=ann.record, output=output, settings=batch, price=price,
-                          on_record=shown.append, request_options=ann.options)
-        budget.charge(stats)
+        batch = RunnerSettings(**{**rs.__dict__, "limit": ann.s.review_samples})
+        run_items([it for it in items if it.id not in done_ids], backend, build_messages=ann.messages,
+                  parse=ann.parse, make_record=ann.record, output=output, settings=batch, price=price,
+                  on_record=shown.append, request_options=ann.options, spend=spend)
         done_ids.update(r["id"] for r in shown)
         ok = [r for r in shown if r["status"] == "ok"]
         if not ok:
@@ -279,10 +279,10 @@ def _run(project: Project, s: AnnotateSettings, t0: float, model: str, standards
         _local_notice(project, s, backend, ann, items)
     rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries, max_tokens=s.max_tokens,
                         temperature=s.temperature, limit=s.limit, backoff_base=s.backoff_seconds)
-    budget = Budget(s.budget_usd)  # what --review's samples spend comes off the rest of the run
+    spend = Spend(budget_usd=s.budget_usd)  # what --review's samples spend comes off the rest of the run
     before = resume_state(output).ok if output.exists() else set()
     if s.review and s.limit != 0:
-        _review(items, backend, ann, rs, budget, price, output, standards)
+        _review(items, backend, ann, rs, spend, price, output, standards)
         if s.limit is not None:
             done_now = len(resume_state(output).ok - before)
             rs.limit = max(0, s.limit - done_now)
@@ -291,7 +291,7 @@ def _run(project: Project, s: AnnotateSettings, t0: float, model: str, standards
 
     try:
         stats = run_items(items, backend, build_messages=ann.messages, parse=ann.parse, make_record=ann.record,
-                          output=output, settings=budget.settings(rs), price=price, request_options=ann.options)
+                          output=output, settings=rs, price=price, request_options=ann.options, spend=spend)
     except KeyboardInterrupt:
         sidecar({"interrupted": True})  # an interrupted run's sidecar still counts what the file now holds
         raise

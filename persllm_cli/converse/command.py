@@ -19,11 +19,10 @@ and, with `--judge M`, a verdict per turn on staying in character and in stage.
 from __future__ import annotations
 
 import hashlib
-import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,10 @@ from persllm_cli.core.settings import public_settings, setting
 from persllm_cli.data.lock import hold
 from persllm_cli.data.records import Appender, read_jsonl, write_meta
 from persllm_cli.data.records import Message
-from persllm_cli.llm.pricing import Pricing, price_table, pricing
+from persllm_cli.llm.pricing import Pricing, Spend, price_table, pricing
 from persllm_cli.llm.protocol import RequestError, TransientError, estimate_prompt_tokens, redact_url
 from persllm_cli.llm.registry import API, make_backend
+from persllm_cli.llm.retry import retrying
 from persllm_cli.model.generate import Sampling
 
 JUDGE_TEMPLATE = "converse/judge.txt"
@@ -79,18 +79,10 @@ class BudgetReached(Exception):
     pass
 
 
-@dataclass
-class Spend:
-    """Dollars spent by this run's API requests (speakers and judge together), against --budget-usd."""
-
-    budget: float | None
-    spent: float = 0.0
-    requests: int = 0
-    unpriced: set[str] = field(default_factory=set)
-
-    def allow(self, worst: float) -> None:
-        if self.budget is not None and self.spent + worst > self.budget:
-            raise BudgetReached
+def _allow(spend: Spend, worst: float) -> None:
+    """Stop before a request that could take this run's API spend (speakers and judge) past --budget-usd."""
+    if not spend.allows(worst):
+        raise BudgetReached
 
 
 # ---------------------------------------------------------------------------------- the turns
@@ -122,20 +114,15 @@ def _write(text: str) -> None:
 
 
 def _with_retries(what: str, call: Any, s: ConverseSettings) -> Any:
-    """Call `call()` until it works; TransientError retried with backoff, RequestError one line."""
-    last = ""
-    for attempt in range(s.max_retries + 1):
-        try:
-            return call()
-        except TransientError as e:
-            last = str(e)
-            if attempt < s.max_retries:
-                wait = e.retry_after if e.retry_after is not None else random.uniform(0, s.backoff_seconds * 2 ** attempt)
-                console.note(f"({what}: {last}; retrying)")
-                time.sleep(min(wait, 60.0))
-        except RequestError as e:
-            raise PersllmError(f"{what}: {e}") from None
-    raise PersllmError(f"{what}: {last} (after {s.max_retries + 1} attempts); rerun to continue")
+    """Call `call()` until it works, under the runner's retry policy (llm/retry.py); what does not
+    work in the end is one line."""
+    try:
+        return retrying(call, max_retries=s.max_retries, base=s.backoff_seconds,
+                        on_retry=lambda e: console.note(f"({what}: {e}; retrying)"))
+    except TransientError as e:
+        raise PersllmError(f"{what}: {e} (after {s.max_retries + 1} attempts); rerun to continue") from None
+    except RequestError as e:
+        raise PersllmError(f"{what}: {e}") from None
 
 
 def _run_turn(p: Participant, messages: list[Message], sampling: Sampling) -> tuple[str, int]:
@@ -159,7 +146,7 @@ def _api_turn(p: Participant, messages: list[Message], s: ConverseSettings, pric
     """One API line, streamed to stdout as it arrives. Returns (text, completion tokens, cost,
     where the token counts come from: "server" or "estimate")."""
     full = p.speaker.messages(messages, p.stage_id)
-    spend.allow(price.price.cost(estimate_prompt_tokens(full), s.max_new_tokens))
+    _allow(spend, price.price.cost(estimate_prompt_tokens(full), s.max_new_tokens))
     backend = p.speaker.backend
     shown: list[str] = []   # what this attempt has printed
 
@@ -176,8 +163,8 @@ def _api_turn(p: Participant, messages: list[Message], s: ConverseSettings, pric
             _write(("" if shown[-1][-1:].isspace() else " ") + "[cut off]\n" + f"{p.name}: ")
             shown.clear()
         c = backend.complete(full, max_tokens=s.max_new_tokens, temperature=s.temperature, on_text=show)
-        spend.requests += 1
-        spend.spent += price.price.cost(c.prompt_tokens, c.completion_tokens)
+        spend.charge(price.price.cost(c.prompt_tokens, c.completion_tokens), c.prompt_tokens, c.completion_tokens,
+                     priced=price.known)
         if not c.text.strip():
             raise TransientError("the model's reply was empty")
         return c
@@ -233,8 +220,6 @@ def judge_turns(records: list[dict[str, Any]], people: list[Participant], s: Con
     backend = make_backend(API, s.judge, s.judge_base_url or s.base_url, s.timeout)
     backend.check()
     price = pricing(s.judge, price_table(project))
-    if not price.known:
-        spend.unpriced.add(s.judge)
     n = len(people)
     with Appender(path) as out:
         for r in todo:
@@ -245,12 +230,12 @@ def judge_turns(records: list[dict[str, Any]], people: list[Participant], s: Con
                                       stage_label=p.stage_label, stages=", ".join(l for _, l in p.speaker.stages),
                                       scene=scene, context=context, line=r["text"].strip() or "(nothing)").strip()
             msgs = [{"role": "user", "content": prompt}]
-            spend.allow(price.price.cost(estimate_prompt_tokens(msgs), 200))
+            _allow(spend, price.price.cost(estimate_prompt_tokens(msgs), 200))
 
             def ask(msgs: list[Message] = msgs) -> Any:
                 c = backend.complete(msgs, max_tokens=200, temperature=0.0)
-                spend.requests += 1
-                spend.spent += price.price.cost(c.prompt_tokens, c.completion_tokens)
+                spend.charge(price.price.cost(c.prompt_tokens, c.completion_tokens), c.prompt_tokens,
+                             c.completion_tokens, priced=price.known)
                 m = VERDICT.search(c.text)
                 if not m:
                     raise TransientError("the judge's reply had no verdict")
@@ -293,7 +278,7 @@ def summarize(records: list[dict[str, Any]], people: list[Participant],
     rows.append(["API cost of the transcript", f"${cost:.4f}"])
     if spend.requests:
         rows.append(["API requests this run", spend.requests])
-        rows.append(["spent this run", f"${spend.spent:.4f}"])
+        rows.append(["spent this run", f"${spend.usd:.4f}"])
     console.table("converse", ["", "value"], rows)
     return md
 
@@ -303,7 +288,7 @@ def summarize(records: list[dict[str, Any]], people: list[Participant],
 def _dry_run(people: list[Participant], records: list[dict[str, Any]], scene: str, s: ConverseSettings,
              project: Project | None) -> int:
     """What the API turns still to come would send, with every line as long as it may be."""
-    from persllm_cli.llm.runner import dry_run
+    from persllm_cli.llm.progress import dry_run
 
     n = len(people)
     filler = " ".join(["word"] * s.max_new_tokens)
@@ -364,8 +349,8 @@ def _converse(project: Project | None, s: ConverseSettings) -> int:
             else:
                 p.speaker.backend.check()
     prices = {p.model: pricing(p.model, price_table(project)) for p in people if p.kind == "api"}
-    spend = Spend(s.budget_usd, unpriced={m for m, pr in prices.items() if not pr.known})
-    for m in sorted(spend.unpriced):
+    spend = Spend(budget_usd=s.budget_usd)
+    for m in sorted(m for m, pr in prices.items() if not pr.known):
         console.note(prices[m].note)
 
     console.info(f"Scene: {scene}")
@@ -399,7 +384,7 @@ def _converse(project: Project | None, s: ConverseSettings) -> int:
                     _write("\n")
                     stopped = "budget"
                     console.warn(f"stopping before turn {i + 1}: it could pass --budget-usd {s.budget_usd} "
-                                 f"(${spend.spent:.4f} spent this run); rerun with a larger budget to continue")
+                                 f"(${spend.usd:.4f} spent this run); rerun with a larger budget to continue")
                     break
             _write("\n\n")
             record = {"turn": i, "speaker": p.name, "spec": p.spec.text, "kind": p.kind, "model": p.model,
@@ -444,5 +429,5 @@ def _meta(output: Path, s: ConverseSettings, speakers: list[dict[str, Any]], rec
     if settings.get("base_url"):
         settings["base_url"] = redact_url(settings["base_url"])
     write_meta(output, command="converse", settings=settings, counts={"turns": len(records)}, seconds=seconds,
-               extra={"speakers": speakers, "last_run": {"requests": spend.requests, "cost_usd": round(spend.spent, 6),
+               extra={"speakers": speakers, "last_run": {"requests": spend.requests, "cost_usd": round(spend.usd, 6),
                                                          "stopped": stopped}})

@@ -40,9 +40,10 @@ from persllm_cli.core.resources import render
 from persllm_cli.data.retrieval import Index
 from persllm_cli.curate.pairs import DpoSettings, load_inputs, make_pair, pair_id, report
 from persllm_cli.llm.annotator import AnnotateSettings
-from persllm_cli.llm.pricing import pricing
+from persllm_cli.llm.pricing import Spend, pricing
+from persllm_cli.llm.progress import dry_run, summary
 from persllm_cli.llm.registry import default_model, make_backend
-from persllm_cli.llm.runner import Item, Malformed, RunnerSettings, dry_run, run_items, summary
+from persllm_cli.llm.runner import Item, Malformed, RunnerSettings, run_items
 
 EMPTY_ANSWER = "the annotator's answer was empty"
 SAME_ANSWER = "the generated answer equals the chosen one"
@@ -239,10 +240,10 @@ def run(project: Project, s: DpoSettings, annotator: AnnotateSettings) -> int:
         backend = make_backend(ann.backend, ann.model, ann.base_url, a.timeout)
         backend.check()
         rs = RunnerSettings(concurrency=ann.concurrency, max_retries=a.max_retries, max_tokens=a.max_tokens,
-                            temperature=a.temperature, budget_usd=budget, backoff_base=a.backoff_seconds,
-                            title="dpo generate")
+                            temperature=a.temperature, backoff_base=a.backoff_seconds, title="dpo generate")
         stats = run_items(items, backend, build_messages=lambda it: it.data.messages, parse=_parse,
-                          make_record=_work_record, output=work, settings=rs, price=price)
+                          make_record=_work_record, output=work, settings=rs, price=price,
+                          spend=Spend(budget_usd=budget))
         if stats.planned == 0 and stats.skipped:
             console.info(f"nothing to ask: all {stats.skipped} answers are already in {work}")
         else:

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from persllm_cli.core import console
-from persllm_cli.eval import judge
 from persllm_cli.eval.items import EvalSettings, System, TestItem
 from persllm_cli.data import records
 from persllm_cli.core.settings import public_settings
 from persllm_cli.llm.protocol import Completion, redact_url
-from persllm_cli.llm.pricing import Pricing, pricing
+from persllm_cli.llm.pricing import Pricing, Spend, pricing
 from persllm_cli.llm.registry import API, make_backend
-from persllm_cli.llm.runner import Budget, Item, Malformed, RunnerSettings, Usage, run_items
+from persllm_cli.llm.runner import Item, Malformed, RunnerSettings, Usage, run_items
 from persllm_cli.model.generate import Sampling
 from persllm_cli.persona.api import ApiSpeaker
 from persllm_cli.persona.speaker import RunSpeaker, Speaker
@@ -25,7 +24,7 @@ from persllm_cli.persona.speaker import RunSpeaker, Speaker
 
 def _answer_all_api(speaker: ApiSpeaker, system: System, items: list[TestItem], path: Path, s: EvalSettings,
                     price: Pricing, on_record: Callable[[records.Record], None],
-                    budget: Budget | None = None) -> judge.Spend:
+                    budget: Spend | None = None) -> Spend:
     """The prompted baseline's answers to `items` (all of them: the caller has left out the fresh
     ones), appended to `path`. They go through the concurrent runner (retries, Retry-After,
     accounting), not in batches."""
@@ -42,17 +41,15 @@ def _answer_all_api(speaker: ApiSpeaker, system: System, items: list[TestItem], 
     rs = RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries,
                         max_tokens=s.max_new_tokens, temperature=s.temperature,
                         backoff_base=s.backoff_seconds, title=f"answering ({system.name})")
-    if budget is not None:
-        rs = budget.settings(rs)
-    stats = run_items([Item(i.id, i) for i in items], speaker.backend,
-                      build_messages=lambda it: speaker.messages([{"role": "user", "content": it.data.question}],
-                                                                 it.data.stage),
-                      parse=parse, make_record=make_record, output=path, settings=rs, price=price.price,
-                      on_record=on_record, resume=False)
-    if budget is not None:
-        budget.charge(stats)
-    return judge.Spend(requests=stats.requests, prompt_tokens=stats.prompt_tokens,
-                       completion_tokens=stats.completion_tokens, cost_usd=price.cost(stats.cost_usd))
+    budget = budget if budget is not None else Spend()
+    spend = budget.part(priced=price.known)
+    run_items([Item(i.id, i) for i in items], speaker.backend,
+              build_messages=lambda it: speaker.messages([{"role": "user", "content": it.data.question}],
+                                                         it.data.stage),
+              parse=parse, make_record=make_record, output=path, settings=rs, price=price.price,
+              on_record=on_record, resume=False, spend=spend)
+    budget.add(spend)
+    return spend
 
 
 def _answer_record(system: System, item: TestItem, text: str | None, model: str, extra: dict[str, Any],
@@ -83,7 +80,7 @@ def open_speaker(system: System, s: EvalSettings, prices: dict[str, list[float]]
 
 def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen: Callable[..., Speaker] | None = None,
              prices: dict[str, list[float]] | None = None,
-             budget: Budget | None = None) -> tuple[dict[str, records.Record], int, judge.Spend | None]:
+             budget: Spend | None = None) -> tuple[dict[str, records.Record], int, Spend | None]:
     """Answer every item not answered yet, appending to the system's answers.jsonl.
 
     Returns the latest answer record per test id (of these items), how many have no answer, and

@@ -32,9 +32,9 @@ from persllm_cli.data.lock import hold
 from persllm_cli.core.project import Project
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.llm.protocol import Backend
-from persllm_cli.llm.pricing import price_table, pricing
+from persllm_cli.llm.pricing import Spend, price_table, pricing
 from persllm_cli.llm.registry import API, make_backend
-from persllm_cli.llm.runner import Budget, RunnerSettings
+from persllm_cli.llm.runner import RunnerSettings
 from persllm_cli.eval.items import EvalSettings, System, TestItem
 from persllm_cli.model.runs import read_run, resolve_run
 
@@ -198,9 +198,9 @@ def run(project: Project | None, s: EvalSettings) -> int:
 def _run(project: Project | None, s: EvalSettings, t0: float, items: list[TestItem], systems: list[System],
          pools: dict[str, list[str]], prices: Any, judge_backend: Any) -> int:
     answers: dict[str, dict[str, records.Record]] = {}
-    spends: dict[str, judge.Spend] = {}
+    spends: dict[str, Spend] = {}
     failed_total = 0
-    budget = Budget(s.budget_usd)
+    budget = Spend(budget_usd=s.budget_usd)
     if s.budget_usd is not None:
         for model in {m for m in (s.api_model, s.judge) if m}:
             if not pricing(model, prices).known:
@@ -230,11 +230,11 @@ def _run(project: Project | None, s: EvalSettings, t0: float, items: list[TestIt
     if judge_backend is not None:
         failed_total += judge_all(judge_backend, systems, items, answers, s, result, prices, budget,
                                   leaks=leaks, leak_answers=leak_answers, shared_dir=report_dir)
-    if budget.hit:
+    if budget.budget_hit:
         console.warn(f"budget of ${s.budget_usd} reached: some requests were not sent; "
                      "rerun with a higher --budget-usd to continue (answers and verdicts so far are kept)")
     for name, spend in spends.items():
-        result["systems"][name]["generation_spend"] = dict(spend.__dict__)
+        result["systems"][name]["generation_spend"] = spend.as_dict()
     result["seconds"] = round(time.perf_counter() - t0, 3)
     evalreport.write(report_dir, result, s)
     if failed_total:
@@ -244,7 +244,7 @@ def _run(project: Project | None, s: EvalSettings, t0: float, items: list[TestIt
 
 def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
               answers: dict[str, dict[str, records.Record]], s: EvalSettings, result: dict[str, Any],
-              prices: dict[str, list[float]] | None = None, budget: Budget | None = None, *,
+              prices: dict[str, list[float]] | None = None, budget: Spend | None = None, *,
               leaks: list[TestItem] | None = None, leak_answers: dict[str, dict[str, records.Record]] | None = None,
               shared_dir: Path | None = None) -> int:
     """Ask the judge about every answered item of every system; fill result['systems'][*]['judge'].
@@ -257,7 +257,7 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
     leaks, leak_answers = leaks or [], leak_answers or {}
     shared = (shared_dir or systems[0].dir) / "judge_items.jsonl"
     records.make_dirs(shared.parent)
-    total, new = judge.Spend(), judge.Spend()
+    total, new = Spend(), Spend()
     failed = 0
     persona = systems[0].persona
     labels: dict[str, str] = {}
@@ -268,12 +268,9 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
         return RunnerSettings(concurrency=s.concurrency, max_retries=s.max_retries,
                               backoff_base=s.backoff_seconds, title=title)
 
-    def account(recs: dict[str, records.Record], spend: judge.Spend) -> None:
-        for acc, part in ((total, judge.total_spend(recs)), (new, spend)):
-            acc.requests += part.requests
-            acc.prompt_tokens += part.prompt_tokens
-            acc.completion_tokens += part.completion_tokens
-            acc.cost_usd = None if part.cost_usd is None or acc.cost_usd is None else acc.cost_usd + part.cost_usd
+    def account(recs: dict[str, records.Record], spend: Spend) -> None:
+        total.add(judge.total_spend(recs))
+        new.add(spend)
 
     kw = dict(max_tokens=s.judge_max_tokens, pricing=pricing(backend.model, prices), budget=budget)
     questions = [judge.TestQuestion(test_id=i.id, persona=persona, stage_label=labels.get(i.stage, i.stage),
@@ -330,7 +327,7 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
         summary["attitude_rank"] = sum(mine) / len(mine) if mine else None
     counts = Counter(categories.values())
     # Totals cover every verdict in the report (asked now or by an earlier run); this_run is what this run spent.
-    result["judge"] = {"model": backend.model, **total.__dict__, "this_run": dict(new.__dict__),
+    result["judge"] = {"model": backend.model, **total.as_dict(), "this_run": new.as_dict(),
                        "classes": {c: counts.get(c, 0) for c in judge.CATEGORIES}, "unclassified": unclassified,
                        "ranked_items": len(ranks), "systems_ranked": len(systems) if len(systems) > 1 else 0,
                        "leak_questions": len(leaks),

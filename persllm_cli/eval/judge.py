@@ -38,8 +38,8 @@ from typing import Any, Iterable
 from persllm_cli.core import resources
 from persllm_cli.llm.protocol import Backend, Completion
 from persllm_cli.data.records import Record
-from persllm_cli.llm.pricing import Price, Pricing
-from persllm_cli.llm.runner import Budget, Item as Task, Malformed, RunnerSettings, Usage, run_items
+from persllm_cli.llm.pricing import Price, Pricing, Spend
+from persllm_cli.llm.runner import Item as Task, Malformed, RunnerSettings, Usage, run_items
 
 KINDS = ("ab", "ba", "premise")   # ab: the system's answer is A; ba: it is B
 CATEGORIES = ("knowledge", "attitude", "neither")
@@ -120,14 +120,6 @@ def tasks(items: list[Answered], judge_model: str) -> list[tuple[str, str, Answe
     return out
 
 
-@dataclass
-class Spend:
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float | None = 0.0
-
-
 def choices(kind: str) -> tuple[str, ...]:
     if kind == "knowledge":
         return tuple(str(k) for k in range(6))
@@ -137,7 +129,7 @@ def choices(kind: str) -> tuple[str, ...]:
 
 
 def run(backend: Backend, items: list[Answered], path, *, max_tokens: int = 512, pricing: Pricing | None = None,
-        settings: RunnerSettings | None = None, budget: Budget | None = None) -> tuple[dict[str, Record], Spend]:
+        settings: RunnerSettings | None = None, budget: Spend | None = None) -> tuple[dict[str, Record], Spend]:
     """Judge every item not judged yet through the concurrent runner (retries, Retry-After,
     accounting; a reply without a verdict is retried like a transient error), appending one
     verdict per request to `path`. Returns the verdicts of these items (old and new, last record
@@ -151,19 +143,19 @@ def run(backend: Backend, items: list[Answered], path, *, max_tokens: int = 512,
 
 def ask(backend: Backend, todo: list[tuple[str, str, Any]], path, *, build_messages, parse, fields,
         max_tokens: int = 512, pricing: Pricing | None = None, settings: RunnerSettings | None = None,
-        budget: Budget | None = None) -> tuple[dict[str, Record], Spend]:
+        budget: Spend | None = None) -> tuple[dict[str, Record], Spend]:
     """The judge's requests `todo` ((key, kind, data) each) through the runner, resumable by key.
 
     `parse(kind, data, reply)` returns the verdict, or None (the reply is then retried as
     malformed); `fields(kind, data)` adds to each record. Returns the records of these keys and
-    what this call spent."""
+    what this call spent (also added to `budget`, the command's account, whose budget limits it)."""
     from persllm_cli.data.records import resume_state
 
     pricing = pricing or Pricing(backend.model, Price(), False)
     rs = settings or RunnerSettings()
     rs = RunnerSettings(**{**rs.__dict__, "max_tokens": max_tokens, "temperature": 0.0})
-    if budget is not None:
-        rs = budget.settings(rs)
+    budget = budget if budget is not None else Spend()
+    spend = budget.part(priced=pricing.known)
 
     def parse_(task: Task, c: Completion) -> tuple[Any, str]:
         verdict = parse(task.data[0], task.data[1], c.text)
@@ -179,13 +171,10 @@ def ask(backend: Backend, todo: list[tuple[str, str, Any]], path, *, build_messa
         return {"id": task.id, **fields(kind, data), "verdict": verdict, "reply": reply,
                 "judge": usage_d, "status": "ok" if parsed else "failed", "error": error}
 
-    stats = run_items([Task(key, (kind, data)) for key, kind, data in todo], backend,
-                      build_messages=lambda task: build_messages(task.data[0], task.data[1]), parse=parse_,
-                      make_record=make_record, output=path, settings=rs, price=pricing.price)
-    if budget is not None:
-        budget.charge(stats)
-    spend = Spend(requests=stats.requests, prompt_tokens=stats.prompt_tokens,
-                  completion_tokens=stats.completion_tokens, cost_usd=stats.cost_usd if pricing.known else None)
+    run_items([Task(key, (kind, data)) for key, kind, data in todo], backend,
+              build_messages=lambda task: build_messages(task.data[0], task.data[1]), parse=parse_,
+              make_record=make_record, output=path, settings=rs, price=pricing.price, spend=spend)
+    budget.add(spend)
     state = resume_state(path)
     wanted = {t[0] for t in todo}
     return {k: r for k, r in state.records.items() if k in wanted}, spend
@@ -334,11 +323,9 @@ def total_spend(verdicts: dict[str, Record]) -> Spend:
     total = Spend()
     for r in verdicts.values():
         j = r.get("judge") or {}
-        total.requests += int(j.get("attempts") or 0)
-        total.prompt_tokens += int(j.get("prompt_tokens") or 0)
-        total.completion_tokens += int(j.get("completion_tokens") or 0)
         cost = j.get("cost_usd")
-        total.cost_usd = None if cost is None or total.cost_usd is None else total.cost_usd + cost
+        total.charge(cost or 0.0, int(j.get("prompt_tokens") or 0), int(j.get("completion_tokens") or 0),
+                     requests=int(j.get("attempts") or 0), priced=cost is not None)
     return total
 
 

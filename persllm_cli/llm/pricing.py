@@ -1,4 +1,5 @@
-"""Prices of API models: the table, the lookup, the cost of a request and the note for an unpriced model.
+"""Prices of API models: the table, the lookup, the cost of a request, the note for an unpriced
+model, and `Spend`, the one account of what requests cost against a dollar budget.
 
 One place for every command that spends money (annotate, dpo --mode generate, eval's answers and
 judge, chat --api-model, converse). Prices are dollars per million tokens [input, output];
@@ -76,3 +77,58 @@ def price_table(project: Any) -> dict[str, Any]:
     if project is None:
         return {}
     return project.section("annotate").get("prices") or {}
+
+
+@dataclass
+class Spend:
+    """What API requests cost, and the dollar budget they share: one account for the runner, eval's
+    reports and converse's turns. A command makes one; each runner call charges it, directly or
+    through a `part` that is added back (eval: to report what the answers and the judge each
+    spent), so every request of the command counts against the one --budget-usd.
+
+    `usd` counts the dollars of priced models; an unpriced model's requests count $0 and make
+    `cost_usd` None (unknown). `budget_hit` is set when a request was not sent for the budget."""
+
+    budget_usd: float | None = None   # None: no limit
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usd: float = 0.0
+    priced: bool = True
+    budget_hit: bool = False
+
+    @property
+    def cost_usd(self) -> float | None:
+        return self.usd if self.priced else None
+
+    @property
+    def left(self) -> float | None:
+        """Dollars left before the budget (None: no budget)."""
+        return None if self.budget_usd is None else max(0.0, self.budget_usd - self.usd)
+
+    def allows(self, worst_usd: float) -> bool:
+        """Whether a request that could cost `worst_usd` stays within the budget."""
+        return self.budget_usd is None or self.usd + worst_usd <= self.budget_usd
+
+    def charge(self, usd: float, prompt_tokens: int = 0, completion_tokens: int = 0, *, requests: int = 1,
+               priced: bool = True) -> None:
+        self.requests += requests
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.usd += usd
+        self.priced = self.priced and priced
+
+    def part(self, priced: bool = True) -> "Spend":
+        """A new account for one part of this one's work (one runner call), its budget what is left
+        here; `add` it back once the part is done. `priced`: False for a model without a price."""
+        return Spend(budget_usd=self.left, priced=priced)
+
+    def add(self, other: "Spend") -> None:
+        self.charge(other.usd, other.prompt_tokens, other.completion_tokens, requests=other.requests,
+                    priced=other.priced)
+        self.budget_hit = self.budget_hit or other.budget_hit
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counts a report shows (the dollars unrounded: reports add these up)."""
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "cost_usd": self.cost_usd}

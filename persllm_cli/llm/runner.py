@@ -2,7 +2,8 @@
 generate, eval): worker threads, retries with backoff, accounting, a budget, resume, Ctrl-C.
 
     stats = run_items(items, backend, build_messages=..., parse=..., make_record=..., output=path,
-                      settings=RunnerSettings(concurrency=8, max_retries=5, ...), prices=Price(0.15, 0.6))
+                      settings=RunnerSettings(concurrency=8, max_retries=5, ...), price=Price(0.15, 0.6),
+                      spend=Spend(budget_usd=2.0))
 
 - `items` carry a stable `id`; ids whose last record in `output` is `ok` are skipped, failed ones
   are tried again (resume). `limit` caps the new records of this run.
@@ -13,8 +14,9 @@ generate, eval): worker threads, retries with backoff, accounting, a budget, res
   (`sections`, `stage_token`).
 - One writer (the main thread) appends each record and flushes it (records.Appender): kill -9
   loses only requests in flight, never a written record, and never writes one twice.
-- Retries: exponential backoff with full jitter, `Retry-After` honoured. `TransientError` and
-  `Malformed` are retried up to `max_retries` times, then the item is written `failed`.
+- Retries: exponential backoff with full jitter, `Retry-After` honoured (retry.py, the policy of
+  every API request). `TransientError` and `Malformed` are retried up to `max_retries` times,
+  then the item is written `failed`.
   `RequestError` fails the item at once. `FatalError` stops the run; before the first success
   nothing is written at all (the caller exits 1 with one line).
 - Adaptive limit: at most `concurrency` requests are in flight, fewer while the server shows it
@@ -26,9 +28,12 @@ generate, eval): worker threads, retries with backoff, accounting, a budget, res
   as we allow: more of them would time out). One cut per round of requests: the requests already
   in flight when the limit was cut do not cut it again.
 - When requests keep timing out or being refused, one warning line says so and names the knobs
-  (--timeout, --concurrency, --max-tokens), once per run. The progress shows tokens arriving.
-- Budget: before each attempt the worst case of that request (estimated prompt + max_tokens) is
-  reserved; if it could pass `budget_usd`, nothing more is sent and the run stops cleanly.
+  (--timeout, --concurrency, --max-tokens), once per run. The progress shows tokens arriving
+  (progress.py: what a run shows, its RunStats and the end table).
+- Budget: `spend` (pricing.Spend) is the command's account; what its `budget_usd` leaves limits
+  this run, and the run's requests, tokens and dollars are charged to it. Before each attempt the
+  worst case of that request (estimated prompt + max_tokens) is reserved; if it could pass what is
+  left, nothing more is sent and the run stops cleanly.
 - Ctrl-C: nothing more is sent, what is written stays written, KeyboardInterrupt propagates (130).
   An in-process backend (torch) is stopped between tokens and its workers joined first: a thread
   still inside torch when the interpreter exits aborts the process (exit 134).
@@ -37,19 +42,19 @@ generate, eval): worker threads, retries with backoff, accounting, a budget, res
 from __future__ import annotations
 
 import queue
-import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from persllm_cli.core import console
-from persllm_cli.llm.pricing import Price
-from persllm_cli.data.records import Message
-from persllm_cli.llm.protocol import Backend, Completion, FatalError, RequestError, TransientError, estimate_prompt_tokens
 from persllm_cli.core.errors import Stopped
-from persllm_cli.data.records import Appender, Record, resume_state
+from persllm_cli.data.records import Appender, Message, Record, resume_state
+from persllm_cli.llm.pricing import Price, Spend
+from persllm_cli.llm.progress import Arriving, RunStats, trouble_line
+from persllm_cli.llm.protocol import Backend, Completion, FatalError, RequestError, TransientError, estimate_prompt_tokens
+from persllm_cli.llm.retry import BACKOFF_MAX, backoff
 
 
 class Malformed(Exception):
@@ -86,10 +91,9 @@ class RunnerSettings:
     max_retries: int = 5
     max_tokens: int = 1024
     temperature: float = 0.7
-    budget_usd: float | None = None
     limit: int | None = None
     backoff_base: float = 1.0    # first retry waits up to this many seconds (full jitter)
-    backoff_max: float = 60.0
+    backoff_max: float = BACKOFF_MAX
     title: str = "annotate"
     adaptive: bool = True        # cut the requests in flight on timeouts and overload answers
 
@@ -98,72 +102,16 @@ class RunnerSettings:
 WARN_AFTER = 2
 
 
-@dataclass
-class RunStats:
-    total: int = 0          # items given
-    skipped: int = 0        # already ok in the output
-    planned: int = 0        # to do in this run (after resume and limit)
-    ok: int = 0
-    failed: int = 0
-    not_sent: int = 0       # left for a later run (budget, Ctrl-C, fatal error)
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    seconds: float = 0.0
-    stopped: str | None = None   # "budget", "interrupted", "fatal" or None
-    timeouts: int = 0       # attempts that timed out (no token for --timeout, or no first token)
-    overloads: int = 0      # attempts refused for overload (429, 503, connection refused)
-    concurrency: float = 0  # the adaptive limit at the end of the run
-    errors: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["cost_usd"] = round(self.cost_usd, 6)
-        d["seconds"] = round(self.seconds, 3)
-        return d
-
-
-@dataclass
-class Budget:
-    """One dollar limit shared by several runner calls of one command (eval: answers, then judge)."""
-
-    left: float | None = None
-    hit: bool = False
-
-    def charge(self, stats: RunStats) -> None:
-        """Take what one runner call spent off what is left."""
-        if self.left is not None:
-            self.left = max(0.0, self.left - stats.cost_usd)
-        self.hit = self.hit or stats.stopped == "budget"
-
-    def settings(self, rs: RunnerSettings) -> RunnerSettings:
-        """`rs` limited to what is left."""
-        return RunnerSettings(**{**rs.__dict__, "budget_usd": self.left})
-
-
-def dry_run(title: str, prompts: list[list[Message]], skipped: int, max_tokens: int, price: Price) -> None:
-    """What sending `prompts` would take, as a table on stderr; nothing is sent (`--dry-run`)."""
-    prompt = sum(estimate_prompt_tokens(m) for m in prompts)
-    completion = len(prompts) * max_tokens
-    typical = len(prompts) * min(max_tokens, 400)
-    console.table(f"dry run: {title} (nothing sent)", ["", "value"], [
-        ["requests", len(prompts)], ["already done (skipped)", skipped],
-        ["prompt tokens (estimate)", f"{prompt:,}"],
-        ["completion tokens (at most)", f"{completion:,}"],
-        ["cost (typical)", f"${price.cost(prompt, typical):.4f}"],
-        ["cost (at most)", f"${price.cost(prompt, completion):.4f}"]])
-
-
 class _Shared:
     """State the workers share, behind one lock: spend, reservations, in-flight count."""
 
-    def __init__(self, settings: RunnerSettings, price: Price):
+    def __init__(self, settings: RunnerSettings, price: Price, budget: float | None):
         self.lock = threading.Lock()
         self.settled = threading.Condition(self.lock)
         self.stop = threading.Event()
         self.settings = settings
         self.price = price
+        self.budget = budget   # dollars this run may spend (None: no limit)
         self.spent = 0.0
         self.reserved = 0.0
         self.in_flight = 0
@@ -214,7 +162,7 @@ class _Shared:
                 self.settled.wait(0.5)   # the adaptive limit: wait for a request to finish
             if self.stop.is_set():
                 return None
-            budget = self.settings.budget_usd
+            budget = self.budget
             while budget is not None and self.spent + self.reserved + worst > budget:
                 if self.in_flight == 0 or self.stop.is_set():
                     self.budget_hit = self.budget_hit or self.in_flight == 0
@@ -237,13 +185,6 @@ class _Shared:
                 self.completion_tokens += c.completion_tokens
             self.settled.notify_all()
         return cost
-
-
-def _backoff(attempt: int, s: RunnerSettings, retry_after: float | None) -> float:
-    if retry_after is not None:
-        # The server said when; add a little jitter so workers do not return in lockstep.
-        return min(retry_after, s.backoff_max) + random.uniform(0, 0.1)
-    return random.uniform(0, min(s.backoff_max, s.backoff_base * 2 ** attempt))
 
 
 def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[Item], list[Message]],
@@ -300,7 +241,7 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
                 return "ok", parse(item, completion), usage, None
             except Malformed as e:
                 last_error = f"malformed reply: {e}"
-        if attempt < s.max_retries and sh.stop.wait(_backoff(attempt, s, retry_after)):
+        if attempt < s.max_retries and sh.stop.wait(backoff(attempt, retry_after, s.backoff_base, s.backoff_max)):
             return "unsent", None, usage, last_error
     return "failed", None, usage, f"{last_error} (after {usage.attempts} attempt{'s' if usage.attempts != 1 else ''})"
 
@@ -310,11 +251,13 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
               make_record: Callable[[Item, Any, Usage, str | None], Record], output: Path,
               settings: RunnerSettings, price: Price = Price(),
               on_record: Callable[[Record], None] | None = None, resume: bool = True,
-              request_options: Callable[[Item], dict[str, Any]] | None = None) -> RunStats:
+              request_options: Callable[[Item], dict[str, Any]] | None = None,
+              spend: Spend | None = None) -> RunStats:
     """Run `items` through `backend` concurrently and append one record per finished item to `output`.
 
     With `resume=False` every item is sent, even one whose last record is ok (the caller decided
     what is still to do, e.g. eval answers again when the saved answer came from other settings).
+    `spend`: the account to charge, whose budget limits the run (see the module's docstring).
 
     Returns the run's statistics. Raises FatalError (after writing what finished, and nothing at
     all before the first success) and KeyboardInterrupt (after writing what finished).
@@ -332,7 +275,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    sh = _Shared(settings, price)
+    sh = _Shared(settings, price, spend.left if spend is not None else None)
     jobs: queue.Queue[Item | None] = queue.Queue()
     results: queue.Queue[tuple[Item, str, Any, Usage, str | None]] = queue.Queue()
     for it in todo:
@@ -374,7 +317,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
             on_record(record)
 
     pending = len(todo)
-    arriving = _Arriving(backend)
+    arriving = Arriving(backend)
     warned = False
     try:
         with console.progress("{task.fields[failed]} failed", "{task.fields[inflight]} in flight",
@@ -384,7 +327,9 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
             while pending:
                 if not warned and sh.timeouts + sh.overloads >= WARN_AFTER:
                     warned = True
-                    console.warn(_trouble_line(sh, backend))
+                    with sh.lock:
+                        trouble = (sh.timeouts, sh.overloads, int(sh.limit), sh.last_trouble)
+                    console.warn(trouble_line(backend, *trouble))
                 try:
                     it, kind, parsed, usage, error = results.get(timeout=0.2)
                 except queue.Empty:
@@ -440,75 +385,14 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
         raise sh.fatal
     if sh.budget_hit:
         stats.stopped = "budget"
+    if spend is not None:
+        spend.charge(stats.cost_usd, stats.prompt_tokens, stats.completion_tokens, requests=stats.requests)
+        spend.budget_hit = spend.budget_hit or sh.budget_hit
     return stats
 
 
-class _Arriving:
-    """Tokens arriving now, from a streaming backend's `received` count: "12.5 tok/s" over the
-    last few seconds, or how long the stream has been silent, so a slow server can be told from a
-    dead one. Empty for a backend that does not stream."""
-
-    WINDOW = 5.0
-
-    def __init__(self, backend: Backend):
-        self.backend = backend
-        self.samples: list[tuple[float, int]] = []
-        self.last_change = time.monotonic()
-
-    def text(self, in_flight: int) -> str:
-        received = getattr(self.backend, "received", None)
-        if not isinstance(received, int):
-            return ""
-        now = time.monotonic()
-        if self.samples and received != self.samples[-1][1]:
-            self.last_change = now
-        self.samples.append((now, received))
-        while len(self.samples) > 2 and now - self.samples[0][0] > self.WINDOW:
-            self.samples.pop(0)
-        if in_flight == 0:
-            return ""
-        (t_first, n_first), (t_last, n_last) = self.samples[0], self.samples[-1]
-        silent = now - self.last_change
-        if n_last == n_first and silent >= 2:
-            return f"no token for {silent:.0f}s"
-        rate = (n_last - n_first) / (t_last - t_first) if t_last > t_first else 0.0
-        return f"{rate:.1f} tok/s arriving"
-
-
-def _trouble_line(sh: _Shared, backend: Backend) -> str:
-    """The one warning of a run whose requests keep timing out or being refused."""
-    where = getattr(backend, "where", backend.name)
-    with sh.lock:
-        timeouts, overloads, limit, last = sh.timeouts, sh.overloads, int(sh.limit), sh.last_trouble
-    now = f"now sending {limit} request{'s' if limit != 1 else ''} at a time"
-    if timeouts >= overloads:
-        return (f"requests to {where} keep timing out ({timeouts} so far; last: {last}); {now}. "
-                "A slow server? --timeout is the longest silence allowed inside a reply: raise it, "
-                "or lower --concurrency or --max-tokens")
-    return (f"the server at {where} keeps refusing requests ({overloads} so far; last: {last}); {now}. "
-            "Lower --concurrency (or --max-tokens) to ask less of it")
-
-
-def _refresh(bar: Any, task: Any, sh: _Shared, stats: RunStats, arriving: _Arriving | None = None) -> None:
+def _refresh(bar: Any, task: Any, sh: _Shared, stats: RunStats, arriving: Arriving) -> None:
     with sh.lock:
         tokens, cost, inflight = sh.prompt_tokens + sh.completion_tokens, sh.spent, sh.in_flight
     bar.update(task, failed=stats.failed, inflight=inflight, tokens=f"{tokens:,}", cost=f"{cost:.2f}",
-               arriving=arriving.text(inflight) if arriving else "")
-
-
-def summary(stats: RunStats, title: str = "annotate") -> None:
-    """The end-of-run table on stderr."""
-    rate = stats.requests / stats.seconds if stats.seconds > 0 else 0.0
-    rows = [
-        ["records ok", stats.ok], ["records failed", stats.failed],
-        ["already done (skipped)", stats.skipped], ["not sent (left for a rerun)", stats.not_sent],
-        ["requests", stats.requests], ["prompt tokens", f"{stats.prompt_tokens:,}"],
-        ["completion tokens", f"{stats.completion_tokens:,}"], ["cost", f"${stats.cost_usd:.4f}"],
-        ["seconds", f"{stats.seconds:.1f}"], ["requests/s", f"{rate:.1f}"],
-    ]
-    if stats.timeouts or stats.overloads:
-        rows += [["timed out (retried)", stats.timeouts], ["refused for overload (retried)", stats.overloads],
-                 ["requests in flight at the end (adapted)", int(stats.concurrency)]]
-    console.table(title, ["", "value"], rows)
-    for reason, n in sorted(stats.errors.items(), key=lambda kv: -kv[1]):
-        console.note(f"  {n} failed: {reason}")
+               arriving=arriving.text(inflight))
