@@ -29,7 +29,7 @@ class DpoSettings:
                         help="retrieve (another stage's answer to a similar question) or generate (ask the annotator with another stage's material).")
     output: Path = setting(Path("build/dpo.jsonl"), help='')
     backend: str | None = setting(None, choices=BACKENDS,
-                                  help='For --mode generate: openai or local (else [annotate] settings).')
+                                  help=f"For --mode generate: {' or '.join(BACKENDS)} (else [annotate] settings).")
     model: str | None = setting(None, help='For --mode generate: the annotator model.')
     base_url: str | None = setting(None, help='For --mode generate: OpenAI-compatible server URL.')
     concurrency: int | None = setting(None, at_least=1, help='For --mode generate: requests in flight.')

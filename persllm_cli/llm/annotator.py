@@ -12,7 +12,7 @@ from pathlib import Path
 
 from persllm_cli.core.settings import setting
 from persllm_cli.data.records import PATTERNS
-from persllm_cli.llm.registry import BACKENDS
+from persllm_cli.llm.registry import BACKENDS, BACKENDS_HELP
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class AnnotateSettings:
     instructions: Path | None = setting(None,
                                         help="Answer these general instructions in the persona's voice instead (txt, one per line, or JSONL with messages).")
     backend: str = setting("openai", choices=BACKENDS,
-                           help='openai (any OpenAI-compatible server) or local (transformers, offline).')
+                           help=f"{BACKENDS_HELP}.")
     model: str | None = setting(None,
                                 help='Annotator model: an API model name, or for --backend local smollm2-135m, a model dir or runs/NAME.')
     base_url: str | None = setting(None,

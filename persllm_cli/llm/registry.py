@@ -2,7 +2,8 @@
 
 annotate, dpo --mode generate, eval (its judge and its prompted baseline), chat --api-model,
 serve's API personas and converse all call `make_backend`. Adding a provider is one module (a
-class that keeps the Backend protocol, protocol.py) and one entry in PROVIDERS.
+class that keeps the Backend protocol, protocol.py) and one entry in PROVIDERS; --backend's
+choices and help come from here.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from persllm_cli.model.bases import DEFAULT_BASE
 class Provider:
     make: Callable[..., Backend]   # make(model, base_url=..., timeout=...): building one sends nothing
     default_model: str             # the model when none is named (annotate, dpo --mode generate)
+    about: str                     # for --backend's help
 
 
 PROVIDERS: dict[str, Provider] = {
-    "openai": Provider(OpenAIBackend, "gpt-4o-mini"),   # any OpenAI-compatible server
-    "local": Provider(LocalBackend, DEFAULT_BASE),      # transformers on this machine, offline
+    "openai": Provider(OpenAIBackend, "gpt-4o-mini", "any OpenAI-compatible server"),
+    "local": Provider(LocalBackend, DEFAULT_BASE, "transformers, offline"),
 }
 BACKENDS = tuple(PROVIDERS)   # the choices of --backend
+BACKENDS_HELP = " or ".join(f"{name} ({p.about})" for name, p in PROVIDERS.items())
 
 # The provider of a model named by its server's name alone: --api-model, --judge, api:MODEL speakers.
 API = "openai"
