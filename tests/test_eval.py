@@ -431,7 +431,7 @@ def test_errors(project, cli, monkeypatch, tmp_path):
     (other / "run.json").write_text(json.dumps({"persona": "H", "base": "b", "complete": True,
                                                 "stages": [{"id": "early", "label": "x", "token": "<TIME-I>"}]}))
     result = cli("eval", str(other))
-    assert result.exit_code == 1 and "no stage late" in result.stderr
+    assert result.exit_code == 1 and "unknown stage 'late' (stages: early)" in result.stderr
     bad_pool = tmp_path / "pool.jsonl"
     bad_pool.write_text(json.dumps({"status": "ok", "messages": [{"role": "user", "content": "q"},
                                                                   {"role": "assistant", "content": "a"}]}) + "\n")

@@ -29,7 +29,7 @@ from persllm_cli.eval import answers as eval_answers
 from persllm_cli.eval import judge
 from persllm_cli.data import records
 from persllm_cli.data.lock import hold
-from persllm_cli.core.project import Project
+from persllm_cli.core.project import Project, check_stage
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.llm.backends import Backend
 from persllm_cli.llm.pricing import price_table, pricing
@@ -94,11 +94,12 @@ def systems_for(project: Project | None, s: EvalSettings, items: list[TestItem])
     needed = sorted({i.stage for i in items})
     for d in run_dirs:
         info = read_run(d)
-        known = {st["id"] for st in info.stages}
-        missing = [st for st in needed if st not in known]
-        if missing:
-            raise PersllmError(f"run {d} has no stage {', '.join(missing)} that the test set uses "
-                               f"(its stages: {', '.join(sorted(known)) or 'none'})")
+        ids = [x["id"] for x in info.stages]
+        for st in needed:  # every stage the test set asks at, the run must have
+            try:
+                check_stage(st, ids)
+            except PersllmError as e:
+                raise PersllmError(f"run {d}: {e}; the test set asks at that stage") from None
         name = d.name
         names[name] += 1
         if names[name] > 1:

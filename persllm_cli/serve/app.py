@@ -27,7 +27,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from persllm_cli.core.errors import PersllmError
+from persllm_cli.core.project import check_stage
 from persllm_cli.model.generate import Sampling
+from persllm_cli.persona.speaker import BatchSpeaker, Speaker, stage_ids
 from persllm_cli.serve.batcher import Closed, QueueFull, Scheduler
 
 STATIC = Path(__file__).parent / "static"
@@ -36,14 +38,21 @@ RETRY_AFTER = "1"
 
 @dataclass
 class Served:
-    """One persona being served: a run on the scheduler (key set) or an API speaker (key None)."""
+    """One persona being served: a run whose model the scheduler decodes (`key` is its name there),
+    or an API speaker (`key` None), which streams its own answers."""
 
-    speaker: Any
-    key: str | None = None        # the scheduler's name for its model, for runs
+    speaker: Speaker
+    key: str | None = None
 
     @property
     def name(self) -> str:
         return self.speaker.name
+
+    @property
+    def run(self) -> BatchSpeaker:
+        """The speaker as the scheduler needs it; only for a run (`key` set)."""
+        assert self.key is not None and isinstance(self.speaker, BatchSpeaker)
+        return self.speaker
 
 
 @dataclass
@@ -197,7 +206,7 @@ def create_app(state: State) -> FastAPI:
         messages = req.messages
         if served.key is not None:
             try:
-                messages, _ = served.speaker.fit(messages, stage_id, req.sampling)
+                messages, _ = served.run.fit(messages, stage_id, req.sampling)
             except PersllmError as e:
                 raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
         loop = asyncio.get_running_loop()
@@ -334,6 +343,13 @@ def parse_request(raw: bytes, state: State) -> ChatRequest:
                            code="invalid_value")
         include_usage = bool(opts.get("include_usage", False))
     known = state.models()
+    name, at, stage = model.rpartition("@")
+    named = {s.name: s for s in state.served}
+    if model not in known and at and name in named:
+        try:
+            check_stage(stage, stage_ids(named[name].speaker))
+        except PersllmError as e:  # the model is served, the stage is not one of its
+            raise ApiError(404, str(e), param="model", code="model_not_found") from None
     if model not in known:
         raise ApiError(404, f"the model {model!r} does not exist (GET /v1/models lists them: "
                        f"{', '.join(sorted(known))})", param="model", code="model_not_found")
@@ -360,9 +376,7 @@ class ApiHandle:
 def start_generation(state: State, served: Served, messages: list, stage_id: str, sampling: Sampling, emit) -> Any:
     if served.key is not None:
         assert state.scheduler is not None
-        from persllm_cli.model.chat_format import prompt_ids
-
-        ids = prompt_ids(served.speaker.tokenizer, messages, served.speaker.token(stage_id))
+        ids = served.run.prompt_ids(messages, stage_id)
         try:
             return state.scheduler.submit(served.key, ids, sampling, emit)
         except QueueFull:
