@@ -13,13 +13,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from persllm_cli.core import console
+from persllm_cli.model.runs import RunInfo
 
-if TYPE_CHECKING:
-    from persllm_cli.export.command import ExportSettings
-    from persllm_cli.model.runs import RunInfo
+# export.command.ExportSettings; its module imports this one for --format's choices and help.
+ExportSettings = Any
 
 
 @dataclass(frozen=True)
