@@ -67,7 +67,8 @@ def run(project: Project | None, settings: ServeSettings) -> int:
     if not is_loopback(s.host) and key is None:
         raise PersllmError(f"refusing to serve on {s.host} without an API key: set {KEY_ENV} "
                            "(clients send it as Authorization: Bearer KEY), or bind 127.0.0.1", exit_code=EXIT_USAGE)
-    from persllm_cli.serve.app import Limits, Served, State, create_app
+    from persllm_cli.serve.app import create_app
+    from persllm_cli.serve.state import Limits, Served, State
     from persllm_cli.serve.batcher import Scheduler
 
     sampling = Sampling(max_new_tokens=s.max_tokens, temperature=s.temperature)
