@@ -53,7 +53,8 @@ class Project:
     toml: dict[str, Any] = field(default_factory=dict)
 
     def stage(self, stage_id: str) -> Stage:
-        return {s.id: s for s in self.stages}[check_stage(stage_id, [s.id for s in self.stages])]
+        sid = check_stage(stage_id, [s.id for s in self.stages])
+        return next(s for s in self.stages if s.id == sid)
 
     def select_stages(self, ids: list[str] | None) -> list[Stage]:
         """The stages named (in chronological order), or all of them when none are named."""
