@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from persllm_cli.eval import answers as eval_answers
-from persllm_cli.eval import judge
+from persllm_cli.eval import judge, protocols
 from persllm_cli.data import metrics
 from tests.fakes.openai_server import Fail
 
@@ -431,7 +431,7 @@ def test_errors(project, cli, monkeypatch, tmp_path):
     (other / "run.json").write_text(json.dumps({"persona": "H", "base": "b", "complete": True,
                                                 "stages": [{"id": "early", "label": "x", "token": "<TIME-I>"}]}))
     result = cli("eval", str(other))
-    assert result.exit_code == 1 and "no stage late" in result.stderr
+    assert result.exit_code == 1 and "unknown stage 'late' (stages: early)" in result.stderr
     bad_pool = tmp_path / "pool.jsonl"
     bad_pool.write_text(json.dumps({"status": "ok", "messages": [{"role": "user", "content": "q"},
                                                                   {"role": "assistant", "content": "a"}]}) + "\n")
@@ -528,7 +528,7 @@ def test_leak_questions_come_only_from_later_stages():
     assert {x.later_stage for x in by_stage["a"]} == {"b", "c"} and len(by_stage["a"]) == 9   # not the error item
     assert {x.later_stage for x in by_stage["b"]} == {"c"} and len(by_stage["b"]) == 5
     for x in leaks:
-        assert x.pattern == judge.LEAK and x.id == f"leak:{x.stage}:{x.later_stage}{x.question.split()[-1]}"
+        assert x.pattern == protocols.LEAK and x.id == f"leak:{x.stage}:{x.later_stage}{x.question.split()[-1]}"
         assert x.question.startswith(f"q {x.later_stage}") and x.reference.startswith(f"r {x.later_stage}")
     capped = leak_items(["a", "b", "c"], items, 3, seed=0)
     assert [len([x for x in capped if x.stage == st]) for st in "ab"] == [3, 3]

@@ -241,6 +241,10 @@ def test_errors_have_openai_shape(server):
     with pytest.raises(openai.NotFoundError) as e:
         c.chat.completions.create(model="nobody@early", messages=ASK)
     assert e.value.code == "model_not_found" and "r1@early" in e.value.message
+    # A served model at a stage it does not have: the sentence every command says about a stage.
+    err = _error(httpx.post(url, json={"model": "r1@nope", "messages": ASK}), 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    assert err["message"] == "unknown stage 'nope' (stages: early, middle, late)"
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model="r1", messages=ASK, n=2)
     assert e.value.param == "n"

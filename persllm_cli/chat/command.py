@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from persllm_cli.core import console
-from persllm_cli.core.project import Project
+from persllm_cli.core.project import Project, check_stage
 from persllm_cli.core.settings import setting
 from persllm_cli.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, PersllmError, Terminated
 from persllm_cli.model.generate import Sampling
 from persllm_cli.persona.api import ApiSpeaker
 from persllm_cli.persona.conversation import Conversation
-from persllm_cli.persona.speaker import RunSpeaker, Speaker, check_stage
+from persllm_cli.persona.speaker import RunSpeaker, Speaker, stage_ids
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,12 @@ def run(project: Project | None, settings: ChatSettings) -> int:
         if s.run is not None:
             raise PersllmError("give a run or --api-model, not both", exit_code=EXIT_USAGE)
         speaker: Speaker = ApiSpeaker.for_project(project, s.api_model, s.base_url, sampling)
-        stage_id = check_stage(speaker, s.stage)
+        stage_id = check_stage(s.stage, stage_ids(speaker))
     else:
         from persllm_cli.model.runs import resolve_run
 
         run_speaker = RunSpeaker(resolve_run(s.run, project), sampling)
-        stage_id = check_stage(run_speaker, s.stage)
+        stage_id = check_stage(s.stage, stage_ids(run_speaker))
         console.note(f"Loading {run_speaker.info.path} (base {run_speaker.info.base})...")
         if interactive:
             run_speaker.load_in_background()

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from persllm_cli.core.errors import EXIT_USAGE, PersllmError
-from persllm_cli.core.project import Project, load_project
+from persllm_cli.core.project import Project, check_stage, load_project
 from persllm_cli.model.generate import Sampling
-from persllm_cli.persona.speaker import Speaker, check_stage, stage_label
+from persllm_cli.persona.speaker import Speaker, stage_ids, stage_label
 
 
 @dataclass
@@ -145,7 +145,7 @@ def build(specs: list[str], current: Project | None, sampling: Sampling, base_ur
                 apis[key] = ApiSpeaker.for_project(project, spec.target, base_url, sampling, timeout=timeout)
             speaker = apis[key]
         try:
-            stage_id = check_stage(speaker, spec.stage)
+            stage_id = check_stage(spec.stage, stage_ids(speaker))
         except PersllmError as e:
             raise PersllmError(f"speaker {text!r}: {e}") from None
         if spec.kind == "api":

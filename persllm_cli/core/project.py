@@ -6,7 +6,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from persllm_cli.core.errors import PersllmError
 
@@ -53,11 +53,8 @@ class Project:
     toml: dict[str, Any] = field(default_factory=dict)
 
     def stage(self, stage_id: str) -> Stage:
-        for s in self.stages:
-            if s.id == stage_id:
-                return s
-        known = ", ".join(s.id for s in self.stages) or "none"
-        raise PersllmError(f"unknown stage {stage_id!r} (stages in {self.root / PROJECT_FILE}: {known})")
+        sid = check_stage(stage_id, [s.id for s in self.stages])
+        return next(s for s in self.stages if s.id == sid)
 
     def select_stages(self, ids: list[str] | None) -> list[Stage]:
         """The stages named (in chronological order), or all of them when none are named."""
@@ -126,6 +123,19 @@ def load_project(root: Path) -> Project:
         stages.append(Stage(id=sid, label=label, index=i))
     return Project(root=root, name=persona["name"].strip(), description=str(persona.get("description", "")),
                    stages=stages, toml=data)
+
+
+def check_stage(stage_id: str | None, ids: Sequence[str]) -> str:
+    """`stage_id` if it is one of `ids`, the last of them for None, else one line naming them.
+    A stage given to chat, converse, eval, serve, export or annotate, and a training record's stage,
+    is checked here, so an unknown stage reads the same everywhere."""
+    if not ids:
+        raise PersllmError("no stages to speak from")
+    if stage_id is None:
+        return ids[-1]
+    if stage_id not in ids:
+        raise PersllmError(f"unknown stage {stage_id!r} (stages: {', '.join(ids)})")
+    return stage_id
 
 
 def check_stage_id(sid: str, where: str = "stage") -> None:

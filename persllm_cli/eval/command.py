@@ -26,10 +26,10 @@ from typing import Any
 
 from persllm_cli.core import console
 from persllm_cli.eval import answers as eval_answers
-from persllm_cli.eval import judge
+from persllm_cli.eval import judge, protocols
 from persllm_cli.data import records
 from persllm_cli.data.lock import hold
-from persllm_cli.core.project import Project
+from persllm_cli.core.project import Project, check_stage
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.llm.protocol import Backend
 from persllm_cli.llm.pricing import Spend, price_table, pricing
@@ -95,11 +95,12 @@ def systems_for(project: Project | None, s: EvalSettings, items: list[TestItem])
     needed = sorted({i.stage for i in items})
     for d in run_dirs:
         info = read_run(d)
-        known = {st["id"] for st in info.stages}
-        missing = [st for st in needed if st not in known]
-        if missing:
-            raise PersllmError(f"run {d} has no stage {', '.join(missing)} that the test set uses "
-                               f"(its stages: {', '.join(sorted(known)) or 'none'})")
+        ids = [x["id"] for x in info.stages]
+        for st in needed:  # every stage the test set asks at, the run must have
+            try:
+                check_stage(st, ids)
+            except PersllmError as e:
+                raise PersllmError(f"run {d}: {e}; the test set asks at that stage") from None
         name = d.name
         names[name] += 1
         if names[name] > 1:
@@ -146,7 +147,7 @@ def leak_items(order: list[str], items: list[TestItem], per_stage: int, seed: in
         if not pool or per_stage <= 0:
             continue
         chosen = {i.id for i in random.Random(f"{seed}|leak|{stage}").sample(pool, min(per_stage, len(pool)))}
-        out += [TestItem(id=f"leak:{stage}:{i.id}", persona=i.persona, stage=stage, pattern=judge.LEAK,
+        out += [TestItem(id=f"leak:{stage}:{i.id}", persona=i.persona, stage=stage, pattern=protocols.LEAK,
                          question=i.question, reference=i.reference, later_stage=i.stage)
                 for i in pool if i.id in chosen]
     return out
@@ -163,7 +164,7 @@ def no_token_items(leaks: list[TestItem]) -> list[TestItem]:
     out: dict[str, TestItem] = {}
     for i in leaks:
         tid = i.id.split(":", 2)[2]
-        out.setdefault(tid, TestItem(id=NO_TOKEN + tid, persona=i.persona, stage="", pattern=judge.LEAK,
+        out.setdefault(tid, TestItem(id=NO_TOKEN + tid, persona=i.persona, stage="", pattern=protocols.LEAK,
                                      question=i.question, reference=i.reference, later_stage=i.later_stage,
                                      no_token=True))
     return list(out.values())
@@ -284,10 +285,10 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
         for i in items:
             r = answers[system.name].get(i.id)
             if r and r.get("status") == "ok":
-                jitems.append(judge.Answered(test_id=i.id, persona=system.persona,
-                                         stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
-                                         question=i.question, reference=i.reference, answer=records.answer(r),
-                                         category=categories.get(i.id), stage=i.stage))
+                jitems.append(protocols.Answered(test_id=i.id, persona=system.persona,
+                                                 stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
+                                                 question=i.question, reference=i.reference, answer=records.answer(r),
+                                                 category=categories.get(i.id), stage=i.stage))
         for i in leaks:
             # With the stage's token (leak:<stage>:<test id>), and for a trained run the same
             # question answered with no token, judged against the same stage (leak-notoken:...).
@@ -295,13 +296,13 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
             for no_token, rid, jid in ((False, i.id, i.id), (True, NO_TOKEN + tid, f"leak-notoken:{i.stage}:{tid}")):
                 r = leak_answers.get(system.name, {}).get(rid)
                 if r and r.get("status") == "ok":
-                    jitems.append(judge.Answered(test_id=jid, persona=system.persona,
-                                             stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
-                                             question=i.question, reference=i.reference, answer=records.answer(r),
-                                             later_label=system.labels.get(i.later_stage, i.later_stage),
-                                             stage=i.stage, no_token=no_token))
+                    jitems.append(protocols.Answered(test_id=jid, persona=system.persona,
+                                                     stage_label=system.labels.get(i.stage, i.stage), pattern=i.pattern,
+                                                     question=i.question, reference=i.reference, answer=records.answer(r),
+                                                     later_label=system.labels.get(i.later_stage, i.later_stage),
+                                                     stage=i.stage, no_token=no_token))
         verdicts, spend = judge.run(backend, jitems, system.dir / "judge.jsonl", settings=settings(f"judging ({system.name})"), **kw)
-        summary = judge.summarize(jitems, verdicts, backend.model)
+        summary = protocols.summarize(jitems, verdicts, backend.model)
         result["systems"][system.name]["judge"] = summary
         failed += summary["failed"]
         account(verdicts, spend)

@@ -15,8 +15,9 @@ from persllm_cli.core import console
 from persllm_cli.data import metrics
 from persllm_cli.data import records
 from persllm_cli.core.settings import public_settings
+from persllm_cli.eval.protocols import PROTOCOLS
 
-# (label, path in a system's result, is a 0-100 share rather than BLEU)
+# (label, path in a system's result)
 ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("BLEU intra (same stage)", ("distinction", "intra")),
     ("BLEU cross-stage", ("distinction", "cross_stage")),
@@ -24,18 +25,12 @@ ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("BLEU vs reference", ("reference", "bleu")),
     ("ROUGE-L vs reference", ("reference", "rouge_l")),
 ]
-JUDGE_ROWS: list[tuple[str, tuple[str, ...]]] = [
-    ("judge preference %", ("judge", "preference")),
-    ("judge win %", ("judge", "win")),
-    ("judge tie %", ("judge", "tie")),
-    ("judge loss %", ("judge", "loss")),
-    ("judge order consistency %", ("judge", "consistency")),
-    ("false premise rejected %", ("judge", "premise_rejected")),
-    ("knowledge score (0-5)", ("judge", "knowledge_score")),
-    ("attitude rank (1 = best)", ("judge", "attitude_rank")),
-    ("time leak % (lower is better)", ("judge", "leak_rate")),
-    ("time leak % without a stage token", ("judge", "leak_notoken_rate")),
-]
+# The judge's rows, each protocol's in the order of the table (eval/protocols.py).
+JUDGE_ROWS: list[tuple[str, tuple[str, ...]]] = [(r.label, ("judge", r.key)) for p in PROTOCOLS for r in p.rows]
+
+
+def _charted(panel: str) -> list[tuple[str, tuple[str, ...]]]:
+    return [(r.label, ("judge", r.key)) for p in PROTOCOLS for r in p.rows if r.chart == panel]
 
 
 def score(systems, items, answers: dict[str, dict[str, records.Record]], pools: dict[str, list[str]], s) -> dict[str, Any]:
@@ -196,10 +191,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
     names = list(result["systems"])
     panels = [("Distinction (BLEU)", ROWS[:3]),
-              ("Against the references (0-100)", ROWS[3:] + ([JUDGE_ROWS[0], JUDGE_ROWS[5], JUDGE_ROWS[8], JUDGE_ROWS[9]]
-                                                             if result.get("judge") else []))]
+              ("Against the references (0-100)", ROWS[3:] + (_charted("share") if result.get("judge") else []))]
     if result.get("judge"):
-        panels.append(("Judge scores", JUDGE_ROWS[6:8]))
+        panels.append(("Judge scores", _charted("score")))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
     width = 0.8 / max(1, len(names))
     for ax, (title, wanted) in zip(axes, panels):

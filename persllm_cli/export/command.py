@@ -1,5 +1,6 @@
 """`persllm export`: a run as a merged transformers model (hf), a GGUF file (gguf), or a GGUF with one
-Ollama Modelfile per stage (ollama), checked against the run itself before it is kept.
+Ollama Modelfile per stage (ollama), checked against the run itself before it is kept. What each
+format writes and how it is checked is its entry in export/formats.py.
 
 Everything is built in a hidden temporary folder next to `-o` and renamed into place at the end:
 a failure, a failed check or Ctrl-C leaves no half export.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +21,13 @@ from persllm_cli.core.project import Project
 from persllm_cli.core.settings import setting
 from persllm_cli.data.lock import hold
 from persllm_cli.data.records import replace_dir
-
-FORMATS = ("hf", "gguf", "ollama")
+from persllm_cli.export.formats import FORMATS, Export, Format, format_help
 
 
 @dataclass(frozen=True)
 class ExportSettings:
     run: Path | None = setting(None, help='Run directory (default: runs/latest of the project).')
-    format: str = setting("hf", choices=FORMATS,
-                          help='hf (merged safetensors), gguf (llama.cpp) or ollama (GGUF + one Modelfile per stage).')
+    format: str = setting("hf", choices=tuple(FORMATS), help=format_help())
     output: Path | None = setting(None, help='Folder for the export; must be new or empty unless --force.')
     stage: str | None = setting(None, help='Default stage of the exported chat template. [default: the last stage]')
     dtype: str = setting("float32", choices=("float32", "float16", "bfloat16"),
@@ -68,11 +66,12 @@ def _base_model_type(base: str) -> str | None:
 
 
 def run(project: Project | None, settings: ExportSettings) -> int:
-    from persllm_cli.export import gguf_file, hf, model_card
+    from persllm_cli.export import hf, model_card
     from persllm_cli.model import runs
 
     if settings.output is None:
         raise PersllmError("say where the export goes: -o DIR")
+    fmt = FORMATS[settings.format]
     run_dir = runs.resolve_run(settings.run, project)
     info = runs.read_run(run_dir)
     default_stage, _ = info.stage_token(settings.stage)  # an unknown stage fails here
@@ -81,74 +80,53 @@ def run(project: Project | None, settings: ExportSettings) -> int:
     # One export into a folder at a time: a second one says who holds it (or waits with --wait).
     with hold(out):
         _prepare_output(out, settings.force)
-        model_type = _base_model_type(info.base)  # a missing base fails here
-        if settings.format in ("gguf", "ollama"):
-            gguf_file.check_architecture(model_type, info.base)
+        fmt.weights.check_base(_base_model_type(info.base), info.base)  # a missing or unfit base fails here
 
         started = time.monotonic()
         with replace_dir(out, prefix=f".{out.name}.export-") as tmp:  # a failure leaves no half export
-            hf_dir = tmp if settings.format == "hf" else tmp / ".merged"
-            hf_dir.mkdir(exist_ok=True)
+            job = Export(info, settings, tmp, default_stage)
+            merged = fmt.weights.merged_dir(job)
+            merged.mkdir(exist_ok=True)
             console.info(f"Merging {run_dir.name} into its base {info.base} ({settings.dtype})...")
-            facts = hf.write(info, hf_dir, dtype=settings.dtype, default_stage=default_stage)
-            tokenizer = hf.export_tokenizer(info, default_stage)
-            safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(info.data.get("persona", "persona"))).strip("-").lower() or "persona"
-            gguf_name = f"{safe}-{settings.quant}.gguf"
-            if settings.format != "hf":
-                console.info(f"Writing {gguf_name}...")
-                gguf_file.write(hf_dir, tmp / gguf_name, quant=settings.quant, tokenizer=tokenizer, name=safe)
-            if settings.format == "ollama":
-                from transformers import AutoTokenizer
-
-                from persllm_cli.export import ollama
-
-                run_tok = AutoTokenizer.from_pretrained(info.path / "tokenizer")
-                system = info.data.get("system")
-                for s in info.stages:
-                    (tmp / f"Modelfile.{s['id']}").write_text(
-                        ollama.modelfile(gguf_name, run_tok, s["token"], system), encoding="utf-8")
+            facts = hf.write(info, merged, dtype=settings.dtype, default_stage=default_stage)
+            fmt.weights.write(job, merged, hf.export_tokenizer(info, default_stage))
+            if fmt.extra is not None:
+                fmt.extra(job)
             export_seconds = time.monotonic() - started
             export_peak = _peak_gb()
             figures: dict[str, Any] = {}
             if settings.check:
-                figures = _check(info, settings, tmp, hf_dir, gguf_name, default_stage)
-            if settings.format != "hf":
-                shutil.rmtree(hf_dir)
-            (tmp / "README.md").write_text(model_card.render(info, settings.format, default_stage, gguf_name, facts, figures),
+                figures = _check(job, fmt, merged)
+            fmt.weights.finish(merged)
+            (tmp / "README.md").write_text(model_card.render(info, fmt.name, default_stage, facts, figures, fmt.usage(job)),
                                            encoding="utf-8")
-        console.info(f"Exported {settings.format} to {out} in {export_seconds:.1f} s (peak memory {export_peak:.2f} GB"
+        console.info(f"Exported {fmt.name} to {out} in {export_seconds:.1f} s (peak memory {export_peak:.2f} GB"
                      f"{'' if not settings.check else f'; with the check {time.monotonic() - started:.1f} s, {_peak_gb():.2f} GB'})")
-        if settings.format == "ollama":
-            console.info(f"Ollama: cd {out} && ollama create NAME -f Modelfile.{default_stage}")
+        if fmt.hint is not None:
+            console.info(fmt.hint(out, default_stage))
         return 0
 
 
-def _check(info, settings: ExportSettings, tmp: Path, hf_dir: Path, gguf_name: str, default_stage: str) -> dict[str, Any]:
+def _check(job: Export, fmt: Format, merged: Path) -> dict[str, Any]:
     from persllm_cli.export import check
     from persllm_cli.model import load
 
     from transformers.utils import logging as hf_logging
 
+    info, settings, default_stage = job.info, job.settings, job.default_stage
     reference = load.load_run(info.path)
     hf_logging.disable_progress_bar()
-    if settings.format == "hf":
-        exported, what, exact = check.load_hf(hf_dir), "hf", True
-    else:
-        exported, what, exact = check.load_gguf(tmp / gguf_name), f"gguf {settings.quant}", settings.quant == "f16"
-    import torch
-
-    rounded = None  # an export in 16 bits: the dtype its matrices were rounded to, and whether vectors too
-    if settings.format == "hf" and settings.dtype != "float32":
-        rounded = (getattr(torch, settings.dtype), True)
-    elif settings.format != "hf" and settings.quant == "f16":
-        rounded = (torch.float16, False)
+    exported, what, exact = fmt.weights.load(job, merged), fmt.weights.label(settings), fmt.weights.exact(settings)
+    rounded = fmt.weights.rounded(settings)  # an export in 16 bits: (the dtype of its matrices, vectors too?)
     console.info(f"Checking the {what} export against the run ({len(info.stages)} stages x {len(check.PROMPTS)} prompts)...")
     as_trained = check.compare(reference, exported, default_stage=default_stage, exact=exact and rounded is None,
                                max_new_tokens=settings.check_tokens, what=what)
     _report(f"{what} export vs the run as trained (float32)", settings, as_trained)
     report = as_trained
     if rounded is not None:
-        check.round_like_export(reference[0], rounded[0], vectors=rounded[1])
+        import torch
+
+        check.round_like_export(reference[0], getattr(torch, rounded[0]), vectors=rounded[1])
         report = check.compare(reference, exported, default_stage=default_stage, exact=True,
                                max_new_tokens=settings.check_tokens, what=f"{what} vs the run rounded alike")
         _report(f"{what} export vs the run with its weights rounded alike", settings, report)

@@ -21,10 +21,10 @@ def _eval_lines(info: runs.RunInfo) -> list[str]:
     return lines
 
 
-def render(info: runs.RunInfo, fmt: str, default_stage: str, gguf_name: str, facts: dict[str, Any],
-           figures: dict[str, Any]) -> str:
+def render(info: runs.RunInfo, fmt: str, default_stage: str, facts: dict[str, Any], figures: dict[str, Any],
+           use: list[str]) -> str:
+    """The card of a `fmt` export; `use` is its "Use" section (the format's entry in formats.py)."""
     persona = info.data.get("persona", "the persona")
-    first = info.stages[0]["id"]
     lines = [f"# {persona} (persllm export, {fmt})", "",
              f"A persona model of {persona} made with persllm: {info.base} with a LoRA adapter "
              f"({info.data.get('method', 'sft')}) merged in. Each conversation starts with a time token that "
@@ -51,24 +51,5 @@ def render(info: runs.RunInfo, fmt: str, default_stage: str, gguf_name: str, fac
             lines.append(f"- Against the run as trained (float32): {f32['identical']}/{f32['answers']} identical answers, "
                          f"token agreement {f32['agreement']:.1%}, largest logit difference {f32['max_logit_diff']:.2e}")
     lines += _eval_lines(info)
-    lines += ["", "## Use", ""]
-    if fmt == "hf":
-        lines += ["transformers (the stage is a chat template variable; without it: the default stage):", "",
-                  "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  "tok = AutoTokenizer.from_pretrained(\".\")", "model = AutoModelForCausalLM.from_pretrained(\".\")",
-                  "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Who are you?\"}],",
-                  f"                              add_generation_prompt=True, stage=\"{first}\", return_tensors=\"pt\")",
-                  "out = model.generate(**ids, max_new_tokens=128)",
-                  "print(tok.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", "",
-                  "OpenAI-compatible servers (`vllm serve .` or `transformers serve`): pass the stage with",
-                  f"`extra_body={{\"chat_template_kwargs\": {{\"stage\": \"{first}\"}}}}`.", "",
-                  "llama.cpp: export with `persllm export --format gguf` and run `llama-cli -m FILE.gguf --jinja`."]
-    else:
-        lines += [f"llama.cpp: `llama-server -m {gguf_name} --jinja` and send",
-                  f"`\"chat_template_kwargs\": {{\"stage\": \"{first}\"}}` with a chat request (default: {default_stage}).",
-                  f"transformers: `AutoModelForCausalLM.from_pretrained(\".\", gguf_file=\"{gguf_name}\")`."]
-        if fmt == "ollama":
-            lines += ["", "Ollama: one Modelfile per stage:", "", "```"]
-            lines += [f"ollama create {str(persona).lower().replace(' ', '-')}-{s['id']} -f Modelfile.{s['id']}" for s in info.stages]
-            lines += ["```"]
+    lines += ["", "## Use", ""] + use
     return "\n".join(lines) + "\n"

@@ -153,6 +153,17 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def end_ids(tokenizer: Any) -> list[int]:
+    """The token ids that end an answer: the tokenizer's EOS and ChatML's end of turn, where it has them."""
+    return [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+            if isinstance(i, int) and i != tokenizer.unk_token_id]
+
+
+def end_texts(tokenizer: Any) -> tuple[str, ...]:
+    """Text that ends an answer besides those ids: the next user turn, when there is no chat template."""
+    return () if has_chat_template(tokenizer) else (PLAIN_STOP,)
+
+
 def build_prompt(tokenizer: Any, messages: list[Message], stage_token: str | None) -> str:
     """The text the model continues: the conversation rendered exactly as `tokenize` rendered it
     for training (stage token first, after a real BOS), ending with the assistant's turn opened."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from persllm_cli.data.records import Message
-from persllm_cli.model.chat_format import PLAIN_STOP, has_chat_template, prompt_ids
+from persllm_cli.model.chat_format import end_ids, end_texts, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,7 @@ def stream_reply(model: Any, tokenizer: Any, messages: list[Message], stage_toke
     device = getattr(model, "device", None) or next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    eos = [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-           if isinstance(i, int) and i != tokenizer.unk_token_id]
+    eos = end_ids(tokenizer)
     s = sampling or Sampling()
     kwargs: dict[str, Any] = dict(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=s.max_new_tokens,
@@ -78,7 +77,7 @@ def stream_reply(model: Any, tokenizer: Any, messages: list[Message], stage_toke
         eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0],
     )
     kwargs.update(s.generate_kwargs())
-    stops = tuple(s.stop) + (() if has_chat_template(tokenizer) else (PLAIN_STOP,))
+    stops = tuple(s.stop) + end_texts(tokenizer)
     if stops:
         kwargs.update(stop_strings=list(stops), tokenizer=tokenizer)
     _seed(s)
@@ -136,8 +135,7 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]
     import torch
 
     rows = [prompt_ids(tokenizer, conv, stage_token) for conv in conversations]
-    eos = [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-           if isinstance(i, int) and i != tokenizer.unk_token_id]
+    eos = end_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     width = max(len(r) for r in rows)
     device = getattr(model, "device", None) or next(model.parameters()).device
@@ -150,7 +148,7 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]
     kwargs: dict[str, Any] = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                   max_new_tokens=s.max_new_tokens, eos_token_id=eos or None, pad_token_id=pad)
     kwargs.update(s.generate_kwargs())
-    stops = tuple(s.stop) + (() if has_chat_template(tokenizer) else (PLAIN_STOP,))
+    stops = tuple(s.stop) + end_texts(tokenizer)
     if stops:
         kwargs.update(stop_strings=list(stops), tokenizer=tokenizer)
     _seed(s)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from persllm_cli.core.project import Project
+from persllm_cli.core.project import Project, check_stage
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.data.records import write_text_atomic
 
@@ -46,12 +46,9 @@ class RunInfo:
         stages = self.stages
         if not stages:
             raise PersllmError(f"{self.path / RUN_FILE} lists no stages")
-        if stage_id is None:
-            return stages[-1]["id"], stages[-1]["token"]
-        for s in stages:
-            if s["id"] == stage_id:
-                return s["id"], s["token"]
-        raise PersllmError(f"unknown stage {stage_id!r} for this run (stages: {', '.join(s['id'] for s in stages)})")
+        tokens = {s["id"]: s["token"] for s in stages}
+        sid = check_stage(stage_id, list(tokens))
+        return sid, tokens[sid]
 
 
 def write_run_json(run_dir: Path, data: dict[str, Any]) -> None:

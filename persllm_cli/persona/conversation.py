@@ -7,7 +7,8 @@ from typing import Iterator
 
 from persllm_cli.core import console
 from persllm_cli.data.records import Message
-from persllm_cli.persona.speaker import Speaker, check_stage, stage_label
+from persllm_cli.core.project import check_stage
+from persllm_cli.persona.speaker import Speaker, stage_ids, stage_label
 
 
 @dataclass
@@ -23,7 +24,7 @@ class Conversation:
         return stage_label(self.speaker, self.stage_id)
 
     def set_stage(self, stage_id: str) -> None:
-        self.stage_id = check_stage(self.speaker, stage_id)
+        self.stage_id = check_stage(stage_id, stage_ids(self.speaker))
 
     def messages(self) -> list[Message]:
         system = [{"role": "system", "content": self.system}] if self.system else []

@@ -2,7 +2,8 @@
 
 `chat`, `eval`, `serve` and `converse` all talk through it. Two kinds:
 - `RunSpeaker`: a trained run on this machine (its base, adapter or merged cache, and the tokenizer
-  with the time tokens), prompted in the training format (model/chat_format.py);
+  with the time tokens), prompted in the training format (model/chat_format.py). It is also a
+  `BatchSpeaker`: serve's scheduler decodes its model itself, many requests in one batch;
 - `ApiSpeaker` (persona/api.py): an OpenAI-compatible model told who it is and when, with the
   stage's material retrieved into its system prompt (the original project's prompt-only agent).
 
@@ -18,10 +19,9 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 from persllm_cli.core import console
-from persllm_cli.core.errors import PersllmError
 from persllm_cli.data.records import Message
 from persllm_cli.model.generate import Sampling
 
@@ -55,16 +55,23 @@ class Speaker(Protocol):
         ...
 
 
-def check_stage(speaker: Speaker, stage_id: str | None) -> str:
-    """`stage_id` if the speaker has it, else one line naming the stages; None means the last stage."""
-    ids = [sid for sid, _ in speaker.stages]
-    if not ids:
-        raise PersllmError("no stages to speak from")
-    if stage_id is None:
-        return ids[-1]
-    if stage_id not in ids:
-        raise PersllmError(f"unknown stage {stage_id!r} (stages: {', '.join(ids)})")
-    return stage_id
+@runtime_checkable
+class BatchSpeaker(Speaker, Protocol):
+    """A speaker on this machine whose model a batching server steps itself, one token at a time for
+    many requests together (serve's scheduler): it gives the prompt as token ids, and the loaded
+    model and tokenizer to step and decode with. A `RunSpeaker` is one; an API model is not."""
+
+    model: Any       # the loaded causal LM (a PeftModel holding several adapters when runs share a base)
+    tokenizer: Any   # its tokenizer, time tokens included (model.chat_format: end_ids, end_texts)
+
+    def prompt_ids(self, messages: list[Message], stage_id: str) -> list[int]:
+        """The prompt's token ids in the training format, the stage's time token first."""
+        ...
+
+
+def stage_ids(speaker: Speaker) -> list[str]:
+    """The speaker's stage ids, chronological: what `core.project.check_stage` checks a stage against."""
+    return [sid for sid, _ in speaker.stages]
 
 
 def stage_label(speaker: Speaker, stage_id: str) -> str:
@@ -128,6 +135,11 @@ class RunSpeaker:
     def token(self, stage_id: str) -> str:
         return self.info.stage_token(stage_id)[1]
 
+    def prompt_ids(self, messages: list[Message], stage_id: str) -> list[int]:
+        from persllm_cli.model.chat_format import prompt_ids
+
+        return prompt_ids(self.tokenizer, messages, self.token(stage_id))
+
     def fit(self, messages: list[Message], stage_id: str, sampling: Sampling | None = None) -> tuple[list[Message], int]:
         from persllm_cli.model.chat_format import context_size, fit_messages
 
@@ -147,6 +159,18 @@ class RunSpeaker:
         token = None if stage_id is None else self.token(stage_id)
         return list(generate_batch(self.model, self.tokenizer, conversations, stage_token=token,
                                    sampling=sampling or self.sampling))
+
+
+def load_shared(speakers: list[RunSpeaker]) -> list[str]:
+    """Load the runs with one copy of each base between them, each run's adapter kept apart on it
+    under its own name (to be switched per decode step). Returns each speaker's adapter name."""
+    from persllm_cli.model.load import load_runs_shared
+
+    names = []
+    for sp, (model, tok, info, name) in zip(speakers, load_runs_shared([sp.info.path for sp in speakers])):
+        sp.model, sp.tokenizer, sp.info = model, tok, info
+        names.append(name)
+    return names
 
 
 def with_sampling(sampling: Sampling, **changes: Any) -> Sampling:

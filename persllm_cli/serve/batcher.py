@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from persllm_cli.model.chat_format import PLAIN_STOP, has_chat_template
+from persllm_cli.model.chat_format import end_ids, end_texts
 from persllm_cli.model.generate import Sampling
 
 Emit = Callable[[tuple], None]
@@ -303,9 +303,8 @@ class _Batch:
         self.rows: list[_Row] = []
         self.cache: Any = None
         self.mask: Any = None
-        self.eos = {i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-                    if isinstance(i, int) and i != tok.unk_token_id}
-        self.plain_stop = () if has_chat_template(tok) else (PLAIN_STOP,)
+        self.eos = set(end_ids(tok))
+        self.plain_stop = end_texts(tok)
 
     def join(self, other: "_Batch") -> None:
         """Take in the rows of `other` (just prefilled), their cache and the batch's left-padded to the longer."""

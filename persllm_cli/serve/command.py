@@ -67,7 +67,8 @@ def run(project: Project | None, settings: ServeSettings) -> int:
     if not is_loopback(s.host) and key is None:
         raise PersllmError(f"refusing to serve on {s.host} without an API key: set {KEY_ENV} "
                            "(clients send it as Authorization: Bearer KEY), or bind 127.0.0.1", exit_code=EXIT_USAGE)
-    from persllm_cli.serve.app import Limits, Served, State, create_app
+    from persllm_cli.serve.app import create_app
+    from persllm_cli.serve.state import Limits, Served, State
     from persllm_cli.serve.batcher import Scheduler
 
     sampling = Sampling(max_new_tokens=s.max_tokens, temperature=s.temperature)
@@ -80,16 +81,13 @@ def run(project: Project | None, settings: ServeSettings) -> int:
         served.append(Served(ApiSpeaker.for_project(project, s.api_model, s.base_url, sampling)))
     if run_dirs or not s.api_model:
         from persllm_cli.model.runs import resolve_run
-        from persllm_cli.persona.speaker import RunSpeaker
+        from persllm_cli.persona.speaker import RunSpeaker, load_shared
 
         dirs = [resolve_run(d, project) for d in run_dirs] if run_dirs else [resolve_run(None, project)]
         speakers = [RunSpeaker(d, sampling) for d in dirs]  # every run checked before any loads
         if _share(s.weights):
-            from persllm_cli.model.load import load_runs_shared
-
             console.note(f"Loading {len(speakers)} run(s), one copy of each base, adapters apart...")
-            for sp, (model, tok, info, name) in zip(speakers, load_runs_shared([sp.info.path for sp in speakers])):
-                sp.model, sp.tokenizer, sp.info = model, tok, info
+            for sp, name in zip(speakers, load_shared(speakers)):
                 served.append(Served(sp, key=str(sp.info.path)))
                 adapters[str(sp.info.path)] = name
         else:
@@ -101,7 +99,7 @@ def run(project: Project | None, settings: ServeSettings) -> int:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise PersllmError(f"two served models are both named {twice[0]!r}: serve runs from folders with different names")
-    runs_loaded = {x.key: (x.speaker.model, x.speaker.tokenizer) for x in served if x.key is not None}
+    runs_loaded = {x.key: (x.run.model, x.run.tokenizer) for x in served if x.key is not None}
     scheduler = Scheduler(runs_loaded, max_batch=s.max_batch, max_queue=s.max_queue,
                                      adapters=adapters) if runs_loaded else None
     limits = Limits(max_body_bytes=s.max_body_kb * 1024, default_max_tokens=s.max_tokens,

@@ -72,10 +72,12 @@ def _check_messages(msgs: Any, where: str) -> list[dict[str, str]]:
 
 def _stage_of(project: Project, record: dict, where: str):
     sid = record.get("stage")
-    for s in project.stages:
-        if s.id == sid:
-            return s
-    raise PersllmError(f"{where}: unknown stage {sid!r} (stages: {', '.join(s.id for s in project.stages)})")
+    if not isinstance(sid, str):
+        raise PersllmError(f"{where}: record has no stage")
+    try:
+        return project.stage(sid)
+    except PersllmError as e:
+        raise PersllmError(f"{where}: {e}") from None
 
 
 def _assistant_text(rendered_full: str, rendered_prompt: str, tokenizer) -> str:

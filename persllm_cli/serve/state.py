@@ -1,0 +1,59 @@
+"""What `persllm serve` serves: the personas (`Served`), the request limits and the server's state."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from persllm_cli.persona.speaker import BatchSpeaker, Speaker
+from persllm_cli.serve.batcher import Scheduler
+
+
+@dataclass
+class Served:
+    """One persona being served: a run whose model the scheduler decodes (`key` is its name there),
+    or an API speaker (`key` None), which streams its own answers."""
+
+    speaker: Speaker
+    key: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.speaker.name
+
+    @property
+    def run(self) -> BatchSpeaker:
+        """The speaker as the scheduler needs it; only for a run (`key` set)."""
+        assert self.key is not None and isinstance(self.speaker, BatchSpeaker)
+        return self.speaker
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20
+    default_max_tokens: int = 256
+    default_temperature: float = 0.7
+    api_concurrency: int = 8
+
+
+@dataclass
+class State:
+    served: list[Served]
+    scheduler: Scheduler | None
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    draining: bool = False
+    api_running: int = 0
+    api_lock: threading.Lock = field(default_factory=threading.Lock)
+    api_streams: set = field(default_factory=set)
+
+    def models(self) -> dict[str, tuple[Served, str]]:
+        """Model id -> (served, stage id): NAME@STAGE for every stage, NAME for the last one."""
+        out: dict[str, tuple[Served, str]] = {}
+        for s in self.served:
+            for sid, _ in s.speaker.stages:
+                out[f"{s.name}@{sid}"] = (s, sid)
+            if s.speaker.stages:
+                out[s.name] = (s, s.speaker.stages[-1][0])
+        return out
+
