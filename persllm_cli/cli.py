@@ -273,6 +273,7 @@ def train(
     output: Annotated[Optional[Path], Opt(help=_h(TrainSettings, 'output'), metavar='runs/NAME')] = None,
     seed: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'seed'))] = None,
     save_steps: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'save_steps'))] = None,
+    report_to: Annotated[Optional[str], Opt(help=_h(TrainSettings, 'report_to'))] = None,
 ) -> int:
     """Train a LoRA/QLoRA adapter with SFT, DPO, or SFT then DPO."""
     from persllm_cli.train import command as stage
