@@ -111,12 +111,14 @@ def init(
     stage: Annotated[Optional[list[str]], typer.Option(help="A life stage as ID or ID:LABEL, in chronological order; repeat for each stage.", metavar="ID[:LABEL]")] = None,
     example: Annotated[Optional[str], typer.Option(help="Copy a shipped example project instead (available: harry).")] = None,
     force: Annotated[bool, typer.Option(help="Create the project even if DIR is not empty. Existing files with content are kept, except persllm.toml: it is rewritten, and a different old one is kept as persllm.toml.bak.")] = False,
+    from_card: Annotated[Optional[list[Path]], typer.Option("--from-card", help="Make the project from a character card (chara_card_v2/v3, PNG or JSON); repeat for several stages, in order (name them with --stage). Description, personality, scenario and lorebook become knowledge; first message, example messages and greetings become style.", metavar="FILE")] = None,
 ) -> int:
     """Create a project: persllm.toml and data/<stage>/knowledge.txt and style.txt."""
     from persllm_cli.init import command as scaffold
 
     return scaffold.run(scaffold.InitSettings(directory=directory, name=name, description=description,
-                                              stages=stage or [], example=example, force=force))
+                                              stages=stage or [], example=example, force=force,
+                                              cards=from_card or []))
 
 
 
