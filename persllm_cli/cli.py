@@ -396,9 +396,11 @@ def export(
     check_tokens: Annotated[Optional[int], Opt(help=_h(ExportSettings, 'check_tokens'))] = None,
     force: Annotated[Optional[bool], Opt('--force', help=_h(ExportSettings, 'force'))] = None,
 ) -> int:
-    """Export a run as a merged transformers model, a GGUF file, or an Ollama model, time tokens kept.
+    """Export a run as a merged transformers model, a GGUF file, or an Ollama model, time tokens kept; or character cards.
 
     The exported chat template takes the stage (apply_chat_template(..., stage="early"), or chat_template_kwargs in OpenAI-compatible servers); without it, the default stage. With --check (the default) the export is loaded back the way a consumer would and compared with the run: same prompt tokens, same greedy answers (hf, gguf f16), the largest logit difference, q8_0's token agreement. Nothing is written unless everything passed.
+
+    --format card writes one character card per stage (JSON and PNG) for chat front-ends, naming the model RUN@STAGE that `persllm serve` lists; no weights, nothing loaded.
     """
     flags = dict(locals())  # taken before the import below adds a name
     from persllm_cli.export import command as exporter
