@@ -208,8 +208,9 @@ def test_size_limits(tmp_path, cli, monkeypatch):
     assert r.exit_code == 1 and "bytes of JSON is larger than a card may be (3,000 bytes)" in r.stderr, r.stderr
     monkeypatch.setattr(card, "MAX_FILE_BYTES", 100)
     r = cli("init", str(tmp_path / "p"), "--from-card", str(tmp_path / "big.png"))
-    assert r.exit_code == 1 and "is larger than a character card may be" in r.stderr
-    for missing, says in ((tmp_path / "nowhere.png", "no such file"), (tmp_path, "is a folder, not a character card")):
+    assert r.exit_code == 1 and "big.png is larger than a character card may be (100 bytes)" in r.stderr, r.stderr
+    for missing, says in ((tmp_path / "nowhere.png", "no such file"), (tmp_path, "is a folder, not a character card"),
+                          (Path("/dev/zero"), "is not a regular file")):
         r = cli("init", str(tmp_path / "p"), "--from-card", str(missing))
         assert r.exit_code == 1 and says in r.stderr
     assert not (tmp_path / "p").exists()
@@ -357,3 +358,13 @@ def test_a_front_end_picks_the_cards_model_from_a_real_serve(tmp_path, cli, harr
         assert reply.model == ids[0] and reply.choices[0].message.content
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_two_cards_of_one_stage_are_refused_before_anything_is_made(tmp_path, cli, harry, monkeypatch):
+    monkeypatch.chdir(harry)
+    fake_run(harry, "r", ["early", "middle", "late"])
+    assert cli("export", "--format", "card", "-o", str(tmp_path / "cards")).exit_code == 0
+    early = str(tmp_path / "cards" / "harry-potter-early.json")
+    r = cli("init", str(tmp_path / "new" / "p"), "--from-card", early, "--from-card", early)
+    assert r.exit_code == 1 and "stage id given twice: early" in r.stderr
+    assert not (tmp_path / "new").exists()

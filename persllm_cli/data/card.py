@@ -82,15 +82,17 @@ def read_card(path: Path) -> Card:
     path = Path(path)
     if path.is_dir():
         raise PersllmError(f"{path} is a folder, not a character card")
+    if path.exists() and not path.is_file():
+        raise PersllmError(f"{path} is not a regular file (a device or a pipe), not a character card")
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise PersllmError(f"{path}: {size:,} bytes is larger than a character card may be ({_size(MAX_FILE_BYTES)})")
-        blob = path.read_bytes()
+        with open(path, "rb") as f:
+            blob = f.read(MAX_FILE_BYTES + 1)  # never more than the limit, whatever the file says its size is
     except FileNotFoundError:
         raise PersllmError(f"{path}: no such file") from None
     except OSError as e:
         raise PersllmError(f"cannot read {path}: {e.strerror}") from None
+    if len(blob) > MAX_FILE_BYTES:
+        raise PersllmError(f"{path} is larger than a character card may be ({_size(MAX_FILE_BYTES)})")
     chunk = picture = None
     if blob.startswith(png_text.SIGNATURE):
         text, chunk, picture = _from_png(blob, path)

@@ -61,6 +61,12 @@ def _check_target(directory: Path, force: bool) -> None:
         raise PersllmError(f"{directory} is not empty (use --force to create the project there anyway)")
 
 
+def _check_unique(ids: list[str]) -> None:
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise PersllmError(f"stage id given twice: {', '.join(dup)}")
+
+
 def _fill(staging: Path, s: InitSettings, cards: from_card.FromCards | None) -> tuple[str, list[tuple[str, str]]]:
     """Write the project into `staging`; returns (persona name, stages)."""
     if s.example:
@@ -82,10 +88,7 @@ def _fill(staging: Path, s: InitSettings, cards: from_card.FromCards | None) -> 
         else:
             name, description = s.name.strip(), s.description
             stages = [parse_stage(x) for x in s.stages] or [("main", "main")]
-        ids = [i for i, _ in stages]
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        if dup:
-            raise PersllmError(f"stage id given twice: {', '.join(dup)}")
+        _check_unique([i for i, _ in stages])
         (staging / PROJECT_FILE).write_text(project_toml(name, description, stages), encoding="utf-8")
         for sid, _ in stages:
             d = staging / "data" / sid
@@ -141,6 +144,7 @@ def run(s: InitSettings) -> int:
         if s.example:
             raise PersllmError("--from-card cannot be combined with --example")
         cards = from_card.plan(s.cards, [parse_stage(x) for x in s.stages], s.name, s.description)
+        _check_unique([c.id for c in cards.stages])
     make_dirs(target.parent)
     try:
         name, stages = _create(target, s, cards)
