@@ -85,7 +85,8 @@ def _training_args(cls, s: TrainSettings, out: Path, device: str, world: int, n_
         learning_rate=s.learning_rate, num_train_epochs=s.epochs, max_steps=s.max_steps or -1,
         lr_scheduler_type="cosine", warmup_steps=min(50, steps // 10), weight_decay=0.0,
         logging_steps=1, save_strategy="steps", save_steps=s.save_steps, seed=s.seed, data_seed=s.seed,
-        report_to=s.report_to, run_name=f"{out.parent.parent.name}-{out.name}", disable_tqdm=True, use_cpu=device == "cpu", bf16=device == "cuda",
+        report_to=s.report_to, run_name=f"{out.parent.parent.name}-{out.name}", disable_tqdm=True,
+        use_cpu=device == "cpu", bf16=device == "cuda",
         ddp_backend=("gloo" if device == "cpu" else "nccl") if world > 1 else None,
         ddp_find_unused_parameters=False, dataloader_num_workers=0, remove_unused_columns=False,
     )
