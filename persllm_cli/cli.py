@@ -111,12 +111,14 @@ def init(
     stage: Annotated[Optional[list[str]], typer.Option(help="A life stage as ID or ID:LABEL, in chronological order; repeat for each stage.", metavar="ID[:LABEL]")] = None,
     example: Annotated[Optional[str], typer.Option(help="Copy a shipped example project instead (available: harry).")] = None,
     force: Annotated[bool, typer.Option(help="Create the project even if DIR is not empty. Existing files with content are kept, except persllm.toml: it is rewritten, and a different old one is kept as persllm.toml.bak.")] = False,
+    from_card: Annotated[Optional[list[Path]], typer.Option("--from-card", help="Make the project from a character card (chara_card_v2/v3, PNG or JSON); repeat for several stages, in order (name them with --stage). Description, personality, scenario and lorebook become knowledge; first message, example messages and greetings become style.", metavar="FILE")] = None,
 ) -> int:
     """Create a project: persllm.toml and data/<stage>/knowledge.txt and style.txt."""
     from persllm_cli.init import command as scaffold
 
     return scaffold.run(scaffold.InitSettings(directory=directory, name=name, description=description,
-                                              stages=stage or [], example=example, force=force))
+                                              stages=stage or [], example=example, force=force,
+                                              cards=from_card or []))
 
 
 
@@ -273,6 +275,7 @@ def train(
     output: Annotated[Optional[Path], Opt(help=_h(TrainSettings, 'output'), metavar='runs/NAME')] = None,
     seed: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'seed'))] = None,
     save_steps: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'save_steps'))] = None,
+    report_to: Annotated[Optional[str], Opt(help=_h(TrainSettings, 'report_to'))] = None,
 ) -> int:
     """Train a LoRA/QLoRA adapter with SFT, DPO, or SFT then DPO."""
     from persllm_cli.train import command as stage
@@ -393,9 +396,11 @@ def export(
     check_tokens: Annotated[Optional[int], Opt(help=_h(ExportSettings, 'check_tokens'))] = None,
     force: Annotated[Optional[bool], Opt('--force', help=_h(ExportSettings, 'force'))] = None,
 ) -> int:
-    """Export a run as a merged transformers model, a GGUF file, or an Ollama model, time tokens kept.
+    """Export a run as a merged transformers model, a GGUF file, or an Ollama model, time tokens kept; or character cards.
 
     The exported chat template takes the stage (apply_chat_template(..., stage="early"), or chat_template_kwargs in OpenAI-compatible servers); without it, the default stage. With --check (the default) the export is loaded back the way a consumer would and compared with the run: same prompt tokens, same greedy answers (hf, gguf f16), the largest logit difference, q8_0's token agreement. Nothing is written unless everything passed.
+
+    --format card writes one character card per stage (JSON and PNG) for chat front-ends, naming the model RUN@STAGE that `persllm serve` lists; no weights, nothing loaded.
     """
     flags = dict(locals())  # taken before the import below adds a name
     from persllm_cli.export import command as exporter

@@ -326,3 +326,61 @@ def test_gpu_count_and_out_of_memory_messages(cli, tiny_project, monkeypatch):
     r = cli("train", "--output", "runs/oom")
     assert r.exit_code == 1 and "--batch-size" in r.stderr and "--grad-accum" in r.stderr and "--qlora" in r.stderr
     assert not (tiny_project / "runs" / "oom").exists()
+
+
+def test_report_to_tensorboard_writes_the_loss_curves(cli, tiny_project):
+    """--report-to tensorboard goes through transformers' own reporter; the event files are read
+    back with TensorBoard's reader and hold the same losses as metrics.jsonl, one TensorBoard run
+    per phase."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = cli("train", "--method", "sft+dpo", *STEP_FLAGS, "--report-to", "tensorboard", "--output", "runs/tb")
+    assert r.exit_code == 0, r.output
+    run = tiny_project / "runs" / "tb"
+    assert (run / "metrics.jsonl").is_file() and (run / "loss.png").is_file()  # still there, beside it
+    for phase in ("sft", "dpo"):
+        folder = run / "tensorboard" / phase
+        assert list(folder.glob("events.out.tfevents.*")), f"no event file in {folder}"
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        assert "train/loss" in events.Tags()["scalars"]
+        logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+        expected = [(m["step"], m["loss"]) for m in metrics(run) if m["phase"] == phase]
+        assert [s for s, _ in logged] == [s for s, _ in expected] == [1, 2]
+        for (_, a), (_, b) in zip(logged, expected):
+            assert abs(a - b) < 1e-4
+    assert not list((run / "checkpoints").rglob("events.out.tfevents.*"))  # not in transformers' default place
+    import os
+
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # the process's environment is as it was
+
+
+def test_report_to_is_off_by_default_and_a_missing_package_is_one_line(cli, tiny_project, monkeypatch):
+    r = cli("train", *STEP_FLAGS, "--output", "runs/plain")
+    assert r.exit_code == 0, r.output
+    assert not (tiny_project / "runs" / "plain" / "tensorboard").exists()
+    assert json.loads((tiny_project / "runs" / "plain" / "run.json").read_text())["settings"]["report_to"] == "none"
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    r = cli("train", *STEP_FLAGS, "--report-to", "tensorboard", "--output", "runs/tb")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--report-to tensorboard needs the tensorboard package" in r.stderr and "pip install tensorboard" in r.stderr
+    assert not (tiny_project / "runs" / "tb").exists()
+    r = cli("train", "--report-to", "mlflow")
+    assert r.exit_code == 2 and "--report-to must be one of none, tensorboard, wandb" in r.stderr
+
+
+def test_report_to_wandb_stays_offline(cli, tiny_project, monkeypatch):
+    """Only where wandb is installed (it is not a dependency): an offline run in runs/<name>/wandb/,
+    even when the environment asks for online."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    r = cli("train", *STEP_FLAGS, "--report-to", "wandb", "--output", "runs/wb")
+    assert r.exit_code == 0, r.output
+    offline = list((tiny_project / "runs" / "wb" / "wandb").glob("offline-run-*"))
+    assert offline and not list((tiny_project / "runs" / "wb" / "wandb").glob("run-*"))
+    import os
+
+    assert os.environ["WANDB_MODE"] == "online"

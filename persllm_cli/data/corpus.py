@@ -36,6 +36,14 @@ def strip_label(line: str) -> str:
     return s
 
 
+def as_line(text: str, label: str) -> str:
+    """A paragraph as one line of a material file that `read_paragraphs` reads back unchanged: its
+    lines joined by spaces, and a bracket at its start that `strip_label` would drop as a speaker
+    label kept by putting a real label, `[label]`, in front of it."""
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if strip_label(line) == line else f"[{label}] {line}"
+
+
 def read_paragraphs(path: Path, *, required: bool = True) -> list[Paragraph]:
     """The paragraphs of a material file. Missing/non-UTF-8/empty files are a clear error when required."""
     text = read_text(path, required=required)

@@ -1,6 +1,7 @@
 """`persllm export`: a run as a merged transformers model (hf), a GGUF file (gguf), or a GGUF with one
-Ollama Modelfile per stage (ollama), checked against the run itself before it is kept. What each
-format writes and how it is checked is its entry in export/formats.py.
+Ollama Modelfile per stage (ollama), checked against the run itself before it is kept; or, with no
+weights, one character card per stage (card). What each format writes and how it is checked is its
+entry in export/formats.py.
 
 Everything is built in a hidden temporary folder next to `-o` and renamed into place at the end:
 a failure, a failed check or Ctrl-C leaves no half export.
@@ -21,15 +22,17 @@ from persllm_cli.core.project import Project
 from persllm_cli.core.settings import setting
 from persllm_cli.data.lock import hold
 from persllm_cli.data.records import replace_dir
-from persllm_cli.export.formats import FORMATS, Export, Format, format_help
+from persllm_cli.export.formats import FORMATS, Export, Format, FromProject, format_help
 
 
 @dataclass(frozen=True)
 class ExportSettings:
-    run: Path | None = setting(None, help='Run directory (default: runs/latest of the project).')
+    run: Path | None = setting(None, help='Run directory (default: runs/latest of the project); for --format card, '
+                                            'the run whose models the cards name (it need not be trained yet).')
     format: str = setting("hf", choices=tuple(FORMATS), help=format_help())
     output: Path | None = setting(None, help='Folder for the export; must be new or empty unless --force.')
-    stage: str | None = setting(None, help='Default stage of the exported chat template. [default: the last stage]')
+    stage: str | None = setting(None, help='Default stage of the exported chat template (--format card: the one '
+                                             'stage to make a card of). [default: the last stage; every stage for card]')
     dtype: str = setting("float32", choices=("float32", "float16", "bfloat16"),
                          help='Weights of the hf export: float32, float16 or bfloat16.')
     quant: str = setting("f16", choices=("f16", "q8_0"), help='GGUF weights: f16 or q8_0.')
@@ -72,6 +75,8 @@ def run(project: Project | None, settings: ExportSettings) -> int:
     if settings.output is None:
         raise PersllmError("say where the export goes: -o DIR")
     fmt = FORMATS[settings.format]
+    if fmt.weights is None:
+        return _export_files(project, settings, fmt)
     run_dir = runs.resolve_run(settings.run, project)
     info = runs.read_run(run_dir)
     default_stage, _ = info.stage_token(settings.stage)  # an unknown stage fails here
@@ -105,6 +110,24 @@ def run(project: Project | None, settings: ExportSettings) -> int:
         if fmt.hint is not None:
             console.info(fmt.hint(out, default_stage))
         return 0
+
+
+def _export_files(project: Project | None, settings: ExportSettings, fmt: Format) -> int:
+    """A format without weights: its files from the project, built aside like any export."""
+    assert fmt.files is not None
+    if project is None:
+        raise PersllmError(f"--format {fmt.name} is made from a project's material: run it inside the project "
+                           "or pass -C DIR")
+    out = Path(settings.output).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with hold(out):
+        _prepare_output(out, settings.force)
+        with replace_dir(out, prefix=f".{out.name}.export-") as tmp:
+            written = fmt.files(FromProject(project, settings, tmp))
+        console.info(f"Exported {fmt.name} to {out}: {'; '.join(written)}")
+        if fmt.hint is not None:
+            console.info(fmt.hint(out, settings.stage or project.stages[-1].id))
+    return 0
 
 
 def _check(job: Export, fmt: Format, merged: Path) -> dict[str, Any]:

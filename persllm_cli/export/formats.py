@@ -3,9 +3,10 @@ weights (and so whether `--dtype` or `--quant` chooses them), how its check load
 the model card tells a user. A new format is one more entry; a new way to store weights is one more
 `Weights` class.
 
-Every format starts from the same merged transformers model (export/hf.py), written into the
-hidden folder that becomes `-o`; a format's weights either are that folder (safetensors) or are
-written from it into one file, the folder then removed (GGUF).
+Every format with weights starts from the same merged transformers model (export/hf.py), written
+into the hidden folder that becomes `-o`; a format's weights either are that folder (safetensors) or
+are written from it into one file, the folder then removed (GGUF). A format without weights
+(`card`) writes its files from the project alone and loads no model.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from persllm_cli.core import console
+from persllm_cli.core.project import Project
 from persllm_cli.model.runs import RunInfo
 
 # export.command.ExportSettings; its module imports this one for --format's choices and help.
 ExportSettings = Any
+
+
+def file_slug(persona: str) -> str:
+    """The persona as a file name: `harry-potter`."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in persona).strip("-").lower() or "persona"
 
 
 @dataclass(frozen=True)
@@ -34,9 +41,7 @@ class Export:
 
     @property
     def slug(self) -> str:
-        """The persona as a file name: `harry-potter`."""
-        persona = str(self.info.data.get("persona", "persona"))
-        return "".join(c if c.isalnum() or c in "-_" else "-" for c in persona).strip("-").lower() or "persona"
+        return file_slug(str(self.info.data.get("persona", "persona")))
 
     @property
     def gguf_name(self) -> str:
@@ -139,15 +144,27 @@ class Gguf:
 
 
 @dataclass(frozen=True)
+class FromProject:
+    """An export without weights under way: the project, the settings and the hidden folder that
+    becomes `-o`."""
+
+    project: Project
+    settings: ExportSettings
+    tmp: Path
+
+
+@dataclass(frozen=True)
 class Format:
-    """One `--format`."""
+    """One `--format`: with `weights` (a model, checked and given a model card, `usage` its "Use"
+    section), or without, its `files` written from the project."""
 
     name: str
     about: str                                          # its words in --format's help
-    weights: Weights
-    usage: Callable[[Export], list[str]]                # the model card's "Use" section
+    weights: Weights | None
+    usage: Callable[[Export], list[str]] | None         # the model card's "Use" section
     extra: Callable[[Export], None] | None = None       # files beside the weights
     hint: Callable[[Path, str], str] | None = None      # a last line for the user (the -o folder, the default stage)
+    files: Callable[[FromProject], list[str]] | None = None  # without weights: writes them, says what it wrote
 
 
 # --------------------------------------------------------------------------------- the formats
@@ -194,11 +211,21 @@ def _modelfiles(job: Export) -> None:
             ollama.modelfile(job.gguf_name, run_tok, s["token"], system), encoding="utf-8")
 
 
+def _cards(job: FromProject) -> list[str]:
+    """One character card per stage, JSON and PNG (export/card.py)."""
+    from persllm_cli.export import card
+
+    return card.write(job.project, job.settings.run, job.settings.stage, job.tmp, file_slug(job.project.name))
+
+
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("hf", "merged safetensors", Safetensors(), _hf_usage),
     Format("gguf", "llama.cpp", Gguf(), _gguf_usage),
     Format("ollama", "GGUF + one Modelfile per stage", Gguf(), _ollama_usage, extra=_modelfiles,
            hint=lambda out, stage: f"Ollama: cd {out} && ollama create NAME -f Modelfile.{stage}"),
+    Format("card", "one character card per stage, JSON and PNG, for chat front-ends; no weights", None, None,
+           files=_cards, hint=lambda out, stage: f"Import {out}/*.png into the front-end, connected to `persllm serve` "
+                                                 "as an OpenAI-compatible endpoint"),
 )}
 
 

@@ -1,4 +1,5 @@
-"""`persllm init`: create a project (persllm.toml + data/<stage>/ files), or copy the example."""
+"""`persllm init`: create a project (persllm.toml + data/<stage>/ files), copy the example, or make
+one from character cards (init/from_card.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from persllm_cli.core.project import PROJECT_FILE, check_stage_id, load_project,
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.data.records import make_dirs
 from persllm_cli.core.resources import examples_dir, render, template_text
+from persllm_cli.init import from_card
 
 EXAMPLES = ("harry",)
 
@@ -25,6 +27,7 @@ class InitSettings:
     stages: list[str] = field(default_factory=list)  # "ID" or "ID:LABEL"
     example: str | None = None
     force: bool = False
+    cards: list[Path] = field(default_factory=list)  # --from-card, one stage each
 
 
 def parse_stage(spec: str) -> tuple[str, str]:
@@ -58,7 +61,13 @@ def _check_target(directory: Path, force: bool) -> None:
         raise PersllmError(f"{directory} is not empty (use --force to create the project there anyway)")
 
 
-def _fill(staging: Path, s: InitSettings) -> tuple[str, list[tuple[str, str]]]:
+def _check_unique(ids: list[str]) -> None:
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise PersllmError(f"stage id given twice: {', '.join(dup)}")
+
+
+def _fill(staging: Path, s: InitSettings, cards: from_card.FromCards | None) -> tuple[str, list[tuple[str, str]]]:
     """Write the project into `staging`; returns (persona name, stages)."""
     if s.example:
         if s.example not in EXAMPLES:
@@ -72,31 +81,33 @@ def _fill(staging: Path, s: InitSettings) -> tuple[str, list[tuple[str, str]]]:
         if s.name and s.name != name:
             raise PersllmError(f"--example {s.example} is about {name}; leave out --name or drop --example")
     else:
-        if not s.name or not s.name.strip():
+        if cards is not None:
+            name, description, stages = cards.name, cards.description, [(c.id, c.label) for c in cards.stages]
+        elif not s.name or not s.name.strip():
             raise PersllmError("a persona name is needed: persllm init DIR --name \"Harry Potter\" --stage early:\"first year\"")
-        name = s.name.strip()
-        stages = [parse_stage(x) for x in s.stages] or [("main", "main")]
-        ids = [i for i, _ in stages]
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        if dup:
-            raise PersllmError(f"stage id given twice: {', '.join(dup)}")
-        (staging / PROJECT_FILE).write_text(project_toml(name, s.description, stages), encoding="utf-8")
+        else:
+            name, description = s.name.strip(), s.description
+            stages = [parse_stage(x) for x in s.stages] or [("main", "main")]
+        _check_unique([i for i, _ in stages])
+        (staging / PROJECT_FILE).write_text(project_toml(name, description, stages), encoding="utf-8")
         for sid, _ in stages:
             d = staging / "data" / sid
             d.mkdir(parents=True, exist_ok=True)
             (d / "knowledge.txt").touch()
             (d / "style.txt").touch()
+        if cards is not None:
+            from_card.write(staging, cards)
     (staging / ".gitignore").write_text(template_text("scaffold/gitignore"), encoding="utf-8")
     return name, stages
 
 
-def _create(target: Path, s: InitSettings) -> tuple[str, list[tuple[str, str]]]:
+def _create(target: Path, s: InitSettings, cards: from_card.FromCards | None) -> tuple[str, list[tuple[str, str]]]:
     # Build the whole project in a temporary sibling, then move it into place: a failure midway
     # leaves nothing behind.
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
         staging = Path(tmp) / "project"
         staging.mkdir()
-        name, stages = _fill(staging, s)
+        name, stages = _fill(staging, s, cards)
         if not target.exists():
             staging.rename(target)
         else:
@@ -128,15 +139,26 @@ def _merge(staging: Path, target: Path) -> None:
 def run(s: InitSettings) -> int:
     target = s.directory.resolve()
     _check_target(target, s.force)
+    cards = None
+    if s.cards:  # every card is read and checked before anything is written
+        if s.example:
+            raise PersllmError("--from-card cannot be combined with --example")
+        cards = from_card.plan(s.cards, [parse_stage(x) for x in s.stages], s.name, s.description)
+        _check_unique([c.id for c in cards.stages])
     make_dirs(target.parent)
     try:
-        name, stages = _create(target, s)
+        name, stages = _create(target, s, cards)
     except OSError as e:  # no permission, a read-only or pseudo file system (/proc), a full disk
         raise PersllmError(f"cannot create the project in {target}: {e.strerror}") from None
     console.info(f"Created persllm project for {name} in {target}")
     for i, (sid, label) in enumerate(stages, start=1):
         console.info(f"  stage {sid:<10} {time_token(i):<10} {label}")
-    if not s.example:
+        if cards is not None:
+            console.info(f"        {from_card.summary(cards.stages[i - 1])}")
+    if cards is not None:
+        console.info("Next: read data/<stage>/knowledge.txt and style.txt over (each card as read is kept in "
+                     f"data/<stage>/card.json), then `cd {target} && persllm annotate`.")
+    elif not s.example:
         console.info("Next: put one paragraph per line in data/<stage>/knowledge.txt and style.txt, "
                      f"then `cd {target} && persllm annotate`.")
     else:

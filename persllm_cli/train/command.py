@@ -32,7 +32,7 @@ from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.data import records
-from persllm_cli.train.settings import TrainSettings, launched_by_torchrun, read_data
+from persllm_cli.train.settings import TrainSettings, check_reporter, launched_by_torchrun, read_data
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -85,6 +85,7 @@ def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
     # and peft would otherwise fail mid-run with a traceback.
     if s.gpus is not None and s.nproc is not None:
         raise PersllmError("use --gpus (CUDA) or --nproc (CPU), not both")
+    check_reporter(s.report_to)
     meta = read_data(s.data)
     if "dpo" in s.method and not (meta.get("files") or {}).get("dpo"):
         raise PersllmError(f"--method {s.method} needs preference pairs, but {s.data} has none "

@@ -26,7 +26,8 @@ from persllm_cli.core.errors import PersllmError
 from persllm_cli.model.bases import is_quantized
 from persllm_cli.data.records import versions
 from persllm_cli.train.settings import TrainSettings, check_tokenizer, data_hashes
-from persllm_cli.train.trainer import BatchStats, PlainModes, ProgressCallback, SFTTrainer, every_rank, loss_plot, model_card, pad_collate, read_metrics, trim_metrics
+from persllm_cli.train.trainer import (BatchStats, PlainModes, ProgressCallback, SFTTrainer, every_rank, loss_plot,
+                                       model_card, pad_collate, read_metrics, reporting, trim_metrics)
 
 OOM_HINT = ("out of GPU memory; reduce --batch-size (and raise --grad-accum to keep the effective batch), "
             "tokenize with a lower --max-length, or use --qlora")
@@ -78,12 +79,14 @@ class Rank:
 def _training_args(cls, s: TrainSettings, out: Path, device: str, world: int, n_examples: int, **extra):
     per_step = s.batch_size * s.grad_accum * world
     steps = s.max_steps or max(1, int(-(-n_examples * s.epochs // per_step)))
+    # out is runs/<name>/checkpoints/<phase>; a reporter (--report-to) names its run <name>-<phase>.
     common = dict(
         output_dir=str(out), per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
         learning_rate=s.learning_rate, num_train_epochs=s.epochs, max_steps=s.max_steps or -1,
         lr_scheduler_type="cosine", warmup_steps=min(50, steps // 10), weight_decay=0.0,
         logging_steps=1, save_strategy="steps", save_steps=s.save_steps, seed=s.seed, data_seed=s.seed,
-        report_to="none", disable_tqdm=True, use_cpu=device == "cpu", bf16=device == "cuda",
+        report_to=s.report_to, run_name=f"{out.parent.parent.name}-{out.name}", disable_tqdm=True,
+        use_cpu=device == "cpu", bf16=device == "cuda",
         ddp_backend=("gloo" if device == "cpu" else "nccl") if world > 1 else None,
         ddp_find_unused_parameters=False, dataloader_num_workers=0, remove_unused_columns=False,
     )
@@ -249,16 +252,18 @@ def _run_phases(s, rank, device, tok, meta, run_dir, token_ids, base_path):
             if resume:
                 console.info(f"Resuming {phase.upper()} from {resume.relative_to(run_dir)}")
         if phase == "sft":
-            trainer, model, results[phase] = _sft(s, rank, device, tok, s.data, ckpt_root / "sft", metrics, resume,
-                                                  token_ids, base_path)
+            with reporting(s.report_to, run_dir, phase):
+                trainer, model, results[phase] = _sft(s, rank, device, tok, s.data, ckpt_root / "sft", metrics, resume,
+                                                      token_ids, base_path)
             if len(phases) > 1:
                 if rank.main:
                     _save_adapter(model, sft_adapter)
                 trainer.accelerator.wait_for_everyone()
                 del model, trainer
         else:
-            trainer, model, results[phase] = _dpo(s, rank, device, tok, s.data, ckpt_root / "dpo", metrics, resume,
-                                                  token_ids, base_path, sft_adapter if "sft" in phases else None, meta)
+            with reporting(s.report_to, run_dir, phase):
+                trainer, model, results[phase] = _dpo(s, rank, device, tok, s.data, ckpt_root / "dpo", metrics, resume,
+                                                      token_ids, base_path, sft_adapter if "sft" in phases else None, meta)
     return trainer, model, results
 
 

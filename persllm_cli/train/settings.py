@@ -14,6 +14,8 @@ from persllm_cli.core.settings import setting
 from persllm_cli.data import records
 
 METHODS = ("sft", "dpo", "sft+dpo")
+# --report-to: transformers' own reporters persllm passes on, and the package each needs.
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,24 @@ class TrainSettings:
     output: Path | None = setting(None, help='Run directory. [default: runs/<date>-<method>]')
     seed: int = setting(0, at_least=0, less_than=2**32, help='')
     save_steps: int = setting(50, at_least=1, help='Checkpoint every N steps.')
+    report_to: str = setting("none", choices=("none", *REPORTERS),
+                             help='Also log the training curves through transformers: tensorboard (event files in '
+                                  'runs/<name>/tensorboard/) or wandb (offline, in runs/<name>/wandb/).')
 
 
 def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_reporter(report_to: str) -> None:
+    """A reporter whose package is missing fails here, before anything is written."""
+    import importlib.util
+
+    package = REPORTERS.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        extra = " (or pip install 'persllm[tensorboard]')" if package == "tensorboard" else ""
+        raise PersllmError(f"--report-to {report_to} needs the {package} package, which is not installed: "
+                           f"pip install {package}{extra}")
 
 
 def read_data(data: Path) -> dict:

@@ -7,6 +7,7 @@
 - `BatchStats`: tokens, padding and sample indices seen since the last log line.
 - `ProgressCallback`: progress on stderr (rich when live, plain lines otherwise) and metrics.jsonl.
 - `PlainModes`: checkpoints get ordinary file modes (safetensors writes 0600).
+- `reporting`: where transformers' own reporters (`--report-to`) write, one phase at a time.
 - `loss_plot`, `model_card`.
 """
 
@@ -16,9 +17,9 @@ import json
 import math
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -203,6 +204,37 @@ class PlainModes(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
             records.plain_modes(checkpoint)
+
+
+@contextmanager
+def reporting(report_to: str, run_dir: Path, phase: str) -> Iterator[None]:
+    """While one phase is built and trained, tell transformers' reporter where to write: TensorBoard
+    event files in runs/<name>/tensorboard/<phase>/ (one TensorBoard run per phase), a Weights &
+    Biases run in runs/<name>/wandb/, always offline (persllm never sends anything; `wandb sync`
+    does, when the user wants it). They read these variables when the trainer is made and when
+    training begins; the process's own values come back afterwards."""
+    env: dict[str, str] = {}
+    if report_to == "tensorboard":
+        env["TENSORBOARD_LOGGING_DIR"] = str(Path(run_dir) / "tensorboard" / phase)
+    elif report_to == "wandb":
+        env.update(WANDB_MODE="offline", WANDB_DIR=str(run_dir), WANDB_SILENT="true",
+                   WANDB_PROJECT=os.environ.get("WANDB_PROJECT") or "persllm")
+        (Path(run_dir) / "wandb").mkdir(parents=True, exist_ok=True)  # wandb writes to WANDB_DIR/wandb
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        if report_to == "wandb":
+            import wandb
+
+            if wandb.run is not None:  # one W&B run per phase: sft+dpo's DPO steps start at 1 again
+                wandb.finish()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def every_rank(value: Any) -> list[Any]:
