@@ -93,6 +93,10 @@ def write_file(s: AnnotateSettings, b: Batch, items: list[Item], model: str) -> 
     t0 = time.perf_counter()
     written = write_requests(path, b, todo, budget_usd=s.budget_usd)
     est = written.estimate
+    if est.requests == 0:
+        path.unlink(missing_ok=True)
+        raise PersllmError(f"the budget of ${s.budget_usd} does not cover one request at its worst case; "
+                           f"raise --budget-usd ({path} not written)")
     write_meta(path, command="annotate --batch-file", settings=public(s, model), counts={
         "requests": est.requests, "skipped": skipped, "over_budget": written.over_budget, "bytes": written.bytes},
         seconds=time.perf_counter() - t0,
@@ -120,7 +124,7 @@ def import_file(project: Project, s: AnnotateSettings, b: Batch, items: list[Ite
     show_imported(st, str(path))
     sidecar(project, s, b.output, b.model, len(items), ann.standards, b.price, time.perf_counter() - t0,
             {"batch_results": str(path), **st.as_dict()})
-    return _exit(st.failed, 0)
+    return _exit(st.failed + st.unchanged, 0)   # unchanged: failed records imported before
 
 
 def send(project: Project, s: AnnotateSettings, b: Batch, items: list[Item], ann: Annotator, t0: float) -> int:
@@ -155,7 +159,7 @@ def send(project: Project, s: AnnotateSettings, b: Batch, items: list[Item], ann
     left = account.get("left_out", 0)
     if left:
         console.warn(f"{left} item(s) were left for a later batch; rerun to send them")
-    return _exit(imported.failed, left + max(0, unanswered))
+    return _exit(imported.failed + imported.unchanged, left + max(0, unanswered))
 
 
 def _exit(failed: int, left: int) -> int:

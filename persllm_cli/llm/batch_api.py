@@ -232,10 +232,10 @@ def run_batch(b: Batch, pending: list[Item], items: dict[str, Item], *, api: Bat
             if written.estimate.requests == 0:
                 raise PersllmError(f"the budget of ${budget_usd} does not cover one request at its worst case "
                                    f"(${b.price.cost(0, b.max_tokens):.4f} or more); raise --budget-usd")
-            _show(b, written.estimate, skipped, written.over_budget, written.over_limits)
             file_id = api.upload(tmp)
         finally:
             tmp.unlink(missing_ok=True)
+        _show(b, written.estimate, skipped, written.over_budget, written.over_limits)
         with deferred_signals():
             created = api.create(file_id, b.title)
             est = written.estimate

@@ -141,6 +141,7 @@ class FakeOpenAI(LocalServer):
     batch_run_seconds: float = 0.5
     batch_max_requests: int = 50_000
     batch_max_bytes: int = 200 * 1024 * 1024
+    batch_api: bool = True   # False: /files and /batches answer 404, as on a server without them
 
     def __post_init__(self) -> None:
         self._script: deque = deque()
@@ -267,6 +268,8 @@ class FakeOpenAI(LocalServer):
                     return self._send(200, {"object": "list", "data": [
                         {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in fake.models]})
                 m = re.search(r"/files/([^/?]+)(/content)?$", self.path) or re.search(r"/batches(?:/([^/?]+))?$", self.path)
+                if m and not fake.batch_api:
+                    m = None
                 if m and "/files/" in self.path:
                     entry.status, payload = fake.batches.file(m.group(1), content=bool(m.group(2)))
                     if isinstance(payload, bytes):
@@ -349,6 +352,9 @@ class FakeOpenAI(LocalServer):
                 if not self._authorized():
                     entry.status = 401
                     return self._error(401, "Incorrect API key provided", "invalid_api_key")
+                if not fake.batch_api:
+                    entry.status = 404
+                    return self._error(404, "Invalid URL (POST " + self.path + ")")
                 if is_json and not isinstance(body, dict):
                     entry.status = 400
                     return self._error(400, "We could not parse the JSON body of your request.")
