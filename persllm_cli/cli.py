@@ -220,6 +220,9 @@ def dpo(
     budget_usd: Annotated[Optional[float], Opt(help=_h(DpoSettings, 'budget_usd'), metavar='X')] = None,
     dry_run: Annotated[Optional[bool], Opt('--dry-run', help=_h(DpoSettings, 'dry_run'))] = None,
     embedder: Annotated[Optional[str], Opt(help=_h(DpoSettings, 'embedder'))] = None,
+    batch_file: Annotated[Optional[Path], Opt('--batch-file', help=_h(DpoSettings, 'batch_file'), metavar='FILE')] = None,
+    batch_results: Annotated[Optional[Path], Opt('--batch-results', help=_h(DpoSettings, 'batch_results'), metavar='FILE')] = None,
+    batch: Annotated[Optional[bool], Opt('--batch', help=_h(DpoSettings, 'batch'))] = None,
 ) -> int:
     """Build chosen/rejected preference pairs (TRL's conversational format, with provenance)."""
     from persllm_cli.curate import dpo as stage
