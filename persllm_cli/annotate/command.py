@@ -110,19 +110,21 @@ def plan(project: Project, s: AnnotateSettings) -> list[Item]:
     items: list[Item] = []
     for st, kfile, know, style in material:
         kidx, sidx = Index(know, fresh()), Index(style, fresh())
+        # Every item's context at once (one embedding and a few matrix products per stage).
         if instructions is not None:
             src_file = _rel(project, s.instructions)
-            for line, conv in instructions:
-                query = conv[-1]["content"]
-                kl, sl = kidx.context(query, s.knowledge_words), sidx.context(query, s.style_words)
+            queries = [conv[-1]["content"] for _, conv in instructions]
+            kls, sls = kidx.contexts(queries, s.knowledge_words), sidx.contexts(queries, s.style_words)
+            for (line, conv), query, kl, sl in zip(instructions, queries, kls, sls):
                 job = Job(st, "instruction", 0, {"file": src_file, "line": line, "text": query}, kl, sl,
                           kidx.text(kl), sidx.text(sl), instruction=conv)
                 items.append(Item(record_id(project.name, st.id, "instruction", src_file, line, 0), job))
             continue
         src_file = _rel(project, kfile)
-        for p in know:
-            kl = kidx.context(p.text, s.knowledge_words, first=p.line)
-            sl = sidx.context(p.text, s.style_words)
+        queries = [p.text for p in know]
+        kls = kidx.contexts(queries, s.knowledge_words, [p.line for p in know])
+        sls = sidx.contexts(queries, s.style_words)
+        for p, kl, sl in zip(know, kls, sls):
             for k in range(s.questions_per_paragraph):
                 job = Job(st, s.pattern, k, {"file": src_file, "line": p.line, "text": p.text}, kl, sl,
                           kidx.text(kl), sidx.text(sl))
