@@ -377,3 +377,28 @@ def test_ctrl_c_leaves_the_batch_running_and_the_next_run_collects_it(tmp_path, 
         assert "continuing batch batch-fake000002" in again.stderr
         assert len([r for r in fake.requests if r.path.endswith("/batches") and r.body]) == 1   # one batch in all
     assert [x["status"] for x in read_jsonl(out)] == ["ok"] * 3 and not state.exists()
+
+
+def test_a_batch_holds_what_the_api_takes_and_the_next_run_sends_the_rest(cli, proj, fake, monkeypatch):
+    from persllm_cli.llm import batch
+
+    monkeypatch.setattr(batch, "MAX_REQUESTS", 3)
+    r = cli("annotate", "--batch")
+    assert r.exit_code == 3 and "1 request(s) left for a later batch" in r.stderr, r.output
+    assert len(read_jsonl(proj / OUT)) == 3
+    r = cli("annotate", "--batch")
+    assert r.exit_code == 0, r.output
+    assert len(read_jsonl(proj / OUT)) == 4 and len(fake.batches.batches) == 2
+
+
+def test_signals_wait_while_a_batch_is_created():
+    from persllm_cli.llm.batch_api import deferred_signals
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            done.append("the batch id is written down")
+    assert done == ["the batch id is written down"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

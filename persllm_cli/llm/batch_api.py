@@ -212,7 +212,6 @@ def run_batch(b: Batch, pending: list[Item], items: dict[str, Item], *, api: Bat
     API's limits). `on_open(batch_id)` is told the batch's id once it exists (for Ctrl-C's hint)."""
     api.check()   # a rejected key or no server: one line, exit 1, nothing sent
     open_ = state.load()
-    left_out = 0
     if open_ is not None:
         if open_.get("settings") != fingerprint:
             changed = sorted(k for k in set(fingerprint) | set(open_.get("settings") or {})
@@ -242,7 +241,7 @@ def run_batch(b: Batch, pending: list[Item], items: dict[str, Item], *, api: Bat
             open_ = {"batch_id": created.id, "input_file_id": file_id, "server": api.where, "model": b.model,
                      "requests": est.requests, "estimate_usd": round(est.typical_usd, 6),
                      "most_usd": round(est.most_usd, 6), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                     "settings": fingerprint}
+                     "left_out": left_out, "settings": fingerprint}
             state.save(open_)
         console.info(f"created batch {created.id}: {est.requests} requests to {api.where}")
     on_open(open_["batch_id"])
@@ -270,7 +269,8 @@ def run_batch(b: Batch, pending: list[Item], items: dict[str, Item], *, api: Bat
     state.clear()
     counts = done.request_counts
     return imported, {"batch_id": done.id, "status": done.status, "requests": open_["requests"],
-                      "answered": (counts.completed + counts.failed) if counts else None, "left_out": left_out}
+                      "answered": (counts.completed + counts.failed) if counts else None,
+                      "left_out": open_.get("left_out", 0)}
 
 
 def _show(b: Batch, est: Estimate, skipped: int, over_budget: int, over_limits: int) -> None:
