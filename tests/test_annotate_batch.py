@@ -18,7 +18,7 @@ from persllm_cli.llm.pricing import batch_pricing, pricing
 from tests.conftest import persllm_cmd, subprocess_env
 from tests.fakes.batches import Expired
 from tests.fakes.openai_server import Fail, FakeOpenAI, Malformed, default_responder
-from tests.test_annotate import make_project
+from tests.test_annotate import make_project, proj  # noqa: F401 - proj: the fixture
 
 OUT = "build/annotations.jsonl"
 
@@ -35,13 +35,6 @@ def fake(monkeypatch):
         monkeypatch.setenv("OPENAI_BASE_URL", f.url)
         monkeypatch.setenv("PERSLLM_ANNOTATE_BATCH_POLL_SECONDS", "0.05")
         yield f
-
-
-@pytest.fixture
-def proj(tmp_path, cli, monkeypatch) -> Path:
-    root = make_project(cli, tmp_path / "hp")
-    monkeypatch.chdir(root)
-    return root
 
 
 def lines(path: Path) -> list[dict]:

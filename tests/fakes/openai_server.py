@@ -155,17 +155,21 @@ class FakeOpenAI(LocalServer):
             self._count += 1
             return self._script.popleft() if self._script else None
 
-    def _batch_answer(self, body: dict[str, Any], action: Any) -> tuple[int, dict[str, Any]]:
-        """One batch line, answered as the same request sent alone (not streamed) would be."""
-        with self._lock:
-            n = self._count
+    def answer(self, body: dict[str, Any], n: int, action: Any) -> tuple[int, Any]:
+        """What chat request number `n` gets: (200, the reply's text) or (status, an error body)."""
         if body.get("model") not in self.models:
             return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist",
                                    "type": "invalid_request_error", "code": "model_not_found"}}
         if isinstance(action, Fail):
             return action.status, {"error": {"message": action.message, "type": "fake_error", "code": None}}
-        text = action.text if isinstance(action, (Malformed, Reply)) else self.responder(body, n)
-        return 200, self.completion(body, n, text)
+        return 200, action.text if isinstance(action, (Malformed, Reply)) else self.responder(body, n)
+
+    def _batch_answer(self, body: dict[str, Any], action: Any) -> tuple[int, dict[str, Any]]:
+        """One batch line, answered as the same request sent alone (not streamed) would be."""
+        with self._lock:
+            n = self._count
+        status, out = self.answer(body, n, action)
+        return (200, self.completion(body, n, out)) if status == 200 else (status, out)
 
     def completion(self, body: dict[str, Any], n: int, text: str) -> dict[str, Any]:
         """A whole (not streamed) chat completion with this text."""
@@ -291,15 +295,16 @@ class FakeOpenAI(LocalServer):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                if re.search(r"/(files|batches)(/[^/]+/cancel)?$", self.path):
-                    return self._batch_api(raw)
                 try:
                     body = json.loads(raw or b"{}")
-                except json.JSONDecodeError:
+                except ValueError:   # not JSON (or not text: an uploaded file's multipart body)
                     body = None
                 entry = Logged(time.time(), self.path, dict(self.headers), body)
                 with fake._lock:
                     fake.requests.append(entry)
+                if re.search(r"/(files|batches)(/[^/]+/cancel)?$", self.path):
+                    return self._batch_api(raw, body, entry)
+                with fake._lock:
                     fake._count += 1
                     n = fake._count
                     action = fake._script.popleft() if fake._script else None
@@ -319,36 +324,18 @@ class FakeOpenAI(LocalServer):
                 if not self.path.endswith("/chat/completions") or body is None:
                     entry.status = 404
                     return self._error(404, "not found")
-                model = body.get("model")
-                if model not in fake.models:
-                    entry.status = 404
-                    return self._error(404, f"The model `{model}` does not exist", "model_not_found")
-                if isinstance(action, Fail):
-                    entry.status = action.status
-                    headers = {"Retry-After": str(action.retry_after)} if action.retry_after is not None else None
-                    return self._error(action.status, action.message, None, headers)
-                if isinstance(action, (Malformed, Reply)):
-                    text = action.text
-                else:
-                    text = fake.responder(body, n)
-                entry.status = 200
+                entry.status, text = fake.answer(body, n, action)
+                if entry.status != 200:
+                    retry = getattr(action, "retry_after", None)
+                    return self._send(entry.status, text, {"Retry-After": str(retry)} if retry is not None else None)
                 if body.get("stream"):
                     wants_usage = fake.usage and (body.get("stream_options") or {}).get("include_usage")
-                    return self._stream(n, model, text, _usage(body, text) if wants_usage else None, stall)
+                    return self._stream(n, body["model"], text, _usage(body, text) if wants_usage else None, stall)
                 self._send(200, fake.completion(body, n, text))
 
-            def _batch_api(self, raw: bytes) -> None:
+            def _batch_api(self, raw: bytes, body: Any, entry: Logged) -> None:
                 """POST /files, /batches, /batches/{id}/cancel (batches.py)."""
                 is_json = not self.path.endswith("/files")
-                body = None
-                if is_json:
-                    try:
-                        body = json.loads(raw or b"{}")
-                    except json.JSONDecodeError:
-                        body = None
-                entry = Logged(time.time(), self.path, dict(self.headers), body)
-                with fake._lock:
-                    fake.requests.append(entry)
                 if not self._authorized():
                     entry.status = 401
                     return self._error(401, "Incorrect API key provided", "invalid_api_key")
