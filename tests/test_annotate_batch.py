@@ -395,3 +395,20 @@ def test_signals_wait_while_a_batch_is_created():
             done.append("the batch id is written down")
     assert done == ["the batch id is written down"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_results_the_server_lost_are_still_to_do(cli, proj, fake):
+    fake.push(Fail(500))                                                   # one line in the error file
+    real = fake.batches.file
+
+    def lose_errors(file_id: str, content: bool):
+        if content and "error" in fake.batches.files[file_id].filename:
+            return 404, {"error": {"message": f"No such File object: {file_id}", "code": "not_found"}}
+        return real(file_id, content)
+
+    fake.batches.file = lose_errors
+    r = cli("annotate", "--batch")
+    assert r.exit_code == 3 and "no longer has file" in r.stderr and "1 request(s) unanswered" in r.stderr, r.output
+    assert len(read_jsonl(proj / OUT)) == 3 and not (proj / (OUT + ".batch.json")).exists()
+    fake.batches.file = real
+    assert cli("annotate", "--batch").exit_code == 0 and len(read_jsonl(proj / OUT)) == 4

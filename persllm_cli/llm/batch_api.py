@@ -38,6 +38,10 @@ DONE = ("completed", "failed", "expired", "cancelled")
 QUIET_LINE_SECONDS = 60.0   # without a live display, a progress line at most this often (or on a new status)
 
 
+class NotFound(Exception):
+    """The server answered 404: no such batch, or no Batch API at all (the caller says which)."""
+
+
 class BatchApi:
     """The Batch API of the server an OpenAIBackend talks to (its client, key and errors).
 
@@ -56,13 +60,14 @@ class BatchApi:
         self.backend.check()
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """`fn()`, retried on transient failures; NotFound (404) passes through for the caller."""
         o = self.backend._openai
 
         def once() -> Any:
             try:
                 return fn()
-            except o.NotFoundError as e:
-                raise RequestError(f"not found (404): {self.backend._message(e)}") from None
+            except o.NotFoundError:
+                raise NotFound() from None
             except o.APIError as e:
                 raise self.backend._translate(e) from None
 
@@ -71,9 +76,7 @@ class BatchApi:
 
         try:
             return retrying(once, max_retries=self.max_retries, base=self.backoff, on_retry=said)
-        except TransientError as e:
-            raise PersllmError(f"{what} at {self.where} failed: {e}") from None
-        except RequestError as e:
+        except (TransientError, RequestError) as e:
             raise PersllmError(f"{what} at {self.where} failed: {e}") from None
 
     def upload(self, path: Path) -> str:
@@ -83,33 +86,33 @@ class BatchApi:
 
         try:
             return self._call("uploading the batch file", send).id
-        except PersllmError as e:
-            if "(404)" in str(e):
-                raise PersllmError(f"the server at {self.where} has no Batch API (POST /files: 404 not found); "
-                                   "write the requests with --batch-file instead and run them elsewhere "
-                                   "(e.g. vllm run-batch), or annotate live") from None
-            raise
+        except NotFound:
+            raise PersllmError(f"the server at {self.where} has no Batch API (POST /files: 404 not found); "
+                               "write the requests with --batch-file instead and run them elsewhere "
+                               "(e.g. vllm run-batch), or annotate live") from None
 
     def create(self, file_id: str, title: str) -> Any:
-        return self._call("creating the batch", lambda: self.client.batches.create(
-            input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h",
-            metadata={"persllm": title}))
+        try:
+            return self._call("creating the batch", lambda: self.client.batches.create(
+                input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h", metadata={"persllm": title}))
+        except NotFound:
+            raise PersllmError(f"the server at {self.where} has no Batch API (POST /batches: 404 not found); "
+                               "write the requests with --batch-file instead and run them elsewhere "
+                               "(e.g. vllm run-batch), or annotate live") from None
 
     def retrieve(self, batch_id: str) -> Any | None:
         """The batch, or None when the server does not know it (deleted, or another server)."""
         try:
             return self._call("asking for the batch", lambda: self.client.batches.retrieve(batch_id))
-        except PersllmError as e:
-            if "(404)" in str(e):
-                return None
-            raise
+        except NotFound:
+            return None
 
     def download(self, file_id: str, dest: Path) -> Path:
         def fetch() -> None:
             with self.client.files.with_streaming_response.content(file_id) as r:
                 r.stream_to_file(dest)
 
-        self._call("downloading the batch's results", fetch)
+        self._call("downloading the batch's results", fetch)   # NotFound: the file is gone
         return dest
 
 
@@ -261,7 +264,11 @@ def run_batch(b: Batch, pending: list[Item], items: dict[str, Item], *, api: Bat
         for n, file_id in enumerate((done.output_file_id, done.error_file_id)):
             if file_id:
                 dest = state.path.with_name(f".{b.output.name}.batch-{'output' if n == 0 else 'errors'}.jsonl")
-                paths.append(api.download(file_id, dest))
+                try:
+                    paths.append(api.download(file_id, dest))
+                except NotFound:   # gone for good (servers keep a batch's files for a while)
+                    console.warn(f"the server at {api.where} no longer has file {file_id} of batch {done.id}'s "
+                                 "results (404): its requests are still to do")
         imported = import_results(paths, b, items) if paths else Imported()
     finally:
         for p in paths:
