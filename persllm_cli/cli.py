@@ -154,6 +154,9 @@ def annotate(
     feedback: Annotated[Optional[Path], Opt(help=_h(AnnotateSettings, 'feedback'), metavar='FILE')] = None,
     embedder: Annotated[Optional[str], Opt(help=_h(AnnotateSettings, 'embedder'))] = None,
     output: Annotated[Optional[Path], Opt('-o', '--output', help=_h(AnnotateSettings, 'output'), metavar='FILE')] = None,
+    batch_file: Annotated[Optional[Path], Opt('--batch-file', help=_h(AnnotateSettings, 'batch_file'), metavar='FILE')] = None,
+    batch_results: Annotated[Optional[Path], Opt('--batch-results', help=_h(AnnotateSettings, 'batch_results'), metavar='FILE')] = None,
+    batch: Annotated[Optional[bool], Opt('--batch', help=_h(AnnotateSettings, 'batch'))] = None,
 ) -> int:
     """Write persona Q&A records from the project's material with an LLM (resumable, accounted)."""
     flags = dict(locals())
@@ -219,6 +222,9 @@ def dpo(
     budget_usd: Annotated[Optional[float], Opt(help=_h(DpoSettings, 'budget_usd'), metavar='X')] = None,
     dry_run: Annotated[Optional[bool], Opt('--dry-run', help=_h(DpoSettings, 'dry_run'))] = None,
     embedder: Annotated[Optional[str], Opt(help=_h(DpoSettings, 'embedder'))] = None,
+    batch_file: Annotated[Optional[Path], Opt('--batch-file', help=_h(DpoSettings, 'batch_file'), metavar='FILE')] = None,
+    batch_results: Annotated[Optional[Path], Opt('--batch-results', help=_h(DpoSettings, 'batch_results'), metavar='FILE')] = None,
+    batch: Annotated[Optional[bool], Opt('--batch', help=_h(DpoSettings, 'batch'))] = None,
 ) -> int:
     """Build chosen/rejected preference pairs (TRL's conversational format, with provenance)."""
     from persllm_cli.curate import dpo as stage

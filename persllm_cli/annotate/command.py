@@ -110,19 +110,21 @@ def plan(project: Project, s: AnnotateSettings) -> list[Item]:
     items: list[Item] = []
     for st, kfile, know, style in material:
         kidx, sidx = Index(know, fresh()), Index(style, fresh())
+        # Every item's context at once (one embedding and a few matrix products per stage).
         if instructions is not None:
             src_file = _rel(project, s.instructions)
-            for line, conv in instructions:
-                query = conv[-1]["content"]
-                kl, sl = kidx.context(query, s.knowledge_words), sidx.context(query, s.style_words)
+            queries = [conv[-1]["content"] for _, conv in instructions]
+            kls, sls = kidx.contexts(queries, s.knowledge_words), sidx.contexts(queries, s.style_words)
+            for (line, conv), query, kl, sl in zip(instructions, queries, kls, sls):
                 job = Job(st, "instruction", 0, {"file": src_file, "line": line, "text": query}, kl, sl,
                           kidx.text(kl), sidx.text(sl), instruction=conv)
                 items.append(Item(record_id(project.name, st.id, "instruction", src_file, line, 0), job))
             continue
         src_file = _rel(project, kfile)
-        for p in know:
-            kl = kidx.context(p.text, s.knowledge_words, first=p.line)
-            sl = sidx.context(p.text, s.style_words)
+        queries = [p.text for p in know]
+        kls = kidx.contexts(queries, s.knowledge_words, [p.line for p in know])
+        sls = sidx.contexts(queries, s.style_words)
+        for p, kl, sl in zip(know, kls, sls):
             for k in range(s.questions_per_paragraph):
                 job = Job(st, s.pattern, k, {"file": src_file, "line": p.line, "text": p.text}, kl, sl,
                           kidx.text(kl), sidx.text(sl))
@@ -172,28 +174,39 @@ class Annotator:
         }
 
 
-def _dry_run(items: list[Item], ann: Annotator, s: AnnotateSettings, model: str, price: Price, output: Path) -> int:
+def pending(items: list[Item], output: Path, limit: int | None) -> tuple[list[Item], int]:
+    """The items a run would send (not ok in `output` yet, at most `limit`), and how many are done:
+    what --dry-run counts and a batch file holds. Reads `output` without touching it."""
     state = resume_state(output, repair=False) if output.exists() else None
     todo = [it for it in items if not state or it.id not in state.ok]
     skipped = len(items) - len(todo)
-    if s.limit is not None:
-        todo = todo[: s.limit]
+    return (todo if limit is None else todo[:limit]), skipped
+
+
+def _dry_run(items: list[Item], ann: Annotator, s: AnnotateSettings, model: str, price: Price, output: Path) -> int:
+    todo, skipped = pending(items, output, s.limit)
     dry_run(model, [ann.messages(it) for it in todo], skipped, s.max_tokens, price)
     return 0
 
 
-def _sidecar(project: Project, s: AnnotateSettings, output: Path, model: str, n_items: int, standards: list[str],
-             price: Price, seconds: float, last_run: dict[str, Any]) -> None:
-    final = resume_state(output, repair=False) if output.exists() else None
-    if final is None:
-        return
+def public(s: AnnotateSettings, model: str) -> dict[str, Any]:
+    """The settings for a sidecar: the model in use, the server's URL without credentials."""
     settings = public_settings(s)
     settings["model"] = model
     if settings.get("base_url"):
         from persllm_cli.llm.protocol import redact_url
 
         settings["base_url"] = redact_url(settings["base_url"])
-    write_meta(output, command="annotate", settings=settings, inputs=_inputs(project, s),
+    return settings
+
+
+def sidecar(project: Project, s: AnnotateSettings, output: Path, model: str, n_items: int, standards: list[str],
+            price: Price, seconds: float, last_run: dict[str, Any]) -> None:
+    """The output's sidecar after a run (live or batch): counts of what the file now holds."""
+    final = resume_state(output, repair=False) if output.exists() else None
+    if final is None:
+        return
+    write_meta(output, command="annotate", settings=public(s, model), inputs=_inputs(project, s),
                counts={"ok": len(final.ok), "failed": len(final.failed), "items": n_items}, seconds=seconds,
                extra={"standards": standards, "price_per_million": [price.input, price.output], "last_run": last_run})
 
@@ -254,12 +267,17 @@ def _inputs(project: Project, s: AnnotateSettings) -> list[Path]:
 
 def run(project: Project, s: AnnotateSettings) -> int:
     """Annotate; returns the exit code (0 all ok, 3 some failed or left for a rerun)."""
+    from persllm_cli.annotate import batch
+
     t0 = time.perf_counter()
+    mode = batch.chosen(s)   # --batch-file, --batch-results or --batch; None: live
     model = s.model or default_model(s.backend)
     standards = read_feedback(s.feedback)
     items = plan(project, s)
     ann = Annotator(project, s, standards)
     output = Path(s.output)
+    if mode is not None:
+        return batch.run(mode, project, s, items, ann, model, output, t0)
     cost = pricing(model, s.prices, backend=s.backend)
     price = cost.price
     if s.dry_run:
@@ -286,16 +304,16 @@ def _run(project: Project, s: AnnotateSettings, t0: float, model: str, standards
         if s.limit is not None:
             done_now = len(resume_state(output).ok - before)
             rs.limit = max(0, s.limit - done_now)
-    def sidecar(last_run: dict[str, Any]) -> None:
-        _sidecar(project, s, output, model, len(items), standards, price, time.perf_counter() - t0, last_run)
+    def write_sidecar(last_run: dict[str, Any]) -> None:
+        sidecar(project, s, output, model, len(items), standards, price, time.perf_counter() - t0, last_run)
 
     try:
         stats = run_items(items, backend, build_messages=ann.messages, parse=ann.parse, make_record=ann.record,
                           output=output, settings=rs, price=price, request_options=ann.options, spend=spend)
     except KeyboardInterrupt:
-        sidecar({"interrupted": True})  # an interrupted run's sidecar still counts what the file now holds
+        write_sidecar({"interrupted": True})  # an interrupted run's sidecar still counts what the file now holds
         raise
-    sidecar(stats.as_dict())
+    write_sidecar(stats.as_dict())
     if stats.planned == 0 and stats.skipped == len(items):
         console.info(f"nothing to do: all {stats.skipped} items are already in {output}")
     else:

@@ -27,7 +27,7 @@ import numpy as np
 from persllm_cli.core import console
 from persllm_cli.data import records
 from persllm_cli.core.project import Project
-from persllm_cli.core.errors import PersllmError
+from persllm_cli.core.errors import EXIT_USAGE, PersllmError
 from persllm_cli.llm.annotator import AnnotateSettings
 from persllm_cli.data.records import Record
 from persllm_cli.curate import dpo_generate
@@ -116,6 +116,9 @@ def run(project: Project, s: DpoSettings, annotator: AnnotateSettings | None = N
         if annotator is None:
             raise ValueError("dpo --mode generate needs the [annotate] settings")
         return dpo_generate.run(project, s, annotator)
+    if s.batch_file or s.batch_results or s.batch:
+        raise PersllmError("--batch-file, --batch-results and --batch apply to --mode generate; --mode retrieve "
+                           "sends no request", EXIT_USAGE)
     if s.dry_run or s.budget_usd is not None:
         console.note("--dry-run and --budget-usd apply to --mode generate; --mode retrieve sends no request")
         if s.dry_run:

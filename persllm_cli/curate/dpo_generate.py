@@ -212,13 +212,14 @@ def _work_record(item: Item, text: str | None, usage: Any, error: str | None) ->
 
 def run(project: Project, s: DpoSettings, annotator: AnnotateSettings) -> int:
     """Ask the annotator for the rejected answers (resumable), then write the pairs; the exit code."""
-    from persllm_cli.core.settings import public_settings
+    from persllm_cli.llm import batch_command
 
     started = time.perf_counter()
     inputs, _, _ = load_inputs(project, s)
     if s.pool:
         console.note("--pool is not used by --mode generate (the annotator writes the rejected answers)")
     ann = Client.choose(s, annotator)
+    mode = batch_command.chosen(s, backend=ann.backend, dry_run=s.dry_run)
     planned = plan(inputs, project)
     items = [Item(work_id(p.record["id"], p.stage.id), p) for p in planned]
     work = work_path(s.output)
@@ -227,6 +228,10 @@ def run(project: Project, s: DpoSettings, annotator: AnnotateSettings) -> int:
     price = cost.price
 
     budget = s.budget_usd if s.budget_usd is not None else a.budget_usd
+    if mode is not None:
+        from persllm_cli.curate import dpo_batch
+
+        return dpo_batch.run(mode, project, s, ann, inputs, items, work, budget, started)
     if s.dry_run:
         state = records.resume_state(work, repair=False) if work.exists() else None
         todo = [it for it in items if state is None or it.id not in state.ok]
@@ -253,37 +258,44 @@ def run(project: Project, s: DpoSettings, annotator: AnnotateSettings) -> int:
         if stats.stopped == "budget":
             console.warn(f"budget of ${budget} reached: {stats.not_sent} request(s) not sent; "
                          "rerun with a higher --budget-usd to continue")
+        return write_pairs(project, s, ann, inputs, items, work, price, started, stats.as_dict())
 
-        done = records.resume_state(work).records if work.exists() else {}
-        pairs: list[Record] = []
-        missing: dict[str, str] = {}
-        not_ok = 0
-        for it in items:
-            p: Planned = it.data
-            w = done.get(it.id)
-            if w is None or w.get("status") != "ok":
-                not_ok += 1
-                missing[p.record["id"]] = NOT_ANSWERED if w is None else FAILED
-                continue
-            pair, why = to_pair(p, str(w.get("text") or ""), project, rejected_id=it.id)
-            if pair is None:
-                missing[p.record["id"]] = why
-            else:
-                pairs.append(pair)
-        if not pairs:
-            if not_ok:
-                console.warn(f"no pair yet: {not_ok} request(s) failed or were not sent; rerun to retry them "
-                             f"(answers so far are kept in {work})")
-                return EXIT_PARTIAL
-            raise PersllmError(f"no generated answer differs from the chosen one ({len(missing)} record(s)); "
-                               "nothing written")
-        settings = public_settings(s)
-        settings.update(ann.public())
-        report(project, s, inputs, pairs, missing, pool_records=0, unusable_pool=0,
-                   seconds=time.perf_counter() - started, settings=settings,
-                   extra={"work_file": str(work), "price_per_million": [price.input, price.output],
-                          "last_run": stats.as_dict()})
+
+def write_pairs(project: Project, s: DpoSettings, ann: Client, inputs: list[Record], items: list[Item], work: Path,
+                price: Any, started: float, last_run: dict[str, Any]) -> int:
+    """The pairs from the `ok` answers in the work file (after a live run or a batch's import);
+    the exit code: 3 while requests failed or are not sent yet."""
+    from persllm_cli.core.settings import public_settings
+
+    done = records.resume_state(work).records if work.exists() else {}
+    pairs: list[Record] = []
+    missing: dict[str, str] = {}
+    not_ok = 0
+    for it in items:
+        p: Planned = it.data
+        w = done.get(it.id)
+        if w is None or w.get("status") != "ok":
+            not_ok += 1
+            missing[p.record["id"]] = NOT_ANSWERED if w is None else FAILED
+            continue
+        pair, why = to_pair(p, str(w.get("text") or ""), project, rejected_id=it.id)
+        if pair is None:
+            missing[p.record["id"]] = why
+        else:
+            pairs.append(pair)
+    if not pairs:
         if not_ok:
-            console.warn(f"{not_ok} request(s) failed or were not sent; rerun to retry them")
+            console.warn(f"no pair yet: {not_ok} request(s) failed or were not sent; rerun to retry them "
+                         f"(answers so far are kept in {work})")
             return EXIT_PARTIAL
-        return 0
+        raise PersllmError(f"no generated answer differs from the chosen one ({len(missing)} record(s)); "
+                           "nothing written")
+    settings = public_settings(s)
+    settings.update(ann.public())
+    report(project, s, inputs, pairs, missing, pool_records=0, unusable_pool=0,
+           seconds=time.perf_counter() - started, settings=settings,
+           extra={"work_file": str(work), "price_per_million": [price.input, price.output], "last_run": last_run})
+    if not_ok:
+        console.warn(f"{not_ok} request(s) failed or were not sent; rerun to retry them")
+        return EXIT_PARTIAL
+    return 0

@@ -39,6 +39,14 @@ class DpoSettings:
                             help='For --mode generate: send nothing; print the requests, tokens and dollars it would take.')  # --mode generate
     embedder: str = setting("tfidf",
                             help='For --mode retrieve: question similarity, tfidf or st:NAME.')  # question similarity for --mode retrieve
+    batch_file: Path | None = setting(None, help=(
+        "For --mode generate: write the pending requests to FILE as OpenAI Batch API lines (for the Batch API "
+        "or vllm run-batch); nothing is sent."))
+    batch_results: Path | None = setting(None, help=(
+        "For --mode generate: import a batch's results (the Batch API's or vllm run-batch's), then write the pairs."))
+    batch: bool = setting(False, help=(
+        "For --mode generate: send the pending requests as one batch through the server's Batch API, wait for "
+        "it, import the results and write the pairs; Ctrl-C leaves it running and the next run continues it."))
 
 
 @dataclass

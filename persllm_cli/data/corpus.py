@@ -7,6 +7,8 @@ so records can point back at their seed paragraph.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,12 +63,18 @@ def read_paragraphs(path: Path, *, required: bool = True) -> list[Paragraph]:
 
 def count_words(text: str) -> int:
     """Words for context budgets: whitespace-separated words, with each CJK character counted as one."""
+    if not _ANY_CJK.search(text):
+        return len(text.split())   # the common case, without looking at every character
     n = 0
     for token in text.split():
         cjk = sum(1 for ch in token if _is_cjk(ch))
         rest = "".join(" " if _is_cjk(ch) else ch for ch in token).split()
         n += cjk + len(rest)
     return n
+
+
+# The characters _is_cjk counts one by one.
+_ANY_CJK = re.compile("[\u4e00-\u9fff\u3400-\u4dbf\u3040-\u30ff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fa1f]")
 
 
 def _is_cjk(ch: str) -> bool:

@@ -187,6 +187,20 @@ def write_failed(path: Path, e: OSError, after: str = "") -> PersllmError:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a whole file so that readers see the old file or the new one, never a part.
     A failed write (disk full, ...) leaves the old file as it was and raises one line naming it."""
+    with open_atomic(path) as f:
+        f.write(text)
+
+
+@contextmanager
+def open_atomic(path: Path) -> Iterator[Any]:
+    """A text file to write `path` through, line by line (a file too big to hold in memory as one
+    string): it is a temporary sibling until the block ends without an error, then it replaces
+    `path` at once. Any error leaves `path` as it was; a failed write is one line naming it.
+
+        with open_atomic(out) as f:
+            for line in lines:
+                f.write(line)
+    """
     path = Path(path)
     if path.is_dir():
         raise _is_a_directory(path)
@@ -196,7 +210,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 suits the temp file, not the output
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -45,6 +45,15 @@ class AnnotateSettings:
     feedback: Path | None = setting(None, help='Standards to add to the instructions, one per line.')
     embedder: str = setting("tfidf", help='Retrieval embedder: tfidf or st:NAME (sentence-transformers).')
     output: Path = setting(Path("build/annotations.jsonl"), help='Output JSONL (appended; reruns resume).')
+    batch_file: Path | None = setting(None, help=(
+        "Write the pending requests to FILE as OpenAI Batch API lines (for the Batch API or vllm run-batch) "
+        "and print their estimate at the batch price; nothing is sent."))
+    batch_results: Path | None = setting(None, help=(
+        "Import a batch's results (the Batch API's output or error file, or vllm run-batch's output) "
+        "as records, exactly as live replies; rerun-safe."))
+    batch: bool = setting(False, help=(
+        "Send the pending requests as one batch through the server's Batch API (/v1/files, /v1/batches), "
+        "wait for it and import the results; Ctrl-C leaves it running and the next run continues it."))
     # persllm.toml only
     max_tokens: int = setting(1024, at_least=1)
     temperature: float = setting(0.7, at_least=0)
@@ -53,3 +62,5 @@ class AnnotateSettings:
     prices: dict[str, list[float]] = field(default_factory=dict)
     review_samples: int = setting(3, at_least=1)
     backoff_seconds: float = setting(1.0, at_least=0)  # first retry waits up to this long; doubles per attempt (with jitter)
+    batch_prices: dict[str, list[float]] = field(default_factory=dict)   # [annotate.batch_prices]: price of a batch request
+    batch_poll_seconds: float = setting(30.0, more_than=0)  # --batch asks for the batch's state this often

@@ -72,6 +72,18 @@ def _response_type() -> type:
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
 
+def chat_body(model: str, messages: list[Message], max_tokens: int, temperature: float) -> dict[str, Any]:
+    """The body of one chat completion request, as every request to an OpenAI-compatible server
+    has it: sent live (streamed) by OpenAIBackend, or written as a batch line (batch.py)."""
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    if model.startswith(_REASONING_PREFIXES):
+        body["max_completion_tokens"] = max_tokens
+    else:
+        body["max_tokens"] = max_tokens
+        body["temperature"] = temperature
+    return body
+
+
 class OpenAIBackend:
     """Any OpenAI-compatible chat server through the `openai` package (sync client, thread-safe).
 
@@ -167,13 +179,7 @@ class OpenAIBackend:
         del ids
 
     def _request(self, messages: list[Message], max_tokens: int, temperature: float) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
-        if self.model.startswith(_REASONING_PREFIXES):
-            kwargs["max_completion_tokens"] = max_tokens
-        else:
-            kwargs["max_tokens"] = max_tokens
-            kwargs["temperature"] = temperature
-        return kwargs
+        return chat_body(self.model, messages, max_tokens, temperature)
 
     def _timeouts(self) -> Any:
         """httpx timeouts of one request: the read limit is the first-token limit (the wait for

@@ -3,7 +3,8 @@ model, and `Spend`, the one account of what requests cost against a dollar budge
 
 One place for every command that spends money (annotate, dpo --mode generate, eval's answers and
 judge, chat --api-model, converse). Prices are dollars per million tokens [input, output];
-persllm.toml `[annotate.prices]` adds or overrides entries for every command.
+persllm.toml `[annotate.prices]` adds or overrides entries for every command, and
+`[annotate.batch_prices]` those of requests sent in a batch (`batch_pricing`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ DEFAULT_PRICES: dict[str, list[float]] = {
     "o4-mini": [1.1, 4.4],
 }
 PRICES_SECTION = "[annotate.prices]"
+BATCH_PRICES_SECTION = "[annotate.batch_prices]"
+BATCH_DISCOUNT = 0.5   # the OpenAI Batch API's price: half the live one
 
 
 @dataclass(frozen=True)
@@ -60,16 +63,42 @@ def pricing(model: str, table: dict[str, Any] | None = None, *, backend: str = "
     if backend == "local":
         return Pricing(model, Price(), True)
     prices = {**DEFAULT_PRICES, **(table or {})}
-    key = model if model in prices else max((k for k in prices if model.startswith(k + "-")), key=len, default=None)
+    key = _key(model, prices)
     if key is None:
         return Pricing(model, Price(), False)
-    value = prices[key]
+    return Pricing(model, _price(key, prices[key], PRICES_SECTION), True)
+
+
+def batch_pricing(model: str, table: dict[str, Any] | None = None,
+                  batch_table: dict[str, Any] | None = None) -> Pricing:
+    """The price of a request sent in a batch (the Batch API, or a file for `vllm run-batch`):
+    `[annotate.batch_prices]` when it names the model (e.g. 0 for your own GPU machine); else, for
+    an OpenAI model (one of the built-in table), its price times BATCH_DISCOUNT, whatever price
+    `[annotate.prices]` gives it; else the model's live price (no discount assumed elsewhere)."""
+    key = _key(model, batch_table or {})
+    if key is not None:
+        return Pricing(model, _price(key, (batch_table or {})[key], BATCH_PRICES_SECTION), True)
+    live = pricing(model, table)
+    if live.known and _key(model, DEFAULT_PRICES) is not None:
+        p = live.price
+        return Pricing(model, Price(p.input * BATCH_DISCOUNT, p.output * BATCH_DISCOUNT), True)
+    return live
+
+
+def _key(model: str, prices: dict[str, Any]) -> str | None:
+    """The table's entry for `model`: its own name, else the longest name it starts with (and a -)."""
+    if model in prices:
+        return model
+    return max((k for k in prices if model.startswith(k + "-")), key=len, default=None)
+
+
+def _price(key: str, value: Any, section: str) -> Price:
     numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
     if not numbers:
-        raise PersllmError(f"persllm.toml: {PRICES_SECTION} {key!r} = {value!r}: it must be [input, output], "
+        raise PersllmError(f"persllm.toml: {section} {key!r} = {value!r}: it must be [input, output], "
                            "dollars per million tokens, neither negative")
-    return Pricing(model, Price(float(value[0]), float(value[1])), True)
+    return Price(float(value[0]), float(value[1]))
 
 
 def price_table(project: Any) -> dict[str, Any]:

@@ -103,14 +103,41 @@ def summary(stats: RunStats, title: str = "annotate") -> None:
         console.note(f"  {n} failed: {reason}")
 
 
+@dataclass
+class Estimate:
+    """What a set of requests would take: their count, prompt tokens (estimated), and the dollars
+    with typical and with the longest replies `max_tokens` allows. `--dry-run` shows one, and so
+    does a batch file or a batch as it is written (at the batch price)."""
+
+    requests: int
+    prompt_tokens: int
+    max_tokens: int
+    price: Price
+
+    @classmethod
+    def of(cls, prompts: list[list[Message]], max_tokens: int, price: Price) -> "Estimate":
+        return cls(len(prompts), sum(estimate_prompt_tokens(m) for m in prompts), max_tokens, price)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.requests * self.max_tokens
+
+    @property
+    def typical_usd(self) -> float:
+        return self.price.cost(self.prompt_tokens, self.requests * min(self.max_tokens, 400))
+
+    @property
+    def most_usd(self) -> float:
+        return self.price.cost(self.prompt_tokens, self.completion_tokens)
+
+    def rows(self, skipped: int) -> list[list[object]]:
+        return [["requests", self.requests], ["already done (skipped)", skipped],
+                ["prompt tokens (estimate)", f"{self.prompt_tokens:,}"],
+                ["completion tokens (at most)", f"{self.completion_tokens:,}"],
+                ["cost (typical)", f"${self.typical_usd:.4f}"], ["cost (at most)", f"${self.most_usd:.4f}"]]
+
+
 def dry_run(title: str, prompts: list[list[Message]], skipped: int, max_tokens: int, price: Price) -> None:
     """What sending `prompts` would take, as a table on stderr; nothing is sent (`--dry-run`)."""
-    prompt = sum(estimate_prompt_tokens(m) for m in prompts)
-    completion = len(prompts) * max_tokens
-    typical = len(prompts) * min(max_tokens, 400)
-    console.table(f"dry run: {title} (nothing sent)", ["", "value"], [
-        ["requests", len(prompts)], ["already done (skipped)", skipped],
-        ["prompt tokens (estimate)", f"{prompt:,}"],
-        ["completion tokens (at most)", f"{completion:,}"],
-        ["cost (typical)", f"${price.cost(prompt, typical):.4f}"],
-        ["cost (at most)", f"${price.cost(prompt, completion):.4f}"]])
+    console.table(f"dry run: {title} (nothing sent)", ["", "value"],
+                  Estimate.of(prompts, max_tokens, price).rows(skipped))

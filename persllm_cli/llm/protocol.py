@@ -24,6 +24,7 @@ send less) or "other"),
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
@@ -98,10 +99,13 @@ class Backend(Protocol):
         ...
 
 
+_CJK = re.compile("[\u3040-\u9fff\uac00-\ud7af]")   # the characters counted one token each
+
+
 def estimate_tokens(text: str) -> int:
     """A deliberately generous token count for budgets and --dry-run: ~3 characters per token, and
     one token per CJK character (tokenizers rarely do better on those)."""
-    cjk = sum(1 for ch in text if "\u3040" <= ch <= "\u9fff" or "\uac00" <= ch <= "\ud7af")
+    cjk = len(_CJK.findall(text))
     return cjk + (len(text) - cjk + 2) // 3
 
 

@@ -79,10 +79,31 @@ class Usage:
     attempts: int = 0
     seconds: float = 0.0
 
+    def add(self, c: Completion, cost: float) -> None:
+        """Count one reply that came back (paid for, usable or not)."""
+        self.prompt_tokens += c.prompt_tokens
+        self.completion_tokens += c.completion_tokens
+        self.cost_usd += cost
+        self.seconds += c.seconds
+
     def as_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "model": self.model, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "cost_usd": round(self.cost_usd, 6),
                 "attempts": self.attempts, "seconds": round(self.seconds, 3)}
+
+
+def read_reply(item: Item, c: Completion, parse: Callable[[Item, Completion], Any]) -> tuple[Any, str | None]:
+    """What a reply gives its item: (parsed, None), or (None, why) for a malformed one. The live
+    runner retries the second kind; a batch result (batch.py) has no retry and records it failed."""
+    try:
+        return parse(item, c), None
+    except Malformed as e:
+        return None, f"malformed reply: {e}"
+
+
+def failure_reason(error: str | None) -> str:
+    """The kind of a failed item's error, for the counts by reason ("rate limited (429)", ...)."""
+    return (error or "failed").split(":")[0].split(" (after")[0]
 
 
 @dataclass
@@ -232,15 +253,12 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
             return "unsent", None, usage, str(e)
         cost = sh.settle(reserved, completion)
         if completion is not None:
-            usage.prompt_tokens += completion.prompt_tokens
-            usage.completion_tokens += completion.completion_tokens
-            usage.cost_usd += cost
-            usage.seconds += completion.seconds
+            usage.add(completion, cost)
             sh.succeeded(completion, getattr(backend, "first_token_timeout", None))
-            try:
-                return "ok", parse(item, completion), usage, None
-            except Malformed as e:
-                last_error = f"malformed reply: {e}"
+            parsed, malformed = read_reply(item, completion, parse)
+            if malformed is None:
+                return "ok", parsed, usage, None
+            last_error = malformed
         if attempt < s.max_retries and sh.stop.wait(backoff(attempt, retry_after, s.backoff_base, s.backoff_max)):
             return "unsent", None, usage, last_error
     return "failed", None, usage, f"{last_error} (after {usage.attempts} attempt{'s' if usage.attempts != 1 else ''})"
@@ -355,7 +373,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
                     write(record)
                 else:
                     stats.failed += 1
-                    reason = (error or "failed").split(":")[0].split(" (after")[0]
+                    reason = failure_reason(error)
                     stats.errors[reason] = stats.errors.get(reason, 0) + 1
                     (write if seen_ok else held.append)(record)
                 bar.advance(task)

@@ -1,7 +1,8 @@
 """A local fake OpenAI-compatible server for tests and benchmarks (127.0.0.1 only, never the network).
 
 It answers POST /v1/chat/completions (streamed as server-sent events when the request asks for
-`stream`) and GET /v1/models like the real API, with switches for what
+`stream`), GET /v1/models, and the Batch API's /v1/files and /v1/batches (batches.py) like the
+real API, with switches for what
 real servers do to clients: latency, 429 with Retry-After, 500, malformed answers, a wrong key, an
 unknown model. Every request is logged (headers and body) so tests can assert on what was sent.
 
@@ -21,6 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+from tests.fakes.batches import BatchStore
 
 DEFAULT_KEY = "sk-fake-test-key-0123456789"
 
@@ -84,6 +87,14 @@ def default_responder(body: dict[str, Any], n: int) -> str:
     return "\n".join(parts)
 
 
+def _usage(body: dict[str, Any], text: str) -> dict[str, int]:
+    """Token counts as the fake counts them: words."""
+    prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+    completion_tokens = len(text.split())
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 class QuietServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
@@ -125,11 +136,49 @@ class FakeOpenAI(LocalServer):
     responder: Callable[[dict[str, Any], int], str] = default_responder
     requests: list[Logged] = field(default_factory=list)
     usage: bool = True   # False: never send token counts (servers that do not, even when asked)
+    # The Batch API (batches.py): how long a new batch validates, then runs; the limits per file.
+    batch_validate_seconds: float = 0.1
+    batch_run_seconds: float = 0.5
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 200 * 1024 * 1024
+    batch_api: bool = True   # False: /files and /batches answer 404, as on a server without them
 
     def __post_init__(self) -> None:
         self._script: deque = deque()
         self._lock = threading.Lock()
         self._count = 0
+        self.batches = BatchStore(self._batch_answer, self._next_action, self.batch_validate_seconds,
+                                  self.batch_run_seconds, self.batch_max_requests, self.batch_max_bytes)
+
+    def _next_action(self) -> Any:
+        with self._lock:
+            self._count += 1
+            return self._script.popleft() if self._script else None
+
+    def answer(self, body: dict[str, Any], n: int, action: Any) -> tuple[int, Any]:
+        """What chat request number `n` gets: (200, the reply's text) or (status, an error body)."""
+        if body.get("model") not in self.models:
+            return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist",
+                                   "type": "invalid_request_error", "code": "model_not_found"}}
+        if isinstance(action, Fail):
+            return action.status, {"error": {"message": action.message, "type": "fake_error", "code": None}}
+        return 200, action.text if isinstance(action, (Malformed, Reply)) else self.responder(body, n)
+
+    def _batch_answer(self, body: dict[str, Any], action: Any) -> tuple[int, dict[str, Any]]:
+        """One batch line, answered as the same request sent alone (not streamed) would be."""
+        with self._lock:
+            n = self._count
+        status, out = self.answer(body, n, action)
+        return (200, self.completion(body, n, out)) if status == 200 else (status, out)
+
+    def completion(self, body: dict[str, Any], n: int, text: str) -> dict[str, Any]:
+        """A whole (not streamed) chat completion with this text."""
+        return {
+            "id": f"chatcmpl-fake-{n}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            **({"usage": _usage(body, text)} if self.usage else {}),
+        }
 
     # -- control
     def push(self, *actions: Fail | Malformed | Reply | Hang | Stall) -> None:
@@ -222,19 +271,40 @@ class FakeOpenAI(LocalServer):
                     entry.status = 200
                     return self._send(200, {"object": "list", "data": [
                         {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in fake.models]})
+                m = re.search(r"/files/([^/?]+)(/content)?$", self.path) or re.search(r"/batches(?:/([^/?]+))?$", self.path)
+                if m and not fake.batch_api:
+                    m = None
+                if m and "/files/" in self.path:
+                    entry.status, payload = fake.batches.file(m.group(1), content=bool(m.group(2)))
+                    if isinstance(payload, bytes):
+                        return self._raw(payload)
+                    return self._send(entry.status, payload)
+                if m:
+                    entry.status, payload = fake.batches.get(m.group(1)) if m.group(1) else fake.batches.list()
+                    return self._send(entry.status, payload)
                 entry.status = 404
                 self._error(404, "not found")
+
+            def _raw(self, data: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 try:
                     body = json.loads(raw or b"{}")
-                except json.JSONDecodeError:
+                except ValueError:   # not JSON (or not text: an uploaded file's multipart body)
                     body = None
                 entry = Logged(time.time(), self.path, dict(self.headers), body)
                 with fake._lock:
                     fake.requests.append(entry)
+                if re.search(r"/(files|batches)(/[^/]+/cancel)?$", self.path):
+                    return self._batch_api(raw, body, entry)
+                with fake._lock:
                     fake._count += 1
                     n = fake._count
                     action = fake._script.popleft() if fake._script else None
@@ -254,33 +324,34 @@ class FakeOpenAI(LocalServer):
                 if not self.path.endswith("/chat/completions") or body is None:
                     entry.status = 404
                     return self._error(404, "not found")
-                model = body.get("model")
-                if model not in fake.models:
-                    entry.status = 404
-                    return self._error(404, f"The model `{model}` does not exist", "model_not_found")
-                if isinstance(action, Fail):
-                    entry.status = action.status
-                    headers = {"Retry-After": str(action.retry_after)} if action.retry_after is not None else None
-                    return self._error(action.status, action.message, None, headers)
-                if isinstance(action, (Malformed, Reply)):
-                    text = action.text
-                else:
-                    text = fake.responder(body, n)
-                prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
-                completion_tokens = len(text.split())
-                entry.status = 200
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens}
+                entry.status, text = fake.answer(body, n, action)
+                if entry.status != 200:
+                    retry = getattr(action, "retry_after", None)
+                    return self._send(entry.status, text, {"Retry-After": str(retry)} if retry is not None else None)
                 if body.get("stream"):
                     wants_usage = fake.usage and (body.get("stream_options") or {}).get("include_usage")
-                    return self._stream(n, model, text, usage if wants_usage else None, stall)
-                self._send(200, {
-                    "id": f"chatcmpl-fake-{n}", "object": "chat.completion", "created": int(time.time()),
-                    "model": model,
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": text}}],
-                    **({"usage": usage} if fake.usage else {}),
-                })
+                    return self._stream(n, body["model"], text, _usage(body, text) if wants_usage else None, stall)
+                self._send(200, fake.completion(body, n, text))
+
+            def _batch_api(self, raw: bytes, body: Any, entry: Logged) -> None:
+                """POST /files, /batches, /batches/{id}/cancel (batches.py)."""
+                is_json = not self.path.endswith("/files")
+                if not self._authorized():
+                    entry.status = 401
+                    return self._error(401, "Incorrect API key provided", "invalid_api_key")
+                if not fake.batch_api:
+                    entry.status = 404
+                    return self._error(404, "Invalid URL (POST " + self.path + ")")
+                if is_json and not isinstance(body, dict):
+                    entry.status = 400
+                    return self._error(400, "We could not parse the JSON body of your request.")
+                if self.path.endswith("/files"):
+                    entry.status, payload = fake.batches.upload(self.headers.get("Content-Type", ""), raw)
+                elif self.path.endswith("/cancel"):
+                    entry.status, payload = fake.batches.cancel(self.path.rsplit("/", 2)[-2])
+                else:
+                    entry.status, payload = fake.batches.create(body)
+                self._send(entry.status, payload)
 
         self._serve(Handler)
         return self
@@ -292,9 +363,10 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--batch-run-seconds", type=float, default=0.5, help="how long a batch runs")
     ap.add_argument("--port-file", required=True, help="write the base URL here once listening")
     args = ap.parse_args()
-    fake = FakeOpenAI(latency=args.latency).start()
+    fake = FakeOpenAI(latency=args.latency, batch_run_seconds=args.batch_run_seconds).start()
     with open(args.port_file + ".tmp", "w") as f:
         f.write(fake.url)
     import os
