@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,7 +28,7 @@ from persllm_cli.data.records import read_text, write_text_atomic
 from persllm_cli.llm.batch import ENDPOINT, Batch, Imported, import_results, write_requests
 from persllm_cli.llm.openai_compat import OpenAIBackend
 from persllm_cli.llm.progress import Estimate
-from persllm_cli.llm.protocol import FatalError, RequestError, TransientError
+from persllm_cli.llm.protocol import RequestError, TransientError
 from persllm_cli.llm.retry import retrying
 from persllm_cli.llm.runner import Item
 
