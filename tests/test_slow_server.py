@@ -88,6 +88,41 @@ def test_the_first_token_has_its_own_limit(slow):
     assert e.value.kind == "timeout"
 
 
+def test_a_queued_request_waits_under_the_first_token_limit_not_the_silence_one(slow):
+    """A server that answers a queued request at once with a role chunk (and keep-alives: comments,
+    empty deltas), then nothing until its turn: the wait is the first token's, however long past
+    --timeout; a reply alone counts as streaming."""
+    import threading
+
+    fake = slow(tokens=30, rate=50, announce=True, keepalive=0.05)   # 0.6 s an answer
+    backend = OpenAIBackend("fake-model", base_url=fake.url, timeout=0.2)
+    ahead: dict = {}
+    first = threading.Thread(target=lambda: ahead.update(c=backend.complete(ASK, max_tokens=64, temperature=0)))
+    first.start()
+    while fake.started == 0:
+        pass
+    seen: list[int] = []
+    watch = threading.Timer(0.3, lambda: seen.append(backend.streaming))   # the second is queued then
+    watch.start()
+    c = backend.complete(ASK, max_tokens=64, temperature=0)   # queued behind 0.6 s of the first
+    first.join()
+    assert c.completion_tokens == 30 and ahead["c"].completion_tokens == 30
+    assert c.first_token_seconds > 0.4 and seen == [1]
+    assert fake.started == 2 and fake.abandoned == 0 and backend.streaming == 0
+    # chat --api-model and converse stream through the same path: the same wait
+    assert len(list(backend.stream(ASK, max_tokens=64, temperature=0))) == 30
+    # the first-token limit still holds for such a request
+    strict = OpenAIBackend("fake-model", base_url=fake.url, timeout=0.2, first_token_timeout=0.3)
+    first = threading.Thread(target=lambda: backend.complete(ASK, max_tokens=64, temperature=0))
+    first.start()
+    while fake.started < 4:
+        pass
+    with pytest.raises(TransientError, match="no first token .* within 0.3 s") as e:
+        strict.complete(ASK, max_tokens=64, temperature=0)
+    first.join()
+    assert e.value.kind == "timeout" and e.value.streamed is None
+
+
 def test_the_stream_is_read_as_server_sent_events(monkeypatch):
     """Events over several data: lines, comments, a usage chunk, an error event, a malformed chunk,
     a stream that ends without [DONE]: read as the SSE format says, without openai's Stream."""
@@ -220,6 +255,19 @@ def test_annotate_against_a_one_at_a_time_server_slower_than_the_timeout(cli, pr
     assert r.exit_code == 0, r.output
     recs = read_jsonl(proj / "build/annotations.jsonl")
     assert [x["status"] for x in recs] == ["ok"] * 4
+    assert fake.started == 4 and fake.abandoned == 0
+    assert "keep timing out" not in r.output
+
+
+def test_annotate_against_a_server_that_answers_queued_requests_with_a_role_chunk(cli, proj, slow):
+    # The issue's run, scaled down: the server says "assistant" at once to every request and then
+    # nothing until its turn, which comes later than --timeout for all but the first.
+    fake = slow(tokens=20, rate=40, announce=True)   # 0.5 s an answer
+    r = cli("annotate", "--stage", "early", "--model", "fake-model", "--concurrency", "4", "--timeout", "0.3")
+    assert r.exit_code == 0, r.output
+    recs = read_jsonl(proj / "build/annotations.jsonl")
+    assert [x["status"] for x in recs] == ["ok"] * 4
+    assert all(x["annotator"]["attempts"] == 1 for x in recs)
     assert fake.started == 4 and fake.abandoned == 0
     assert "keep timing out" not in r.output
 
