@@ -200,6 +200,39 @@ def test_timeouts_lower_the_requests_in_flight_and_waste_fewer_generations(slow,
     assert fake.started - 6 < blind.started - blind_stats.ok
 
 
+def test_a_retry_is_not_sent_to_wait_behind_a_given_up_generation(slow, tmp_path):
+    # One at a time, 0.5 s an answer, a first-token limit of 0.8 s: of six requests sent at once,
+    # the four queued behind two answers time out, and the server still makes all four. Retries
+    # sent at once would wait behind those four answers (2 s) and time out again, each leaving
+    # one more; counted against the limit until the server is through them, they do not.
+    fake = slow(tokens=20, rate=40)
+    stats, recs = run(fake, 6, tmp_path / "out.jsonl", timeout=0.3, first_token=0.8, concurrency=6)
+    assert stats.ok == 6 and stats.failed == 0
+    assert stats.timeouts == 4 and stats.ghosts == 4
+    assert fake.started == 6 + 4 and fake.abandoned == 4
+
+
+def test_ghosts_run_in_the_lanes_the_limit_leaves():
+    from persllm_cli.llm.ghosts import Ghosts
+    from persllm_cli.llm.protocol import Completion
+
+    g = Ghosts()
+    assert g.add(0.0, None, lanes=1) == 0 and g.holding(0.0) == 0   # no pace known yet: no ghost
+    g.observe(Completion("x", 1, 10, seconds=1.5, model="m", first_token_seconds=0.5))   # 1 s streaming
+    g.observe(Completion("x", 1, 10, seconds=3.0, model="m", first_token_seconds=2.0))   # queued 2 s
+    assert g.left(None) == pytest.approx(1.5)   # the shortest first-token wait + the mean answer
+    assert g.left(0.25) == pytest.approx(0.75) and g.left(5.0) == 0
+    for _ in range(3):
+        g.add(10.0, None, lanes=1)   # one lane: one after another
+    assert g.next_change(10.0) == pytest.approx(11.5)
+    assert [g.holding(t) for t in (10.0, 11.4, 14.4, 14.6)] == [1, 1, 1, 0]
+    assert g.next_change(14.6) == float("inf")
+    for _ in range(3):
+        g.add(20.0, 0.5, lanes=2)    # two lanes, 0.5 s each: two at once, then the third
+    assert [g.holding(t) for t in (20.0, 20.6, 21.1)] == [2, 1, 0]
+    assert g.added == 6 and g.seconds == pytest.approx(3 * 1.5 + 3 * 0.5)
+
+
 def test_overload_answers_lower_the_requests_in_flight(slow, tmp_path):
     # A server that takes one request and refuses (503) the rest at once.
     fake = slow(tokens=5, rate=50, max_queue=0)   # 0.1 s an answer

@@ -32,6 +32,8 @@ class RunStats:
     timeouts: int = 0       # attempts that timed out (no token for --timeout, or no first token)
     overloads: int = 0      # attempts refused for overload (429, 503, connection refused)
     concurrency: float = 0  # the adaptive limit at the end of the run
+    ghosts: int = 0         # timed-out requests the server was likely still generating (llm/ghosts.py)
+    ghost_seconds: float = 0.0   # the server time the runner left them, together
     errors: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -98,6 +100,9 @@ def summary(stats: RunStats, title: str = "annotate") -> None:
     if stats.timeouts or stats.overloads:
         rows += [["timed out (retried)", stats.timeouts], ["refused for overload (retried)", stats.overloads],
                  ["requests in flight at the end (adapted)", int(stats.concurrency)]]
+    if stats.ghosts:
+        rows += [["given-up answers left to the server (not retried over)",
+                  f"{stats.ghosts} ({stats.ghost_seconds:.0f} s of its time)"]]
     console.table(title, ["", "value"], rows)
     for reason, n in sorted(stats.errors.items(), key=lambda kv: -kv[1]):
         console.note(f"  {n} failed: {reason}")

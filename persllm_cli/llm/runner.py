@@ -27,6 +27,9 @@ generate, eval): worker threads, retries with backoff, accounting, a budget, res
   than half the backend's first-token limit (requests wait in the server's queue nearly as long
   as we allow: more of them would time out). One cut per round of requests: the requests already
   in flight when the limit was cut do not cut it again.
+- Abandoned generations (ghosts.py): a server does not stop generating for a client that timed
+  out, so a timed-out request keeps its place under the limit for as long as the server would
+  take to finish it at the pace this run has observed; the retry is not sent to wait behind it.
 - When requests keep timing out or being refused, one warning line says so and names the knobs
   (--timeout, --concurrency, --max-tokens), once per run. The progress shows tokens arriving
   (progress.py: what a run shows, its RunStats and the end table).
@@ -51,6 +54,7 @@ from typing import Any, Callable, Iterable
 from persllm_cli.core import console
 from persllm_cli.core.errors import Stopped
 from persllm_cli.data.records import Appender, Message, Record, resume_state
+from persllm_cli.llm.ghosts import Ghosts
 from persllm_cli.llm.pricing import Price, Spend
 from persllm_cli.llm.progress import Arriving, RunStats, trouble_line
 from persllm_cli.llm.protocol import Backend, Completion, FatalError, RequestError, TransientError, estimate_prompt_tokens
@@ -125,28 +129,36 @@ class _Shared:
         self.timeouts = 0
         self.overloads = 0
         self.last_trouble = ""
+        self.ghosts = Ghosts()   # generations the server is probably still running for nobody
 
-    def congested(self, epoch: int, kind: str, message: str, streaming: int | None) -> None:
+    def congested(self, epoch: int, kind: str, message: str, streaming: int | None,
+                  streamed: float | None = None) -> None:
         """A request that started in `epoch` timed out or was refused for overload: cut the limit,
-        once per epoch, to half and to no more than the replies still streaming (`streaming`)."""
+        once per epoch, to half and to no more than the replies still streaming (`streaming`).
+        A request that timed out leaves a ghost (`streamed`: how long its reply had been coming,
+        None if no token came) that holds a place under the limit while the server finishes it."""
         with self.lock:
             if kind == "timeout":
                 self.timeouts += 1
             else:
                 self.overloads += 1
             self.last_trouble = message
-            if not self.settings.adaptive or epoch != self.epoch:
+            if not self.settings.adaptive:
                 return
-            cut = self.limit // 2
-            if streaming is not None:
-                cut = min(cut, streaming)
-            self.limit = max(1.0, cut)
-            self.epoch += 1
+            if epoch == self.epoch:
+                cut = self.limit // 2
+                if streaming is not None:
+                    cut = min(cut, streaming)
+                self.limit = max(1.0, cut)
+                self.epoch += 1
+            if kind == "timeout":
+                self.ghosts.add(time.monotonic(), streamed, lanes=int(self.limit))
 
     def succeeded(self, c: Completion, first_token_limit: float | None) -> None:
         queued = (c.first_token_seconds is not None and first_token_limit is not None
                   and c.first_token_seconds > first_token_limit / 2)
         with self.lock:
+            self.ghosts.observe(c)
             if self.limit < self.settings.concurrency and not queued:
                 self.limit = min(float(self.settings.concurrency), self.limit + 1 / self.limit)
                 self.settled.notify_all()
@@ -158,8 +170,12 @@ class _Shared:
         for them to settle before giving up."""
         worst = self.price.cost(estimate_prompt_tokens(messages), self.settings.max_tokens)
         with self.lock:
-            while self.in_flight >= int(self.limit) and not self.stop.is_set():
-                self.settled.wait(0.5)   # the adaptive limit: wait for a request to finish
+            while not self.stop.is_set():
+                # the adaptive limit: wait for a request to finish, or a ghost to be done
+                now = time.monotonic()
+                if self.in_flight + self.ghosts.holding(now) < int(self.limit):
+                    break
+                self.settled.wait(min(0.5, self.ghosts.next_change(now) - now))
             if self.stop.is_set():
                 return None
             budget = self.budget
@@ -217,7 +233,7 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
             kind = getattr(e, "kind", "other")
             if kind in ("timeout", "overload"):
                 # Cut the limit before this request gives its slot back, so the retry waits for it.
-                sh.congested(epoch, kind, last_error, getattr(backend, "streaming", None))
+                sh.congested(epoch, kind, last_error, getattr(backend, "streaming", None), e.streamed)
         except RequestError as e:
             sh.settle(reserved, None)
             return "failed", None, usage, str(e)
@@ -379,6 +395,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
             appender.close()
         stats.requests = sh.requests
         stats.timeouts, stats.overloads, stats.concurrency = sh.timeouts, sh.overloads, sh.limit
+        stats.ghosts, stats.ghost_seconds = sh.ghosts.added, sh.ghosts.seconds
         stats.seconds = time.perf_counter() - t0
     if sh.fatal is not None:
         stats.stopped = "fatal"
