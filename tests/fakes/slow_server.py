@@ -9,8 +9,10 @@
   while it waits in the queue, then nothing until its turn (as transformers serve does);
   `keepalive` seconds apart it also sends, while queued, an SSE comment and a chunk with an empty
   delta by turns (as some proxies and servers do to keep a connection open).
-- A request whose client has gone away is still generated to the end, as real servers do: the
+- A request whose client has gone away is still generated to the end, as some servers do: the
   server only notices when a write fails, and keeps working anyway (a queued one too, in its turn).
+  `cancel_gone`: the server notices at once and drops it instead, queued or generating (as
+  transformers serve 5.25 does).
 - `max_queue`, when set, answers 503 at once to a request that would wait behind that many others.
 - `stall_first`: the first that many generations go silent for `stall_seconds` after
   `stall_after` tokens (a server busy elsewhere), then go on.
@@ -62,11 +64,13 @@ class SlowOpenAI(LocalServer):
     stall_seconds: float = 0.0
     announce: bool = False
     keepalive: float = 0.0
+    cancel_gone: bool = False
     api_key: str = DEFAULT_KEY
     models: tuple[str, ...] = ("gpt-4o-mini", "fake-model")
     started: int = 0          # generations begun
     finished: int = 0         # generations run to their last token (answered or not)
     abandoned: int = 0        # generations whose client had gone away before the last token
+    dropped: int = 0          # requests dropped because their client had gone (cancel_gone)
     refused: int = 0          # requests answered 503 (max_queue)
     received: int = 0         # completion requests that arrived
     busy_seconds: float = 0.0  # time with at least one generation running (the server's own time)
@@ -103,10 +107,11 @@ class SlowOpenAI(LocalServer):
             self._note("start")
             return self.started
 
-    def _end(self, gone: bool) -> None:
+    def _end(self, gone: bool, dropped: bool = False) -> None:
         with self._lock:
-            self.finished += 1
+            self.finished += not dropped
             self.abandoned += gone
+            self.dropped += dropped
             self._running -= 1
             if self._running == 0:
                 self.busy_seconds += time.monotonic() - self._busy_since
@@ -165,7 +170,11 @@ class SlowOpenAI(LocalServer):
                     else:
                         fake._slots.acquire()
                     try:
-                        self._generate(body, out)
+                        if fake.cancel_gone and out.left():
+                            with fake._lock:
+                                fake.dropped += 1   # dropped in the queue: never generated
+                        else:
+                            self._generate(body, out)
                     finally:
                         fake._slots.release()
                 finally:
@@ -183,6 +192,9 @@ class SlowOpenAI(LocalServer):
                     delay = t0 + (i + 1) / fake.rate - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
+                    if fake.cancel_gone and (out.gone or out.left()):
+                        self.close_connection = True
+                        return fake._end(True, dropped=True)
                     if out.streamed:
                         delta = {"role": "assistant", "content": piece} if i == 0 and not out.opened else {"content": piece}
                         out.chunk({"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
@@ -239,6 +251,19 @@ class _Stream:
             h.wfile.flush()
         except OSError:   # the client has gone away
             self.gone = True
+
+    def left(self) -> bool:
+        """Whether the client has closed its end (the socket reads as at its end), without a write."""
+        import select
+        import socket
+
+        conn = self.handler.connection
+        try:
+            if not select.select([conn], [], [], 0)[0]:
+                return False
+            return conn.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def chunk(self, payload: dict[str, Any]) -> None:
         base = {"id": self.id, "object": "chat.completion.chunk", "created": int(time.time()),
