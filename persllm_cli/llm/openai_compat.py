@@ -295,9 +295,11 @@ class OpenAIBackend:
                 transport = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
                 if w.expired:
                     pass   # the watchdog cut it: a timeout, said below
-                elif (not started and isinstance(e, o.APITimeoutError)
-                      and monotonic() - t0 >= 0.99 * self.first_token_timeout):
-                    w.expired = True   # the read of the headers, whose limit is the first token's: said below
+                elif (not started and monotonic() - t0 >= 0.99 * self.first_token_timeout
+                      and (isinstance(e, o.APITimeoutError) or (transport and "Timeout" in type(e).__name__))):
+                    # a read whose limit is the first token's: of the headers, or of the body after
+                    # a queued request's role chunk (the transport's timeout came before the watchdog)
+                    w.expired = True
                 elif started and (isinstance(e, o.APIConnectionError) or transport):
                     raise TransientError(f"the connection to {self.where} broke mid-answer") from None
                 elif transport:
