@@ -205,11 +205,30 @@ def test_a_retry_is_not_sent_to_wait_behind_a_given_up_generation(slow, tmp_path
     # the four queued behind two answers time out, and the server still makes all four. Retries
     # sent at once would wait behind those four answers (2 s) and time out again, each leaving
     # one more; counted against the limit until the server is through them, they do not.
+    # One retry goes once the four would be done within half the first-token limit: it waits
+    # behind the last of them, and its first token tells that the server ran them.
     fake = slow(tokens=20, rate=40)
     stats, recs = run(fake, 6, tmp_path / "out.jsonl", timeout=0.3, first_token=0.8, concurrency=6)
     assert stats.ok == 6 and stats.failed == 0
-    assert stats.timeouts == 4 and stats.ghosts == 4
+    assert stats.timeouts == 4 and stats.ghosts == 4 and stats.ghosts_real is True
     assert fake.started == 6 + 4 and fake.abandoned == 4
+
+
+def test_a_server_that_drops_given_up_requests_is_found_out_and_not_waited_for(slow, tmp_path):
+    # As transformers serve: a role chunk at once, and a request whose client has gone is dropped.
+    # One at a time, 1 s an answer, a first-token limit of 2.5 s: the fourth request times out in
+    # the queue and is dropped; its retry goes as soon as the third answer is done (nothing else in
+    # flight), comes back at once, and the ghost is cleared.
+    fake = slow(tokens=20, rate=20, announce=True, cancel_gone=True)
+    stats, recs = run(fake, 4, tmp_path / "out.jsonl", timeout=0.5, first_token=2.5, concurrency=4)
+    assert stats.ok == 4 and stats.timeouts == 1 and fake.dropped == 1
+    assert stats.ghosts == 1 and stats.ghosts_real is False and stats.ghost_seconds < 0.9   # of ~1.05 s
+    assert fake.started == 4
+    # the same against a server that runs it: the retry waits behind it, and it is waited for
+    keeps = slow(tokens=20, rate=20, announce=True)
+    stats, recs = run(keeps, 4, tmp_path / "keeps.jsonl", timeout=0.5, first_token=2.5, concurrency=4)
+    assert stats.ok == 4 and stats.timeouts == 1 and stats.ghosts_real is True
+    assert keeps.started == 5 and keeps.abandoned == 1
 
 
 def test_ghosts_run_in_the_lanes_the_limit_leaves():
@@ -231,6 +250,20 @@ def test_ghosts_run_in_the_lanes_the_limit_leaves():
         g.add(20.0, 0.5, lanes=2)    # two lanes, 0.5 s each: two at once, then the third
     assert [g.holding(t) for t in (20.0, 20.6, 21.1)] == [2, 1, 0]
     assert g.added == 6 and g.seconds == pytest.approx(3 * 1.5 + 3 * 0.5)
+    # finding out: one probe, and only when the ghosts are nearly done
+    g.add(30.0, None, lanes=1)   # 30.0 - 31.5
+    assert not g.probe(30.0, "a", within=1.0) and g.probe(30.6, "a", within=1.0)
+    assert not g.probe(30.6, "b", within=1.0)   # one at a time
+    g.heard("b", 0.1)                            # not the probe: tells nothing
+    g.heard("a", 0.1)                            # came at once: the server dropped the ghost
+    assert g.real is False and g.holding(30.7) == 0 and g.seconds == pytest.approx(6.0 + 0.7)
+    assert g.add(40.0, None, lanes=1) == 0       # and no timeout leaves one again
+    real = Ghosts()
+    real.observe(Completion("x", 1, 10, seconds=1.5, model="m", first_token_seconds=0.5))
+    real.add(0.0, None, lanes=1)
+    assert real.probe(0.2, "a", within=None)
+    real.heard("a", None, timed_out=True)        # held back until it timed out: real
+    assert real.real is True and not real.probe(0.3, "b", within=None)
 
 
 def test_overload_answers_lower_the_requests_in_flight(slow, tmp_path):

@@ -27,9 +27,10 @@ generate, eval): worker threads, retries with backoff, accounting, a budget, res
   than half the backend's first-token limit (requests wait in the server's queue nearly as long
   as we allow: more of them would time out). One cut per round of requests: the requests already
   in flight when the limit was cut do not cut it again.
-- Abandoned generations (ghosts.py): a server does not stop generating for a client that timed
-  out, so a timed-out request keeps its place under the limit for as long as the server would
-  take to finish it at the pace this run has observed; the retry is not sent to wait behind it.
+- Given-up generations (ghosts.py): a server that does not stop generating for a client that
+  timed out keeps working on the request; it keeps its place under the limit for as long as the
+  server would take to finish it at the run's pace, so the retry is not sent to wait behind it.
+  One request sent past such ghosts tells whether the server drops them instead.
 - When requests keep timing out or being refused, one warning line says so and names the knobs
   (--timeout, --concurrency, --max-tokens), once per run. The progress shows tokens arriving
   (progress.py: what a run shows, its RunStats and the end table).
@@ -109,7 +110,8 @@ WARN_AFTER = 2
 class _Shared:
     """State the workers share, behind one lock: spend, reservations, in-flight count."""
 
-    def __init__(self, settings: RunnerSettings, price: Price, budget: float | None):
+    def __init__(self, settings: RunnerSettings, price: Price, budget: float | None,
+                 first_token_limit: float | None = None):
         self.lock = threading.Lock()
         self.settled = threading.Condition(self.lock)
         self.stop = threading.Event()
@@ -129,7 +131,10 @@ class _Shared:
         self.timeouts = 0
         self.overloads = 0
         self.last_trouble = ""
-        self.ghosts = Ghosts()   # generations the server is probably still running for nobody
+        self.first_token_limit = first_token_limit   # the backend's, when it streams
+        self.ghosts = Ghosts()   # generations the server may still be running for nobody
+        # a probe past the ghosts must not time out behind them if they are real (ghosts.py)
+        self.probe_within = first_token_limit / 2 if first_token_limit else None
 
     def congested(self, epoch: int, kind: str, message: str, streaming: int | None,
                   streamed: float | None = None) -> None:
@@ -152,11 +157,13 @@ class _Shared:
                 self.limit = max(1.0, cut)
                 self.epoch += 1
             if kind == "timeout":
+                # a probe held back by the ghosts until it timed out: they are real
+                self.ghosts.heard(threading.get_ident(), None, timed_out=streamed is None)
                 self.ghosts.add(time.monotonic(), streamed, lanes=int(self.limit))
 
-    def succeeded(self, c: Completion, first_token_limit: float | None) -> None:
-        queued = (c.first_token_seconds is not None and first_token_limit is not None
-                  and c.first_token_seconds > first_token_limit / 2)
+    def succeeded(self, c: Completion) -> None:
+        queued = (c.first_token_seconds is not None and self.first_token_limit is not None
+                  and c.first_token_seconds > self.first_token_limit / 2)
         with self.lock:
             self.ghosts.observe(c)
             if self.limit < self.settings.concurrency and not queued:
@@ -173,9 +180,12 @@ class _Shared:
             while not self.stop.is_set():
                 # the adaptive limit: wait for a request to finish, or a ghost to be done
                 now = time.monotonic()
-                if self.in_flight + self.ghosts.holding(now) < int(self.limit):
+                held = self.ghosts.holding(now)
+                if self.in_flight + held < int(self.limit):
                     break
-                self.settled.wait(min(0.5, self.ghosts.next_change(now) - now))
+                if held and not self.in_flight and self.ghosts.probe(now, threading.get_ident(), self.probe_within):
+                    break   # nothing of ours to learn from: this request finds out if they are real
+                self.settled.wait(min(0.5, self.ghosts.next_change(now, self.probe_within) - now))
             if self.stop.is_set():
                 return None
             budget = self.budget
@@ -192,6 +202,7 @@ class _Shared:
     def settle(self, reserved: float, c: Completion | None) -> float:
         cost = self.price.cost(c.prompt_tokens, c.completion_tokens) if c else 0.0
         with self.lock:
+            self.ghosts.heard(threading.get_ident(), c.first_token_seconds if c else None)
             self.reserved -= reserved
             self.in_flight -= 1
             self.requests += 1
@@ -252,7 +263,7 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
             usage.completion_tokens += completion.completion_tokens
             usage.cost_usd += cost
             usage.seconds += completion.seconds
-            sh.succeeded(completion, getattr(backend, "first_token_timeout", None))
+            sh.succeeded(completion)
             try:
                 return "ok", parse(item, completion), usage, None
             except Malformed as e:
@@ -291,7 +302,8 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    sh = _Shared(settings, price, spend.left if spend is not None else None)
+    sh = _Shared(settings, price, spend.left if spend is not None else None,
+                 getattr(backend, "first_token_timeout", None))
     jobs: queue.Queue[Item | None] = queue.Queue()
     results: queue.Queue[tuple[Item, str, Any, Usage, str | None]] = queue.Queue()
     for it in todo:
@@ -395,7 +407,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
             appender.close()
         stats.requests = sh.requests
         stats.timeouts, stats.overloads, stats.concurrency = sh.timeouts, sh.overloads, sh.limit
-        stats.ghosts, stats.ghost_seconds = sh.ghosts.added, sh.ghosts.seconds
+        stats.ghosts, stats.ghost_seconds, stats.ghosts_real = sh.ghosts.added, sh.ghosts.seconds, sh.ghosts.real
         stats.seconds = time.perf_counter() - t0
     if sh.fatal is not None:
         stats.stopped = "fatal"
