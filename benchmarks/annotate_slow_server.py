@@ -116,7 +116,7 @@ def main() -> None:
             stats = n["stats"]
             if stats is not None:
                 summaries.append(f"now, {kind} server: {stats.requests} requests, {stats.timeouts} timed out, "
-                                 f"{stats.overloads} refused, {getattr(stats, 'ghosts', 0)} left to the server")
+                                 f"{stats.overloads} refused, {getattr(stats, 'ghosts', 0)} given up and waited for")
     console.set_quiet(False)
     console.table(f"annotate vs a one-at-a-time server: {args.items} items x {args.tokens} tokens at "
                   f"{args.rate:g} tok/s (server's own time {server_s:.0f} s), --concurrency {args.concurrency} "
