@@ -1,19 +1,27 @@
-"""Annotation against a slow one-at-a-time server (llama.cpp or Ollama on a laptop CPU).
+"""Annotation against a slow one-at-a-time server (llama.cpp, Ollama or transformers serve on a
+laptop CPU).
 
 The server (tests/fakes/slow_server.py, in process) generates one answer at a time, ~300 tokens
 at 10 tokens/s (30 s an answer), and finishes every generation it starts, even one whose client
-has gone away. 8 items, --concurrency 4 --timeout 20:
+has gone away. It comes in two kinds (--server):
+
+- plain: a queued request hears nothing until its turn; the headers come with its first token
+  (as Ollama does);
+- announce: a queued request gets its headers and a chunk holding only the role at once, then
+  nothing until its turn (as transformers serve does).
+
+8 items, --concurrency 4 --timeout 20:
 
 - before: whole (unstreamed) replies with --timeout bounding the wait and a fixed concurrency,
   as annotate ran before streaming (OpenAIBackend(stream=False), RunnerSettings(adaptive=False));
   run for as long as the server needs for 8 answers, then stopped.
-- now: streamed replies, the silence timeout and the adaptive limit.
+- now: streamed replies, the silence timeout and the adaptive limit, against each kind of server.
 
-Goals (now): all 8 ok, no more than 8 generations started on the server, total time within 15%
-of the server's own time for 8 answers.
+Goals (now, each server): all 8 ok, no more than 8 generations started on the server, total time
+within 15% of the server's own time for 8 answers.
 
     python benchmarks/annotate_slow_server.py [--items 8] [--tokens 300] [--rate 10] [--timeout 20]
-        [--concurrency 4] [--skip-before]
+        [--concurrency 4] [--server plain|announce|both] [--skip-before]
 """
 
 from __future__ import annotations
@@ -36,8 +44,8 @@ from persllm_cli.llm.runner import Item, RunnerSettings, run_items  # noqa: E402
 from tests.fakes.slow_server import SlowOpenAI  # noqa: E402
 
 
-def one_run(args: argparse.Namespace, out: Path, *, streamed: bool, cap: float | None) -> dict:
-    fake = SlowOpenAI(tokens=args.tokens, rate=args.rate).start()
+def one_run(args: argparse.Namespace, out: Path, *, streamed: bool, cap: float | None, announce: bool) -> dict:
+    fake = SlowOpenAI(tokens=args.tokens, rate=args.rate, announce=announce).start()
     os.environ["OPENAI_API_KEY"] = fake.api_key
     backend = OpenAIBackend("fake-model", base_url=fake.url, timeout=args.timeout, stream=streamed)
 
@@ -81,33 +89,43 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=20.0)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--server", choices=["plain", "announce", "both"], default="both",
+                    help="announce: a queued request gets a role-only chunk at once (see above)")
     ap.add_argument("--skip-before", action="store_true", help="measure only the current behaviour")
     args = ap.parse_args()
+    kinds = ["plain", "announce"] if args.server == "both" else [args.server]
     server_s = args.items * args.tokens / args.rate   # the server's own time for all the answers
     console.set_quiet(True)
     rows = []
+    summaries = []
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_before:
-            b = one_run(args, Path(tmp) / "before.jsonl", streamed=False, cap=server_s)
+            # Whole replies: no chunk comes before the answer, so both kinds of server are the same.
+            b = one_run(args, Path(tmp) / "before.jsonl", streamed=False, cap=server_s, announce=False)
             rows.append(["before: whole replies, fixed concurrency (baseline)", f"{b['ok']}/{args.items}",
                          b["failed"], b["started"], b["abandoned"],
                          f"{b['seconds']:.1f}" + ("" if b["finished"] else " (stopped)"),
                          f"{b['seconds'] / server_s:.2f}x", ""])
-        n = one_run(args, Path(tmp) / "now.jsonl", streamed=True, cap=None)
-        ratio = n["seconds"] / server_s
-        met = n["ok"] == args.items and n["started"] <= args.items and ratio <= 1.15
-        stats = n["stats"]
-        rows.append(["now: streamed, silence timeout, adaptive limit", f"{n['ok']}/{args.items}", n["failed"],
-                     n["started"], n["abandoned"], f"{n['seconds']:.1f}", f"{ratio:.2f}x",
-                     ("all ok, <= %d started, <= 1.15x: " % args.items) + ("met" if met else "MISSED")])
+        for kind in kinds:
+            n = one_run(args, Path(tmp) / f"now-{kind}.jsonl", streamed=True, cap=None, announce=kind == "announce")
+            ratio = n["seconds"] / server_s
+            met = n["ok"] == args.items and n["started"] <= args.items and ratio <= 1.15
+            rows.append([f"now, {kind} server: streamed, silence timeout, adaptive limit", f"{n['ok']}/{args.items}",
+                         n["failed"], n["started"], n["abandoned"], f"{n['seconds']:.1f}", f"{ratio:.2f}x",
+                         ("all ok, <= %d started, <= 1.15x: " % args.items) + ("met" if met else "MISSED")])
+            stats = n["stats"]
+            if stats is not None:
+                summaries.append(f"now, {kind} server: {stats.requests} requests, {stats.timeouts} timed out, "
+                                 f"{stats.overloads} refused, {getattr(stats, 'ghosts', 0)} given up and waited for")
     console.set_quiet(False)
     console.table(f"annotate vs a one-at-a-time server: {args.items} items x {args.tokens} tokens at "
                   f"{args.rate:g} tok/s (server's own time {server_s:.0f} s), --concurrency {args.concurrency} "
-                  f"--timeout {args.timeout:g} ({os.cpu_count()} cores)",
+                  f"--timeout {args.timeout:g} ({os.cpu_count()} cores, load average "
+                  f"{' '.join(f'{x:.1f}' for x in os.getloadavg())})",
                   ["run", "ok", "failed", "generations started", "abandoned", "seconds", "vs server time", "goal"],
                   rows)
-    if stats is not None:
-        console.info(f"now: {stats.requests} requests, {stats.timeouts} timed out, {stats.overloads} refused")
+    for line in summaries:
+        console.info(line)
 
 
 if __name__ == "__main__":

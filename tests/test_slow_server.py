@@ -88,6 +88,41 @@ def test_the_first_token_has_its_own_limit(slow):
     assert e.value.kind == "timeout"
 
 
+def test_a_queued_request_waits_under_the_first_token_limit_not_the_silence_one(slow):
+    """A server that answers a queued request at once with a role chunk (and keep-alives: comments,
+    empty deltas), then nothing until its turn: the wait is the first token's, however long past
+    --timeout; a reply alone counts as streaming."""
+    import threading
+
+    fake = slow(tokens=30, rate=50, announce=True, keepalive=0.05)   # 0.6 s an answer
+    backend = OpenAIBackend("fake-model", base_url=fake.url, timeout=0.2)
+    ahead: dict = {}
+    first = threading.Thread(target=lambda: ahead.update(c=backend.complete(ASK, max_tokens=64, temperature=0)))
+    first.start()
+    while fake.started == 0:
+        pass
+    seen: list[int] = []
+    watch = threading.Timer(0.3, lambda: seen.append(backend.streaming))   # the second is queued then
+    watch.start()
+    c = backend.complete(ASK, max_tokens=64, temperature=0)   # queued behind 0.6 s of the first
+    first.join()
+    assert c.completion_tokens == 30 and ahead["c"].completion_tokens == 30
+    assert c.first_token_seconds > 0.4 and seen == [1]
+    assert fake.started == 2 and fake.abandoned == 0 and backend.streaming == 0
+    # chat --api-model and converse stream through the same path: the same wait
+    assert len(list(backend.stream(ASK, max_tokens=64, temperature=0))) == 30
+    # the first-token limit still holds for such a request
+    strict = OpenAIBackend("fake-model", base_url=fake.url, timeout=0.2, first_token_timeout=0.3)
+    first = threading.Thread(target=lambda: backend.complete(ASK, max_tokens=64, temperature=0))
+    first.start()
+    while fake.started < 4:
+        pass
+    with pytest.raises(TransientError, match="no first token .* within 0.3 s") as e:
+        strict.complete(ASK, max_tokens=64, temperature=0)
+    first.join()
+    assert e.value.kind == "timeout" and e.value.streamed is None
+
+
 def test_the_stream_is_read_as_server_sent_events(monkeypatch):
     """Events over several data: lines, comments, a usage chunk, an error event, a malformed chunk,
     a stream that ends without [DONE]: read as the SSE format says, without openai's Stream."""
@@ -165,6 +200,72 @@ def test_timeouts_lower_the_requests_in_flight_and_waste_fewer_generations(slow,
     assert fake.started - 6 < blind.started - blind_stats.ok
 
 
+def test_a_retry_is_not_sent_to_wait_behind_a_given_up_generation(slow, tmp_path):
+    # One at a time, 0.5 s an answer, a first-token limit of 0.8 s: of six requests sent at once,
+    # the four queued behind two answers time out, and the server still makes all four. Retries
+    # sent at once would wait behind those four answers (2 s) and time out again, each leaving
+    # one more; counted against the limit until the server is through them, they do not.
+    # One retry goes once the four would be done within half the first-token limit: it waits
+    # behind the last of them, and its first token tells that the server ran them.
+    fake = slow(tokens=20, rate=40)
+    stats, recs = run(fake, 6, tmp_path / "out.jsonl", timeout=0.3, first_token=0.8, concurrency=6)
+    assert stats.ok == 6 and stats.failed == 0
+    assert stats.timeouts == 4 and stats.ghosts == 4 and stats.ghosts_real is True
+    assert fake.started == 6 + 4 and fake.abandoned == 4
+
+
+def test_a_server_that_drops_given_up_requests_is_found_out_and_not_waited_for(slow, tmp_path):
+    # As transformers serve: a role chunk at once, and a request whose client has gone is dropped.
+    # One at a time, 1 s an answer, a first-token limit of 2.5 s: the fourth request times out in
+    # the queue and is dropped; its retry goes as soon as the third answer is done (nothing else in
+    # flight), comes back at once, and the ghost is cleared.
+    fake = slow(tokens=20, rate=20, announce=True, cancel_gone=True)
+    stats, recs = run(fake, 4, tmp_path / "out.jsonl", timeout=0.5, first_token=2.5, concurrency=4)
+    assert stats.ok == 4 and stats.timeouts == 1 and fake.dropped == 1
+    assert stats.ghosts == 1 and stats.ghosts_real is False and stats.ghost_seconds < 0.9   # of ~1.05 s
+    assert fake.started == 4
+    # the same against a server that runs it: the retry waits behind it, and it is waited for
+    keeps = slow(tokens=20, rate=20, announce=True)
+    stats, recs = run(keeps, 4, tmp_path / "keeps.jsonl", timeout=0.5, first_token=2.5, concurrency=4)
+    assert stats.ok == 4 and stats.timeouts == 1 and stats.ghosts_real is True
+    assert keeps.started == 5 and keeps.abandoned == 1
+
+
+def test_ghosts_run_in_the_lanes_the_limit_leaves():
+    from persllm_cli.llm.ghosts import Ghosts
+    from persllm_cli.llm.protocol import Completion
+
+    g = Ghosts()
+    assert g.add(0.0, None, lanes=1) == 0 and g.holding(0.0) == 0   # no pace known yet: no ghost
+    g.observe(Completion("x", 1, 10, seconds=1.5, model="m", first_token_seconds=0.5))   # 1 s streaming
+    g.observe(Completion("x", 1, 10, seconds=3.0, model="m", first_token_seconds=2.0))   # queued 2 s
+    assert g.left(None) == pytest.approx(1.5)   # the shortest first-token wait + the mean answer
+    assert g.left(0.25) == pytest.approx(0.75) and g.left(5.0) == 0
+    for _ in range(3):
+        g.add(10.0, None, lanes=1)   # one lane: one after another
+    assert g.next_change(10.0) == pytest.approx(11.5)
+    assert [g.holding(t) for t in (10.0, 11.4, 14.4, 14.6)] == [1, 1, 1, 0]
+    assert g.next_change(14.6) == float("inf")
+    for _ in range(3):
+        g.add(20.0, 0.5, lanes=2)    # two lanes, 0.5 s each: two at once, then the third
+    assert [g.holding(t) for t in (20.0, 20.6, 21.1)] == [2, 1, 0]
+    assert g.added == 6 and g.seconds == pytest.approx(3 * 1.5 + 3 * 0.5)
+    # finding out: one probe, and only when the ghosts are nearly done
+    g.add(30.0, None, lanes=1)   # 30.0 - 31.5
+    assert not g.probe(30.0, "a", within=1.0) and g.probe(30.6, "a", within=1.0)
+    assert not g.probe(30.6, "b", within=1.0)   # one at a time
+    g.heard("b", 0.1)                            # not the probe: tells nothing
+    g.heard("a", 0.1)                            # came at once: the server dropped the ghost
+    assert g.real is False and g.holding(30.7) == 0 and g.seconds == pytest.approx(6.0 + 0.7)
+    assert g.add(40.0, None, lanes=1) == 0       # and no timeout leaves one again
+    real = Ghosts()
+    real.observe(Completion("x", 1, 10, seconds=1.5, model="m", first_token_seconds=0.5))
+    real.add(0.0, None, lanes=1)
+    assert real.probe(0.2, "a", within=None)
+    real.heard("a", None, timed_out=True)        # held back until it timed out: real
+    assert real.real is True and not real.probe(0.3, "b", within=None)
+
+
 def test_overload_answers_lower_the_requests_in_flight(slow, tmp_path):
     # A server that takes one request and refuses (503) the rest at once.
     fake = slow(tokens=5, rate=50, max_queue=0)   # 0.1 s an answer
@@ -220,6 +321,19 @@ def test_annotate_against_a_one_at_a_time_server_slower_than_the_timeout(cli, pr
     assert r.exit_code == 0, r.output
     recs = read_jsonl(proj / "build/annotations.jsonl")
     assert [x["status"] for x in recs] == ["ok"] * 4
+    assert fake.started == 4 and fake.abandoned == 0
+    assert "keep timing out" not in r.output
+
+
+def test_annotate_against_a_server_that_answers_queued_requests_with_a_role_chunk(cli, proj, slow):
+    # The issue's run, scaled down: the server says "assistant" at once to every request and then
+    # nothing until its turn, which comes later than --timeout for all but the first.
+    fake = slow(tokens=20, rate=40, announce=True)   # 0.5 s an answer
+    r = cli("annotate", "--stage", "early", "--model", "fake-model", "--concurrency", "4", "--timeout", "0.3")
+    assert r.exit_code == 0, r.output
+    recs = read_jsonl(proj / "build/annotations.jsonl")
+    assert [x["status"] for x in recs] == ["ok"] * 4
+    assert all(x["annotator"]["attempts"] == 1 for x in recs)
     assert fake.started == 4 and fake.abandoned == 0
     assert "keep timing out" not in r.output
 

@@ -6,7 +6,11 @@ Timeouts measure silence, not length: replies stream, and a reply is given up on
 has come for `timeout` seconds, or when the first token has not come within `first_token_timeout`
 (default `first_token_limit(timeout)`: at least 5 minutes, for a server that reads a long prompt
 slowly or queues requests behind others). A slow answer that keeps coming is never thrown away.
-The stream is read as raw server-sent events (`_chunks`) under a watchdog (watchdog.py).
+A token is a chunk that carries output or a finish reason (`news`): servers that queue (transformers
+serve, among others) answer a waiting request at once with a chunk holding only the role and then say
+nothing until its turn, so that chunk, empty deltas, comments and keep-alives leave the first-token
+limit running. The stream is read as raw server-sent events (`_chunks`) under a watchdog
+(watchdog.py).
 """
 
 from __future__ import annotations
@@ -66,6 +70,27 @@ def _response_type() -> type:
     import httpx
 
     return httpx.Response
+
+
+# What in a chunk's delta is the model's output (not the role or an empty keep-alive): text, the
+# reasoning some servers stream apart (llama.cpp, vLLM, DeepSeek), tool calls, a refusal.
+_OUTPUT_FIELDS = ("content", "reasoning_content", "reasoning", "tool_calls", "refusal")
+
+
+def news(chunk: dict[str, Any]) -> str | None:
+    """What a streamed chunk says of the model's work on this reply: "output" (text, reasoning,
+    tool calls), "finish" (a finish reason and nothing else), or None: a chunk with only the role,
+    an empty delta or only usage says nothing (a queued request gets one at once)."""
+    finish = None
+    for choice in chunk.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(delta.get(k) for k in _OUTPUT_FIELDS):
+            return "output"
+        if choice.get("finish_reason"):
+            finish = "finish"
+    return finish
 
 
 # Reasoning models take max_completion_tokens instead of max_tokens.
@@ -218,7 +243,8 @@ class OpenAIBackend:
         t0 = time.monotonic()
         w = Watch(t0 + self.first_token_timeout)
         self._watchdog.add(w)
-        started = False
+        started = False   # a chunk with content has come (the silence clock runs)
+        first = last = 0.0   # when the first and the latest of them came
         response = None
         timeout = self.timeout
         monotonic = time.monotonic
@@ -242,25 +268,31 @@ class OpenAIBackend:
                     data = []
                     if payload.startswith("[DONE]"):
                         break
-                    w.deadline = monotonic() + timeout
                     try:
                         chunk = loads(payload)
                     except ValueError:
                         chunk = None
                     if not isinstance(chunk, dict):
                         raise TransientError(f"the server at {self.where} sent a malformed chunk")
-                    if not started:
-                        started = True
-                        self._first_token.seconds = monotonic() - t0
-                        with self._counts:
-                            self.streaming += 1
                     if chunk.get("error"):
-                        raise TransientError(f"the server at {self.where} failed mid-answer: "
+                        raise TransientError(f"the server at {self.where} failed "
+                                             f"{'mid-answer' if started else 'before the answer'}: "
                                              f"{self._message_of(chunk['error'])}")
-                    choices = chunk.get("choices")
-                    if choices and (choices[0].get("delta") or {}).get("content"):
-                        with self._counts:
-                            self.received += 1
+                    said = news(chunk)
+                    if said is not None:
+                        # Only the model's work starts (and restarts) the silence clock: a queued
+                        # request's role chunk says nothing of when its turn comes.
+                        last = monotonic()
+                        w.deadline = last + timeout
+                        if not started:
+                            started = True
+                            first = last
+                            self._first_token.seconds = first - t0
+                            with self._counts:
+                                self.streaming += 1
+                        if said == "output":
+                            with self._counts:
+                                self.received += 1
                     yield chunk
             except TransientError:
                 raise
@@ -269,9 +301,11 @@ class OpenAIBackend:
                 transport = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
                 if w.expired:
                     pass   # the watchdog cut it: a timeout, said below
-                elif (not started and isinstance(e, o.APITimeoutError)
-                      and monotonic() - t0 >= 0.99 * self.first_token_timeout):
-                    w.expired = True   # the read of the headers, whose limit is the first token's: said below
+                elif (not started and monotonic() - t0 >= 0.99 * self.first_token_timeout
+                      and (isinstance(e, o.APITimeoutError) or (transport and "Timeout" in type(e).__name__))):
+                    # a read whose limit is the first token's: of the headers, or of the body after
+                    # a queued request's role chunk (the transport's timeout came before the watchdog)
+                    w.expired = True
                 elif started and (isinstance(e, o.APIConnectionError) or transport):
                     raise TransientError(f"the connection to {self.where} broke mid-answer") from None
                 elif transport:
@@ -283,7 +317,7 @@ class OpenAIBackend:
             if w.expired:
                 if started:
                     raise TransientError(f"no token from {self.where} for {self.timeout:g} s (--timeout)",
-                                         kind="timeout")
+                                         kind="timeout", streamed=last - first)
                 raise TransientError(f"no first token from {self.where} within {self.first_token_timeout:g} s",
                                      kind="timeout")
         finally:

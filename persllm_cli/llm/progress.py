@@ -32,6 +32,9 @@ class RunStats:
     timeouts: int = 0       # attempts that timed out (no token for --timeout, or no first token)
     overloads: int = 0      # attempts refused for overload (429, 503, connection refused)
     concurrency: float = 0  # the adaptive limit at the end of the run
+    ghosts: int = 0         # timed-out requests the server was likely still generating (llm/ghosts.py)
+    ghost_seconds: float = 0.0   # the server time the runner left them, together
+    ghosts_real: bool | None = None   # whether the server ran them (False: it drops them), if found out
     errors: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -98,6 +101,10 @@ def summary(stats: RunStats, title: str = "annotate") -> None:
     if stats.timeouts or stats.overloads:
         rows += [["timed out (retried)", stats.timeouts], ["refused for overload (retried)", stats.overloads],
                  ["requests in flight at the end (adapted)", int(stats.concurrency)]]
+    if stats.ghosts:
+        said = {True: "it ran them", False: "it dropped them", None: "not known if it ran them"}[stats.ghosts_real]
+        rows += [["given-up answers waited for (the server's time)",
+                  f"{stats.ghosts} ({stats.ghost_seconds:.0f} s; {said})"]]
     console.table(title, ["", "value"], rows)
     for reason, n in sorted(stats.errors.items(), key=lambda kv: -kv[1]):
         console.note(f"  {n} failed: {reason}")

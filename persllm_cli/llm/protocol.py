@@ -46,12 +46,16 @@ class Completion:
 
 
 class TransientError(Exception):
-    """A failure worth retrying. `retry_after` is the server's Retry-After in seconds, if it sent one."""
+    """A failure worth retrying. `retry_after` is the server's Retry-After in seconds, if it sent one;
+    `streamed` how long the reply had been coming (first token to last) before it was given up,
+    None when no token had come."""
 
-    def __init__(self, message: str, retry_after: float | None = None, kind: str = "other"):
+    def __init__(self, message: str, retry_after: float | None = None, kind: str = "other",
+                 streamed: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
         self.kind = kind   # "timeout", "overload" or "other"
+        self.streamed = streamed
 
 
 class FatalError(PersllmError):

@@ -27,6 +27,10 @@ generate, eval): worker threads, retries with backoff, accounting, a budget, res
   than half the backend's first-token limit (requests wait in the server's queue nearly as long
   as we allow: more of them would time out). One cut per round of requests: the requests already
   in flight when the limit was cut do not cut it again.
+- Given-up generations (ghosts.py): a server that does not stop generating for a client that
+  timed out keeps working on the request; it keeps its place under the limit for as long as the
+  server would take to finish it at the run's pace, so the retry is not sent to wait behind it.
+  One request sent past such ghosts tells whether the server drops them instead.
 - When requests keep timing out or being refused, one warning line says so and names the knobs
   (--timeout, --concurrency, --max-tokens), once per run. The progress shows tokens arriving
   (progress.py: what a run shows, its RunStats and the end table).
@@ -51,9 +55,10 @@ from typing import Any, Callable, Iterable
 from persllm_cli.core import console
 from persllm_cli.core.errors import Stopped
 from persllm_cli.data.records import Appender, Message, Record, resume_state
+from persllm_cli.llm.inflight import InFlight
 from persllm_cli.llm.pricing import Price, Spend
 from persllm_cli.llm.progress import Arriving, RunStats, trouble_line
-from persllm_cli.llm.protocol import Backend, Completion, FatalError, RequestError, TransientError, estimate_prompt_tokens
+from persllm_cli.llm.protocol import Backend, Completion, FatalError, RequestError, TransientError
 from persllm_cli.llm.retry import BACKOFF_MAX, backoff
 
 
@@ -123,99 +128,13 @@ class RunnerSettings:
 WARN_AFTER = 2
 
 
-class _Shared:
-    """State the workers share, behind one lock: spend, reservations, in-flight count."""
-
-    def __init__(self, settings: RunnerSettings, price: Price, budget: float | None):
-        self.lock = threading.Lock()
-        self.settled = threading.Condition(self.lock)
-        self.stop = threading.Event()
-        self.settings = settings
-        self.price = price
-        self.budget = budget   # dollars this run may spend (None: no limit)
-        self.spent = 0.0
-        self.reserved = 0.0
-        self.in_flight = 0
-        self.requests = 0
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.budget_hit = False
-        self.fatal: FatalError | None = None
-        self.limit = float(settings.concurrency)   # the adaptive limit on requests in flight
-        self.epoch = 0                             # bumped at each cut
-        self.timeouts = 0
-        self.overloads = 0
-        self.last_trouble = ""
-
-    def congested(self, epoch: int, kind: str, message: str, streaming: int | None) -> None:
-        """A request that started in `epoch` timed out or was refused for overload: cut the limit,
-        once per epoch, to half and to no more than the replies still streaming (`streaming`)."""
-        with self.lock:
-            if kind == "timeout":
-                self.timeouts += 1
-            else:
-                self.overloads += 1
-            self.last_trouble = message
-            if not self.settings.adaptive or epoch != self.epoch:
-                return
-            cut = self.limit // 2
-            if streaming is not None:
-                cut = min(cut, streaming)
-            self.limit = max(1.0, cut)
-            self.epoch += 1
-
-    def succeeded(self, c: Completion, first_token_limit: float | None) -> None:
-        queued = (c.first_token_seconds is not None and first_token_limit is not None
-                  and c.first_token_seconds > first_token_limit / 2)
-        with self.lock:
-            if self.limit < self.settings.concurrency and not queued:
-                self.limit = min(float(self.settings.concurrency), self.limit + 1 / self.limit)
-                self.settled.notify_all()
-
-    def reserve(self, messages: list[Message]) -> float | None:
-        """Reserve the worst-case cost of one request, or None when it could pass the budget.
-
-        While other requests are in flight their reservations (worst cases) may free up, so wait
-        for them to settle before giving up."""
-        worst = self.price.cost(estimate_prompt_tokens(messages), self.settings.max_tokens)
-        with self.lock:
-            while self.in_flight >= int(self.limit) and not self.stop.is_set():
-                self.settled.wait(0.5)   # the adaptive limit: wait for a request to finish
-            if self.stop.is_set():
-                return None
-            budget = self.budget
-            while budget is not None and self.spent + self.reserved + worst > budget:
-                if self.in_flight == 0 or self.stop.is_set():
-                    self.budget_hit = self.budget_hit or self.in_flight == 0
-                    self.stop.set()
-                    return None
-                self.settled.wait(0.5)
-            self.reserved += worst
-            self.in_flight += 1
-            return worst
-
-    def settle(self, reserved: float, c: Completion | None) -> float:
-        cost = self.price.cost(c.prompt_tokens, c.completion_tokens) if c else 0.0
-        with self.lock:
-            self.reserved -= reserved
-            self.in_flight -= 1
-            self.requests += 1
-            self.spent += cost
-            if c:
-                self.prompt_tokens += c.prompt_tokens
-                self.completion_tokens += c.completion_tokens
-            self.settled.notify_all()
-        return cost
-
-
-def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[Item], list[Message]],
-          parse: Callable[[Item, Completion], Any],
+def _work(item: Item, backend: Backend, sh: InFlight, s: RunnerSettings,
+          build_messages: Callable[[Item], list[Message]], parse: Callable[[Item, Completion], Any],
           options: Callable[[Item], dict[str, Any]] | None = None) -> tuple[str, Any, Usage, str | None]:
     """Try one item until it works or runs out of retries.
 
     Returns (kind, parsed, usage, error) with kind "ok", "failed" or "unsent" (stopped before
     anything usable came back; the item is left for a later run)."""
-    s = sh.settings
     usage = Usage(backend=backend.name, model=backend.model)
     last_error = "not attempted"
     for attempt in range(s.max_retries + 1):
@@ -238,7 +157,7 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
             kind = getattr(e, "kind", "other")
             if kind in ("timeout", "overload"):
                 # Cut the limit before this request gives its slot back, so the retry waits for it.
-                sh.congested(epoch, kind, last_error, getattr(backend, "streaming", None))
+                sh.congested(epoch, kind, last_error, getattr(backend, "streaming", None), e.streamed)
         except RequestError as e:
             sh.settle(reserved, None)
             return "failed", None, usage, str(e)
@@ -254,7 +173,7 @@ def _work(item: Item, backend: Backend, sh: _Shared, build_messages: Callable[[I
         cost = sh.settle(reserved, completion)
         if completion is not None:
             usage.add(completion, cost)
-            sh.succeeded(completion, getattr(backend, "first_token_timeout", None))
+            sh.succeeded(completion)
             parsed, malformed = read_reply(item, completion, parse)
             if malformed is None:
                 return "ok", parsed, usage, None
@@ -293,7 +212,9 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    sh = _Shared(settings, price, spend.left if spend is not None else None)
+    sh = InFlight(concurrency=settings.concurrency, max_tokens=settings.max_tokens, adaptive=settings.adaptive,
+                  price=price, budget=spend.left if spend is not None else None,
+                  first_token_limit=getattr(backend, "first_token_timeout", None))
     jobs: queue.Queue[Item | None] = queue.Queue()
     results: queue.Queue[tuple[Item, str, Any, Usage, str | None]] = queue.Queue()
     for it in todo:
@@ -309,7 +230,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
                 results.put((it, "unsent", None, Usage(backend.name, backend.model), None))
                 continue
             try:
-                kind, parsed, usage, error = _work(it, backend, sh, build_messages, parse, request_options)
+                kind, parsed, usage, error = _work(it, backend, sh, settings, build_messages, parse, request_options)
             except BaseException as e:  # a bug in a callback: report it in the main thread
                 results.put((it, "bug", e, Usage(backend.name, backend.model), None))
                 sh.stop.set()
@@ -397,6 +318,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
             appender.close()
         stats.requests = sh.requests
         stats.timeouts, stats.overloads, stats.concurrency = sh.timeouts, sh.overloads, sh.limit
+        stats.ghosts, stats.ghost_seconds, stats.ghosts_real = sh.ghosts.added, sh.ghosts.seconds, sh.ghosts.real
         stats.seconds = time.perf_counter() - t0
     if sh.fatal is not None:
         stats.stopped = "fatal"
@@ -409,7 +331,7 @@ def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callab
     return stats
 
 
-def _refresh(bar: Any, task: Any, sh: _Shared, stats: RunStats, arriving: Arriving) -> None:
+def _refresh(bar: Any, task: Any, sh: InFlight, stats: RunStats, arriving: Arriving) -> None:
     with sh.lock:
         tokens, cost, inflight = sh.prompt_tokens + sh.completion_tokens, sh.spent, sh.in_flight
     bar.update(task, failed=stats.failed, inflight=inflight, tokens=f"{tokens:,}", cost=f"{cost:.2f}",
