@@ -82,7 +82,9 @@ def test_text_without_control_strings_encodes_exactly_as_before(tok):
         # The piecewise encoding used for control text gives the same ids on ordinary text too.
         text = with_stage(tok, render(tok, messages, add_generation_prompt=True), token)
         c = control_tokens.controls(tok)
-        assert control_tokens._encode_pieces(c, text, None, offsets=False)[0] == legacy_prompt_ids(tok, messages, token)
+        plain, after_newline = c.plain(tok)
+        assert control_tokens._encode_pieces(plain, after_newline, c, text, None, offsets=False)[0] == \
+            legacy_prompt_ids(tok, messages, token)
 
 
 def test_training_labels_stay_exact_with_control_text(tok):

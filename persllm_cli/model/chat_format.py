@@ -204,6 +204,12 @@ def has_control_text(tokenizer: Any, messages: list[dict[str, str]]) -> bool:
     return any(isinstance(m.get("content"), str) and c.find(m["content"]) for m in messages)
 
 
+def warm_up(tokenizer: Any) -> None:
+    """Build now what encoding control-token text needs (a copy of the tokenizer, a few tenths of a
+    second), so that a server's first such message does not pay for it."""
+    control_tokens.controls(tokenizer).plain(tokenizer)
+
+
 def text_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of bare text (no chat format), read as text only: for text a caller appends itself."""
     return control_tokens.text_ids(tokenizer, text)

@@ -31,20 +31,35 @@ PRIVATE_END = 0xFFFFD
 
 @dataclass
 class Controls:
-    """One tokenizer's control strings and a copy of its tokenizer that reads them as text."""
+    """One tokenizer's control strings, and (made on first need: copying a tokenizer takes a few tenths
+    of a second) a copy of its tokenizer that reads them as text."""
 
     strings: tuple[str, ...]        # longest first, so a token wins over a shorter one inside it
     pattern: re.Pattern
     ids: dict[str, int]
-    plain: Any                      # a tokenizers.Tokenizer with encode_special_tokens on, or None
-    after_newline: bool | None      # how pieces after the first are encoded; None: it cannot be done
+    _plain: Any = None              # a tokenizers.Tokenizer with encode_special_tokens on
+    _after_newline: bool | None = None   # how pieces after the first are encoded; None: it cannot be done
+    _ready: bool = False
 
     def find(self, text: str) -> bool:
         return self.pattern.search(text) is not None
 
+    def plain(self, tokenizer: Any) -> tuple[Any, bool | None]:
+        """(the text-only copy of `tokenizer` (the one these controls are of) or None, how pieces after
+        the first are encoded)."""
+        if not self._ready:
+            with _making:
+                if not self._ready:
+                    self._plain = _plain_copy(tokenizer)
+                    if self._plain is not None and self.strings:
+                        self._after_newline = _strategy(tokenizer, self)
+                    self._ready = True
+        return self._plain, self._after_newline
+
 
 _cache: "weakref.WeakKeyDictionary[Any, tuple[int, Controls]]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_making = threading.Lock()
 
 
 def controls(tokenizer: Any) -> Controls:
@@ -70,11 +85,7 @@ def _make(tokenizer: Any) -> Controls:
     strings = tuple(sorted((s for s in strings if s), key=len, reverse=True))
     pattern = re.compile("|".join(map(re.escape, strings)) or "(?!)")   # (?!) never matches
     ids = {s: tokenizer.convert_tokens_to_ids(s) for s in strings}
-    plain = _plain_copy(tokenizer)
-    c = Controls(strings, pattern, ids, plain, None)
-    if plain is not None and strings:
-        c.after_newline = _strategy(tokenizer, c)
-    return c
+    return Controls(strings, pattern, ids)
 
 
 def _plain_copy(tokenizer: Any) -> Any:
@@ -100,9 +111,8 @@ def _strategy(tokenizer: Any, c: Controls) -> bool | None:
               f"Hi there{mark} a{mark}{mark}\tb \n"]
     want = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in probes]
     for after_newline in (False, True):
-        c.after_newline = after_newline
         try:
-            if [_encode_pieces(c, p, None, offsets=False)[0] for p in probes] == want:
+            if [_encode_pieces(c._plain, after_newline, c, p, None, offsets=False)[0] for p in probes] == want:
                 return after_newline
         except PersllmError:
             pass
@@ -138,14 +148,15 @@ def encode(tokenizer: Any, text: str, table: dict[int, str] | None,
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
         return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]] if offsets else []
     c = controls(tokenizer)
-    if c.plain is None or c.after_newline is None:
+    plain, after_newline = c.plain(tokenizer)
+    if plain is None or after_newline is None:
         raise PersllmError("a message holds text that this model's tokenizer would read as a control token "
                            f"({', '.join(sorted(set(table.values())))}), and it cannot encode that as plain text "
                            "(it needs a fast tokenizer that splits at its added tokens)")
-    return _encode_pieces(c, text, table, offsets)
+    return _encode_pieces(plain, after_newline, c, text, table, offsets)
 
 
-def _encode_pieces(c: Controls, text: str, table: dict[int, str] | None,
+def _encode_pieces(plain: Any, after_newline: bool, c: Controls, text: str, table: dict[int, str] | None,
                    offsets: bool) -> tuple[list[int], list[tuple[int, int]]]:
     ids: list[int] = []
     offs: list[tuple[int, int]] = []
@@ -155,7 +166,7 @@ def _encode_pieces(c: Controls, text: str, table: dict[int, str] | None,
     for hit in [*c.pattern.finditer(text), None]:
         piece = unescape(text[last:hit.start() if hit else len(text)], table)
         if piece:
-            p_ids, p_offs = _plain_piece(c, piece, first=last == 0)
+            p_ids, p_offs = _plain_piece(plain, after_newline, piece, first=last == 0)
             if forbidden.intersection(p_ids):
                 raise PersllmError("this model's tokenizer reads part of a message as a control token even as "
                                    "plain text; the message cannot be encoded safely")
@@ -171,13 +182,14 @@ def _encode_pieces(c: Controls, text: str, table: dict[int, str] | None,
     return ids, offs if offsets else []
 
 
-def _plain_piece(c: Controls, piece: str, first: bool) -> tuple[list[int], list[tuple[int, int]]]:
-    if c.after_newline and not first:
-        newline = c.plain.encode("\n", add_special_tokens=False).ids
-        enc = c.plain.encode("\n" + piece, add_special_tokens=False)
+def _plain_piece(plain: Any, after_newline: bool, piece: str, first: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    # encode_batch, not encode: it lets other threads run meanwhile (serve's event loop among them).
+    if after_newline and not first:
+        newline = plain.encode_batch(["\n"], add_special_tokens=False)[0].ids
+        enc = plain.encode_batch(["\n" + piece], add_special_tokens=False)[0]
         if enc.ids[:len(newline)] == newline:
             return enc.ids[len(newline):], [(max(0, a - 1), max(0, b - 1)) for a, b in enc.offsets[len(newline):]]
-    enc = c.plain.encode(piece, add_special_tokens=False)
+    enc = plain.encode_batch([piece], add_special_tokens=False)[0]
     return enc.ids, list(enc.offsets)
 
 

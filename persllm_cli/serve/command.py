@@ -106,12 +106,24 @@ def run(project: Project | None, settings: ServeSettings) -> int:
     if twice:
         raise PersllmError(f"two served models are both named {twice[0]!r}: serve runs from folders with different names")
     runs_loaded = {x.key: (x.run.model, x.run.tokenizer) for x in served if x.key is not None}
+    from persllm_cli.model.chat_format import warm_up
+
+    for _, tok in runs_loaded.values():
+        warm_up(tok)
     scheduler = Scheduler(runs_loaded, max_batch=s.max_batch, max_queue=s.max_queue,
                                      adapters=adapters) if runs_loaded else None
     limits = Limits(max_body_bytes=s.max_body_kb * 1024, default_max_tokens=s.max_tokens,
                     default_temperature=s.temperature, api_concurrency=s.max_batch)
     state = State(served, scheduler, api_key=key, limits=limits, host=s.host)
     app = create_app(state)
+    # The loaded models, tokenizers and libraries are ~500,000 objects the garbage collector would walk
+    # whenever a request's allocations trigger a full collection: a pause of 0.3-0.6 s for every
+    # request on a busy 2-core box (benchmarks/serve_health.py). They live as long as the server:
+    # frozen, they are never walked again.
+    import gc
+
+    gc.collect()
+    gc.freeze()
     if scheduler:
         scheduler.start()
     return _serve(app, state, s)
