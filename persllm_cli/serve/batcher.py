@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from persllm_cli.model.chat_format import end_ids, end_texts
 from persllm_cli.model.generate import Sampling
+from persllm_cli.serve.sampling import pick
 
 Emit = Callable[[tuple], None]
 
@@ -374,28 +375,7 @@ class _Row:
             self.generator.manual_seed(s.seed if s.seed is not None else int(time.time_ns() % (2**63)))
 
     def pick(self, logits: Any) -> int:
-        import torch
-
-        s = self.job.sampling
-        if (s.presence_penalty or s.frequency_penalty) and self.tokens:
-            # OpenAI's definition: minus frequency x count, minus presence once, for each token used so far.
-            logits = logits.float().clone()
-            ids, counts = torch.tensor(self.tokens, device=logits.device).unique(return_counts=True)
-            logits[ids] -= s.frequency_penalty * counts.float() + s.presence_penalty
-        if s.temperature <= 0:
-            return int(torch.argmax(logits))
-        scores = logits.float() / s.temperature
-        if 0 < s.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, s.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if s.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_scores, dim=-1) >= s.top_p  # keep the first token always
-            sorted_scores[drop] = float("-inf")
-            scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return pick(logits, self.job.sampling, self.tokens, self.generator)
 
     def add(self, token: int, eos: set[int]) -> None:
         if token in eos:
