@@ -231,11 +231,11 @@ def test_errors_have_openai_shape(server):
                         ({"model": "r1", "messages": ASK, "max_tokens": 0}, "max_tokens"),
                         ({"model": "r1", "messages": ASK, "top_p": "x"}, "top_p"),
                         ({"model": "r1", "messages": []}, "messages"),
-                        ({"model": "r1", "messages": ASK, "n": 2}, "n"),
+                        ({"model": "r1", "messages": ASK, "n": 9}, "n"),
                         ({"model": "r1", "messages": ASK, "stop": 3}, "stop")]:
         err = _error(httpx.post(url, json=body), 400)
         assert err["param"] == field and field in err["message"]
-    _error(httpx.post(url, content=b"x" * (1024 * 1024 + 1)), 413)
+    _error(httpx.post(url, content=b"x" * (1024 * 1024 + 1), headers={"content-type": "application/json"}), 413)
     _error(httpx.get(server.url + "/nowhere"), 404)
     c = client(server)
     with pytest.raises(openai.NotFoundError) as e:
@@ -246,7 +246,7 @@ def test_errors_have_openai_shape(server):
     assert err["code"] == "model_not_found" and err["param"] == "model"
     assert err["message"] == "unknown stage 'nope' (stages: early, middle, late)"
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model="r1", messages=ASK, n=2)
+        c.chat.completions.create(model="r1", messages=ASK, n=9)
     assert e.value.param == "n"
 
 
@@ -329,21 +329,37 @@ def test_full_queue_is_429_with_retry_after(strict):
     assert r.headers["Retry-After"] == "1" and err["code"] == "queue_full"
 
 
-def test_sigterm_ends_streams_cleanly(serve_run, _embedded_models):
-    s = ServeProcess(str(serve_run), env=_env(_embedded_models))
+def test_sigterm_drains_with_503_cuts_streams_as_length_and_exits_within_the_grace(serve_run, _embedded_models):
+    grace = 4.0
+    s = ServeProcess(str(serve_run), env=_env(_embedded_models, PERSLLM_SERVE_SHUTDOWN_GRACE=str(grace)))
     try:
         with httpx.stream("POST", s.v1 + "/chat/completions", timeout=120,
                           json={"model": "r1", "messages": ASK, "max_tokens": 3000, "stream": True}) as r:
             lines = r.iter_lines()
             next(lines)
             s.proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            time.sleep(0.5)
+            # Still listening while the stream drains: a new request hears why and when to retry.
+            late = httpx.post(s.v1 + "/chat/completions", json={"model": "r1", "messages": ASK, "max_tokens": 2})
             rest = [line for line in lines if line.startswith("data: ")]
+        err = _error(late, 503)
+        assert err["code"] == "shutting_down" and late.headers["Retry-After"] == "1"
         assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] is not None
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"   # cut short, and says so
         assert s.proc.wait(timeout=60) == 0
+        assert time.monotonic() - sent < grace
     finally:
         s.stop()
-    assert "stopping" in s.log()
+    assert "stopping" in s.log() and "Traceback" not in s.log()
+
+
+def test_sigterm_with_nothing_in_flight_exits_at_once(serve_run, _embedded_models):
+    s = ServeProcess(str(serve_run), env=_env(_embedded_models))
+    sent = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=60) == 0
+    assert time.monotonic() - sent < 5
 
 
 def test_public_bind_needs_a_key(serve_run, _embedded_models):

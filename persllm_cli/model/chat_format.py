@@ -4,6 +4,18 @@ tokenize and train encode with it, chat, eval, serve and converse prompt with it
 into the exported chat template. A conversation is rendered with the tokenizer's chat template (plain
 `User:`/`Assistant:` lines when it has none), and the stage's time token goes first (after a real
 BOS), exactly as training saw it.
+
+Message text is always text. A message may contain the very strings the format is made of
+(`<|im_end|>`, `<|im_start|>`, `<TIME-II>`, the tokenizer's BOS/EOS): they are encoded as the
+characters they are, never as control tokens, so nobody can forge a turn, a system message or another
+stage's time token by typing it, and training data that quotes them does not teach the model control
+tokens in odd places. Only the format itself (the template, the stage token, the plain layout's EOS)
+places control tokens. A conversation without such text encodes exactly as before (one tokenizer call
+on the rendered text); one with it is rendered with each such string held by a private stand-in
+character, and the rendered text is then encoded piece by piece between the format's own control
+tokens, each piece as plain text (transformers 5.25 added the same idea as
+`apply_chat_template(..., sanitize_control_tokens=True)`; it is done here because the label mask needs
+offsets and the stage token goes into the rendered text, and older transformers lack it).
 """
 
 from __future__ import annotations
@@ -16,9 +28,7 @@ from typing import Any
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.core.project import time_token
 from persllm_cli.data.records import Message
-
-
-
+from persllm_cli.model import control_tokens
 
 IGNORE = -100
 
@@ -66,23 +76,30 @@ def encode(tokenizer, messages: list[dict[str, str]], token: str | None) -> tupl
 
     Assistant spans are found in characters by rendering growing prefixes of the conversation
     (prompt with generation prompt vs. prompt plus the answer), then mapped to tokens with the
-    tokenizer's offsets, so BPE merges at turn edges cannot shift the mask.
+    tokenizer's offsets, so BPE merges at turn edges cannot shift the mask. Control-token text in a
+    message is encoded as text (see the module's docstring), here as in `prompt_ids`.
     """
-    full = with_stage(tokenizer, render(tokenizer, messages), token)
+    held, table = control_tokens.escape(messages, control_tokens.controls(tokenizer))
+
+    def text(msgs: list[dict[str, str]], gen: bool = False) -> str:
+        return control_tokens.unescape(with_stage(tokenizer, render(tokenizer, msgs, add_generation_prompt=gen),
+                                                  token), table)
+
+    rendered = with_stage(tokenizer, render(tokenizer, held), token)
+    full = control_tokens.unescape(rendered, table)
     spans = []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(held):
         if m["role"] != "assistant" or i == 0:
             continue
-        before = with_stage(tokenizer, render(tokenizer, messages[:i], add_generation_prompt=True), token)
-        upto = with_stage(tokenizer, render(tokenizer, messages[: i + 1]), token)
+        before = text(held[:i], gen=True)
+        upto = text(held[: i + 1])
         if not (full.startswith(upto) and upto.startswith(before)):
             raise PersllmError("this model's chat template renders a conversation differently from its "
                                "beginning (e.g. it drops earlier reasoning), so answer tokens cannot be "
                                "located; use a base model with a prefix-stable template")
         spans.append((len(before), len(upto)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    labels = [t if any(s <= off[0] < e for s, e in spans) else IGNORE for t, off in zip(ids, enc["offset_mapping"])]
+    ids, offsets = control_tokens.encode(tokenizer, rendered, table, offsets=True)
+    labels = [t if any(s <= off[0] < e for s, e in spans) else IGNORE for t, off in zip(ids, offsets)]
     return ids, labels
 
 
@@ -166,14 +183,36 @@ def end_texts(tokenizer: Any) -> tuple[str, ...]:
 
 def build_prompt(tokenizer: Any, messages: list[Message], stage_token: str | None) -> str:
     """The text the model continues: the conversation rendered exactly as `tokenize` rendered it
-    for training (stage token first, after a real BOS), ending with the assistant's turn opened."""
+    for training (stage token first, after a real BOS), ending with the assistant's turn opened.
+    For showing; never tokenize it yourself (a message's control-token text would become control
+    tokens): `prompt_ids` is the encoding."""
     return with_stage(tokenizer, render(tokenizer, messages, add_generation_prompt=True), stage_token)
 
 
 def prompt_ids(tokenizer: Any, messages: list[Message], stage_token: str | None) -> list[int]:
-    """Token ids of a prompt ending where the assistant's answer starts, as training saw it."""
+    """Token ids of a prompt ending where the assistant's answer starts, as training saw it (the same
+    encoding as `encode`: control-token text in a message stays text)."""
+    held, table = control_tokens.escape(messages, control_tokens.controls(tokenizer))
     # The template writes its own special tokens; adding a BOS again would differ from training.
-    return tokenizer(build_prompt(tokenizer, messages, stage_token), add_special_tokens=False)["input_ids"]
+    return control_tokens.encode(tokenizer, build_prompt(tokenizer, held, stage_token), table)[0]
+
+
+def has_control_text(tokenizer: Any, messages: list[dict[str, str]]) -> bool:
+    """Whether a message's text spells one of the tokenizer's control tokens (encoded as text here;
+    for callers that hand text to another library's tokenizing)."""
+    c = control_tokens.controls(tokenizer)
+    return any(isinstance(m.get("content"), str) and c.find(m["content"]) for m in messages)
+
+
+def warm_up(tokenizer: Any) -> None:
+    """Build now what encoding control-token text needs (a copy of the tokenizer, a few tenths of a
+    second), so that a server's first such message does not pay for it."""
+    control_tokens.controls(tokenizer).plain(tokenizer)
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of bare text (no chat format), read as text only: for text a caller appends itself."""
+    return control_tokens.text_ids(tokenizer, text)
 
 
 def context_size(model: Any) -> int:
@@ -186,18 +225,53 @@ def context_size(model: Any) -> int:
     return 2048
 
 
+class PromptTooLong(PersllmError):
+    """Even the last message alone does not fit the room left for the prompt."""
+
+    def __init__(self, tokens: int, budget: int) -> None:
+        super().__init__(f"the message is too long for the model's context ({tokens} tokens; {max(budget, 0)} left for "
+                         "the prompt); shorten it or lower --max-new-tokens")
+        self.tokens, self.budget = tokens, budget
+
+
 def fit_messages(tokenizer: Any, messages: list[Message], stage_token: str, budget: int) -> tuple[list[Message], int]:
     """Drop the oldest turns (never the system message or the last user message) until the prompt
-    takes at most `budget` tokens. Returns (kept messages, number of messages dropped)."""
+    takes at most `budget` tokens. Returns (kept messages, number of messages dropped).
+
+    Turns go a whole exchange (user + assistant) at a time, so the conversation still starts with the
+    user. The cut points are known without encoding anything; the prompt is encoded once whole, and
+    when it is too long the newest cut that fits is found by doubling the part kept from the end, then
+    halving: each trial encodes at most about twice what fits, so a long history costs one pass over
+    it, not one pass per dropped turn.
+    """
     system = [m for m in messages[:1] if m["role"] == "system"]
     rest = messages[len(system):]
-    dropped = 0
-    while len(prompt_ids(tokenizer, system + rest, stage_token)) > budget:
-        if len(rest) <= 1:
-            raise PersllmError(f"the message is too long for the model's context ({budget} tokens left for the "
-                               "prompt); shorten it or lower --max-new-tokens")
-        # Drop a whole exchange (user + assistant) so the conversation still starts with the user.
-        cut = 2 if len(rest) > 2 and rest[0]["role"] == "user" and rest[1]["role"] == "assistant" else 1
-        rest = rest[cut:]
-        dropped += cut
-    return system + rest, dropped
+
+    def size(cut: int) -> int:
+        return len(prompt_ids(tokenizer, system + rest[cut:], stage_token))
+
+    if budget > 0 and size(0) <= budget:
+        return messages, 0
+    cuts = [0]
+    while len(rest) - cuts[-1] > 1:
+        at = cuts[-1]
+        pair = len(rest) - at > 2 and rest[at]["role"] == "user" and rest[at + 1]["role"] == "assistant"
+        cuts.append(at + (2 if pair else 1))
+    last = len(cuts) - 1
+    alone = size(cuts[last])
+    if alone > budget:
+        raise PromptTooLong(alone, budget)
+    fits, too_long, step = last, 0, 1   # cuts[fits] fits; cuts[too_long] does not (cut 0 was too long)
+    while fits - step > 0:
+        if size(cuts[fits - step]) > budget:
+            too_long = fits - step
+            break
+        fits -= step
+        step *= 2
+    while fits - too_long > 1:
+        mid = (fits + too_long) // 2
+        if size(cuts[mid]) <= budget:
+            fits = mid
+        else:
+            too_long = mid
+    return system + rest[cuts[fits]:], cuts[fits]

@@ -30,10 +30,14 @@ class Sampling:
     top_p: float = 0.95
     seed: int | None = None          # a fixed seed makes a sampled answer repeatable
     stop: tuple[str, ...] = ()       # the answer ends before the first of these strings
+    # OpenAI's sampling extras; serve's scheduler (serve/batcher.py) applies them, 0 is off.
+    top_k: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature > 0:
-            return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+            return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0))
         return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from persllm_cli.model.chat_format import text_ids
+
 LABELS = {"question": "[Question]", "analysis": "[Analysis]", "response": "[Response]"}
 QUESTION_CAP = 64   # tokens: a question is one line
 
@@ -80,9 +82,10 @@ def guided_reply(step: Stepper, tokenizer: Any, prompt: list[int], sections: lis
         left = len(sections) - n
         final = left == 1
         head = ("\n" if text else "") + LABELS[name] + "\n"
-        before = len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
+        # The reply so far is text (a spelled-out "<|im_end|>" in it stays text), as in the prompt.
+        before = len(text_ids(tokenizer, text)) if text else 0
         text += head
-        context = tokenizer.encode(text, add_special_tokens=False)
+        context = text_ids(tokenizer, text)
         label_tokens += len(context) - before
         step.sync(prompt + context)
         cap = budget if final else max(1, budget // left)

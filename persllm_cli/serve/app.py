@@ -1,45 +1,37 @@
 """The HTTP side of `persllm serve`: OpenAI-compatible /v1/models and /v1/chat/completions, /health,
-and the chat page at /. What a request asks for is parsed in serve/request.py; runs are answered by
-the scheduler (serve/batcher.py), an --api-model speaker in a thread of its own.
+and the chat page at /. What a request asks for is parsed and prepared in serve/request.py (in a
+worker thread), its answers started in serve/generation.py (runs by the scheduler, serve/batcher.py;
+an --api-model speaker in a thread of its own) and sent in serve/answer.py.
 
 Errors always have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the status
-that fits (400 bad request naming the field, 401 key, 404 model, 413 body too large, 429/503 with
-Retry-After when the queue is full or the server is stopping); nothing else reaches the client,
-never a traceback. One access-log line per request goes to stderr: method, path, status, ms and
-tokens, never message text or the key.
+that fits (400 bad request naming the field, 401 key, 404 model, 413 body too large, 415 not JSON,
+421 a Host not this server's while keyless, 429/503 with Retry-After when the queue is full or the
+server is stopping); nothing else reaches the client, never a traceback. One access-log line per
+request goes to stderr: method, path, status, ms and tokens, never message text or the key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import sys
-import threading
 import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from persllm_cli.core.errors import PersllmError
-from persllm_cli.model.generate import Sampling
-from persllm_cli.serve.batcher import Closed, QueueFull
-from persllm_cli.serve.request import ApiError, parse_request, read_body
-from persllm_cli.serve.state import Served, State
+from persllm_cli.serve import answer, generation
+from persllm_cli.serve.answer import error_response
+from persllm_cli.serve.guard import HostGuard, loopback_names
+from persllm_cli.serve.request import ApiError, check_json, prepare, read_body
+from persllm_cli.serve.state import State
 
 STATIC = Path(__file__).parent / "static"
-RETRY_AFTER = "1"
-
-
-def error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status_code=status, headers=headers)
 
 
 def log_line(text: str) -> None:
@@ -48,14 +40,17 @@ def log_line(text: str) -> None:
 
 
 class AccessLog:
-    """ASGI middleware: one line per HTTP request, written when its response has been sent."""
+    """ASGI middleware: one line per HTTP request, written when its response has been sent; it also
+    counts the requests in flight (a stopping server waits for them)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, state: State) -> None:
         self.app = app
+        self.state = state
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        self.state.in_flight += 1
         start = time.perf_counter()
         status = [0]
 
@@ -67,6 +62,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, sending)
         finally:
+            self.state.in_flight -= 1
             ms = (time.perf_counter() - start) * 1000
             st = scope.get("state") or {}
             tokens = st.get("tokens")
@@ -79,7 +75,8 @@ class AccessLog:
 def create_app(state: State) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.persllm = state
-    app.add_middleware(AccessLog)
+    app.add_middleware(HostGuard, names=None if state.api_key else loopback_names(state.host))
+    app.add_middleware(AccessLog, state=state)   # added last: outermost, so it logs the guard's refusals too
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -140,177 +137,39 @@ def create_app(state: State) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def completions(request: Request) -> Response:
         check_key(request)
+        check_json(request)
         body = await read_body(request, state.limits.max_body_bytes)
-        req = parse_request(body, state)
-        if state.draining:
-            raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                           headers={"Retry-After": RETRY_AFTER})
-        served, stage_id = req.served, req.stage_id
-        messages = req.messages
-        if served.key is not None:
-            try:
-                messages, _ = served.run.fit(messages, stage_id, req.sampling)
-            except PersllmError as e:
-                raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+        stopping()
+        req = await asyncio.to_thread(prepare, body, state)   # JSON, checks, fitting, tokens: off the loop
+        stopping()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event: tuple) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:   # the loop has closed (the server stopped): nobody is listening
+                pass
 
-        handle = start_generation(state, served, messages, stage_id, req.sampling, emit)
+        handles = generation.start(state, req, emit)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
+        prompt = len(req.prompt) if req.prompt is not None else generation.estimate(req.messages)
         if not req.stream:
-            return await whole_answer(request, handle, events, cid, created, req.model)
-        return StreamingResponse(stream_answer(request, handle, events, cid, created, req.model, req.include_usage),
-                                 media_type="text/event-stream",
+            with state.answering(emit):
+                return await answer.whole(request, handles, events, cid, created, req.model, prompt)
+
+        async def body():
+            with state.answering(emit):
+                async for part in answer.stream(request, handles, events, cid, created, req.model,
+                                                req.include_usage, prompt):
+                    yield part
+
+        return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def stopping() -> None:
+        if state.draining:
+            raise ApiError(503, "the server is shutting down", **generation.SHUTTING_DOWN)
+
     return app
-
-
-
-# ------------------------------------------------------------------------------- generation
-
-class ApiHandle:
-    """A request to an --api-model speaker, streamed in its own thread."""
-
-    def __init__(self) -> None:
-        self.cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
-def start_generation(state: State, served: Served, messages: list, stage_id: str, sampling: Sampling, emit) -> Any:
-    if served.key is not None:
-        assert state.scheduler is not None
-        ids = served.run.prompt_ids(messages, stage_id)
-        try:
-            return state.scheduler.submit(served.key, ids, sampling, emit)
-        except QueueFull:
-            raise ApiError(429, "too many requests are waiting; retry shortly", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": RETRY_AFTER}) from None
-        except Closed:
-            raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                           headers={"Retry-After": RETRY_AFTER}) from None
-    with state.api_lock:
-        if state.api_running >= state.limits.api_concurrency:
-            raise ApiError(429, "too many requests are in flight; retry shortly", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": RETRY_AFTER})
-        state.api_running += 1
-    handle = ApiHandle()
-    state.api_streams.add(handle)
-
-    def work() -> None:
-        pieces = 0
-        text = ""
-        try:
-            from persllm_cli.persona.conversation import lstrip_stream
-
-            gen: Iterator[str] = lstrip_stream(served.speaker.stream(messages, stage_id, sampling))
-            reason = "length"
-            try:
-                for piece in gen:
-                    if handle.cancelled.is_set():
-                        reason = "stop"
-                        break
-                    pieces += 1
-                    text += piece
-                    emit(("text", piece))
-                else:
-                    reason = "stop"
-            finally:
-                close = getattr(gen, "close", None)
-                if close:
-                    close()
-            prompt_chars = sum(len(m["content"]) for m in messages)
-            # An API model's own token counts do not come back through the stream: estimated.
-            emit(("done", reason, max(1, prompt_chars // 4), pieces))
-        except PersllmError as e:
-            emit(("error", str(e)))
-        except Exception as e:  # noqa: BLE001
-            emit(("error", f"the API model failed: {type(e).__name__}"))
-        finally:
-            with state.api_lock:
-                state.api_running -= 1
-            state.api_streams.discard(handle)
-
-    threading.Thread(target=work, name="persllm-serve-api", daemon=True).start()
-    return handle
-
-
-def _usage(p: int, c: int) -> dict[str, int]:
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-async def whole_answer(request: Request, handle, events: asyncio.Queue, cid: str, created: int, model: str) -> Response:
-    parts: list[str] = []
-    try:
-        while True:
-            get = asyncio.ensure_future(events.get())
-            while True:
-                done, _ = await asyncio.wait({get}, timeout=0.5)
-                if done:
-                    break
-                if await request.is_disconnected():
-                    get.cancel()
-                    request.state.disconnected = True
-                    handle.cancel()
-                    return Response(status_code=499)
-            ev = get.result()
-            if ev[0] == "text":
-                parts.append(ev[1])
-            elif ev[0] == "error":
-                return error_response(500, ev[1], type="server_error")
-            else:
-                _, reason, p, c = ev
-                request.state.tokens = (p, c)
-                return JSONResponse({
-                    "id": cid, "object": "chat.completion", "created": created, "model": model,
-                    "system_fingerprint": None,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts),
-                                                         "refusal": None},
-                                 "logprobs": None, "finish_reason": reason}],
-                    "usage": _usage(p, c),
-                })
-    finally:
-        handle.cancel()
-
-
-async def stream_answer(request: Request, handle, events: asyncio.Queue, cid: str, created: int, model: str,
-                        include_usage: bool):
-    def chunk(delta: dict, reason: str | None = None, usage: Any = ...) -> str:
-        obj: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "system_fingerprint": None,
-                               "choices": [] if usage is not ... and delta is None else
-                               [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-        if include_usage:
-            obj["usage"] = None if usage is ... else usage
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    finished = False
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            ev = await events.get()
-            if ev[0] == "text":
-                yield chunk({"content": ev[1]})
-            elif ev[0] == "error":
-                err = {"error": {"message": ev[1], "type": "server_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(err)}\n\n"
-                break
-            else:
-                _, reason, p, c = ev
-                request.state.tokens = (p, c)
-                yield chunk({}, reason)
-                if include_usage:
-                    yield chunk(None, usage=_usage(p, c))
-                break
-        yield "data: [DONE]\n\n"
-        finished = True
-    finally:
-        if not finished:
-            request.state.disconnected = True
-        handle.cancel()

@@ -21,7 +21,9 @@ Merging caches needs every layer of the cache to be a plain `DynamicLayer` (tran
 cache_utils); a model whose cache is anything else (sliding-window layers) runs one request at a time.
 
 Events handed to a request's `emit`: ("text", str), then ("done", finish_reason, prompt_tokens,
-completion_tokens) or ("error", message).
+completion_tokens) or ("error", message), or ("gone",) for a request that never started because the
+server is stopping. A row cut short by `finish_all` (the shutdown grace is over) ends with
+finish_reason "length": its answer is incomplete, as when max_tokens ends it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, Callable
 
 from persllm_cli.model.chat_format import end_ids, end_texts
 from persllm_cli.model.generate import Sampling
+from persllm_cli.serve.sampling import pick
 
 Emit = Callable[[tuple], None]
 
@@ -99,7 +102,8 @@ class Scheduler:
             self._accepting = False
 
     def finish_all(self) -> None:
-        """End every request now: running rows finish with what they have, waiting ones get nothing."""
+        """End every request now: running rows finish with what they have ("length"), waiting ones
+        hear that they never started ("gone")."""
         self.stop_accepting()
         self._finish_all.set()
         with self._cond:
@@ -107,15 +111,19 @@ class Scheduler:
             self._waiting.clear()
             self._cond.notify()
         for job in waiting:
-            self._end(job, ("done", "stop", len(job.prompt), 0))
+            self._end(job, ("gone",))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30) -> None:
         self.finish_all()
         with self._cond:
             self._closed = True
             self._cond.notify()
         if self._thread.is_alive():
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     @property
     def waiting(self) -> int:
@@ -208,7 +216,7 @@ class Scheduler:
 
         if self._finish_all.is_set():
             for job in jobs:
-                self._end(job, ("done", "stop", len(job.prompt), 0))
+                self._end(job, ("gone",))
             return
         key = jobs[0].key
         model, tok = self.models[key]
@@ -246,8 +254,10 @@ class Scheduler:
         import torch
 
         for row in batch.rows:
-            if self._finish_all.is_set() or row.job.cancelled.is_set():
-                row.finish("stop", emit_rest=not row.job.cancelled.is_set())
+            if row.job.cancelled.is_set():   # its client has gone: nobody reads the rest
+                row.finish("stop", emit_rest=False)
+            elif self._finish_all.is_set():  # the shutdown grace is over: cut short, as by max_tokens
+                row.finish("length")
         batch.drop_done()
         if not batch.rows:
             return
@@ -365,20 +375,7 @@ class _Row:
             self.generator.manual_seed(s.seed if s.seed is not None else int(time.time_ns() % (2**63)))
 
     def pick(self, logits: Any) -> int:
-        import torch
-
-        s = self.job.sampling
-        if s.temperature <= 0:
-            return int(torch.argmax(logits))
-        scores = logits.float() / s.temperature
-        if s.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_scores, dim=-1) >= s.top_p  # keep the first token always
-            sorted_scores[drop] = float("-inf")
-            scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return pick(logits, self.job.sampling, self.tokens, self.generator)
 
     def add(self, token: int, eos: set[int]) -> None:
         if token in eos:

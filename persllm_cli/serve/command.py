@@ -6,16 +6,22 @@ API and a chat page, on one machine.
 
 Safety: it binds 127.0.0.1 unless told otherwise, and binding any other address needs an API key
 from the environment (PERSLLM_API_KEY), never from a flag, so it shows neither in `ps` nor in shell
-history. SIGTERM or Ctrl-C: stop accepting, give in-flight answers `shutdown_grace` seconds to end,
-then end the rest where they are (each stream still gets its last chunk and [DONE]), and exit: 0 after
-SIGTERM, 130 after Ctrl-C (as every persllm command).
+history; keyless, it answers only requests addressed to its loopback names (serve/guard.py).
+
+SIGTERM or Ctrl-C: the server keeps listening but answers new chat requests 503 with Retry-After,
+lets the answers in flight run until CLOSING seconds before `shutdown_grace` is over, then ends them
+where they are (each stream still gets its last chunk, finish_reason "length", and [DONE]), stops
+listening and exits within the grace: 0 after SIGTERM, 130 after Ctrl-C (as every persllm command).
+A second signal ends everything at once. With nothing in flight it exits at once.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,12 +106,24 @@ def run(project: Project | None, settings: ServeSettings) -> int:
     if twice:
         raise PersllmError(f"two served models are both named {twice[0]!r}: serve runs from folders with different names")
     runs_loaded = {x.key: (x.run.model, x.run.tokenizer) for x in served if x.key is not None}
+    from persllm_cli.model.chat_format import warm_up
+
+    for _, tok in runs_loaded.values():
+        warm_up(tok)
     scheduler = Scheduler(runs_loaded, max_batch=s.max_batch, max_queue=s.max_queue,
                                      adapters=adapters) if runs_loaded else None
     limits = Limits(max_body_bytes=s.max_body_kb * 1024, default_max_tokens=s.max_tokens,
                     default_temperature=s.temperature, api_concurrency=s.max_batch)
-    state = State(served, scheduler, api_key=key, limits=limits)
+    state = State(served, scheduler, api_key=key, limits=limits, host=s.host)
     app = create_app(state)
+    # The loaded models, tokenizers and libraries are ~500,000 objects the garbage collector would walk
+    # whenever a request's allocations trigger a full collection: a pause of 0.3-0.6 s for every
+    # request on a busy 2-core box (benchmarks/serve_health.py). They live as long as the server:
+    # frozen, they are never walked again.
+    import gc
+
+    gc.collect()
+    gc.freeze()
     if scheduler:
         scheduler.start()
     return _serve(app, state, s)
@@ -119,46 +137,77 @@ def _share(weights: str) -> bool:
     return torch.cuda.is_available()
 
 
+def closing_time(grace: float) -> float:
+    """Seconds of the grace kept for ending the cut answers, closing connections and exiting."""
+    return min(2.0, grace / 2)
+
+
 def _serve(app, state, s: ServeSettings) -> int:
+    import signal
+
     import uvicorn
 
     got: list[int] = []
+    began: list[float] = []   # when the first signal came
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 - signal handler
+            got.append(sig)
             if not state.draining:
+                began.append(time.monotonic())
                 state.draining = True
-                console.note("stopping: no new requests; ending the answers in flight...")
+                console.note("stopping: new requests get 503; ending the answers in flight...")
                 if state.scheduler:
                     state.scheduler.stop_accepting()
-                timer = threading.Timer(s.shutdown_grace, _end_all, args=(state,))
-                timer.daemon = True
-                timer.start()
-            else:  # a second Ctrl-C: end them now
+                threading.Thread(target=_drain, args=(self, state, s.shutdown_grace, began[0]), daemon=True).start()
+            else:  # a second signal: end them now
                 _end_all(state)
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises the signal after shutting down; a clean stop exits by its code instead.
-            self._captured_signals.clear()
-            got.append(sig)
+                if self.should_exit:
+                    self.force_exit = True
+                self.should_exit = True
 
+    # Connections are drained before uvicorn is told to stop (_drain); what is left then is idle.
     config = uvicorn.Config(app, host=s.host, port=s.port, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=s.shutdown_grace + 5, lifespan="off")
+                            timeout_graceful_shutdown=0.5, lifespan="off")
     server = Server(config)
     _announce(server, state, s)
     server.run()
     _end_all(state)
+    code = EXIT_INTERRUPTED if signal.SIGINT in got else 0
     if state.scheduler:
-        state.scheduler.close()
-    import signal
+        state.scheduler.close(timeout=min(1.0, max(0.1, began[0] + s.shutdown_grace - 1.0 - time.monotonic()))
+                              if began else 30.0)
+    if began:
+        # Stopped by a signal: every client has had its answer's end and nothing is left to write. Exit
+        # now: tearing the interpreter and torch down took 0.5-2 s on a busy box (past the grace), and
+        # aborts the process when a decode step still runs in the scheduler thread.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
-    return EXIT_INTERRUPTED if signal.SIGINT in got else 0
+
+def _drain(server, state, grace: float, began: float) -> None:
+    """Let the requests in flight end until the closing time, cut what is left, then stop listening."""
+    cut_at = began + grace - closing_time(grace)
+    while state.in_flight > 0 and time.monotonic() < cut_at:
+        time.sleep(0.05)
+    if state.in_flight > 0:
+        _end_all(state)
+        last = max(began + grace - 1.0, time.monotonic() + 0.2)
+        while state.in_flight > 0 and time.monotonic() < last:
+            time.sleep(0.05)
+    server.should_exit = True
+    if state.in_flight > 0:
+        server.force_exit = True
 
 
 def _end_all(state) -> None:
+    state.cut_answers()   # the clients hear at once, whatever the model is doing
     if state.scheduler:
         state.scheduler.finish_all()
     for handle in list(state.api_streams):
-        handle.cancel()
+        handle.cut()
 
 
 def _announce(server, state, s: ServeSettings) -> None:

@@ -1,18 +1,23 @@
-"""A chat completion request to `persllm serve`: read, parsed and checked field by field; what is
-wrong is an `ApiError` in OpenAI's shape (status, message, the field as `param`, a code)."""
+"""A chat completion request to `persllm serve`: read, parsed (serve/schema.py declares the body), its
+model found, its history fitted to that model's context and its prompt encoded. What is wrong is an
+`ApiError` in OpenAI's shape (status, message, the field as `param`, a code).
+
+`prepare` does the CPU work (JSON, validation, fitting, tokenizing) and runs in a worker thread, so a
+long history never holds up the event loop that answers everyone else.
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import Request
 
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.core.project import check_stage
+from persllm_cli.model.chat_format import PromptTooLong, context_size
 from persllm_cli.model.generate import Sampling
 from persllm_cli.persona.speaker import stage_ids
+from persllm_cli.serve import schema
 from persllm_cli.serve.state import Served, State
 
 
@@ -24,7 +29,6 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-
 @dataclass
 class ChatRequest:
     model: str
@@ -32,8 +36,19 @@ class ChatRequest:
     stage_id: str
     messages: list[dict[str, str]]
     sampling: Sampling
+    n: int
     stream: bool
     include_usage: bool
+    prompt: list[int] | None = None   # a run's prompt ids (the history as fitted); None for an API model
+
+
+def check_json(request: Request) -> None:
+    """POST bodies are JSON, said so: a web page can send text/plain to any address without asking
+    (no CORS preflight), never application/json."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"the body must be sent as Content-Type: application/json (not {kind or 'none'})",
+                       code="unsupported_media_type")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -49,109 +64,66 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _number(body: dict, name: str, kind: type, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'}, not {json.dumps(value)}",
-                       param=name, code="invalid_value")
-    bad = (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
-    if bad:
-        rng = f"{'more than' if low_open else 'at least'} {low}" + (f" and at most {high}" if high is not None else "")
-        raise ApiError(400, f"{name} must be {rng}, not {value}", param=name, code="invalid_value")
-    return kind(value)
-
-
-def _content(m: Any, i: int) -> dict[str, str]:
-    where = f"messages[{i}]"
-    if not isinstance(m, dict):
-        raise ApiError(400, f"{where} must be an object with role and content", param=where, code="invalid_value")
-    role = m.get("role")
-    if role == "developer":
-        role = "system"
-    if role not in ("system", "user", "assistant"):
-        raise ApiError(400, f"{where}.role must be system, user or assistant, not {json.dumps(role)}",
-                       param=f"{where}.role", code="invalid_value")
-    content = m.get("content")
-    if isinstance(content, list):  # content parts: text only
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"{where}.content: only text parts are supported", param=f"{where}.content",
-                               code="invalid_value")
-            texts.append(part["text"])
-        content = "".join(texts)
-    if not isinstance(content, str):
-        raise ApiError(400, f"{where}.content must be a string", param=f"{where}.content", code="invalid_value")
-    return {"role": role, "content": content}
-
-
-def parse_request(raw: bytes, state: State) -> ChatRequest:
+def prepare(raw: bytes, state: State) -> ChatRequest:
+    """The request checked and, for a run, its prompt encoded (in a worker thread)."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the body is not valid JSON ({e.__class__.__name__}: {e})", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "model is required (a string; GET /v1/models lists them)", param="model",
-                       code="invalid_value")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "messages must be a non-empty list", param="messages", code="invalid_value")
-    messages = [_content(m, i) for i, m in enumerate(msgs)]
+        body = schema.parse(raw)
+    except schema.BadRequest as e:
+        raise ApiError(400, e.message, param=e.param, code=e.code) from None
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
     if messages[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's", param="messages", code="invalid_value")
-    n = _number(body, "n", int, 1)
-    if n is not None and n != 1:
-        raise ApiError(400, "n must be 1: one answer per request", param="n", code="invalid_value")
-    max_tokens = _number(body, "max_completion_tokens", int, 1)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", int, 1)
-    temperature = _number(body, "temperature", float, 0, 2)
-    top_p = _number(body, "top_p", float, 0, 1, low_open=True)
-    seed = _number(body, "seed", int)
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
-        stops = tuple(stop)
-    else:
-        raise ApiError(400, "stop must be a string or a list of at most 4 strings", param="stop", code="invalid_value")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise ApiError(400, "stream must be true or false", param="stream", code="invalid_value")
-    opts = body.get("stream_options")
-    include_usage = False
-    if opts is not None:
-        if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
-            raise ApiError(400, "stream_options must be {\"include_usage\": true|false}", param="stream_options",
-                           code="invalid_value")
-        if not stream:
-            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options",
-                           code="invalid_value")
-        include_usage = bool(opts.get("include_usage", False))
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options",
+                       code="invalid_value")
+    served, stage_id = _find(body.model, state)
+    lim = state.limits
+    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    sampling = Sampling(
+        max_new_tokens=body.max_completion_tokens or body.max_tokens or lim.default_max_tokens,
+        temperature=lim.default_temperature if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=tuple(s for s in stops if s),
+        top_k=max(body.top_k or 0, 0), presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0)
+    req = ChatRequest(body.model, served, stage_id, messages, sampling, body.n or 1, bool(body.stream),
+                      bool(body.stream_options and body.stream_options.include_usage))
+    if served.key is not None:
+        req.messages, req.prompt = _fit(served, stage_id, messages, sampling)
+    return req
+
+
+def _find(model: str, state: State) -> tuple[Served, str]:
     known = state.models()
+    if model in known:
+        return known[model]
     name, at, stage = model.rpartition("@")
     named = {s.name: s for s in state.served}
-    if model not in known and at and name in named:
+    if at and name in named:
         try:
             check_stage(stage, stage_ids(named[name].speaker))
         except PersllmError as e:  # the model is served, the stage is not one of its
             raise ApiError(404, str(e), param="model", code="model_not_found") from None
-    if model not in known:
-        raise ApiError(404, f"the model {model!r} does not exist (GET /v1/models lists them: "
-                       f"{', '.join(sorted(known))})", param="model", code="model_not_found")
-    served, stage_id = known[model]
-    lim = state.limits
-    sampling = Sampling(max_new_tokens=max_tokens or lim.default_max_tokens,
-                        temperature=lim.default_temperature if temperature is None else temperature,
-                        top_p=1.0 if top_p is None else top_p, seed=seed, stop=stops)
-    return ChatRequest(model, served, stage_id, messages, sampling, stream, include_usage)
+    raise ApiError(404, f"the model {model!r} does not exist (GET /v1/models lists them: "
+                   f"{', '.join(sorted(known))})", param="model", code="model_not_found")
+
+
+def _fit(served: Served, stage_id: str, messages: list[dict[str, str]],
+         sampling: Sampling) -> tuple[list[dict[str, str]], list[int]]:
+    """The oldest turns that do not fit next to max_tokens dropped (as `chat` does), and the prompt ids."""
+    run = served.run
+    context = context_size(run.model)
+    asked = sampling.max_new_tokens
+    if asked >= context:
+        raise ApiError(400, f"max_tokens is {asked}, but {served.name} reads at most {context} tokens, prompt and "
+                       f"answer together: ask for fewer than {context}", param="max_tokens",
+                       code="context_length_exceeded")
+    try:
+        kept, _ = run.fit(messages, stage_id, sampling)
+    except PromptTooLong as e:
+        raise ApiError(400, f"the prompt takes {e.tokens} tokens even with only the system message and the last "
+                       f"message kept, and {served.name}'s context of {context} tokens leaves {e.budget} for it next to "
+                       f"max_tokens={asked}: shorten the message or ask for fewer tokens", param="messages",
+                       code="context_length_exceeded") from None
+    except PersllmError as e:   # a tokenizer that cannot encode a message's control-token text as text
+        raise ApiError(400, str(e), param="messages", code="invalid_value") from None
+    return kept, run.prompt_ids(kept, stage_id)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from persllm_cli.persona.speaker import BatchSpeaker, Speaker
 from persllm_cli.serve.batcher import Scheduler
@@ -42,10 +44,26 @@ class State:
     scheduler: Scheduler | None
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
-    draining: bool = False
+    host: str = "127.0.0.1"         # the address bound (a keyless server answers to its names only)
+    draining: bool = False          # stopping: new chat requests get 503 while those in flight end
+    in_flight: int = 0              # HTTP requests being answered (the event loop's count)
     api_running: int = 0
     api_lock: threading.Lock = field(default_factory=threading.Lock)
     api_streams: set = field(default_factory=set)
+    answers: set = field(default_factory=set)   # each answer being sent: its emit, to cut it at shutdown
+
+    @contextlib.contextmanager
+    def answering(self, emit: Callable[[tuple], None]) -> Iterator[None]:
+        self.answers.add(emit)
+        try:
+            yield
+        finally:
+            self.answers.discard(emit)
+
+    def cut_answers(self) -> None:
+        """End every answer being sent now, as cut short (from any thread)."""
+        for emit in list(self.answers):
+            emit(("cut", None))
 
     def models(self) -> dict[str, tuple[Served, str]]:
         """Model id -> (served, stage id): NAME@STAGE for every stage, NAME for the last one."""

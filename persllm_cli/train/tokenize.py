@@ -11,7 +11,10 @@ an existing one is replaced only when it is empty or an earlier tokenize output:
                {"id", "stage", "prompt": text, "chosen": text, "rejected": text}. The prompt is the
                conversation rendered with the chat template up to the assistant's turn, with the stage
                token in front, exactly as the SFT examples start; chosen/rejected are the assistant
-               turns as the template renders them. Absent when there are no pairs.
+               turns as the template renders them. Absent when there are no pairs. TRL tokenizes
+               this text itself, and would read a control-token string in it (`<|im_end|>`,
+               `<TIME-II>`) as that token; a pair whose messages spell one is therefore left out
+               and counted (`dpo_skipped_control_text`), where sft.jsonl encodes such text as text.
   tokenizer/   the base tokenizer plus the time tokens <TIME-I>..<TIME-N> (special tokens).
   meta.json    base (as named), base_path, tokenizer_sha256, stages with their tokens and ids,
                max_length, input hashes: `train` checks these to refuse data made for another model.
@@ -38,7 +41,8 @@ from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings, setting
 from persllm_cli.data.curation import read_numbered
 from persllm_cli.core.errors import PersllmError
-from persllm_cli.model.chat_format import IGNORE, encode_split, load_tokenizer, render, tokenizer_fingerprint, with_stage
+from persllm_cli.model.chat_format import (IGNORE, encode_split, has_control_text, load_tokenizer, render,
+                                           tokenizer_fingerprint, with_stage)
 
 FORMAT_VERSION = 1
 WRITES = {"sft.jsonl", "dpo.jsonl", "tokenizer", "meta.json", "stats.json"}  # what -o DIR holds afterwards
@@ -90,7 +94,8 @@ def _assistant_text(rendered_full: str, rendered_prompt: str, tokenizer) -> str:
     return completion
 
 
-def _dpo_pair(tokenizer, project: Project, r: dict, where: str) -> dict:
+def _dpo_pair(tokenizer, project: Project, r: dict, where: str) -> dict | None:
+    """The pair in TRL's text format, or None when its text spells a control token (see the docstring)."""
     stage = _stage_of(project, r, where)
     prompt = r.get("prompt")
     if isinstance(prompt, str):
@@ -108,6 +113,8 @@ def _dpo_pair(tokenizer, project: Project, r: dict, where: str) -> dict:
             ans = [{"role": "assistant", "content": ans}]
         if not isinstance(ans, list) or not ans or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in ans):
             raise PersllmError(f"{where}: {key} must be a list with one assistant message")
+        if has_control_text(tokenizer, [*prompt, ans[-1]]):
+            return None
         full = render(tokenizer, prompt + [{"role": "assistant", "content": ans[-1]["content"]}])
         if not full.startswith(p_text):
             raise PersllmError("this model's chat template is not prefix-stable; cannot prepare DPO pairs")
@@ -192,8 +199,10 @@ def _run(project: Project, settings: TokenizeSettings) -> int:
     examples.extend(general)
     if not examples:
         raise PersllmError(f"{settings.train}: no usable training conversations")
-    pairs = [_dpo_pair(tok, project, r, f"{dpo_path}:{n}") for n, r in dpo_records]
+    made = [_dpo_pair(tok, project, r, f"{dpo_path}:{n}") for n, r in dpo_records]
+    pairs = [p for p in made if p is not None]
     stats["dpo_pairs"] = len(pairs)
+    stats["dpo_skipped_control_text"] = len(made) - len(pairs)
 
     lengths = [len(e["input_ids"]) for e in examples]
     label_tokens = sum(sum(1 for x in e["labels"] if x != IGNORE) for e in examples)
@@ -249,6 +258,6 @@ def _print_stats(stats: dict, out: Path) -> None:
     rows = [[k.replace("_", " "), stats[k]] for k in (
         "persona_records", "general_records", "repeat", "examples", "tokens", "answer_tokens", "mean_length",
         "median_length", "max_length", "split_conversations", "extra_pieces", "truncated",
-        "dropped_no_answer_tokens", "skipped_unusable", "dpo_pairs")]
+        "dropped_no_answer_tokens", "skipped_unusable", "dpo_pairs", "dpo_skipped_control_text")]
     rows += [[f"records in stage {k}", v] for k, v in stats["per_stage"].items()]
     console.table(f"Tokenized into {out}", ["", "value"], rows)
