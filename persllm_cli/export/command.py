@@ -39,6 +39,8 @@ class ExportSettings:
                           help='Load the export as a consumer would and compare it with the run on a few prompts per stage.')
     check_tokens: int = setting(24, at_least=1, help='Greedy tokens per check answer.')
     force: bool = setting(False, help='Replace a non-empty output folder.')
+    llama_cpp: Path | None = setting(None, help='A llama.cpp source folder: --check renders the chat template with its '
+                                                'Jinja engine too. [default: one found by itself]')
 
 
 def _peak_gb() -> float:
@@ -152,6 +154,7 @@ def _check(info, settings: ExportSettings, tmp: Path, hf_dir: Path, gguf_name: s
         report = check.compare(reference, exported, default_stage=default_stage, exact=True,
                                max_new_tokens=settings.check_tokens, what=f"{what} vs the run rounded alike")
         _report(f"{what} export vs the run with its weights rounded alike", settings, report)
+    engine_line = check.template_in_llama_cpp(exported[1], info.stages, settings.llama_cpp, what)
     del exported, reference
     gc.collect()
     ties = f" ({report.near_ties} differ after a near tie of the run's own top two tokens)" if report.near_ties else ""
@@ -159,6 +162,7 @@ def _check(info, settings: ExportSettings, tmp: Path, hf_dir: Path, gguf_name: s
                  f"{report.agreement:.1%}, largest logit difference {report.max_logit_diff:.2e}"
                  + (f"; against the float32 run: {as_trained.exact}/{as_trained.answers} identical, token agreement "
                     f"{as_trained.agreement:.1%}" if rounded is not None else ""))
+    console.info(engine_line)
     figures = {"format": what, "identical": report.exact, "answers": report.answers,
                "agreement": report.agreement, "near_ties": report.near_ties, "max_logit_diff": report.max_logit_diff}
     if rounded is not None:
