@@ -172,3 +172,70 @@ def test_llama_cpp_refuses_what_its_engine_lacks(llama_renderer):
     rendering = engine.render(llama_renderer, "{{ 'a<s>b'.count('<s>') }}", [{"messages": [], "kwargs": {}}],
                               bos_token="<s>", eos_token="</s>")
     assert "Callee is not a function" in rendering.results[0]["error"]
+
+
+def _gguf(path: Path) -> tuple[dict, dict]:
+    """(metadata key -> value, tensor name -> (type, shape, bytes)) of a GGUF file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    keys = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: (t.tensor_type.name, [int(n) for n in t.shape], bytes(t.data.tobytes())) for t in reader.tensors}
+    return keys, tensors
+
+
+def _convert(llama_source: Path, model_dir: Path, out: Path, *args: str) -> Path:
+    """llama.cpp's own convert_hf_to_gguf.py, run as a user would."""
+    done = subprocess.run([sys.executable, str(llama_source / "convert_hf_to_gguf.py"), str(model_dir),
+                           "--outfile", str(out), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+def test_gguf_is_what_llama_cpps_converter_writes(tmp_path, cli, smollm2, llama_source):
+    from transformers import AutoTokenizer
+
+    from persllm_cli.export import gguf_file
+    from tests.run_factory import make_run
+
+    run = make_run(tmp_path / "runs" / "r1", smollm2)
+    hf = tmp_path / "hf"
+    assert cli("export", str(run), "-o", str(hf), "--no-check").exit_code == 0
+    tok = AutoTokenizer.from_pretrained(hf)
+    for quant in ("f16", "q8_0"):
+        # What `export --format gguf` writes from the same merged model (gguf_file.write on its hf folder).
+        ours_keys, ours = _gguf(_write(gguf_file, hf, tmp_path / f"ours-{quant}.gguf", quant, tok))
+        ref_keys, ref = _gguf(_convert(llama_source, hf, tmp_path / f"ref-{quant}.gguf", "--outtype", quant))
+
+        differ = {k for k in ours_keys.keys() | ref_keys.keys() if ours_keys.get(k) != ref_keys.get(k)}
+        assert differ == {"general.name", "tokenizer.ggml.add_bos_token"}, differ
+        # 1. The name: the persona's, where the converter takes the folder's.
+        assert (ours_keys["general.name"], ref_keys["general.name"]) == ("harry-potter", "Hf")
+        # 2. add_bos_token: written as False; the converter leaves it out for a vocabulary of 49155 rows
+        #    (below, it writes False for the base's 49152) and llama.cpp then defaults to False for this
+        #    pre-tokenizer, but Ollama's own engine to True.
+        assert ours_keys["tokenizer.ggml.add_bos_token"] is False and "tokenizer.ggml.add_bos_token" not in ref_keys
+        assert ours_keys["tokenizer.ggml.pre"] == "smollm"
+        assert ours_keys["tokenizer.ggml.tokens"][-3:] == ["<TIME-I>", "<TIME-II>", "<TIME-III>"]
+        assert "tokenizer.ggml.eot_token_id" not in ours_keys  # llama.cpp finds <|im_end|> by its text, as for the converter's
+
+        assert list(ours) == list(ref)  # the same tensors in the same order
+        for name in ours:
+            if quant == "q8_0" and name == "token_embd.weight":
+                # Kept F16 in a q8_0 file (the time-token rows differ by less than Q8_0's step); the
+                # converter quantizes it. Bit-identical to the f16 file's instead.
+                assert (ours[name][0], ref[name][0]) == ("F16", "Q8_0")
+                assert ours[name] == f16_tensors[name]
+            else:
+                assert ours[name] == ref[name], name
+        if quant == "f16":
+            f16_tensors = ours
+
+    base_keys, _ = _gguf(_convert(llama_source, smollm2, tmp_path / "base-vocab.gguf", "--vocab-only"))
+    assert base_keys["tokenizer.ggml.add_bos_token"] is False and base_keys["tokenizer.ggml.pre"] == "smollm"
+
+
+def _write(gguf_file, hf: Path, path: Path, quant: str, tok) -> Path:
+    gguf_file.write(hf, path, quant=quant, tokenizer=tok, name="harry-potter")
+    return path
