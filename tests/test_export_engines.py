@@ -83,6 +83,16 @@ def test_unknown_pre_tokenizer_is_one_line():
         gguf_vocab.pre_tokenizer(Tok())
 
 
+def test_a_source_without_the_engine_is_unavailable_not_an_error(tmp_path):
+    # An older llama.cpp (before its own engine) or a partial folder: export --check says it did not
+    # render there, it does not fail the export.
+    (tmp_path / "common" / "jinja").mkdir(parents=True)
+    (tmp_path / "common" / "jinja" / "lexer.cpp").write_text("")
+    assert engine.find_source(tmp_path) == tmp_path.resolve()
+    with pytest.raises(engine.Unavailable, match="parser.cpp is missing"):
+        engine.renderer(tmp_path, cache=tmp_path / "cache")
+
+
 def test_pre_tokenizer_table_is_the_converters(llama_source):
     # The fixed text and every hash persllm knows, read back from the converter in llama.cpp's source.
     source = (llama_source / "conversion" / "base.py").read_text(encoding="utf-8")

@@ -179,9 +179,13 @@ def template_in_llama_cpp(tok: Any, stages: list[dict[str, str]], setting: Path 
     source = engine.find_source(setting)
     if source is None:
         return f"llama.cpp's template engine: not checked, no llama.cpp source found ({engine.HOW})"
-    console.info(f"Rendering the chat template with llama.cpp's engine ({engine.describe(source)}; built once "
-                 "when new, about a minute)...")
-    binary = engine.renderer(source)
+    try:
+        if not engine.renderer_path(source).is_file():
+            console.info(f"Building llama.cpp's template engine from {engine.describe(source)} (once; under a "
+                         "minute on 2 cores)...")
+        binary = engine.renderer(source)
+    except engine.Unavailable as e:
+        return f"llama.cpp's template engine: not checked, {e}"
     template = tok.chat_template
     cases = [{"messages": m, "add_generation_prompt": gen, "kwargs": {} if stage is None else {"stage": stage}}
              for m in _conversations() for gen in (True, False) for stage in [s["id"] for s in stages] + [None]]

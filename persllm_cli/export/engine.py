@@ -39,6 +39,10 @@ VERSION_FILE = ".persllm-version"
 HOW = "set [export] llama_cpp to a llama.cpp source folder, or run `make llama-cpp` in a persllm checkout"
 
 
+class Unavailable(PersllmError):
+    """llama.cpp's engine cannot be had here (no compiler, or a source without it): said, not failed."""
+
+
 def home() -> Path:
     return persllm_home() / "llama.cpp"
 
@@ -75,8 +79,8 @@ def _compiler() -> str:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):
             return name
-    raise PersllmError("building llama.cpp's template engine needs a C++ compiler (c++, g++ or clang++); "
-                       "none was found")
+    raise Unavailable("building llama.cpp's template engine needs a C++ compiler (c++, g++ or clang++); "
+                      "none was found")
 
 
 def _key(source: Path, compiler: str) -> str:
@@ -90,20 +94,23 @@ def _key(source: Path, compiler: str) -> str:
     return h.hexdigest()[:16]
 
 
-def renderer(source: Path, *, cache: Path | None = None) -> Path:
-    """The renderer built against `source`, compiled first when this source has none yet."""
+def renderer_path(source: Path, *, cache: Path | None = None) -> Path:
+    """Where the renderer built against `source` is (or will be)."""
     missing = [rel for rel in ENGINE_FILES if not (source / rel).is_file()]
     if missing:
-        raise PersllmError(f"{source} has no Jinja engine to build ({missing[0]} is missing; llama.cpp "
-                           "has it since late 2025)")
-    compiler = _compiler()
-    out = (cache or home()) / f"render-{_key(source, compiler)}"
-    binary = out / RENDERER
+        raise Unavailable(f"{source} has no Jinja engine to build ({missing[0]} is missing; llama.cpp "
+                          "has it since late 2025)")
+    return (cache or home()) / f"render-{_key(source, _compiler())}" / RENDERER
+
+
+def renderer(source: Path, *, cache: Path | None = None) -> Path:
+    """The renderer built against `source`, compiled first when this source has none yet."""
+    binary = renderer_path(source, cache=cache)
     if binary.is_file():
         return binary
-    with hold(out, wait=True):  # two tests or exports building the same one: the second waits
+    with hold(binary.parent, wait=True):  # two tests or exports building the same one: the second waits
         if not binary.is_file():
-            _compile(source, compiler, out)
+            _compile(source, _compiler(), binary.parent)
     return binary
 
 
