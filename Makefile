@@ -59,7 +59,8 @@ bench: venv
 # 2 cores): greedy answers per stage against `persllm chat`, /tokenize of the time tokens, and decode
 # speed against `persllm serve`.
 bench-engines: venv llama-cpp
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/engines.py
+	mkdir -p bench-results
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/engines.py --json bench-results/engines.json
 
 # Wheels and tokenizer for a GPU device session; prints the call that runs scripts/gpu_proof.sh there.
 gpu-prep: venv
