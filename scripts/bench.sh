@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for b in benchmarks/*.py; do
+  # llama.cpp against persllm builds llama-server first (10+ minutes): `make bench-engines`.
+  [ "$b" = benchmarks/engines.py ] && continue
   echo "== $b"
   python "$b"
 done

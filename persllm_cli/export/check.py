@@ -158,3 +158,56 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, tok
+
+
+# Conversations the template is rendered with in llama.cpp's engine: the check's prompts, and one with
+# a system turn and an earlier exchange (the turns a base template treats differently).
+def _conversations() -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": p}] for p in PROMPTS] + [[
+        {"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": PROMPTS[0]},
+        {"role": "assistant", "content": "Someone you have met before."}, {"role": "user", "content": PROMPTS[1]}]]
+
+
+def template_in_llama_cpp(tok: Any, stages: list[dict[str, str]], setting: Path | None, what: str) -> str:
+    """Render the exported chat template with llama.cpp's own Jinja engine for every stage, the default
+    (no stage) and an unknown stage, and require transformers' rendering byte for byte (the unknown
+    stage: an error in both). Returns the line to print: how many agreed, or that llama.cpp was not
+    found (nothing is checked then)."""
+    from persllm_cli.core import console
+    from persllm_cli.export import engine
+
+    source = engine.find_source(setting)
+    if source is None:
+        return f"llama.cpp's template engine: not checked, no llama.cpp source found ({engine.HOW})"
+    try:
+        if not engine.renderer_path(source).is_file():
+            console.info(f"Building llama.cpp's template engine from {engine.describe(source)} (once; under a "
+                         "minute on 2 cores)...")
+        binary = engine.renderer(source)
+    except engine.Unavailable as e:
+        return f"llama.cpp's template engine: not checked, {e}"
+    template = tok.chat_template
+    cases = [{"messages": m, "add_generation_prompt": gen, "kwargs": {} if stage is None else {"stage": stage}}
+             for m in _conversations() for gen in (True, False) for stage in [s["id"] for s in stages] + [None]]
+    unknown = {"messages": _conversations()[0], "add_generation_prompt": True, "kwargs": {"stage": "no-such-stage"}}
+    rendering = engine.render(binary, template, cases + [unknown], bos_token=tok.bos_token, eos_token=tok.eos_token)
+    if rendering.error:
+        raise PersllmError(f"export check failed ({what}): llama.cpp's template engine cannot use the exported "
+                           f"template: {_last_line(rendering.error)}")
+    for case, got in zip(cases, rendering.results):
+        want = tok.apply_chat_template(case["messages"], tokenize=False,
+                                       add_generation_prompt=case["add_generation_prompt"], **case["kwargs"])
+        if got.get("text") != want:
+            stage = case["kwargs"].get("stage", "default")
+            seen = repr(got["text"][:80]) if "text" in got else _last_line(got.get("error", ""))
+            raise PersllmError(f"export check failed ({what}): llama.cpp's template engine renders stage {stage} "
+                               f"otherwise than transformers ({seen} vs {want[:80]!r})")
+    if "error" not in rendering.results[-1]:
+        raise PersllmError(f"export check failed ({what}): llama.cpp's template engine accepts an unknown stage")
+    return (f"llama.cpp's template engine ({engine.describe(source)}): {len(cases)}/{len(cases)} renders identical "
+            "to transformers, an unknown stage refused")
+
+
+def _last_line(error: str) -> str:
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"

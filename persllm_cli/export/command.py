@@ -40,6 +40,8 @@ class ExportSettings:
                           help='Load the export as a consumer would and compare it with the run on a few prompts per stage.')
     check_tokens: int = setting(24, at_least=1, help='Greedy tokens per check answer.')
     force: bool = setting(False, help='Replace a non-empty output folder.')
+    llama_cpp: Path | None = setting(None, help='A llama.cpp source folder: --check renders the chat template with its '
+                                                'Jinja engine too. [default: one found by itself]')
 
 
 def _peak_gb() -> float:
@@ -80,6 +82,10 @@ def run(project: Project | None, settings: ExportSettings) -> int:
     run_dir = runs.resolve_run(settings.run, project)
     info = runs.read_run(run_dir)
     default_stage, _ = info.stage_token(settings.stage)  # an unknown stage fails here
+    if settings.check:
+        from persllm_cli.export import engine
+
+        engine.find_source(settings.llama_cpp)  # a llama_cpp setting that is no llama.cpp source fails here
     out = Path(settings.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     # One export into a folder at a time: a second one says who holds it (or waits with --wait).
@@ -153,6 +159,7 @@ def _check(job: Export, fmt: Format, merged: Path) -> dict[str, Any]:
         report = check.compare(reference, exported, default_stage=default_stage, exact=True,
                                max_new_tokens=settings.check_tokens, what=f"{what} vs the run rounded alike")
         _report(f"{what} export vs the run with its weights rounded alike", settings, report)
+    engine_line = check.template_in_llama_cpp(exported[1], info.stages, settings.llama_cpp, what)
     del exported, reference
     gc.collect()
     ties = f" ({report.near_ties} differ after a near tie of the run's own top two tokens)" if report.near_ties else ""
@@ -160,6 +167,7 @@ def _check(job: Export, fmt: Format, merged: Path) -> dict[str, Any]:
                  f"{report.agreement:.1%}, largest logit difference {report.max_logit_diff:.2e}"
                  + (f"; against the float32 run: {as_trained.exact}/{as_trained.answers} identical, token agreement "
                     f"{as_trained.agreement:.1%}" if rounded is not None else ""))
+    console.info(engine_line)
     figures = {"format": what, "identical": report.exact, "answers": report.answers,
                "agreement": report.agreement, "near_ties": report.near_ties, "max_logit_diff": report.max_logit_diff}
     if rounded is not None:

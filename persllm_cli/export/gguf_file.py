@@ -1,5 +1,8 @@
 """The GGUF export: a merged transformers export (hf.py) rewritten as one GGUF file with the `gguf`
-package that llama.cpp maintains. Tokenizer, time tokens and the stage chat template go inside.
+package that llama.cpp maintains. Tokenizer, time tokens and the stage chat template go inside
+(gguf_vocab.py). The metadata is what llama.cpp's own converter writes for the same export but for
+two keys, each for a reason: general.name (the persona's, not the folder's) and add_bos_token
+(gguf_vocab.add_tokenizer); tests/test_export_engines.py runs the converter and holds this.
 
 Tensors are streamed: the header is written from the safetensors' shapes alone, then each tensor
 is read, converted (q/k rows permuted for llama, as llama.cpp's converter does; f16 or q8_0) and
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm_cli.core.errors import PersllmError
+from persllm_cli.export import gguf_vocab
 
 ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2"}
 QUANTS = ("f16", "q8_0")
@@ -22,58 +26,6 @@ def check_architecture(model_type: str | None, base: str) -> None:
     if model_type not in ARCHS:
         raise PersllmError(f"GGUF export does not support the {model_type!r} architecture of base {base} "
                            f"(supported: {', '.join(ARCHS)}; `--format hf` works for any base)")
-
-
-def _pre_tokenizer(config: dict[str, Any], tokenizer_json: dict[str, Any]) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenisation (its regex), from what the base ships."""
-    if config["model_type"] == "qwen2":
-        return "qwen2"
-    text = json.dumps(tokenizer_json.get("pre_tokenizer"))
-    if "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in text:
-        return "llama-bpe"
-    if config.get("vocab_size") == 49152:  # the SmolLM/StarCoder vocabulary
-        return "smollm"
-    return "gpt2"
-
-
-def _add_tokenizer(w: Any, hf_dir: Path, tokenizer: Any, config: dict[str, Any], n_rows: int, template: str) -> None:
-    import gguf
-
-    tj = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    model = tj.get("model", {})
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")) + json.dumps(tj.get("decoder")):
-        raise PersllmError("GGUF export supports byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2); "
-                           f"this base's tokenizer is {model.get('type')}")
-    vocab = tokenizer.get_vocab()
-    by_id = {i: t for t, i in vocab.items()}
-    added = {a["content"]: a for a in tj.get("added_tokens", [])}
-    tokens, types = [], []
-    for i in range(n_rows):
-        t = by_id.get(i)
-        if t is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif t in added:
-            tokens.append(t)
-            types.append(gguf.TokenType.CONTROL if added[t].get("special") else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(t)
-            types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_tokenizer(config, tj))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    for tok_attr, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                          ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
-        value = getattr(tokenizer, tok_attr, None)
-        if isinstance(value, int):
-            add(value)
-    if "<|im_end|>" in vocab:
-        w.add_eot_token_id(vocab["<|im_end|>"])
-    w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    w.add_chat_template(template)
 
 
 def _permute(weights: Any, n_head: int) -> Any:
@@ -127,13 +79,17 @@ def write(hf_dir: Path, path: Path, *, quant: str, tokenizer: Any, name: str) ->
     w.add_rope_freq_base(float(rope_theta))
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     w.add_rope_dimension_count(head_dim)
+    if config.get("head_dim"):  # as the converter: only when the config states it
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
     w.add_vocab_size(n_rows)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quant == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_tokenizer(w, hf_dir, tokenizer, config, n_rows, tokenizer.chat_template)
+    gguf_vocab.add_tokenizer(w, hf_dir, tokenizer, n_rows)
 
     q8 = gguf.GGMLQuantizationType.Q8_0
-    plan = []  # (hf name, gguf name, kind)
+    plan = []  # (hf name, kind)
+    n_params = 0
     for key in where:
         if key == "lm_head.weight" and tied:
             continue
@@ -153,6 +109,8 @@ def write(hf_dir: Path, path: Path, *, quant: str, tokenizer: Any, name: str) ->
             kind, nbytes, dtype, shape_out = "f16", shape[0] * shape[1] * 2, np.float16, shape
         w.add_tensor_info(target, shape_out, np.dtype(dtype), nbytes, raw_dtype=q8 if kind == "q8_0" else None)
         plan.append((key, kind))
+        n_params += int(np.prod(shape))
+    w.add_size_label(gguf.size_label(n_params, n_params, 0, 0))  # "135M", as the converter labels it
 
     w.write_header_to_file(path)
     w.write_kv_data_to_file()

@@ -27,7 +27,9 @@ def stage_template(base_template: str | None, stages: list[dict[str, str]], defa
     known = ", ".join(tokens)
     body = base_template or PLAIN_TEMPLATE
     # The base template renders into a variable (no whitespace control around it, so its output is
-    # kept byte for byte); the stage token then goes where chat_format.with_stage puts it.
+    # kept byte for byte); the stage token then goes where chat_format.with_stage puts it. Only the
+    # Jinja that every engine implements (docs/TEMPLATES.md): "BOS exactly once" is a split into two
+    # parts, since llama.cpp's engine has no str.count.
     return (
         "{%- set persllm_tokens = " + json.dumps(tokens, ensure_ascii=False) + " -%}"
         "{%- if stage is not defined or stage is none -%}{%- set stage = " + json.dumps(default_stage) + " -%}{%- endif -%}"
@@ -35,7 +37,7 @@ def stage_template(base_template: str | None, stages: list[dict[str, str]], defa
         + known + ")') }}{%- endif -%}"
         "{%- set persllm_token = persllm_tokens[stage] -%}"
         "{% set persllm_body %}" + body + "{% endset %}"
-        "{%- if bos_token and persllm_body.startswith(bos_token) and persllm_body.count(bos_token) == 1 -%}"
+        "{%- if bos_token and persllm_body.startswith(bos_token) and persllm_body.split(bos_token)|length == 2 -%}"
         "{{ bos_token ~ persllm_token ~ persllm_body[bos_token|length:] }}"
         "{%- else -%}{{ persllm_token ~ persllm_body }}{%- endif -%}"
     )
