@@ -7,6 +7,7 @@
 - `BatchStats`: tokens, padding and sample indices seen since the last log line.
 - `ProgressCallback`: progress on stderr (rich when live, plain lines otherwise) and metrics.jsonl.
 - `PlainModes`: checkpoints get ordinary file modes (safetensors writes 0600).
+- `TimeRowRate`: the time-token rows' own learning rate, for SFT and (`dpo_trainer_class`) DPO.
 - `loss_plot`, `model_card`.
 """
 
@@ -104,7 +105,51 @@ class BatchStats:
         return 1 - self.total_tokens / self.total_padded if self.total_padded else 0.0
 
 
-class SFTTrainer(Trainer):
+ROW_PARAMETER = "trainable_tokens_delta"   # PEFT's name for the values of the trainable token rows
+
+
+def split_time_rows(optimizer: torch.optim.Optimizer, model: torch.nn.Module, learning_rate: float) -> int:
+    """Move the trainable time-token rows out of the optimizer's groups into a group of their own
+    with `learning_rate` (no weight decay: a row pulled towards zero drifts towards no stage at
+    all). The scheduler made afterwards scales this group's rate like the others (warm-up, decay).
+    Returns how many parameter tensors moved."""
+    rows = [p for n, p in model.named_parameters() if ROW_PARAMETER in n and p.requires_grad]
+    ids = {id(p) for p in rows}
+    if not rows:
+        return 0
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    optimizer.add_param_group({"params": rows, "lr": learning_rate, "weight_decay": 0.0})
+    return len(rows)
+
+
+class TimeRowRate:
+    """A Trainer mixin: the time-token rows learn at `time_row_lr` (None: with everything else).
+
+    Through the Trainer's own hook, `create_optimizer`, so the optimizer's state (and with it
+    --resume, which reloads that state group by group) and DDP see an ordinary optimizer."""
+
+    time_row_lr: float | None = None
+
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh and self.time_row_lr is not None:
+            split_time_rows(optimizer, model if model is not None else self.model, self.time_row_lr)
+        return optimizer
+
+
+def dpo_trainer_class():
+    """TRL's DPOTrainer with the time rows' own learning rate (TRL imports only when DPO runs)."""
+    from trl import DPOTrainer
+
+    class DPOTrainerRows(TimeRowRate, DPOTrainer):
+        pass
+
+    return DPOTrainerRows
+
+
+class SFTTrainer(TimeRowRate, Trainer):
     """transformers' Trainer with the seeded length-grouped sampler and per-step accounting."""
 
     def __init__(self, *args, lengths: list[int], stats: BatchStats, **kwargs):
