@@ -39,7 +39,7 @@ def project(tmp_path, cli) -> Path:
     assert cli(*args).exit_code == 0
     for sid in ORDER:
         (root / "data" / sid / "knowledge.txt").write_text(
-            "\n".join(f"Harry remembers the {a} and the {b}." for a, b in zip(WORDS[sid], WORDS[sid][1:])) + "\n")
+            "\n".join(f"Harry remembers the {a.title()} and the {b.title()}." for a, b in zip(WORDS[sid], WORDS[sid][1:])) + "\n")
     (root / "build").mkdir()
     train = [_record(f"r{sid}{k}", sid, f"Tell me something, {k}?", staged(sid, k)) for sid in ORDER for k in range(10)]
     test = [_record(f"t{sid}{k}", sid, f"What do you remember, {k}?", staged(sid, k + 1)) for sid in ORDER for k in range(2)]
@@ -75,13 +75,17 @@ def _answers(items: list[Question], swaps: list[Question], answer) -> dict[str, 
 def test_terms_words_and_cjk_pairs():
     assert terms.term_list("The Sorting Hat put Harry in 1991, and then they ate.") == ["sorting", "harry", "1991"]
     assert terms.term_list("我在霍格沃茨。") == ["我在", "在霍", "霍格", "格沃", "沃茨"]
-    material = {"early": ["the wand and the owls"], "middle": ["umbridge, the wand"], "late": ["horcrux and umbridge"]}
+    material = {"early": ["He bought the Wand and saw owls."], "middle": ["Then Umbridge came, with her wand. Everyone said so."],
+                "late": ["He hunted a Horcrux and met Umbridge. He said little."]}
     first = terms.first_stage(material)
-    assert (first["wand"], first["umbridge"], first["horcrux"]) == ("early", "middle", "late")
-    assert terms.own_terms(material, "middle", 5) == []          # umbridge is in late too, wand in early
-    assert terms.own_terms(material, "late", 5) == ["horcrux"]
-    found = terms.future_terms("Umbridge and a horcrux and my wand", "early", ORDER, first, question="What of the horcrux?")
+    # Names only: capitalised inside a sentence somewhere; "said" and "owls" are plain words.
+    assert first == {"wand": "early", "umbridge": "middle", "horcrux": "late"}
+    assert terms.own_terms(material, "middle", 5) == ["came"]   # umbridge is in late too, wand in early; "everyone" a stop word
+    assert terms.own_terms(material, "late", 5) == ["horcrux", "hunted", "little"]   # "met": three letters
+    found = terms.future_terms("Umbridge said a horcrux is my wand", "early", ORDER, first, question="What of the horcrux?")
     assert found == {"middle": ["umbridge"]}                        # horcrux was in the question
+    cjk = terms.first_stage({"early": ["我在霍格沃茨。霍格沃茨很大。"], "late": ["伏地魔死了。伏地魔走了。霍格沃茨"]})
+    assert cjk == {"霍格": "early", "格沃": "early", "沃茨": "early", "伏地": "late", "地魔": "late"}
 
 
 # ---------------------------------------------------------------- known answer sets

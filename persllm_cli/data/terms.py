@@ -5,8 +5,13 @@ in text written without spaces (Chinese, Japanese), every pair of neighbouring C
 term instead (a single character is too common to mean anything). The stages come in chronological
 order, so "new at stage t" means: in t's material and in no earlier stage's.
 
-Two users: eval's judge-free leak check (a term new at a later stage, found in an answer given at an
-earlier one) and train's start for the time-token rows (the terms only one stage has).
+Two users: eval's judge-free leak check (a name new at a later stage, found in an answer given at an
+earlier one: `first_stage`) and train's start for the time-token rows (the terms only one stage has:
+`own_terms`). For the leak check only *names* count: words the material writes with a capital letter
+inside a sentence (people, places, spells, events), and in scripts without capitals the character
+pairs its stage's material uses at least twice. Plain words are no sign of knowing the future: on the
+example persona, with every word counted, 88% of the test set's own early answers held a word that
+first appears in later material ("said", "walk"); with names only, none did.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Iterable, Mapping
 
 _WORD = re.compile(r"[^\W\d_]+|\d+", re.UNICODE)
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")  # scripts without spaces
+_SENTENCE = re.compile(r"(?<=[.!?。！？])\s*|\n+")
 MIN_CHARS = 4
 
 
@@ -55,15 +61,32 @@ def terms(text: str) -> set[str]:
     return set(term_list(text))
 
 
+def names(text: str) -> set[str]:
+    """Words (lowercased, as terms) that `text` writes with a capital letter after a sentence's first word."""
+    out: set[str] = set()
+    for sentence in _SENTENCE.split(text):
+        for w in _WORD.findall(sentence)[1:]:
+            if w[:1].isupper() and len(w) >= MIN_CHARS:
+                out.add(w.lower())
+    return out
+
+
 def first_stage(material: Mapping[str, Iterable[str]]) -> dict[str, str]:
-    """term -> the earliest stage whose material holds it; `material` maps stage id -> texts, in
-    chronological order."""
+    """name -> the earliest stage whose material holds it (see the module docstring for what a name
+    is); `material` maps stage id -> texts, in chronological order."""
+    texts = {stage: list(t) for stage, t in material.items()}
+    capitalised = set().union(*(names(t) for ts in texts.values() for t in ts)) if texts else set()
     seen: dict[str, str] = {}
-    for stage, texts in material.items():
-        for text in texts:
-            for t in terms(text):
-                seen.setdefault(t, stage)
-    return seen
+    for stage, ts in texts.items():
+        counts = Counter(t for text in ts for t in term_list(text))
+        for t, n in counts.items():
+            if t in seen:
+                continue
+            if t in capitalised or (_CJK.match(t) and n >= 2):
+                seen[t] = stage
+            elif not _CJK.match(t):
+                seen.setdefault(t, "")      # a plain word: known from here on, but no name
+    return {t: st for t, st in seen.items() if st}
 
 
 def own_terms(material: Mapping[str, Iterable[str]], stage: str, limit: int) -> list[str]:

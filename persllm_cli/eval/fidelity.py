@@ -14,11 +14,12 @@ Three measures per system, computed from the answers alone (no API, no GPU):
   swap:<stage>:<test id>). Per question: do its answers differ between stages (any two not the
   same text), and is each of them classified as the stage it was asked at? Answers that never
   change with the stage score exactly chance on the second count.
-- future terms: a term (data.terms) that first appears in a later stage's material, found in an
-  answer given at an earlier stage (test and swapped answers alike), and not in the question asked.
-  The rate per pair (stage asked at, stage the term comes from); the terms are listed in
-  future_terms.jsonl next to eval.md. The references' rate, at their own stage, is the floor:
-  common words that happen to be new in a later stage's material count too.
+- future terms: a name (data.terms.first_stage: a word the material capitalises inside a sentence,
+  or in scripts without capitals a character pair used twice) that first appears in a later
+  stage's material, found in an answer given at an earlier stage (test and swapped answers alike)
+  and not in the question asked. The rate per pair (stage asked at, stage the name comes from);
+  the names are listed in future_terms.jsonl next to eval.md. The references' rate, at their own
+  stage, is the floor to read it against.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ HOW_TO_READ = (
     " acts. *Stage swap* asks the same questions at every stage: *answers differ* is the share of questions"
     " whose answers are not all the same, *asked stage recognised* the share of those answers placed at the"
     " stage they were asked at (exactly chance when the answers never change with the stage). *Future terms*"
-    " is the share of answers at a stage with a later one that hold a term first seen in a later stage's"
-    " material and not in the question; the references' rate shows how much of that is ordinary words.")
+    " is the share of answers at a stage with a later one that hold a name (a word the material capitalises"
+    " inside a sentence) first seen in a later stage's material and not in the question. A name the model"
+    " makes up, or a later event told without its names, is not counted; the references' rate is the floor.")
 
 # (label, path in a system's result) for the stderr table and eval.md's main table
 ROWS: list[tuple[str, tuple[str, ...]]] = [
