@@ -118,7 +118,8 @@ def main() -> int:
     ap.add_argument("--steps", default="10,20,40", help="step counts for (b) and (c), comma-separated")
     ap.add_argument("--method", default="sft", choices=("sft", "sft+dpo"))
     ap.add_argument("--row-lr", type=float, default=None, help="(c)'s row rate [default: the setting's default]")
-    ap.add_argument("--lora-lr", type=float, default=2e-4, help="(b)'s row rate: the LoRA rate, as before")
+    ap.add_argument("--learning-rate", type=float, default=2e-4,
+                    help="the LoRA rate of (b) and (c); (b)'s rows learn at it too, as before")
     ap.add_argument("--sweep", default="", help="more row rates for (c), at --sweep-steps")
     ap.add_argument("--sweep-steps", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -133,7 +134,7 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="persllm-fidelity-"))
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": os.getloadavg(), "method": args.method,
-                 "max_new_tokens": args.max_new_tokens, "row_lr": row_lr, "lora_lr": args.lora_lr, "results": []}
+                 "max_new_tokens": args.max_new_tokens, "row_lr": row_lr, "learning_rate": args.learning_rate, "results": []}
 
     def save() -> None:
         if args.json:
@@ -143,18 +144,19 @@ def main() -> int:
     root = make_project(work)
     print(f"project: {root}", file=sys.stderr)
     plan: list[tuple[str, int | str, object]] = []
+    lora = ["--learning-rate", str(args.learning_rate)]
     if not args.skip_base:
         plan.append(("(a) base+prompt", "-", lambda: base_with_prompt(root, args.max_new_tokens)))
     for n in [int(x) for x in args.steps.split(",") if x.strip()]:
         plan.append(("(b) mean rows, LoRA rate", n, lambda n=n: trained(
             root, f"b{n}", n, args.method, args.max_new_tokens,
-            ["--time-token-init", "mean", "--time-token-learning-rate", str(args.lora_lr)])))
+            [*lora, "--time-token-init", "mean", "--time-token-learning-rate", str(args.learning_rate)])))
         plan.append((f"(c) stage rows, row rate {row_lr:g}", n, lambda n=n: trained(
-            root, f"c{n}", n, args.method, args.max_new_tokens, ["--time-token-learning-rate", str(row_lr)])))
+            root, f"c{n}", n, args.method, args.max_new_tokens, [*lora, "--time-token-learning-rate", str(row_lr)])))
     for lr in [float(x) for x in args.sweep.split(",") if x.strip()]:
         plan.append((f"(c) stage rows, row rate {lr:g}", args.sweep_steps, lambda lr=lr: trained(
             root, f"c{args.sweep_steps}-lr{lr:g}", args.sweep_steps, args.method, args.max_new_tokens,
-            ["--time-token-learning-rate", str(lr)])))
+            [*lora, "--time-token-learning-rate", str(lr)])))
     table = []
     for label, steps, job in plan:
         print(f"... {label} at {steps} steps (load {os.getloadavg()[0]:.1f})", file=sys.stderr)

@@ -309,6 +309,12 @@ def loss_plot(metrics_path: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def _rows_line(rows: dict[str, Any], s: dict[str, Any]) -> str:
+    start = "each from its stage's meaning" if rows.get("init") == "stage" else "all from the vocabulary's mean"
+    rate = rows.get("learning_rate")
+    return f"{start}; learning rate {rate if rate is not None else str(s['learning_rate']) + ', with the LoRA'}"
+
+
 def model_card(info: dict[str, Any]) -> str:
     stages = "\n".join(f"| `{s['token']}` | {s['id']} | {s['label']} |" for s in info["stages"])
     s = info["settings"]
@@ -331,7 +337,7 @@ time token:
 
 - method: {info['method']}; {'QLoRA (4-bit NF4 base)' if info['hardware'].get('quantized') else 'LoRA (' + info['hardware'].get('dtype', '') + ' base)'}
 - LoRA r={s['lora_r']}, alpha={s['lora_alpha']}, dropout={s['lora_dropout']}, all linear layers, plus the
-  time-token embedding rows
+  time-token embedding rows ({_rows_line(info.get('time_rows') or {}, s)})
 - learning rate {s['learning_rate']}, batch {s['batch_size']} x grad accum {s['grad_accum']} x {info['hardware'].get('processes', 1)} process(es), seed {s['seed']}
 - steps: {info.get('steps')}; final loss: {info.get('final_loss')}
 - tokens/s: {info.get('tokens_per_second')}; peak memory: {info.get('peak_memory_gb')} GB; padding waste: {info.get('padding_waste')}
