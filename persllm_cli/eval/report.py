@@ -244,7 +244,7 @@ def write(report_dir: Path, result: dict[str, Any], s) -> None:
     records.write_text_atomic(report_dir / "eval.json", text + "\n")
     records.write_text_atomic(report_dir / "eval.md", markdown(result))
     chart(result, report_dir / "eval.png")
-    records.write_meta(report_dir / "eval.json", command="eval", settings=public_settings(s), inputs=[s.test, *s.pool],
+    records.write_meta(report_dir / "eval.json", command="eval", settings=public_settings(s), inputs=[s.test, s.train, *s.pool],
                        counts={"items": result["items"], "systems": len(result["systems"])}, seconds=result.get("seconds"))
     console.table("persllm eval", ["metric", *result["systems"]], rows(result))
     console.note(f"report: {report_dir / 'eval.md'}")
