@@ -270,6 +270,8 @@ def train(
     lora_alpha: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'lora_alpha'))] = None,
     lora_dropout: Annotated[Optional[float], Opt(help=_h(TrainSettings, 'lora_dropout'))] = None,
     learning_rate: Annotated[Optional[float], Opt(help=_h(TrainSettings, 'learning_rate'))] = None,
+    time_token_learning_rate: Annotated[Optional[float], Opt(help=_h(TrainSettings, 'time_token_learning_rate'))] = None,
+    time_token_init: Annotated[Optional[str], Opt(help=_h(TrainSettings, 'time_token_init'))] = None,
     epochs: Annotated[Optional[float], Opt(help=_h(TrainSettings, 'epochs'))] = None,
     max_steps: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'max_steps'))] = None,
     batch_size: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'batch_size'))] = None,
@@ -357,6 +359,8 @@ def eval_(
     ctx: typer.Context,
     run: Annotated[Optional[list[Path]], typer.Argument(help=_h(EvalSettings, 'run'), metavar='RUN')] = None,
     test: Annotated[Optional[Path], Opt(help=_h(EvalSettings, 'test'), metavar='FILE')] = None,
+    train: Annotated[Optional[Path], Opt(help=_h(EvalSettings, 'train'), metavar='FILE')] = None,
+    swap_questions: Annotated[Optional[int], Opt(help=_h(EvalSettings, 'swap_questions'), metavar='N')] = None,
     api_model: Annotated[Optional[str], Opt(help=_h(EvalSettings, 'api_model'), metavar='M')] = None,
     base_url: Annotated[Optional[str], Opt(help=_h(EvalSettings, 'base_url'), metavar='URL')] = None,
     pool: Annotated[Optional[list[Path]], Opt(help=_h(EvalSettings, 'pool'), metavar='FILE')] = None,
@@ -378,7 +382,7 @@ def eval_(
 ) -> int:
     """Answer the test questions and measure how well each persona stays itself and in its stage.
 
-    Reports BLEU between answers (within a stage, across stages, across personas), BLEU and ROUGE-L against the reference answers and, with --judge, an LLM judge's verdicts. Answers are saved and reused: a rerun only generates what is missing. Writes eval.md, eval.png and eval.json; exits 3 when some answers or verdicts are missing (rerun to retry).
+    Reports stage fidelity without a judge (a stage classifier's accuracy, the same questions asked at every stage, later stages' terms in earlier answers), BLEU between answers (within a stage, across stages, across personas), BLEU and ROUGE-L against the reference answers and, with --judge, an LLM judge's verdicts. Answers are saved and reused: a rerun only generates what is missing. Writes eval.md, eval.png and eval.json; exits 3 when some answers or verdicts are missing (rerun to retry).
     """
     from persllm_cli.eval import command as stage
 

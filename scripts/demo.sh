@@ -7,7 +7,14 @@ DEMO_DIR="${DEMO_DIR:-demo}"
 STEPS="${STEPS:-10}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
-step() { printf '\n==> %s\n' "$*" >&2; }
+last=$start
+# Each step says how long the one before took, and the load average (the box may be shared).
+step() {
+  now=$(date +%s)
+  [ -n "${started_one:-}" ] && printf '(%s s; load average %s)\n' "$((now - last))" "$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo ?)" >&2
+  last=$now started_one=1
+  printf '\n==> %s\n' "$*" >&2
+}
 # Exit 3 means "some items failed after retries" (rerun to retry them): fine for a demo.
 partial_ok() { "$@" || { rc=$?; [ "$rc" -eq 3 ] || exit "$rc"; echo "(exit 3: some items failed; a rerun retries them)" >&2; }; }
 
@@ -37,8 +44,11 @@ persllm dpo --skip 1
 step "persllm tokenize --base smollm2-135m --time-tokens 3 --general general.jsonl --repeat 2"
 persllm tokenize --base smollm2-135m --time-tokens 3 --general general.jsonl --repeat 2 --max-length 512
 
-step "persllm train --method sft+dpo --max-steps $STEPS (SFT, then DPO from the SFT adapter; CPU: LoRA in float32)"
-persllm train --method sft+dpo --max-steps "$STEPS" --batch-size 2 --grad-accum 1 --output runs/demo
+step "persllm train --method sft+dpo --max-steps $STEPS --learning-rate 1e-3 (SFT, then DPO from the SFT adapter; CPU: LoRA in float32)"
+# A 135M model and ten steps: at the default LoRA rate (2e-4, for real runs) it still answers as a
+# chatbot ("as an AI, I don't have memories"); at 1e-3 it answers in the first person. The time-token
+# rows start from each stage's meaning and learn at their own rate (--time-token-learning-rate).
+persllm train --method sft+dpo --max-steps "$STEPS" --learning-rate 1e-3 --batch-size 2 --grad-accum 1 --output runs/demo
 
 ask() {  # stage, question
   step "persllm chat --stage $1 --prompt '$2'"
@@ -76,7 +86,7 @@ PY
 kill -TERM "$server"; wait "$server"
 cat build/serve.log >&2
 
-step "persllm eval (answers the held-out test questions; BLEU within and across stages, and against the references)"
+step "persllm eval (the held-out questions, and each asked again at the other stages; stage fidelity without a judge, BLEU)"
 persllm eval --max-new-tokens 48
 
 end=$(date +%s)

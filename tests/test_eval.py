@@ -143,6 +143,9 @@ def project(tmp_path, cli) -> Path:
     for sid, label in STAGES:
         args += ["--stage", f"{sid}:{label}"]
     assert cli(*args).exit_code == 0
+    # These tests count questions, batches and requests; stage swap (more questions) is tested in test_fidelity.py.
+    with open(root / "persllm.toml", "a", encoding="utf-8") as f:
+        f.write("\n[eval]\nswap_questions = 0\n")
     recs = [_record(i, "early" if i < 4 else "late", "error" if i in (1, 5) else "ordinary") for i in range(7)]
     (root / "build").mkdir()
     (root / "build" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))

@@ -26,7 +26,7 @@ from typing import Any
 
 from persllm_cli.core import console
 from persllm_cli.eval import answers as eval_answers
-from persllm_cli.eval import judge, protocols
+from persllm_cli.eval import fidelity, judge, protocols
 from persllm_cli.data import records
 from persllm_cli.data.lock import hold
 from persllm_cli.core.project import Project, check_stage
@@ -207,16 +207,20 @@ def _run(project: Project | None, s: EvalSettings, t0: float, items: list[TestIt
             if not pricing(model, prices).known:
                 console.note(f"no price known for {model!r}: --budget-usd cannot limit its requests "
                              "(add it under [annotate.prices] in persllm.toml)")
-    leaks = leak_items(stage_order(project, systems, items), items, s.leak_questions, s.seed) if s.judge else []
+    order = stage_order(project, systems, items)
+    leaks = leak_items(order, items, s.leak_questions, s.seed) if s.judge else []
+    swaps = fidelity.swap_items(order, items, s.swap_questions, s.seed)  # stage fidelity: always, no judge
     # A trained run also answers the leak questions with no stage token: the leak rate without
     # the tokens is what the tokens are measured against.
     bare = no_token_items(leaks)
     leak_answers: dict[str, dict[str, records.Record]] = {}
+    swap_answers: dict[str, dict[str, records.Record]] = {}
     item_ids = {i.id for i in items}
     for system in systems:
-        asked = items + leaks + (bare if system.kind == "run" else [])
+        asked = items + swaps + leaks + (bare if system.kind == "run" else [])
         got, failed, spend = eval_answers.generate(system, asked, s, prices=prices, budget=budget)
         answers[system.name] = {k: r for k, r in got.items() if k in item_ids}
+        swap_answers[system.name] = {k: r for k, r in got.items() if k.startswith(fidelity.SWAP)}
         leak_answers[system.name] = {k: r for k, r in got.items() if k not in item_ids}
         if spend is not None:
             spends[system.name] = spend
@@ -228,6 +232,8 @@ def _run(project: Project | None, s: EvalSettings, t0: float, items: list[TestIt
 
     result = evalreport.score(systems, items, answers, pools, s)
     report_dir = s.output or (systems[0].dir if len(systems) == 1 else (project.root if project else Path.cwd()) / "build" / "eval")
+    fidelity.add(result, report_dir, project, s.train, order, systems, items,
+                 {name: {**answers[name], **swap_answers[name]} for name in answers})
     if judge_backend is not None:
         failed_total += judge_all(judge_backend, systems, items, answers, s, result, prices, budget,
                                   leaks=leaks, leak_answers=leak_answers, shared_dir=report_dir)

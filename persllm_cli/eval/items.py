@@ -15,6 +15,11 @@ class EvalSettings:
     run: list[Path] = setting([],
                               help='Run directories to evaluate side by side, e.g. runs/sft runs/sft-dpo. [default: runs/latest, unless --api-model is given]')
     test: Path = setting(Path("build/test.jsonl"), help='Test records (questions with reference answers).')
+    train: Path = setting(Path("build/train.jsonl"), help=(
+        "Training records: their answers, labelled by stage (with the project's material), fit the stage "
+        "classifier of the stage-fidelity figures."))
+    swap_questions: int = setting(20, at_least=0, help=(
+        "Test questions asked again at every other stage, for the stage-swap figures (0: none)."))
     api_model: str | None = setting(None,
                                     help='Also evaluate this OpenAI-compatible model, prompted with the persona and stage (a baseline without training).')
     base_url: str | None = setting(None,

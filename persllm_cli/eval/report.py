@@ -16,6 +16,7 @@ from persllm_cli.data import metrics
 from persllm_cli.data import records
 from persllm_cli.core.settings import public_settings
 from persllm_cli.eval.protocols import PROTOCOLS
+from persllm_cli.eval import fidelity
 
 # (label, path in a system's result)
 ROWS: list[tuple[str, tuple[str, ...]]] = [
@@ -105,10 +106,14 @@ def _fmt(v: Any) -> str:
 def rows(result: dict[str, Any]) -> list[list[str]]:
     systems = result["systems"]
     out = [["answered"] + [f"{v['answered']}/{result['items']}" for v in systems.values()]]
-    wanted = ROWS + (JUDGE_ROWS if result.get("judge") else [])
+    wanted = ROWS + (fidelity.ROWS if _fidelity_measured(result) else []) + (JUDGE_ROWS if result.get("judge") else [])
     for label, path in wanted:
         out.append([label] + [_fmt(_get(v, path)) for v in systems.values()])
     return out
+
+
+def _fidelity_measured(result: dict[str, Any]) -> bool:
+    return bool(result.get("fidelity")) and not result["fidelity"].get("skipped")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -120,7 +125,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["Other personas from --pool: " + ", ".join(f"{p} ({n} answers)" for p, n in result["pools"].items()), ""]
     lines += ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
-    lines += ["", "![metrics](eval.png)", "", "## Reference overlap by stage", "",
+    lines += ["", "![metrics](eval.png)", "", *fidelity.markdown(result), "## Reference overlap by stage", "",
               "| system | stage | items | BLEU | ROUGE-L |", "|---|---|---:|---:|---:|"]
     for name, v in result["systems"].items():
         for st, ov in v["reference"]["by_stage"].items():
@@ -132,6 +137,8 @@ def markdown(result: dict[str, Any]) -> str:
               " its groups (stages, stage pairs, personas). A persona that stays itself and in its time has"
               " intra > cross-stage > cross-persona.",
               "- Reference overlap: corpus BLEU and mean ROUGE-L F1 (0-100) of the answers against the test set's answers."]
+    if _fidelity_measured(result):
+        lines.append(fidelity.HOW_TO_READ)
     if result.get("judge"):
         j = result["judge"]
         leak_rows = [(name, st, v["judge"]["leak_by_stage"][st]) for name, v in result["systems"].items()
@@ -192,6 +199,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
     names = list(result["systems"])
     panels = [("Distinction (BLEU)", ROWS[:3]),
               ("Against the references (0-100)", ROWS[3:] + (_charted("share") if result.get("judge") else []))]
+    if _fidelity_measured(result):
+        panels.append(("Stage fidelity (%)", fidelity.ROWS))
     if result.get("judge"):
         panels.append(("Judge scores", _charted("score")))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
@@ -229,7 +238,7 @@ def write(report_dir: Path, result: dict[str, Any], s) -> None:
     records.write_text_atomic(report_dir / "eval.json", text + "\n")
     records.write_text_atomic(report_dir / "eval.md", markdown(result))
     chart(result, report_dir / "eval.png")
-    records.write_meta(report_dir / "eval.json", command="eval", settings=public_settings(s), inputs=[s.test, *s.pool],
+    records.write_meta(report_dir / "eval.json", command="eval", settings=public_settings(s), inputs=[s.test, s.train, *s.pool],
                        counts={"items": result["items"], "systems": len(result["systems"])}, seconds=result.get("seconds"))
     console.table("persllm eval", ["metric", *result["systems"]], rows(result))
     console.note(f"report: {report_dir / 'eval.md'}")

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +27,9 @@ from persllm_cli.core.errors import PersllmError
 from persllm_cli.model.bases import is_quantized
 from persllm_cli.data.records import versions
 from persllm_cli.train.settings import TrainSettings, check_tokenizer, data_hashes
-from persllm_cli.train.trainer import (BatchStats, PlainModes, ProgressCallback, SFTTrainer, every_rank, loss_plot,
-                                       model_card, pad_collate, read_metrics, reporting, trim_metrics)
+from persllm_cli.train.trainer import (BatchStats, PlainModes, ProgressCallback, SFTTrainer, dpo_trainer_class, every_rank,
+                                       loss_plot, model_card, pad_collate, read_metrics, reporting, trim_metrics)
+from persllm_cli.model.time_rows import StageMeaning
 
 OOM_HINT = ("out of GPU memory; reduce --batch-size (and raise --grad-accum to keep the effective batch), "
             "tokenize with a lower --max-length, or use --qlora")
@@ -63,6 +65,53 @@ def last_checkpoint(folder: Path) -> Path | None:
     found = [(int(p.name.split("-")[-1]), p) for p in Path(folder).glob("checkpoint-*")
              if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
     return max(found)[1] if found else None
+
+
+@dataclass(frozen=True)
+class TimeRows:
+    """How this run starts and trains the time-token rows."""
+
+    meanings: list[StageMeaning] | None   # None: the shared mean (as runs were trained before)
+    learning_rate: float | None           # None: at the LoRA learning rate, in the LoRA's optimizer group
+
+
+def time_rows(project: Project, s: TrainSettings, meta: dict, run_dir: Path) -> TimeRows:
+    """The rows' start and rate from the settings; a resumed run that began before rows had either
+    keeps training as it began (its checkpoints' optimizer state has no group for the rows)."""
+    if s.resume and _began_before_time_rows(run_dir):
+        if int(os.environ.get("RANK", 0)) == 0:
+            console.note("this run began before time tokens had their own start and learning rate; "
+                         "it continues as it began (shared mean rows, at --learning-rate)")
+        return TimeRows(None, None)
+    if s.time_token_init == "mean":
+        return TimeRows(None, s.time_token_learning_rate)
+    from persllm_cli.data import corpus
+    from persllm_cli.model.time_rows import meanings
+
+    material = {st.id: [p.text for f in (project.knowledge_file(st), project.style_file(st))
+                        for p in corpus.read_paragraphs(f, required=False)] for st in project.stages}
+    return TimeRows(meanings(meta["stages"], material), s.time_token_learning_rate)
+
+
+def _began_before_time_rows(run_dir: Path) -> bool:
+    """Whether run.json says this run trained its rows in the LoRA's optimizer group (written before
+    the rows had a group of their own, or a resumed one of those: both keep `learning_rate` None)."""
+    try:
+        data = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (data.get("time_rows") or {}).get("learning_rate") is None
+
+
+def _base_for_training(s: TrainSettings, rank: "Rank", device: str, tok, base_path: str, rows: TimeRows):
+    """The base, resized for the time tokens, their rows started (before PEFT copies them)."""
+    from persllm_cli.model.bases import load_for_training
+    from persllm_cli.model.time_rows import init_time_rows
+
+    model = load_for_training(base_path, qlora=s.qlora, device=device, local_rank=rank.local, vocab_size=len(tok))
+    if rows.meanings:
+        init_time_rows(model, tok, rows.meanings)
+    return model
 
 
 class Rank:
@@ -108,18 +157,15 @@ def _train(trainer, resume_from: Path | None):
         raise PersllmError(OOM_HINT) from None
 
 
-def _sft(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path):
+def _sft(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path, rows: TimeRows):
     from peft import get_peft_model
     from transformers import TrainingArguments, set_seed
-
-    from persllm_cli.model.bases import load_for_training
 
     examples = [json.loads(line) for line in (Path(s.data) / "sft.jsonl").read_text(encoding="utf-8").splitlines()
                 if line.strip()]
     dataset = [{"input_ids": e["input_ids"], "labels": e["labels"], "index": i} for i, e in enumerate(examples)]
     set_seed(s.seed)
-    model = load_for_training(base_path, qlora=s.qlora, device=device, local_rank=rank.local, vocab_size=len(tok))
-    model = get_peft_model(model, lora_config(s, token_ids))
+    model = get_peft_model(_base_for_training(s, rank, device, tok, base_path, rows), lora_config(s, token_ids))
     _small_saves(model)
     model.train()
     args = _training_args(TrainingArguments, s, ckpt, device, rank.world, len(dataset))
@@ -127,25 +173,25 @@ def _sft(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
     progress = ProgressCallback(metrics, "sft", stats, rank.world)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=pad_collate(tok.pad_token_id),
                          lengths=[len(e["input_ids"]) for e in dataset], stats=stats, callbacks=[progress, PlainModes()])
+    trainer.time_row_lr = rows.learning_rate
     _remove_printer(trainer)
     out = _train(trainer, resume)
     return trainer, model, {"tokens_per_second": progress.tokens_per_second, "padding_waste": round(stats.padding_waste, 4),
                             "steps": trainer.state.global_step, "train_loss": out.training_loss}
 
 
-def _dpo(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path, sft_adapter: Path | None, meta):
+def _dpo(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path, sft_adapter: Path | None, meta,
+         rows: TimeRows):
     import datasets
     from peft import PeftModel
     from transformers import set_seed
-    from trl import DPOConfig, DPOTrainer
-
-    from persllm_cli.model.bases import load_for_training
+    from trl import DPOConfig
 
     pairs = [json.loads(line) for line in (Path(s.data) / "dpo.jsonl").read_text(encoding="utf-8").splitlines()
              if line.strip()]
     ds = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     set_seed(s.seed)
-    model = load_for_training(base_path, qlora=s.qlora, device=device, local_rank=rank.local, vocab_size=len(tok))
+    model = _base_for_training(s, rank, device, tok, base_path, rows)  # the SFT adapter's rows replace the start
     peft_config = None
     if sft_adapter is not None:
         model = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)
@@ -154,8 +200,9 @@ def _dpo(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
     args = _training_args(DPOConfig, s, ckpt, device, rank.world, len(ds), beta=s.beta,
                           max_length=meta.get("max_length"), precompute_ref_log_probs=False)
     progress = ProgressCallback(metrics, "dpo", None, rank.world)
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
-                         peft_config=peft_config, callbacks=[progress, PlainModes()])
+    trainer = dpo_trainer_class()(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
+                                  peft_config=peft_config, callbacks=[progress, PlainModes()])
+    trainer.time_row_lr = rows.learning_rate
     _remove_printer(trainer)
     _small_saves(trainer.model)
     _copy_ref_token_rows(trainer.model)
@@ -233,7 +280,7 @@ def _peak_memory_gb(device: str) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
-def _run_phases(s, rank, device, tok, meta, run_dir, token_ids, base_path):
+def _run_phases(s, rank, device, tok, meta, run_dir, token_ids, base_path, rows: TimeRows):
     """SFT and/or DPO; in sft+dpo the SFT adapter is saved first and DPO starts from it."""
     ckpt_root = run_dir / "checkpoints"
     metrics = run_dir / "metrics.jsonl"
@@ -254,7 +301,7 @@ def _run_phases(s, rank, device, tok, meta, run_dir, token_ids, base_path):
         if phase == "sft":
             with reporting(s.report_to, run_dir, phase):
                 trainer, model, results[phase] = _sft(s, rank, device, tok, s.data, ckpt_root / "sft", metrics, resume,
-                                                      token_ids, base_path)
+                                                      token_ids, base_path, rows)
             if len(phases) > 1:
                 if rank.main:
                     _save_adapter(model, sft_adapter)
@@ -263,7 +310,8 @@ def _run_phases(s, rank, device, tok, meta, run_dir, token_ids, base_path):
         else:
             with reporting(s.report_to, run_dir, phase):
                 trainer, model, results[phase] = _dpo(s, rank, device, tok, s.data, ckpt_root / "dpo", metrics, resume,
-                                                      token_ids, base_path, sft_adapter if "sft" in phases else None, meta)
+                                                      token_ids, base_path, sft_adapter if "sft" in phases else None, meta,
+                                                      rows)
     return trainer, model, results
 
 
@@ -287,10 +335,13 @@ def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) ->
         console.note("No CUDA here (or --nproc): training LoRA on a float32 base on CPU; QLoRA needs a GPU.")
     ckpt_root = run_dir / "checkpoints"
     metrics = run_dir / "metrics.jsonl"
+    rows = time_rows(project, s, meta, run_dir)
     info = {"persona": project.name, "base": base_name, "base_path": base_path,
             "stages": [{"id": st["id"], "label": st["label"], "token": st["token"]} for st in meta["stages"]],
             "method": s.method, "settings": public_settings(s), "data": data_hashes(s.data, meta),
             "versions": versions(), "hardware": _hardware(device, rank, s), "run_name": f"runs/{run_dir.name}",
+            "time_rows": {"init": "stage" if rows.meanings else "mean", "learning_rate": rows.learning_rate,
+                          "meanings": [m.text for m in rows.meanings or []]},
             "complete": False}
     if rank.main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -298,7 +349,7 @@ def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) ->
     t_start = time.monotonic()
     phases = s.method.split("+")
     try:
-        trainer, model, results = _run_phases(s, rank, device, tok, meta, run_dir, token_ids, base_path)
+        trainer, model, results = _run_phases(s, rank, device, tok, meta, run_dir, token_ids, base_path, rows)
     except torch.cuda.OutOfMemoryError:
         raise PersllmError(OOM_HINT) from None
     if model is None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.core.settings import setting
 from persllm_cli.data import records
+from persllm_cli.model.time_rows import INITS
 
 METHODS = ("sft", "dpo", "sft+dpo")
 # --report-to: transformers' own reporters persllm passes on, and the package each needs.
@@ -28,6 +29,14 @@ class TrainSettings:
     lora_alpha: int = setting(32, more_than=0, help='')
     lora_dropout: float = setting(0.05, at_least=0, less_than=1, help='')
     learning_rate: float = setting(2e-4, more_than=0, less_than=math.inf, help='')
+    time_token_learning_rate: float = setting(
+        1e-2, more_than=0, less_than=math.inf,
+        help='Learning rate of the time-token embedding rows (the LoRA weights keep --learning-rate): '
+             'at the LoRA rate a short run leaves the stages nearly alike.')
+    time_token_init: str = setting(
+        "stage", choices=INITS,
+        help="Where each time-token row starts: stage (the mean embedding of the stage's id, label and the "
+             "terms only its material has) or mean (one shared mean of the vocabulary, as before).")
     epochs: float = setting(1.0, more_than=0, less_than=math.inf, help='')
     max_steps: int | None = setting(None, at_least=1, help='Stop after N optimizer steps (overrides --epochs).')
     batch_size: int = setting(4, at_least=1, help='Per-device micro batch.')

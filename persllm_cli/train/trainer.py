@@ -8,6 +8,7 @@
 - `ProgressCallback`: progress on stderr (rich when live, plain lines otherwise) and metrics.jsonl.
 - `PlainModes`: checkpoints get ordinary file modes (safetensors writes 0600).
 - `reporting`: where transformers' own reporters (`--report-to`) write, one phase at a time.
+- `TimeRowRate`: the time-token rows' own learning rate, for SFT and (`dpo_trainer_class`) DPO.
 - `loss_plot`, `model_card`.
 """
 
@@ -105,7 +106,51 @@ class BatchStats:
         return 1 - self.total_tokens / self.total_padded if self.total_padded else 0.0
 
 
-class SFTTrainer(Trainer):
+ROW_PARAMETER = "trainable_tokens_delta"   # PEFT's name for the values of the trainable token rows
+
+
+def split_time_rows(optimizer: torch.optim.Optimizer, model: torch.nn.Module, learning_rate: float) -> int:
+    """Move the trainable time-token rows out of the optimizer's groups into a group of their own
+    with `learning_rate` (no weight decay: a row pulled towards zero drifts towards no stage at
+    all). The scheduler made afterwards scales this group's rate like the others (warm-up, decay).
+    Returns how many parameter tensors moved."""
+    rows = [p for n, p in model.named_parameters() if ROW_PARAMETER in n and p.requires_grad]
+    ids = {id(p) for p in rows}
+    if not rows:
+        return 0
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    optimizer.add_param_group({"params": rows, "lr": learning_rate, "weight_decay": 0.0})
+    return len(rows)
+
+
+class TimeRowRate:
+    """A Trainer mixin: the time-token rows learn at `time_row_lr` (None: with everything else).
+
+    Through the Trainer's own hook, `create_optimizer`, so the optimizer's state (and with it
+    --resume, which reloads that state group by group) and DDP see an ordinary optimizer."""
+
+    time_row_lr: float | None = None
+
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh and self.time_row_lr is not None:
+            split_time_rows(optimizer, model if model is not None else self.model, self.time_row_lr)
+        return optimizer
+
+
+def dpo_trainer_class():
+    """TRL's DPOTrainer with the time rows' own learning rate (TRL imports only when DPO runs)."""
+    from trl import DPOTrainer
+
+    class DPOTrainerRows(TimeRowRate, DPOTrainer):
+        pass
+
+    return DPOTrainerRows
+
+
+class SFTTrainer(TimeRowRate, Trainer):
     """transformers' Trainer with the seeded length-grouped sampler and per-step accounting."""
 
     def __init__(self, *args, lengths: list[int], stats: BatchStats, **kwargs):
@@ -296,6 +341,12 @@ def loss_plot(metrics_path: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def _rows_line(rows: dict[str, Any], s: dict[str, Any]) -> str:
+    start = "each from its stage's meaning" if rows.get("init") == "stage" else "all from the vocabulary's mean"
+    rate = rows.get("learning_rate")
+    return f"{start}; learning rate {rate if rate is not None else str(s['learning_rate']) + ', with the LoRA'}"
+
+
 def model_card(info: dict[str, Any]) -> str:
     stages = "\n".join(f"| `{s['token']}` | {s['id']} | {s['label']} |" for s in info["stages"])
     s = info["settings"]
@@ -318,7 +369,7 @@ time token:
 
 - method: {info['method']}; {'QLoRA (4-bit NF4 base)' if info['hardware'].get('quantized') else 'LoRA (' + info['hardware'].get('dtype', '') + ' base)'}
 - LoRA r={s['lora_r']}, alpha={s['lora_alpha']}, dropout={s['lora_dropout']}, all linear layers, plus the
-  time-token embedding rows
+  time-token embedding rows ({_rows_line(info.get('time_rows') or {}, s)})
 - learning rate {s['learning_rate']}, batch {s['batch_size']} x grad accum {s['grad_accum']} x {info['hardware'].get('processes', 1)} process(es), seed {s['seed']}
 - steps: {info.get('steps')}; final loss: {info.get('final_loss')}
 - tokens/s: {info.get('tokens_per_second')}; peak memory: {info.get('peak_memory_gb')} GB; padding waste: {info.get('padding_waste')}
