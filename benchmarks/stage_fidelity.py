@@ -65,7 +65,7 @@ def base_with_prompt(root: Path, max_new_tokens: int) -> dict:
     from persllm_cli.eval import fidelity
     from persllm_cli.eval.command import read_test, stage_order
     from persllm_cli.eval.items import System
-    from persllm_cli.llm.backends import LocalBackend
+    from persllm_cli.llm.registry import make_backend
     from persllm_cli.model.generate import Sampling
     from persllm_cli.persona.api import ApiSpeaker
 
@@ -73,7 +73,7 @@ def base_with_prompt(root: Path, max_new_tokens: int) -> dict:
     items = read_test(root / "build" / "test.jsonl", None)
     order = stage_order(project, [], items)
     swaps = fidelity.swap_items(order, items, 20, 0)   # eval's default --swap-questions and --seed
-    speaker = ApiSpeaker(LocalBackend("smollm2-135m"), project.name, project.description,
+    speaker = ApiSpeaker(make_backend("local", "smollm2-135m"), project.name, project.description,
                          [(s.id, s.label) for s in project.stages], Sampling(max_new_tokens=max_new_tokens, temperature=0.0))
     t0 = time.perf_counter()
     answers = {}
