@@ -32,6 +32,9 @@ step "persllm annotate --backend local --limit 3 (the embedded 135M model writes
 PERSLLM_ANNOTATE_KNOWLEDGE_WORDS=300 PERSLLM_ANNOTATE_STYLE_WORDS=100 PERSLLM_ANNOTATE_MAX_TOKENS=96 \
   partial_ok persllm annotate --backend local --limit 3 --pattern ordinary --concurrency 1 --max-retries 1
 
+step "persllm annotate --batch-file (the same requests as one file for the OpenAI Batch API or vllm run-batch; nothing sent)"
+persllm annotate --limit 4 --batch-file build/requests.jsonl
+
 step "persllm dedup"
 persllm dedup
 
@@ -67,6 +70,9 @@ persllm export --format hf -o export/hf --force
 step "persllm export --format ollama --no-check (a GGUF with the time tokens, and one Modelfile per stage)"
 persllm export --format ollama -o export/ollama --force --no-check
 ls -l export/ollama >&2
+step "persllm export --format card (one chara_card_v2 per stage, JSON and PNG, naming the model demo@STAGE for a chat front-end)"
+persllm export --format card -o export/cards --force
+ls export/cards >&2
 
 step "persllm serve (OpenAI-compatible API and chat page), asked once with the openai client, then stopped with SIGTERM"
 persllm serve --port 0 2> build/serve.log &
