@@ -94,8 +94,15 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
     return wrapper
 
 
-def _settings(ctx: typer.Context, cls: type, section: str, flags: dict[str, Any], *, project_required: bool = True):
+def _settings(ctx: typer.Context, cls: type, section: str, *, project_required: bool = True,
+              renamed: dict[str, str] | None = None) -> tuple[Project | None, Any]:
+    """The project and this command's settings, resolved from its flags: `ctx.params`, the parsed
+    values by parameter name, each under its field's name (`renamed` maps a flag to a differently
+    named field). Click gives a list flag that was not given as `()`: not given, like None."""
     console.quiet_libraries()
+    flags = {name: None if value == () else value for name, value in ctx.params.items()}
+    for flag, name in (renamed or {}).items():
+        flags[name] = flags.pop(flag)
     project = ctx.obj.project(required=project_required)
     return project, resolve(cls, section, flags, project)
 
@@ -121,10 +128,10 @@ def init(
                                               cards=from_card or []))
 
 
-
-# Each command below passes its flags (None = not given) to core.settings.resolve, which layers
-# them over persllm.toml and PERSLLM_* variables, then calls the stage. Field names of the stage's
-# settings dataclass match the flag names; each flag's help and default come from that field.
+# Each command below passes its parsed flags (ctx.params; None = not given) to
+# core.settings.resolve, which layers them over persllm.toml and PERSLLM_* variables, then calls the
+# stage. Field names of the stage's settings dataclass match the parameter names (a rename is given
+# to _settings); each flag's help and default come from that field.
 
 Opt = typer.Option
 
@@ -159,11 +166,9 @@ def annotate(
     batch: Annotated[Optional[bool], Opt('--batch', help=_h(AnnotateSettings, 'batch'))] = None,
 ) -> int:
     """Write persona Q&A records from the project's material with an LLM (resumable, accounted)."""
-    flags = dict(locals())
-    flags["stages"] = flags.pop("stage")
     from persllm_cli.annotate import command as annotate_stage
 
-    project, settings = _settings(ctx, AnnotateSettings, "annotate", flags)
+    project, settings = _settings(ctx, AnnotateSettings, "annotate", renamed={"stage": "stages"})
     return annotate_stage.run(project, settings)
 
 
@@ -181,7 +186,7 @@ def dedup(
     """Drop failed records and near-duplicate questions (greedy, in file order)."""
     from persllm_cli.curate import dedup as stage
 
-    project, settings = _settings(ctx, DedupSettings, "dedup", dict(locals()))
+    project, settings = _settings(ctx, DedupSettings, "dedup")
     return stage.run(project, settings)
 
 
@@ -200,7 +205,7 @@ def split(
     """Split into train and test, stratified by stage and pattern, never splitting a seed paragraph."""
     from persllm_cli.curate import split as stage
 
-    project, settings = _settings(ctx, SplitSettings, "split", dict(locals()))
+    project, settings = _settings(ctx, SplitSettings, "split")
     return stage.run(project, settings)
 
 
@@ -229,7 +234,7 @@ def dpo(
     """Build chosen/rejected preference pairs (TRL's conversational format, with provenance)."""
     from persllm_cli.curate import dpo as stage
 
-    project, settings = _settings(ctx, DpoSettings, "dpo", dict(locals()))
+    project, settings = _settings(ctx, DpoSettings, "dpo")
     annotator = resolve(AnnotateSettings, "annotate", {}, project) if settings.mode == "generate" else None
     return stage.run(project, settings, annotator)
 
@@ -252,7 +257,7 @@ def tokenize(
     """Render with the chat template, add time tokens, mask non-assistant labels."""
     from persllm_cli.train import tokenize as stage
 
-    project, settings = _settings(ctx, TokenizeSettings, "tokenize", dict(locals()))
+    project, settings = _settings(ctx, TokenizeSettings, "tokenize")
     return stage.run(project, settings)
 
 
@@ -288,7 +293,7 @@ def train(
     """Train a LoRA/QLoRA adapter with SFT, DPO, or SFT then DPO."""
     from persllm_cli.train import command as stage
 
-    project, settings = _settings(ctx, TrainSettings, "train", dict(locals()))
+    project, settings = _settings(ctx, TrainSettings, "train")
     return stage.run(project, settings)
 
 
@@ -316,10 +321,9 @@ def chat(
 
     --api-model M talks to an OpenAI-compatible model instead (key from OPENAI_API_KEY), giving it the chosen stage's knowledge and style paragraphs closest to each message.
     """
-    flags = dict(locals())  # taken before the import below adds a name
     from persllm_cli.chat import command as chat_stage
 
-    project, settings = _settings(ctx, ChatSettings, "chat", flags, project_required=False)
+    project, settings = _settings(ctx, ChatSettings, "chat", project_required=False)
     return chat_stage.run(project, settings)
 
 
@@ -344,10 +348,9 @@ def serve(
 
     Model ids are NAME@STAGE for every stage of every run (NAME is the run folder's name), and NAME alone for its last stage. Requests to the same run are answered in batches. Set PERSLLM_API_KEY to require Authorization: Bearer KEY; binding anything but 127.0.0.1 requires it. SIGTERM or Ctrl-C stops accepting, lets answers in flight end, and exits 0.
     """
-    flags = dict(locals())
     from persllm_cli.serve import command as serve_stage
 
-    project, settings = _settings(ctx, ServeSettings, "serve", flags, project_required=False)
+    project, settings = _settings(ctx, ServeSettings, "serve", project_required=False)
     return serve_stage.run(project, settings)
 
 
@@ -386,7 +389,7 @@ def eval_(
     """
     from persllm_cli.eval import command as stage
 
-    project, settings = _settings(ctx, EvalSettings, "eval", dict(locals()), project_required=False)
+    project, settings = _settings(ctx, EvalSettings, "eval", project_required=False)
     return stage.run(project, settings)
 
 
@@ -412,10 +415,9 @@ def export(
 
     --format card writes one character card per stage (JSON and PNG) for chat front-ends, naming the model RUN@STAGE that `persllm serve` lists; no weights, nothing loaded.
     """
-    flags = dict(locals())  # taken before the import below adds a name
     from persllm_cli.export import command as exporter
 
-    project, settings = _settings(ctx, ExportSettings, "export", flags, project_required=False)
+    project, settings = _settings(ctx, ExportSettings, "export", project_required=False)
     return exporter.run(project, settings)
 
 
@@ -445,10 +447,9 @@ def converse(
 
     Lines stream to stdout under each speaker's name; every finished turn is saved (JSONL and markdown), so Ctrl-C (exit 130) keeps them and a rerun with the same -o continues. At the end: BLEU between the speakers against BLEU within each speaker and, with --judge, verdicts per turn.
     """
-    flags = dict(locals())
     from persllm_cli.converse import command as stage
 
-    project, settings = _settings(ctx, ConverseSettings, "converse", flags, project_required=False)
+    project, settings = _settings(ctx, ConverseSettings, "converse", project_required=False)
     return stage.run(project, settings)
 
 
