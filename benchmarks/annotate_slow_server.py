@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from persllm_cli.core import console  # noqa: E402
 from persllm_cli.annotate.prompts import parse_reply  # noqa: E402
 from persllm_cli.llm.openai_compat import OpenAIBackend  # noqa: E402
-from persllm_cli.data.records import read_jsonl  # noqa: E402
+from persllm_cli.data.store import read_jsonl  # noqa: E402
 from persllm_cli.llm.runner import Item, RunnerSettings, run_items  # noqa: E402
 from tests.fakes.slow_server import SlowOpenAI  # noqa: E402
 

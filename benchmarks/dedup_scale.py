@@ -125,7 +125,7 @@ def child(n: int, baseline: bool, pair_baseline: bool) -> dict:
 
 def cli_run(n: int) -> dict:
     """`persllm dedup` end to end on n records, in a subprocess; time and that process's peak RSS."""
-    from persllm_cli.data.records import dumps
+    from persllm_cli.data.store import dumps
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)

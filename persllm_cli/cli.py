@@ -21,17 +21,15 @@ from persllm_cli.core.settings import help_text as _h
 from persllm_cli.core.settings import resolve
 # The settings dataclasses hold every flag's help and default (written once, shown from the real
 # value by `_h`); these modules are light, the stages behind them are imported when a command runs.
-from persllm_cli.chat.command import ChatSettings
-from persllm_cli.converse.command import ConverseSettings
-from persllm_cli.curate.dedup import DedupSettings
-from persllm_cli.curate.pairs import DpoSettings
-from persllm_cli.curate.split import SplitSettings
-from persllm_cli.eval.items import EvalSettings
-from persllm_cli.export.command import ExportSettings
-from persllm_cli.serve.command import ServeSettings
-from persllm_cli.llm.annotator import AnnotateSettings
-from persllm_cli.train.settings import TrainSettings
-from persllm_cli.train.tokenize import TokenizeSettings
+from persllm_cli.chat.settings import ChatSettings
+from persllm_cli.converse.settings import ConverseSettings
+from persllm_cli.curate.settings import DedupSettings, DpoSettings, SplitSettings
+from persllm_cli.eval.settings import EvalSettings
+from persllm_cli.export.settings import ExportSettings
+from persllm_cli.init.settings import InitSettings
+from persllm_cli.llm.annotator import AnnotateSettings   # annotate's and dpo --mode generate's: see llm/annotator.py
+from persllm_cli.serve.settings import ServeSettings
+from persllm_cli.train.settings import TokenizeSettings, TrainSettings
 
 app = typer.Typer(
     name="persllm",
@@ -123,7 +121,7 @@ def init(
     """Create a project: persllm.toml and data/<stage>/knowledge.txt and style.txt."""
     from persllm_cli.init import command as scaffold
 
-    return scaffold.run(scaffold.InitSettings(directory=directory, name=name, description=description,
+    return scaffold.run(InitSettings(directory=directory, name=name, description=description,
                                               stages=stage or [], example=example, force=force,
                                               cards=from_card or []))
 

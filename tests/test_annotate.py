@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from persllm_cli.annotate.prompts import parse_reply
-from persllm_cli.data.records import read_jsonl, record_id
+from persllm_cli.data.records import record_id
+from persllm_cli.data.store import read_jsonl
 from persllm_cli.llm.runner import Malformed
 from tests.conftest import REPO, persllm_cmd, run_persllm, subprocess_env
 from tests.fakes.openai_server import Fail, Malformed as BadReply, Reply, Stall

@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from persllm_cli.data.records import read_jsonl
+from persllm_cli.data.store import read_jsonl
 from persllm_cli.llm.pricing import batch_pricing, pricing
 from tests.conftest import persllm_cmd, subprocess_env
 from tests.fakes.batches import Expired

@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 from persllm_cli.data import records
+
+from persllm_cli.data import store
+
+from persllm_cli.data import sidecars
 from persllm_cli.core.project import load_project, roman, time_token
 from persllm_cli.core.settings import resolve
 from persllm_cli.core.errors import PersllmError
@@ -163,7 +167,7 @@ def test_init_example_harry(harry):
         knowledge = [x for x in project.knowledge_file(s).read_text(encoding="utf-8").splitlines() if x.strip()]
         style = [x for x in project.style_file(s).read_text(encoding="utf-8").splitlines() if x.strip()]
         assert len(knowledge) >= 20 and len(style) >= 12
-    sample = records.read_jsonl(harry / "annotations.sample.jsonl")
+    sample = store.read_jsonl(harry / "annotations.sample.jsonl")
     assert len(sample) >= 60
     assert {r["pattern"] for r in sample} == {"ordinary", "error", "thought"}
     assert {r["stage"] for r in sample} == {"early", "middle", "late"}
@@ -261,32 +265,32 @@ def test_read_jsonl_names_file_and_line(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text('{"id": "1"}\n\n{"id": 2\n{"id": "3"}\n')
     with pytest.raises(PersllmError, match=r"a\.jsonl:3: not valid JSON"):
-        records.read_jsonl(p)
+        store.read_jsonl(p)
     p.write_text('{"id": "1"}\n[1, 2]\n')
     with pytest.raises(PersllmError, match=r":2: expected a JSON object"):
-        records.read_jsonl(p)
+        store.read_jsonl(p)
     p.write_bytes(b'{"id": "1"}\n{"id": "\xff"}\n')
     with pytest.raises(PersllmError, match=r":2: not UTF-8"):
-        records.read_jsonl(p)
+        store.read_jsonl(p)
     with pytest.raises(PersllmError, match="file not found"):
-        records.read_jsonl(tmp_path / "missing.jsonl")
+        store.read_jsonl(tmp_path / "missing.jsonl")
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(PersllmError, match="empty"):
-        records.read_records(tmp_path / "empty.jsonl")
+        store.read_records(tmp_path / "empty.jsonl")
 
 
 def test_torn_tail_is_repaired_not_parsed(tmp_path):
     p = tmp_path / "out.jsonl"
     p.write_text('{"id": "a", "status": "ok"}\n{"id": "b", "sta')
-    assert [r["id"] for r in records.read_jsonl(p)] == ["a"]
-    assert records.repair_tail(p) is True
+    assert [r["id"] for r in store.read_jsonl(p)] == ["a"]
+    assert store.repair_tail(p) is True
     assert p.read_text() == '{"id": "a", "status": "ok"}\n'
-    with records.Appender(p) as app:
+    with store.Appender(p) as app:
         app.append({"id": "b", "status": "ok"})
-    assert [r["id"] for r in records.read_jsonl(p)] == ["a", "b"]
+    assert [r["id"] for r in store.read_jsonl(p)] == ["a", "b"]
     # A complete last line that only lost its newline is kept.
     p.write_text('{"id": "a"}\n{"id": "b"}')
-    assert records.repair_tail(p) is False
+    assert store.repair_tail(p) is False
     assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
 
 
@@ -317,12 +321,12 @@ def test_an_output_path_blocked_by_a_folder_or_file_is_one_line(harry, cli, monk
 
 def test_resume_state_last_record_wins(tmp_path):
     p = tmp_path / "out.jsonl"
-    with records.Appender(p) as app:
+    with store.Appender(p) as app:
         app.append({"id": "x", "status": "failed", "error": "429"})
         app.append({"id": "y", "status": "ok"})
         app.append({"id": "x", "status": "ok"})
         app.append({"id": "z", "status": "failed"})
-    st = records.resume_state(p)
+    st = store.resume_state(p)
     assert st.ok == {"x", "y"} and st.failed == {"z"}
 
 
@@ -331,7 +335,7 @@ def test_appender_survives_kill_9(tmp_path):
     p = tmp_path / "out.jsonl"
     code = (
         "import sys, time\n"
-        "from persllm_cli.data.records import Appender\n"
+        "from persllm_cli.data.store import Appender\n"
         "a = Appender(sys.argv[1])\n"
         "i = 0\n"
         "while True:\n"
@@ -342,7 +346,7 @@ def test_appender_survives_kill_9(tmp_path):
     time.sleep(1.5)
     proc.kill()
     proc.wait()
-    st = records.resume_state(p)
+    st = store.resume_state(p)
     ids = sorted(int(i) for i in st.ok)
     assert ids and ids == list(range(len(ids)))
     assert p.read_text().endswith("\n")
@@ -350,15 +354,15 @@ def test_appender_survives_kill_9(tmp_path):
 
 def test_write_atomic_leaves_old_file_on_failure(tmp_path):
     p = tmp_path / "o.jsonl"
-    records.write_jsonl_atomic(p, [{"id": "1"}])
+    store.write_jsonl_atomic(p, [{"id": "1"}])
 
     def boom():
         yield {"id": "2"}
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError):
-        records.write_jsonl_atomic(p, boom())
-    assert records.read_jsonl(p) == [{"id": "1"}]
+        store.write_jsonl_atomic(p, boom())
+    assert store.read_jsonl(p) == [{"id": "1"}]
     assert not [x.name for x in tmp_path.iterdir() if x.name.endswith(".tmp")]
 
 
@@ -395,7 +399,7 @@ def test_sidecar_has_no_secrets(tmp_path, monkeypatch):
 
     p = tmp_path / "o.jsonl"
     p.write_text("")
-    meta = records.write_meta(p, command="demo", settings=public_settings(S()), inputs=[p], counts={"n": 0})
+    meta = sidecars.write_meta(p, command="demo", settings=public_settings(S()), inputs=[p], counts={"n": 0})
     text = meta.read_text()
     assert "sk-secret" not in text
     data = json.loads(text)

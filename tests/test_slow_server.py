@@ -14,7 +14,7 @@ import pytest
 from persllm_cli.annotate.prompts import parse_reply
 from persllm_cli.llm.openai_compat import OpenAIBackend
 from persllm_cli.llm.protocol import TransientError
-from persllm_cli.data.records import read_jsonl
+from persllm_cli.data.store import read_jsonl
 from persllm_cli.llm.progress import Arriving
 from persllm_cli.llm.runner import Item, RunnerSettings, run_items
 from tests.fakes.slow_server import SlowOpenAI

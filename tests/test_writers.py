@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from persllm_cli.data.records import read_jsonl
+from persllm_cli.data.store import read_jsonl
 from tests.conftest import persllm_cmd, run_persllm, subprocess_env
 from tests.test_annotate import make_project
 
@@ -234,7 +234,7 @@ def test_atomic_write_that_fails_leaves_the_old_file(tmp_path):
     code = textwrap.dedent(f"""
         import signal
         from persllm_cli.core.errors import stop_on_sigterm, PersllmError
-        from persllm_cli.data.records import write_text_atomic
+        from persllm_cli.data.store import write_text_atomic
         stop_on_sigterm()
         try:
             write_text_atomic({str(target)!r}, "x" * 100000)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from persllm_cli.annotate.command import Annotator, pending, public, sidecar
+from persllm_cli.annotate.annotator import Annotator, pending, public, sidecar
 from persllm_cli.core import console
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings

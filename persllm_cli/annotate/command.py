@@ -11,37 +11,22 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from persllm_cli.core import console
-from persllm_cli.annotate.prompts import build_messages, parse_reply, time_line
 from persllm_cli.llm.annotator import AnnotateSettings
 from persllm_cli.core.project import Project, Stage
-from persllm_cli.core.settings import public_settings
 from persllm_cli.data.corpus import Paragraph, read_paragraphs
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
-from persllm_cli.data.records import Record, read_text, record_id, resume_state, write_meta
+from persllm_cli.data.records import Record, record_id
+from persllm_cli.data.store import read_text, resume_state
 from persllm_cli.data.lock import hold
 from persllm_cli.llm.pricing import Price, Spend, pricing
 from persllm_cli.llm.progress import dry_run, summary
 from persllm_cli.llm.registry import default_model, make_backend
 from persllm_cli.llm.runner import Item, RunnerSettings, run_items
-
-@dataclass
-class Job:
-    """What one item needs to become a request and a record."""
-
-    stage: Stage
-    pattern: str
-    k: int
-    source: dict[str, Any]
-    knowledge_lines: list[int]
-    style_lines: list[int]
-    knowledge: list[str]
-    style: list[str]
-    instruction: list[dict[str, str]] | None = None
+from persllm_cli.annotate.annotator import Annotator, Job, pending, sidecar
 
 
 def _rel(project: Project, path: Path) -> str:
@@ -132,83 +117,10 @@ def plan(project: Project, s: AnnotateSettings) -> list[Item]:
     return items
 
 
-class Annotator:
-    """The callbacks the runner needs, bound to one project and settings (standards can grow)."""
-
-    def __init__(self, project: Project, s: AnnotateSettings, standards: list[str]):
-        self.project, self.s, self.standards = project, s, standards
-        self.guided = s.backend == "local"   # LocalBackend writes the labels (see guided.py)
-
-    def messages(self, item: Item) -> list[dict[str, str]]:
-        j: Job = item.data
-        return build_messages(persona=self.project.name, description=self.project.description,
-                              stage_label=j.stage.label, pattern=j.pattern, cot=self.s.cot,
-                              time_prefix=self.s.time_prefix, knowledge=j.knowledge, style=j.style,
-                              standards=list(self.standards), instruction=j.instruction, variant=j.k,
-                              guided=self.guided)
-
-    def options(self, item: Item) -> dict[str, Any]:
-        """Hints for the backend: the sections the reply must have, and the stage's time token."""
-        j: Job = item.data
-        sections = (["question"] if j.instruction is None else []) + (["analysis"] if self.s.cot else []) + ["response"]
-        return {"sections": sections, "stage_token": j.stage.token}
-
-    def parse(self, item: Item, completion: Any):
-        j: Job = item.data
-        prefix = time_line(j.stage.label) if self.s.time_prefix else None
-        return parse_reply(completion.text, cot=self.s.cot, want_question=j.instruction is None, strip_prefix=prefix)
-
-    def record(self, item: Item, reply: Any, usage: Any, error: str | None) -> Record:
-        j: Job = item.data
-        if j.instruction is not None:
-            messages = [dict(m) for m in j.instruction]
-        else:
-            messages = [{"role": "user", "content": reply.question}] if reply else []
-        if reply:
-            messages.append({"role": "assistant", "content": reply.response})
-        return {
-            "id": item.id, "persona": self.project.name, "stage": j.stage.id, "pattern": j.pattern,
-            "source": j.source, "messages": messages, "analysis": reply.analysis if reply else None,
-            "context": {"knowledge": j.knowledge_lines, "style": j.style_lines},
-            "annotator": usage.as_dict(), "status": "ok" if reply else "failed", "error": error,
-        }
-
-
-def pending(items: list[Item], output: Path, limit: int | None) -> tuple[list[Item], int]:
-    """The items a run would send (not ok in `output` yet, at most `limit`), and how many are done:
-    what --dry-run counts and a batch file holds. Reads `output` without touching it."""
-    state = resume_state(output, repair=False) if output.exists() else None
-    todo = [it for it in items if not state or it.id not in state.ok]
-    skipped = len(items) - len(todo)
-    return (todo if limit is None else todo[:limit]), skipped
-
-
 def _dry_run(items: list[Item], ann: Annotator, s: AnnotateSettings, model: str, price: Price, output: Path) -> int:
     todo, skipped = pending(items, output, s.limit)
     dry_run(model, [ann.messages(it) for it in todo], skipped, s.max_tokens, price)
     return 0
-
-
-def public(s: AnnotateSettings, model: str) -> dict[str, Any]:
-    """The settings for a sidecar: the model in use, the server's URL without credentials."""
-    settings = public_settings(s)
-    settings["model"] = model
-    if settings.get("base_url"):
-        from persllm_cli.llm.protocol import redact_url
-
-        settings["base_url"] = redact_url(settings["base_url"])
-    return settings
-
-
-def sidecar(project: Project, s: AnnotateSettings, output: Path, model: str, n_items: int, standards: list[str],
-            price: Price, seconds: float, last_run: dict[str, Any]) -> None:
-    """The output's sidecar after a run (live or batch): counts of what the file now holds."""
-    final = resume_state(output, repair=False) if output.exists() else None
-    if final is None:
-        return
-    write_meta(output, command="annotate", settings=public(s, model), inputs=_inputs(project, s),
-               counts={"ok": len(final.ok), "failed": len(final.failed), "items": n_items}, seconds=seconds,
-               extra={"standards": standards, "price_per_million": [price.input, price.output], "last_run": last_run})
 
 
 def _review(items: list[Item], backend: Any, ann: Annotator, rs: RunnerSettings, spend: Spend, price: Price,
@@ -256,13 +168,6 @@ def _local_notice(project: Project, s: AnnotateSettings, backend: Any, ann: Anno
                      f"({s.knowledge_words}/{s.style_words} words), slow for a local model on CPU; smaller "
                      "budgets go much faster, e.g. PERSLLM_ANNOTATE_KNOWLEDGE_WORDS=300 "
                      "PERSLLM_ANNOTATE_STYLE_WORDS=100 (or knowledge_words/style_words in [annotate])")
-
-
-def _inputs(project: Project, s: AnnotateSettings) -> list[Path]:
-    paths = [s.instructions] if s.instructions else []
-    for st in project.select_stages(s.stages):
-        paths += [project.knowledge_file(st), project.style_file(st)]
-    return paths
 
 
 def run(project: Project, s: AnnotateSettings) -> int:

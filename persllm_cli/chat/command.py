@@ -19,33 +19,17 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from persllm_cli.core import console
 from persllm_cli.core.project import Project, check_stage
-from persllm_cli.core.settings import setting
 from persllm_cli.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, PersllmError, Terminated
 from persllm_cli.model.generate import Sampling
 from persllm_cli.persona.api import ApiSpeaker
 from persllm_cli.persona.conversation import Conversation
 from persllm_cli.persona.speaker import RunSpeaker, Speaker, stage_ids
-
-
-@dataclass(frozen=True)
-class ChatSettings:
-    run: Path | None = setting(None, help='Run directory (default: runs/latest of the project).')
-    stage: str | None = setting(None, help='Stage to speak from (default: the last stage).')
-    prompt: str | None = setting(None, help='Answer this once and print only the answer.')
-    system: str | None = setting(None, help='A system message (with --api-model: added to the persona prompt).')
-    max_new_tokens: int = setting(256, at_least=1, help='Longest answer, in tokens.')
-    temperature: float = setting(0.7, at_least=0, help='Sampling temperature; 0 for greedy.')
-    api_model: str | None = setting(None,
-                                    help="Chat through an OpenAI-compatible model with retrieval over the project's material instead.")
-    base_url: str | None = setting(None, help='Server URL for --api-model.')
-    json_output: bool = setting(False,
-                                help='One JSON object per answer ({"stage", "prompt", "answer"}), reading questions line by line.')
+from persllm_cli.chat.settings import ChatSettings
 
 
 def run(project: Project | None, settings: ChatSettings) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm_cli.core.errors import PersllmError
-from persllm_cli.data.records import read_jsonl, repair_tail, write_text_atomic
+from persllm_cli.data.store import read_jsonl, repair_tail, write_text_atomic
 
 Record = dict[str, Any]
 

@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 
 from persllm_cli.core import console
 from persllm_cli.data import records
+from persllm_cli.data import store
+from persllm_cli.data import sidecars
 from persllm_cli.core.project import Project
-from persllm_cli.core.settings import public_settings, setting
+from persllm_cli.core.settings import public_settings
 from persllm_cli.data.curation import check_stages, latest, read_numbered
 from persllm_cli.core.errors import PersllmError
-
-
-@dataclass(frozen=True)
-class DedupSettings:
-    input: Path = setting(Path("build/annotations.jsonl"), help='Annotations JSONL.')
-    output: Path = setting(Path("build/dedup.jsonl"), help='')
-    threshold: float = setting(0.95, more_than=0, at_most=1,
-                               help='Drop a question whose cosine similarity to a kept one reaches this.')
-    embedder: str = setting("tfidf", help='tfidf or st:NAME.')
+from persllm_cli.curate.settings import DedupSettings
 
 
 def drop_reason(r: records.Record) -> str | None:
@@ -76,8 +68,8 @@ def run(project: Project, s: DedupSettings) -> int:
     counts = {"lines": len(numbered), "superseded": superseded, "records": len(current) + no_id,
               "kept": len(kept), "dropped": dict(sorted(dropped.items()))}
     seconds = time.perf_counter() - started
-    records.write_jsonl_atomic(s.output, kept)
-    records.write_meta(s.output, command="dedup", settings=public_settings(s), inputs=[s.input],
+    store.write_jsonl_atomic(s.output, kept)
+    sidecars.write_meta(s.output, command="dedup", settings=public_settings(s), inputs=[s.input],
                        counts=counts, seconds=seconds)
 
     rows: list[list[object]] = [["records in", len(current) + no_id]]

@@ -31,7 +31,8 @@ from persllm_cli.core.errors import EXIT_USAGE, PersllmError
 from persllm_cli.llm.annotator import AnnotateSettings
 from persllm_cli.data.records import Record
 from persllm_cli.curate import dpo_generate
-from persllm_cli.curate.pairs import Candidate, DpoSettings, load_inputs, make_pair, report
+from persllm_cli.curate.pairs import Candidate, load_inputs, make_pair, report
+from persllm_cli.curate.settings import DpoSettings
 
 NO_CANDIDATE = "no candidate past --skip"
 SAME_ANSWER = "every candidate gives the same answer"

@@ -3,20 +3,21 @@
 through the server's Batch API (`--batch`); then the pairs are written as after a live run.
 
 The requests are the live run's (`dpo_generate.plan`'s messages, the live client's body), and each
-result becomes the work record the live run writes (`dpo_generate._parse`, `_work_record`), at the
-batch price. The work file stays append-only and resumable either way.
+result becomes the work record the live run writes: dpo_generate hands over its own `parse`,
+`make_record` and `write_pairs` (so this module does not import it back), at the batch price. The
+work file stays append-only and resumable either way.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 from persllm_cli.core import console
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings
-from persllm_cli.curate import dpo_generate
-from persllm_cli.curate.pairs import DpoSettings
-from persllm_cli.data import records
+from persllm_cli.curate.settings import DpoSettings
+from persllm_cli.data import store
 from persllm_cli.data.lock import hold
 from persllm_cli.data.records import Record
 from persllm_cli.llm import batch_command
@@ -27,16 +28,17 @@ from persllm_cli.llm.progress import dry_run
 from persllm_cli.llm.runner import Item
 
 
-def run(mode: str, project: Project, s: DpoSettings, ann: "dpo_generate.Client", inputs: list[Record],
-        items: list[Item], work: Path, budget: float | None, started: float) -> int:
+def run(mode: str, project: Project, s: DpoSettings, ann: Any, inputs: list[Record], items: list[Item],
+        work: Path, budget: float | None, started: float, *, parse: Callable[..., Any],
+        make_record: Callable[..., Record], write_pairs: Callable[..., int]) -> int:
+    """`ann` is dpo_generate's Client; `parse`, `make_record` and `write_pairs` are its live run's."""
     a = ann.settings
     cost = batch_pricing(ann.model, a.prices, a.batch_prices)
     b = Batch("dpo generate", ann.model,
               body=lambda it: chat_body(ann.model, it.data.messages, a.max_tokens, a.temperature),
-              parse=lambda it, c: dpo_generate._parse(it, c),
-              make_record=lambda it, text, usage, error: dpo_generate._work_record(it, text, usage, error),
+              parse=parse, make_record=make_record,
               output=work, price=cost.price, max_tokens=a.max_tokens)
-    state = records.resume_state(work, repair=False) if work.exists() else None
+    state = store.resume_state(work, repair=False) if work.exists() else None
     todo = [it for it in items if state is None or it.id not in state.ok]
     skipped = len(items) - len(todo)
     try:
@@ -61,10 +63,10 @@ def run(mode: str, project: Project, s: DpoSettings, ann: "dpo_generate.Client",
                     fingerprint={"input": str(s.input), "max_tokens": a.max_tokens, "temperature": a.temperature})
                 if imported is None:
                     console.info(f"(the answers are in {work})")
-                    return dpo_generate.write_pairs(project, s, ann, inputs, items, work, cost.price, started, {})
+                    return write_pairs(project, s, ann, inputs, items, work, cost.price, started, {})
                 st = imported
                 last_run = {"batch": account, **imported.as_dict()}
-            code = dpo_generate.write_pairs(project, s, ann, inputs, items, work, cost.price, started, last_run)
+            code = write_pairs(project, s, ann, inputs, items, work, cost.price, started, last_run)
             return max(code, batch_command.exit_code(st, left))
     finally:
         if cost.note:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 
 from persllm_cli.core import console
 from persllm_cli.data import records
+from persllm_cli.data import store
 from persllm_cli.data.lock import hold
 from persllm_cli.core.project import Project, Stage
 from persllm_cli.data.corpus import Paragraph, read_paragraphs
@@ -38,7 +39,8 @@ from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
 from persllm_cli.data.records import Message, Record
 from persllm_cli.core.resources import render
 from persllm_cli.data.retrieval import Index
-from persllm_cli.curate.pairs import DpoSettings, load_inputs, make_pair, pair_id, report
+from persllm_cli.curate.pairs import load_inputs, make_pair, pair_id, report
+from persllm_cli.curate.settings import DpoSettings
 from persllm_cli.llm.annotator import AnnotateSettings
 from persllm_cli.llm.pricing import Spend, pricing
 from persllm_cli.llm.progress import dry_run, summary
@@ -231,9 +233,10 @@ def run(project: Project, s: DpoSettings, annotator: AnnotateSettings) -> int:
     if mode is not None:
         from persllm_cli.curate import dpo_batch
 
-        return dpo_batch.run(mode, project, s, ann, inputs, items, work, budget, started)
+        return dpo_batch.run(mode, project, s, ann, inputs, items, work, budget, started,
+                             parse=_parse, make_record=_work_record, write_pairs=write_pairs)
     if s.dry_run:
-        state = records.resume_state(work, repair=False) if work.exists() else None
+        state = store.resume_state(work, repair=False) if work.exists() else None
         todo = [it for it in items if state is None or it.id not in state.ok]
         dry_run(ann.model, [it.data.messages for it in todo], len(items) - len(todo), a.max_tokens, price)
         if cost.note:
@@ -267,7 +270,7 @@ def write_pairs(project: Project, s: DpoSettings, ann: Client, inputs: list[Reco
     the exit code: 3 while requests failed or are not sent yet."""
     from persllm_cli.core.settings import public_settings
 
-    done = records.resume_state(work).records if work.exists() else {}
+    done = store.resume_state(work).records if work.exists() else {}
     pairs: list[Record] = []
     missing: dict[str, str] = {}
     not_ok = 0

@@ -11,42 +11,13 @@ from typing import Any
 
 from persllm_cli.core import console
 from persllm_cli.core.project import Project
-from persllm_cli.core.settings import public_settings, setting
+from persllm_cli.core.settings import public_settings
 from persllm_cli.data import records
+from persllm_cli.data import store
+from persllm_cli.data import sidecars
 from persllm_cli.data.curation import check_usable, latest, normalise, persona, read_numbered, stage_order
 from persllm_cli.data.records import Record
-from persllm_cli.llm.registry import BACKENDS
-
-MODES = ("retrieve", "generate")
-
-
-@dataclass(frozen=True)
-class DpoSettings:
-    input: Path = setting(Path("build/train.jsonl"), help='')
-    pool: list[Path] = setting([], help='Answers of other personas to draw rejected answers from; repeatable.')
-    skip: int = setting(5, at_least=0, help='Pass over this many nearest questions first.')
-    mode: str = setting("retrieve", choices=MODES,
-                        help="retrieve (another stage's answer to a similar question) or generate (ask the annotator with another stage's material).")
-    output: Path = setting(Path("build/dpo.jsonl"), help='')
-    backend: str | None = setting(None, choices=BACKENDS,
-                                  help=f"For --mode generate: {' or '.join(BACKENDS)} (else [annotate] settings).")
-    model: str | None = setting(None, help='For --mode generate: the annotator model.')
-    base_url: str | None = setting(None, help='For --mode generate: OpenAI-compatible server URL.')
-    concurrency: int | None = setting(None, at_least=1, help='For --mode generate: requests in flight.')
-    budget_usd: float | None = setting(None, at_least=0,
-                                       help='For --mode generate: stop cleanly before spending more than this many dollars.')  # --mode generate; else [annotate] budget_usd
-    dry_run: bool = setting(False,
-                            help='For --mode generate: send nothing; print the requests, tokens and dollars it would take.')  # --mode generate
-    embedder: str = setting("tfidf",
-                            help='For --mode retrieve: question similarity, tfidf or st:NAME.')  # question similarity for --mode retrieve
-    batch_file: Path | None = setting(None, help=(
-        "For --mode generate: write the pending requests to FILE as OpenAI Batch API lines (for the Batch API "
-        "or vllm run-batch); nothing is sent."))
-    batch_results: Path | None = setting(None, help=(
-        "For --mode generate: import a batch's results (the Batch API's or vllm run-batch's), then write the pairs."))
-    batch: bool = setting(False, help=(
-        "For --mode generate: send the pending requests as one batch through the server's Batch API, wait for "
-        "it, import the results and write the pairs; Ctrl-C leaves it running and the next run continues it."))
+from persllm_cli.curate.settings import DpoSettings
 
 
 @dataclass
@@ -127,8 +98,8 @@ def report(project: Project, s: DpoSettings, inputs: list[Record], pairs: list[R
               "no_rejected_by_reason": dict(reasons), "pool_records": pool_records,
               "pool_unusable": unusable_pool,
               "by_stage": {k: dict(v) for k, v in by_stage.items()}}
-    records.write_jsonl_atomic(s.output, pairs)
-    records.write_meta(s.output, command="dpo", settings=settings if settings is not None else public_settings(s),
+    store.write_jsonl_atomic(s.output, pairs)
+    sidecars.write_meta(s.output, command="dpo", settings=settings if settings is not None else public_settings(s),
                        inputs=[s.input, *s.pool], counts=counts, seconds=seconds,
                        extra={"no_rejected_ids": missing, **(extra or {})})
     rows = []
@@ -140,5 +111,5 @@ def report(project: Project, s: DpoSettings, inputs: list[Record], pairs: list[R
                   rows)
     if missing:
         console.warn(f"{len(missing)} record(s) got no pair: "
-                     + ", ".join(f"{v} ({k})" for k, v in reasons.items()) + f"; ids in {records.meta_path(s.output)}")
+                     + ", ".join(f"{v} ({k})" for k, v in reasons.items()) + f"; ids in {sidecars.meta_path(s.output)}")
     console.info(f"wrote {len(pairs)} pairs to {s.output}")

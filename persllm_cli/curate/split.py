@@ -13,25 +13,16 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
 
 from persllm_cli.core import console
-from persllm_cli.data import records
+from persllm_cli.data import store
+from persllm_cli.data import sidecars
 from persllm_cli.core.project import Project
-from persllm_cli.core.settings import public_settings, setting
+from persllm_cli.core.settings import public_settings
 from persllm_cli.data.curation import check_usable, latest, pattern, read_numbered, stage_order
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.data.records import Record
-
-
-@dataclass(frozen=True)
-class SplitSettings:
-    input: Path = setting(Path("build/dedup.jsonl"), help='')
-    test_size: float = setting(0.2, more_than=0, less_than=1, help='Share of records in the test set.')
-    seed: int = setting(0, help='')
-    train_output: Path = setting(Path("build/train.jsonl"), help='')
-    test_output: Path = setting(Path("build/test.jsonl"), help='')
+from persllm_cli.curate.settings import SplitSettings
 
 
 def group_key(r: Record) -> tuple[str, ...]:
@@ -97,10 +88,10 @@ def run(project: Project, s: SplitSettings) -> int:
               "by_stage_pattern": [{"stage": k[0], "pattern": k[1], "train": table[k][0], "test": table[k][1]}
                                    for k in keys]}
     seconds = time.perf_counter() - started
-    records.write_jsonl_atomic(s.train_output, train_recs)
-    records.write_jsonl_atomic(s.test_output, test_recs)
+    store.write_jsonl_atomic(s.train_output, train_recs)
+    store.write_jsonl_atomic(s.test_output, test_recs)
     for path, side in ((s.train_output, "train"), (s.test_output, "test")):
-        records.write_meta(path, command="split", settings=public_settings(s), inputs=[s.input],
+        sidecars.write_meta(path, command="split", settings=public_settings(s), inputs=[s.input],
                            counts=counts, seconds=seconds, extra={"side": side})
 
     rows: list[list[object]] = []

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persllm_cli.core.errors import PersllmError
-from persllm_cli.data.records import read_text
+from persllm_cli.data.store import read_text
 
 _LABEL_MAX = 40  # a label longer than this is prose that happens to contain a bracket
 

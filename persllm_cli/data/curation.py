@@ -8,6 +8,8 @@ import unicodedata
 from pathlib import Path
 
 from persllm_cli.data import records
+
+from persllm_cli.data import store
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.data.records import Record
 
@@ -15,10 +17,10 @@ from persllm_cli.data.records import Record
 def read_numbered(path: Path, *, what: str = "records") -> list[tuple[int, Record]]:
     """(line number, record) for every record of a file that must exist and hold at least one.
 
-    Malformed lines fail in records.read_jsonl with file:line; the numbers let later checks name the
+    Malformed lines fail in store.read_jsonl with file:line; the numbers let later checks name the
     line of a record that parses but lacks a field.
     """
-    recs = records.read_records(path, what=what)
+    recs = store.read_records(path, what=what)
     text = Path(path).read_bytes().decode("utf-8")
     numbers = [i for i, line in enumerate(text.split("\n"), start=1) if line.strip()]
     return list(zip(numbers, recs))

@@ -78,7 +78,7 @@ def hold(output: Path, wait: bool | None = None) -> Iterator[None]:
             with _guard:
                 entry[1] -= 1
         return
-    from persllm_cli.data.records import make_dirs
+    from persllm_cli.data.store import make_dirs
 
     made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
     make_dirs(path.parent)

@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from persllm_cli.core import console
-from persllm_cli.eval.items import EvalSettings, System, TestItem
+from persllm_cli.eval.items import System, TestItem
+from persllm_cli.eval.settings import EvalSettings
 from persllm_cli.data import records
+from persllm_cli.data import store
+from persllm_cli.data import sidecars
 from persllm_cli.core.settings import public_settings
 from persllm_cli.llm.protocol import Completion, redact_url
 from persllm_cli.llm.pricing import Pricing, Spend, pricing
@@ -87,7 +90,7 @@ def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen: C
     what an API generator spent. The generator is only opened (a model loaded, a server checked)
     when something is left to answer."""
     path = system.answers_path
-    state = records.resume_state(path)
+    state = store.resume_state(path)
     fresh = {rid for rid in state.ok
              if (state.records[rid].get("generator") or {}).get("fingerprint") == system.fingerprint}
     pending = [i for i in items if i.id not in fresh]
@@ -108,7 +111,7 @@ def generate(system: System, items: list[TestItem], s: EvalSettings, open_gen: C
             spend = _answer_all_api(speaker, system, pending, path, s, pricing(system.model, prices), keep, budget)
         else:
             _answer_in_batches(system, speaker, pending, path, s.batch_size, keep)
-        records.write_meta(path, command="eval", settings=_sidecar_settings(s), inputs=[s.test],
+        sidecars.write_meta(path, command="eval", settings=_sidecar_settings(s), inputs=[s.test],
                            counts={"answered": len(pending), "items": len(items)},
                            extra={"system": system.name, "model": system.model})
     ids = {i.id for i in items}
@@ -124,7 +127,7 @@ def _answer_in_batches(system: System, speaker: Speaker, pending: list[TestItem]
     by_stage: dict[str | None, list[TestItem]] = defaultdict(list)
     for i in pending:
         by_stage[None if i.no_token else i.stage].append(i)
-    with records.Appender(path) as out, console.progress() as bar:
+    with store.Appender(path) as out, console.progress() as bar:
         task = bar.add_task(f"answering ({system.name})", total=len(pending))
         for stage, group in by_stage.items():
             for k in range(0, len(group), batch_size):

@@ -28,6 +28,8 @@ from persllm_cli.core import console
 from persllm_cli.eval import answers as eval_answers
 from persllm_cli.eval import fidelity, judge, protocols
 from persllm_cli.data import records
+from persllm_cli.data import store
+from persllm_cli.data import sidecars
 from persllm_cli.data.lock import hold
 from persllm_cli.core.project import Project, check_stage
 from persllm_cli.core.errors import EXIT_PARTIAL, PersllmError
@@ -35,7 +37,8 @@ from persllm_cli.llm.protocol import Backend
 from persllm_cli.llm.pricing import Spend, price_table, pricing
 from persllm_cli.llm.registry import API, make_backend
 from persllm_cli.llm.runner import RunnerSettings
-from persllm_cli.eval.items import EvalSettings, System, TestItem
+from persllm_cli.eval.items import System, TestItem
+from persllm_cli.eval.settings import EvalSettings
 from persllm_cli.model.runs import read_run, resolve_run
 
 
@@ -43,7 +46,7 @@ from persllm_cli.model.runs import read_run, resolve_run
 
 
 def read_test(path: Path, limit: int | None) -> list[TestItem]:
-    recs = records.read_records(path, what="test records")
+    recs = store.read_records(path, what="test records")
     items, dropped = [], Counter()
     for r in recs:
         why = records.unusable_reason(r) or (None if isinstance(r.get("id"), str) else "no id")
@@ -68,7 +71,7 @@ def read_pools(paths: list[Path]) -> dict[str, list[str]]:
     failed and records without an answer are left out; a missing status counts as ok)."""
     pools: dict[str, list[str]] = defaultdict(list)
     for path in paths:
-        for i, r in enumerate(records.read_records(path, what="answers"), start=1):
+        for i, r in enumerate(store.read_records(path, what="answers"), start=1):
             text = records.answer(r)
             if r.get("status", "ok") != "ok" or not text or not text.strip():
                 continue
@@ -109,7 +112,7 @@ def systems_for(project: Project | None, s: EvalSettings, items: list[TestItem])
         out.append(System(name=name, kind="run", model=str(info.data.get("base", "?")),
                           persona=str(info.data.get("persona") or default_persona),
                           labels={st["id"]: st.get("label", st["id"]) for st in info.stages}, dir=sysdir, info=info,
-                          fingerprint=_fingerprint(records.file_sha256(d / "run.json"), s)))
+                          fingerprint=_fingerprint(sidecars.file_sha256(d / "run.json"), s)))
     if s.api_model:
         name = f"api:{s.api_model}"
         sysdir = (s.output or root / "build" / "eval") / _slug(f"api-{s.api_model}")
@@ -263,7 +266,7 @@ def judge_all(backend: Backend, systems: list[System], items: list[TestItem],
     the attitude items are ranked across systems."""
     leaks, leak_answers = leaks or [], leak_answers or {}
     shared = (shared_dir or systems[0].dir) / "judge_items.jsonl"
-    records.make_dirs(shared.parent)
+    store.make_dirs(shared.parent)
     total, new = Spend(), Spend()
     failed = 0
     persona = systems[0].persona

@@ -31,6 +31,7 @@ from typing import Any
 
 from persllm_cli.core.project import Project
 from persllm_cli.data import corpus, records
+from persllm_cli.data import store
 from persllm_cli.data.terms import first_stage, future_terms
 from persllm_cli.eval.items import System, TestItem
 
@@ -106,7 +107,7 @@ def training_texts(train: Path, order: list[str], project: Project | None) -> tu
     stages: list[str] = []
     counts = {"answers": 0, "material": 0}
     if Path(train).is_file():
-        for r in records.read_records(Path(train), what="training records"):
+        for r in store.read_records(Path(train), what="training records"):
             text = records.answer(r)
             if records.unusable_reason(r) is None and r.get("stage") in order and text and text.strip():
                 texts.append(text)
@@ -294,5 +295,5 @@ def add(result: dict[str, Any], report_dir: Path, project: Project | None, train
     for name, figures in per_system.items():
         result["systems"][name]["fidelity"] = figures
     if not basis.get("skipped"):
-        records.make_dirs(report_dir)
-        records.write_jsonl_atomic(report_dir / TERMS_FILE, found)
+        store.make_dirs(report_dir)
+        store.write_jsonl_atomic(report_dir / TERMS_FILE, found)

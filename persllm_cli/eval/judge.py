@@ -84,7 +84,7 @@ def ask(backend: Backend, todo: list[tuple[str, str, Any]], path, *, build_messa
     `parse(kind, data, reply)` returns the verdict, or None (the reply is then retried as
     malformed); `fields(kind, data)` adds to each record. Returns the records of these keys and
     what this call spent (also added to `budget`, the command's account, whose budget limits it)."""
-    from persllm_cli.data.records import resume_state
+    from persllm_cli.data.store import resume_state
 
     pricing = pricing or Pricing(backend.model, Price(), False)
     rs = settings or RunnerSettings()

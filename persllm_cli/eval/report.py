@@ -14,6 +14,8 @@ from typing import Any
 from persllm_cli.core import console
 from persllm_cli.data import metrics
 from persllm_cli.data import records
+from persllm_cli.data import store
+from persllm_cli.data import sidecars
 from persllm_cli.core.settings import public_settings
 from persllm_cli.eval.protocols import PROTOCOLS
 from persllm_cli.eval import fidelity
@@ -222,7 +224,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
-        records.plain_modes(Path(tmp))
+        store.plain_modes(Path(tmp))
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -232,13 +234,13 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 def write(report_dir: Path, result: dict[str, Any], s) -> None:
     """The table on stderr, eval.json / eval.md / eval.png in `report_dir`, JSON on stdout with --json."""
-    records.make_dirs(report_dir)
+    store.make_dirs(report_dir)
     result["report"] = str(report_dir)
     text = json.dumps(result, indent=2, ensure_ascii=False)
-    records.write_text_atomic(report_dir / "eval.json", text + "\n")
-    records.write_text_atomic(report_dir / "eval.md", markdown(result))
+    store.write_text_atomic(report_dir / "eval.json", text + "\n")
+    store.write_text_atomic(report_dir / "eval.md", markdown(result))
     chart(result, report_dir / "eval.png")
-    records.write_meta(report_dir / "eval.json", command="eval", settings=public_settings(s), inputs=[s.test, s.train, *s.pool],
+    sidecars.write_meta(report_dir / "eval.json", command="eval", settings=public_settings(s), inputs=[s.test, s.train, *s.pool],
                        counts={"items": result["items"], "systems": len(result["systems"])}, seconds=result.get("seconds"))
     console.table("persllm eval", ["metric", *result["systems"]], rows(result))
     console.note(f"report: {report_dir / 'eval.md'}")

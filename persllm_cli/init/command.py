@@ -6,28 +6,17 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from persllm_cli.core import console
 from persllm_cli.core.project import PROJECT_FILE, check_stage_id, load_project, time_token
 from persllm_cli.core.errors import PersllmError
-from persllm_cli.data.records import make_dirs
+from persllm_cli.data.store import make_dirs
 from persllm_cli.core.resources import examples_dir, render, template_text
 from persllm_cli.init import from_card
+from persllm_cli.init.settings import InitSettings
 
 EXAMPLES = ("harry",)
-
-
-@dataclass(frozen=True)
-class InitSettings:
-    directory: Path
-    name: str | None = None
-    description: str = ""
-    stages: list[str] = field(default_factory=list)  # "ID" or "ID:LABEL"
-    example: str | None = None
-    force: bool = False
-    cards: list[Path] = field(default_factory=list)  # --from-card, one stage each
 
 
 def parse_stage(spec: str) -> tuple[str, str]:

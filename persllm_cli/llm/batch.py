@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from persllm_cli.core.errors import PersllmError
-from persllm_cli.data.records import Appender, Record, open_atomic, resume_state
+from persllm_cli.data.records import Record
+from persllm_cli.data.store import Appender, open_atomic, resume_state
 from persllm_cli.llm.pricing import Price
 from persllm_cli.llm.progress import Estimate
 from persllm_cli.llm.protocol import Completion, estimate_prompt_tokens, estimate_tokens

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 from persllm_cli.core import console
 from persllm_cli.core.errors import PersllmError
-from persllm_cli.data.records import read_text, write_text_atomic
+from persllm_cli.data.store import read_text, write_text_atomic
 from persllm_cli.llm.batch import ENDPOINT, Batch, Imported, import_results, write_requests
 from persllm_cli.llm.openai_compat import OpenAIBackend
 from persllm_cli.llm.progress import Estimate

@@ -21,7 +21,7 @@ from typing import Any
 
 from persllm_cli.core import console
 from persllm_cli.core.errors import EXIT_PARTIAL, EXIT_USAGE, PersllmError
-from persllm_cli.data.records import write_meta
+from persllm_cli.data.sidecars import write_meta
 from persllm_cli.llm.batch import (MAX_BYTES, MAX_REQUESTS, Batch, Imported, check_imported, import_results,
                                    show_imported, write_requests)
 from persllm_cli.llm.runner import Item

@@ -54,7 +54,8 @@ from typing import Any, Callable, Iterable
 
 from persllm_cli.core import console
 from persllm_cli.core.errors import Stopped
-from persllm_cli.data.records import Appender, Message, Record, resume_state
+from persllm_cli.data.records import Message, Record
+from persllm_cli.data.store import Appender, resume_state
 from persllm_cli.llm.inflight import InFlight
 from persllm_cli.llm.pricing import Price, Spend
 from persllm_cli.llm.progress import Arriving, RunStats, trouble_line

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from persllm_cli.core import console
 from persllm_cli.core.project import persllm_home
 from persllm_cli.core.errors import PersllmError, first_line
-from persllm_cli.data.records import replace_dir
+from persllm_cli.data.store import replace_dir
 
 EMBEDDED = {
     "smollm2-135m": {

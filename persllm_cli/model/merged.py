@@ -23,7 +23,7 @@ from typing import Any
 
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.core.project import persllm_home
-from persllm_cli.data.records import plain_modes
+from persllm_cli.data.store import plain_modes
 from persllm_cli.model.bases import load_base
 
 MAX_BYTES = 2 * 1024**3

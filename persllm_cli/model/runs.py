@@ -22,7 +22,7 @@ from typing import Any
 
 from persllm_cli.core.project import Project, check_stage
 from persllm_cli.core.errors import PersllmError
-from persllm_cli.data.records import write_text_atomic
+from persllm_cli.data.store import write_text_atomic
 
 RUN_FILE = "run.json"
 LATEST = "latest"

@@ -31,7 +31,7 @@ from persllm_cli.core import console
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings
 from persllm_cli.core.errors import PersllmError
-from persllm_cli.data import records
+from persllm_cli.data import store
 from persllm_cli.train.settings import TrainSettings, check_reporter, launched_by_torchrun, read_data
 
 
@@ -147,10 +147,10 @@ def _run(project: Project, settings: TrainSettings, meta: dict, run_dir: Path) -
         try:
             return train_rank(project, settings, meta, run_dir)
         except Exception as e:  # disk full, a size limit, a permission while saving
-            err = records.os_error(e)
-            if err is None or err.errno not in records.WRITE_ERRORS:
+            err = store.os_error(e)
+            if err is None or err.errno not in store.WRITE_ERRORS:
                 raise
-            raise records.write_failed(Path(err.filename or run_dir), err,
+            raise store.write_failed(Path(err.filename or run_dir), err,
                                        "checkpoints saved before it are kept; make room and rerun with --resume") from None
     except BaseException:  # a bug too: its traceback stays, but no half-made run blocks the rerun
         _drop_if_empty(run_dir, existed, had_files)

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from persllm_cli.core import console
-from persllm_cli.data import records
+from persllm_cli.data import store
 from persllm_cli.model import runs
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.model.bases import is_quantized
-from persllm_cli.data.records import versions
+from persllm_cli.data.sidecars import versions
 from persllm_cli.train.settings import TrainSettings, check_tokenizer, data_hashes
 from persllm_cli.train.trainer import (BatchStats, PlainModes, ProgressCallback, SFTTrainer, dpo_trainer_class, every_rank,
                                        loss_plot, model_card, pad_collate, read_metrics, reporting, trim_metrics)
@@ -257,7 +257,7 @@ def lora_hash(model) -> str:
 def _save_adapter(model, target: Path) -> None:
     # save_embedding_layers=False: the resized vocabulary would otherwise make PEFT save both whole
     # embedding matrices; the time-token rows are already in the adapter as trainable tokens.
-    with records.replace_dir(target) as tmp:
+    with store.replace_dir(target) as tmp:
         model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
 
 

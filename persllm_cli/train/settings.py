@@ -1,5 +1,6 @@
-"""What `persllm train` is told (TrainSettings) and what it checks about the tokenized data, shared
-by the command (train/command.py) and every training process (train/rank.py, train/launch.py)."""
+"""What `persllm tokenize` and `persllm train` are told (TokenizeSettings, TrainSettings) and what train
+checks about the tokenized data, shared by the
+commands (train/tokenize.py, train/command.py) and every training process (train/rank.py, train/launch.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.core.settings import setting
-from persllm_cli.data import records
+from persllm_cli.data import sidecars
 from persllm_cli.model.time_rows import INITS
 
 METHODS = ("sft", "dpo", "sft+dpo")
@@ -107,5 +108,20 @@ def data_hashes(data: Path, meta: dict) -> dict:
     out = {"tokenizer_sha256": meta.get("tokenizer_sha256"), "inputs": meta.get("inputs", {})}
     for name in ("sft.jsonl", "dpo.jsonl"):
         if (Path(data) / name).is_file():
-            out[name] = records.file_sha256(Path(data) / name)
+            out[name] = sidecars.file_sha256(Path(data) / name)
     return out
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    train: Path = setting(Path("build/train.jsonl"), help='SFT records.')
+    dpo: Path | None = setting(None, help='Preference pairs. [default: build/dpo.jsonl if present]')
+    general: Path | None = setting(None, help='General instruction data (JSONL with messages) to mix in.')
+    repeat: int = setting(5, at_least=1, help='Repeat persona data this many times when mixing with --general.')
+    base: str = setting("smollm2-135m", help='Base model: smollm2-135m, a model directory or a hub id.')
+    time_tokens: int | None = setting(None, at_least=1,
+                                      help='Number of time tokens; must equal the number of stages. [default: number of stages]')
+    max_length: int = setting(2048, at_least=16,
+                              help='Longest sequence; longer conversations split at turn boundaries.')
+    output: Path = setting(Path("build/tokenized"),
+                           help='Output folder; an existing one must be empty or an earlier tokenize output.')

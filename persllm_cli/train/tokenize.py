@@ -31,36 +31,23 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from persllm_cli.core import console
 from persllm_cli.data import records
+from persllm_cli.data import store
+from persllm_cli.data import sidecars
 from persllm_cli.core.project import Project
-from persllm_cli.core.settings import public_settings, setting
+from persllm_cli.core.settings import public_settings
 from persllm_cli.data.curation import read_numbered
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.model.chat_format import (IGNORE, encode_split, has_control_text, load_tokenizer, render,
                                            tokenizer_fingerprint, with_stage)
+from persllm_cli.train.settings import TokenizeSettings
 
 FORMAT_VERSION = 1
 WRITES = {"sft.jsonl", "dpo.jsonl", "tokenizer", "meta.json", "stats.json"}  # what -o DIR holds afterwards
-
-
-@dataclass(frozen=True)
-class TokenizeSettings:
-    train: Path = setting(Path("build/train.jsonl"), help='SFT records.')
-    dpo: Path | None = setting(None, help='Preference pairs. [default: build/dpo.jsonl if present]')
-    general: Path | None = setting(None, help='General instruction data (JSONL with messages) to mix in.')
-    repeat: int = setting(5, at_least=1, help='Repeat persona data this many times when mixing with --general.')
-    base: str = setting("smollm2-135m", help='Base model: smollm2-135m, a model directory or a hub id.')
-    time_tokens: int | None = setting(None, at_least=1,
-                                      help='Number of time tokens; must equal the number of stages. [default: number of stages]')
-    max_length: int = setting(2048, at_least=16,
-                              help='Longest sequence; longer conversations split at turn boundaries.')
-    output: Path = setting(Path("build/tokenized"),
-                           help='Output folder; an existing one must be empty or an earlier tokenize output.')
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -212,7 +199,7 @@ def _run(project: Project, settings: TokenizeSettings) -> int:
 
     stages = [{"id": s.id, "label": s.label, "token": s.token, "token_id": tok.convert_tokens_to_ids(s.token)}
               for s in project.stages]
-    inputs = {str(p): records.file_sha256(p) for p in (settings.train, dpo_path, settings.general) if p}
+    inputs = {str(p): sidecars.file_sha256(p) for p in (settings.train, dpo_path, settings.general) if p}
     meta = {"format": FORMAT_VERSION, "persona": project.name, "base": settings.base, "base_path": base_path,
             "tokenizer_sha256": tokenizer_fingerprint(tok), "vocab_size": len(tok), "stages": stages,
             "max_length": settings.max_length, "chat_template": bool(getattr(tok, "chat_template", None)),
@@ -238,20 +225,20 @@ def _write_dir(out: Path, tok, examples, pairs, meta, stats) -> None:
     _check_output(out)  # again: the tokenizing took a while
     out = Path(out).resolve()  # a symlinked output keeps its link; the directory it names is replaced
     try:
-        with records.replace_dir(out) as tmp:
+        with store.replace_dir(out) as tmp:
             with open(tmp / "sft.jsonl", "w", encoding="utf-8") as f:
                 for e in examples:
                     f.write(json.dumps(e, separators=(",", ":")) + "\n")
             if pairs:
-                records.write_jsonl_atomic(tmp / "dpo.jsonl", pairs)
+                store.write_jsonl_atomic(tmp / "dpo.jsonl", pairs)
             tok.save_pretrained(tmp / "tokenizer")
             (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     except Exception as e:  # disk full, a size limit, a permission: the old output stays as it was
-        err = records.os_error(e)
+        err = store.os_error(e)
         if err is None:
             raise
-        raise records.write_failed(Path(err.filename or out), err, f"{out} is unchanged") from None
+        raise store.write_failed(Path(err.filename or out), err, f"{out} is unchanged") from None
 
 
 def _print_stats(stats: dict, out: Path) -> None:

@@ -27,7 +27,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
 from persllm_cli.core import console
-from persllm_cli.data import records
+from persllm_cli.data import store
 
 IGNORE = -100
 
@@ -248,7 +248,7 @@ class PlainModes(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
-            records.plain_modes(checkpoint)
+            store.plain_modes(checkpoint)
 
 
 @contextmanager
