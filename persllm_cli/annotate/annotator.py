@@ -1,6 +1,7 @@
 """What a live annotate run and a batch share: the work items (Job), the Annotator (each item's
-prompt, the backend's hints, the reply parsed, the record), which items are still to do, and the
-output's sidecar. command.py runs them live; batch.py writes, sends and imports them as a batch."""
+prompt, the backend's hints, the reply parsed, the record) and the output's sidecar. Which items
+are still to do is llm.runner.pending, which dpo --mode generate uses too. command.py runs them
+live; batch.py writes, sends and imports them as a batch."""
 
 from __future__ import annotations
 
@@ -74,15 +75,6 @@ class Annotator:
             "context": {"knowledge": j.knowledge_lines, "style": j.style_lines},
             "annotator": usage.as_dict(), "status": "ok" if reply else "failed", "error": error,
         }
-
-
-def pending(items: list[Item], output: Path, limit: int | None) -> tuple[list[Item], int]:
-    """The items a run would send (not ok in `output` yet, at most `limit`), and how many are done:
-    what --dry-run counts and a batch file holds. Reads `output` without touching it."""
-    state = resume_state(output, repair=False) if output.exists() else None
-    todo = [it for it in items if not state or it.id not in state.ok]
-    skipped = len(items) - len(todo)
-    return (todo if limit is None else todo[:limit]), skipped
 
 
 def public(s: AnnotateSettings, model: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from persllm_cli.annotate.annotator import Annotator, pending, public, sidecar
+from persllm_cli.annotate.annotator import Annotator, public, sidecar
 from persllm_cli.core import console
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings
@@ -25,7 +25,7 @@ from persllm_cli.llm.batch import Batch
 from persllm_cli.llm.openai_compat import chat_body
 from persllm_cli.llm.pricing import batch_pricing
 from persllm_cli.llm.progress import dry_run
-from persllm_cli.llm.runner import Item
+from persllm_cli.llm.runner import Item, pending
 
 # What shaped the requests and how their replies are read: a batch left open under other
 # settings is not collected with these (the model and the server are added).

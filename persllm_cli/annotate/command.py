@@ -25,8 +25,8 @@ from persllm_cli.data.lock import hold
 from persllm_cli.llm.pricing import Price, Spend, pricing
 from persllm_cli.llm.progress import dry_run, summary
 from persllm_cli.llm.registry import default_model, make_backend
-from persllm_cli.llm.runner import Item, RunnerSettings, run_items
-from persllm_cli.annotate.annotator import Annotator, Job, pending, sidecar
+from persllm_cli.llm.runner import Item, RunnerSettings, pending, run_items
+from persllm_cli.annotate.annotator import Annotator, Job, sidecar
 
 
 def _rel(project: Project, path: Path) -> str:

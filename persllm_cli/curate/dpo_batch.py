@@ -17,7 +17,6 @@ from persllm_cli.core import console
 from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings
 from persllm_cli.curate.settings import DpoSettings
-from persllm_cli.data import store
 from persllm_cli.data.lock import hold
 from persllm_cli.data.records import Record
 from persllm_cli.llm import batch_command
@@ -25,7 +24,7 @@ from persllm_cli.llm.batch import Batch
 from persllm_cli.llm.openai_compat import chat_body
 from persllm_cli.llm.pricing import batch_pricing
 from persllm_cli.llm.progress import dry_run
-from persllm_cli.llm.runner import Item
+from persllm_cli.llm.runner import Item, pending
 
 
 def run(mode: str, project: Project, s: DpoSettings, ann: Any, inputs: list[Record], items: list[Item],
@@ -38,9 +37,7 @@ def run(mode: str, project: Project, s: DpoSettings, ann: Any, inputs: list[Reco
               body=lambda it: chat_body(ann.model, it.data.messages, a.max_tokens, a.temperature),
               parse=parse, make_record=make_record,
               output=work, price=cost.price, max_tokens=a.max_tokens)
-    state = store.resume_state(work, repair=False) if work.exists() else None
-    todo = [it for it in items if state is None or it.id not in state.ok]
-    skipped = len(items) - len(todo)
+    todo, skipped = pending(items, work)
     try:
         if s.dry_run:
             dry_run(f"{ann.model}, at the batch price", [it.data.messages for it in todo], skipped, a.max_tokens,

@@ -45,7 +45,7 @@ from persllm_cli.llm.annotator import AnnotateSettings
 from persllm_cli.llm.pricing import Spend, pricing
 from persllm_cli.llm.progress import dry_run, summary
 from persllm_cli.llm.registry import default_model, make_backend
-from persllm_cli.llm.runner import Item, Malformed, RunnerSettings, run_items
+from persllm_cli.llm.runner import Item, Malformed, RunnerSettings, pending, run_items
 
 EMPTY_ANSWER = "the annotator's answer was empty"
 SAME_ANSWER = "the generated answer equals the chosen one"
@@ -236,9 +236,8 @@ def run(project: Project, s: DpoSettings, annotator: AnnotateSettings) -> int:
         return dpo_batch.run(mode, project, s, ann, inputs, items, work, budget, started,
                              parse=_parse, make_record=_work_record, write_pairs=write_pairs)
     if s.dry_run:
-        state = store.resume_state(work, repair=False) if work.exists() else None
-        todo = [it for it in items if state is None or it.id not in state.ok]
-        dry_run(ann.model, [it.data.messages for it in todo], len(items) - len(todo), a.max_tokens, price)
+        todo, skipped = pending(items, work)
+        dry_run(ann.model, [it.data.messages for it in todo], skipped, a.max_tokens, price)
         if cost.note:
             console.note(cost.note)
         return 0

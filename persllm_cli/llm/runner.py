@@ -184,6 +184,15 @@ def _work(item: Item, backend: Backend, sh: InFlight, s: RunnerSettings,
     return "failed", None, usage, f"{last_error} (after {usage.attempts} attempt{'s' if usage.attempts != 1 else ''})"
 
 
+def pending(items: list[Item], output: Path, limit: int | None = None) -> tuple[list[Item], int]:
+    """The items a run would send (not ok in `output` yet, at most `limit`), and how many are done:
+    what --dry-run counts and a batch file holds. Reads `output` without touching it (no repair)."""
+    state = resume_state(output, repair=False) if output.exists() else None
+    todo = [it for it in items if not state or it.id not in state.ok]
+    skipped = len(items) - len(todo)
+    return (todo if limit is None else todo[:limit]), skipped
+
+
 def run_items(items: Iterable[Item], backend: Backend, *, build_messages: Callable[[Item], list[Message]],
               parse: Callable[[Item, Completion], Any],
               make_record: Callable[[Item, Any, Usage, str | None], Record], output: Path,
