@@ -16,6 +16,7 @@ first appears in later material ("said", "walk"); with names only, none did.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from typing import Iterable, Mapping
@@ -26,20 +27,16 @@ _SENTENCE = re.compile(r"(?<=[.!?。！？])\s*|\n+")
 MIN_CHARS = 4
 
 
+@functools.cache
 def _stop_words() -> frozenset[str]:
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS   # imported on first use: sklearn is slow to load
 
     return frozenset(ENGLISH_STOP_WORDS)
 
 
-_STOP: frozenset[str] | None = None
-
-
 def term_list(text: str) -> list[str]:
     """The terms of `text` in order, repeats kept."""
-    global _STOP
-    if _STOP is None:
-        _STOP = _stop_words()
+    stop = _stop_words()
     out: list[str] = []
     for w in _WORD.findall(text.lower()):
         if _CJK.search(w):
@@ -51,8 +48,8 @@ def term_list(text: str) -> list[str]:
                 out.extend(run[i:i + 2] for i in range(len(run) - 1))
                 run = ""
             rest = "".join(" " if _CJK.match(ch) else ch for ch in w).split()
-            out.extend(r for r in rest if len(r) >= MIN_CHARS and r not in _STOP)
-        elif len(w) >= MIN_CHARS and w not in _STOP:
+            out.extend(r for r in rest if len(r) >= MIN_CHARS and r not in stop)
+        elif len(w) >= MIN_CHARS and w not in stop:
             out.append(w)
     return out
 
