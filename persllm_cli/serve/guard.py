@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.responses import JSONResponse
+from persllm_cli.serve.answer import error_response
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
@@ -44,6 +44,4 @@ class HostGuard:
         shown = "".join(ch for ch in host[:80] if ch.isprintable()) or "none"
         message = (f"this server answers requests for 127.0.0.1:{port}, localhost:{port} or [::1]:{port} only, "
                    f"not Host {shown!r} (set PERSLLM_API_KEY to serve other names)")
-        response = JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                           "code": "misdirected_request"}}, status_code=421)
-        await response(scope, receive, send)
+        await error_response(421, message, code="misdirected_request")(scope, receive, send)
