@@ -236,7 +236,16 @@ class PromptTooLong(PersllmError):
 
 def fit_messages(tokenizer: Any, messages: list[Message], stage_token: str, budget: int) -> tuple[list[Message], int]:
     """Drop the oldest turns (never the system message or the last user message) until the prompt
-    takes at most `budget` tokens. Returns (kept messages, number of messages dropped).
+    takes at most `budget` tokens. Returns (kept messages, number of messages dropped); see
+    `fit_prompt`, which also gives the kept prompt's ids."""
+    kept, dropped, _ = fit_prompt(tokenizer, messages, stage_token, budget)
+    return kept, dropped
+
+
+def fit_prompt(tokenizer: Any, messages: list[Message], stage_token: str,
+               budget: int) -> tuple[list[Message], int, list[int]]:
+    """`fit_messages`, and the prompt ids of the messages kept: the fitting has encoded them already,
+    so a caller that needs the ids (serve) does not encode the prompt a second time.
 
     Turns go a whole exchange (user + assistant) at a time, so the conversation still starts with the
     user. The cut points are known without encoding anything; the prompt is encoded once whole, and
@@ -247,11 +256,15 @@ def fit_messages(tokenizer: Any, messages: list[Message], stage_token: str, budg
     system = [m for m in messages[:1] if m["role"] == "system"]
     rest = messages[len(system):]
 
+    encoded: dict[int, list[int]] = {}   # cut -> the prompt ids from there on
+
     def size(cut: int) -> int:
-        return len(prompt_ids(tokenizer, system + rest[cut:], stage_token))
+        if cut not in encoded:
+            encoded[cut] = prompt_ids(tokenizer, system + rest[cut:], stage_token)
+        return len(encoded[cut])
 
     if budget > 0 and size(0) <= budget:
-        return messages, 0
+        return messages, 0, encoded[0]
     cuts = [0]
     while len(rest) - cuts[-1] > 1:
         at = cuts[-1]
@@ -274,4 +287,4 @@ def fit_messages(tokenizer: Any, messages: list[Message], stage_token: str, budg
             fits = mid
         else:
             too_long = mid
-    return system + rest[cuts[fits]:], cuts[fits]
+    return system + rest[cuts[fits]:], cuts[fits], encoded[cuts[fits]]

@@ -58,14 +58,16 @@ class Speaker(Protocol):
 @runtime_checkable
 class BatchSpeaker(Speaker, Protocol):
     """A speaker on this machine whose model a batching server steps itself, one token at a time for
-    many requests together (serve's scheduler): it gives the prompt as token ids, and the loaded
+    many requests together (serve's scheduler): it gives the fitted prompt as token ids, and the loaded
     model and tokenizer to step and decode with. A `RunSpeaker` is one; an API model is not."""
 
     model: Any       # the loaded causal LM (a PeftModel holding several adapters when runs share a base)
     tokenizer: Any   # its tokenizer, time tokens included (model.chat_format: end_ids, end_texts)
 
-    def prompt_ids(self, messages: list[Message], stage_id: str) -> list[int]:
-        """The prompt's token ids in the training format, the stage's time token first."""
+    def fitted_prompt(self, messages: list[Message], stage_id: str,
+                      sampling: Sampling | None = None) -> tuple[list[Message], list[int]]:
+        """`fit`'s messages and their prompt's token ids in the training format, the stage's time
+        token first (encoded once, while fitting)."""
         ...
 
 
@@ -135,16 +137,21 @@ class RunSpeaker:
     def token(self, stage_id: str) -> str:
         return self.info.stage_token(stage_id)[1]
 
-    def prompt_ids(self, messages: list[Message], stage_id: str) -> list[int]:
-        from persllm_cli.model.chat_format import prompt_ids
-
-        return prompt_ids(self.tokenizer, messages, self.token(stage_id))
+    def fitted_prompt(self, messages: list[Message], stage_id: str,
+                      sampling: Sampling | None = None) -> tuple[list[Message], list[int]]:
+        kept, _, ids = self._fit(messages, stage_id, sampling)
+        return kept, ids
 
     def fit(self, messages: list[Message], stage_id: str, sampling: Sampling | None = None) -> tuple[list[Message], int]:
-        from persllm_cli.model.chat_format import context_size, fit_messages
+        kept, dropped, _ = self._fit(messages, stage_id, sampling)
+        return kept, dropped
+
+    def _fit(self, messages: list[Message], stage_id: str,
+             sampling: Sampling | None) -> tuple[list[Message], int, list[int]]:
+        from persllm_cli.model.chat_format import context_size, fit_prompt
 
         budget = context_size(self.model) - (sampling or self.sampling).max_new_tokens
-        return fit_messages(self.tokenizer, messages, self.token(stage_id), budget)
+        return fit_prompt(self.tokenizer, messages, self.token(stage_id), budget)
 
     def stream(self, messages: list[Message], stage_id: str, sampling: Sampling | None = None) -> Iterator[str]:
         from persllm_cli.model.generate import stream_reply

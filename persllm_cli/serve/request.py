@@ -118,7 +118,7 @@ def _fit(served: Served, stage_id: str, messages: list[dict[str, str]],
                        f"answer together: ask for fewer than {context}", param="max_tokens",
                        code="context_length_exceeded")
     try:
-        kept, _ = run.fit(messages, stage_id, sampling)
+        return run.fitted_prompt(messages, stage_id, sampling)
     except PromptTooLong as e:
         raise ApiError(400, f"the prompt takes {e.tokens} tokens even with only the system message and the last "
                        f"message kept, and {served.name}'s context of {context} tokens leaves {e.budget} for it next to "
@@ -126,4 +126,3 @@ def _fit(served: Served, stage_id: str, messages: list[dict[str, str]],
                        code="context_length_exceeded") from None
     except PersllmError as e:   # a tokenizer that cannot encode a message's control-token text as text
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-    return kept, run.prompt_ids(kept, stage_id)
