@@ -349,3 +349,29 @@ def test_ctrl_c_keeps_finished_turns_and_the_rerun_continues(project, conv_run, 
     recs = read_jsonl(out)
     assert len(recs) == done + 1 and recs[-1]["stage"] == ("early" if done % 2 == 0 else "late")
     assert (tmp_path / "talk.md").read_text().count("**Harry Potter (") >= done + 1
+
+
+def _word_runs(text: str, n: int) -> list[tuple[str, ...]]:
+    words = text.split()
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+@pytest.mark.slow
+def test_a_run_never_echoes_the_conversation(cli, project, conv_run):
+    """Greedy, where a small model most readily repeats the other speaker: by default a trained run
+    never says a run of 4 tokens already in its view (the scene, earlier lines, its own line), so
+    no 6 words repeat anywhere in the transcript (the inner 4 of them are the same tokens wherever
+    they stand)."""
+    r = cli("converse", f"{conv_run}@early", f"{conv_run}@late", "--scene", SCENE, "--turns", "6",
+            "--temperature", "0", "--max-new-tokens", "24")
+    assert r.exit_code == 0, r.stderr
+    lines = [x["text"] for x in read_jsonl(project / "build/converse.jsonl")]
+    assert len(lines) == 6 and all(t.strip() for t in lines)
+    seen = set(_word_runs(SCENE, 6))
+    for t in lines:
+        runs = _word_runs(t, 6)
+        assert len(runs) == len(set(runs)), t        # not within the line either
+        assert not seen & set(runs), (t, seen & set(runs))
+        seen |= set(runs)
+    meta = json.loads((project / "build/converse.jsonl.meta.json").read_text())
+    assert meta["settings"]["no_repeat_ngram"] == 4

@@ -159,6 +159,7 @@ def converse(
     max_new_tokens: Annotated[Optional[int], Opt(help=_h(ConverseSettings, 'max_new_tokens'))] = None,
     temperature: Annotated[Optional[float], Opt(help=_h(ConverseSettings, 'temperature'))] = None,
     seed: Annotated[Optional[int], Opt(help=_h(ConverseSettings, 'seed'))] = None,
+    no_repeat_ngram: Annotated[Optional[int], Opt(help=_h(ConverseSettings, 'no_repeat_ngram'), metavar='N')] = None,
     base_url: Annotated[Optional[str], Opt(help=_h(ConverseSettings, 'base_url'), metavar='URL')] = None,
     judge: Annotated[Optional[str], Opt(help=_h(ConverseSettings, 'judge'), metavar='M')] = None,
     judge_base_url: Annotated[Optional[str], Opt(help=_h(ConverseSettings, 'judge_base_url'), metavar='URL')] = None,

@@ -301,7 +301,8 @@ def _converse(project: Project | None, s: ConverseSettings) -> int:
                            exit_code=EXIT_USAGE)
     if s.first > len(specs):
         raise PersllmError(f"--first {s.first}: there are only {len(specs)} speakers", exit_code=EXIT_USAGE)
-    sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=s.seed)
+    sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=s.seed,
+                        no_repeat_ngram=s.no_repeat_ngram)
     people = build(specs, project, sampling, s.base_url, s.timeout)
     n = len(people)
     output = Path(s.output)

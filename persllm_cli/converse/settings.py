@@ -22,6 +22,11 @@ class ConverseSettings:
     max_new_tokens: int = setting(128, at_least=1, help='Longest line, in tokens.')
     temperature: float = setting(0.7, at_least=0, help='Sampling temperature; 0 for greedy.')
     seed: int | None = setting(None, help='Seed for sampling on this machine (trained runs).')
+    no_repeat_ngram: int = setting(
+        4, at_least=0,
+        help="Trained runs never say a run of N tokens already in what they see (the scene, the conversation so far, "
+             "their own line), so a small model cannot echo the other speaker or loop; 0 turns it off. "
+             "api: speakers sample as their server does.")
     base_url: str | None = setting(None,
                                    help='Server URL for api: speakers (else OPENAI_BASE_URL). The key is read from OPENAI_API_KEY only.')
     judge: str | None = setting(None,

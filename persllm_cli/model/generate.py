@@ -34,11 +34,15 @@ class Sampling:
     top_k: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Local generation (chat, converse): never complete a run of this many tokens that the prompt or
+    # the answer already holds (transformers' no_repeat_ngram_size, which sees the prompt too); 0 is off.
+    no_repeat_ngram: int = 0
 
     def generate_kwargs(self) -> dict[str, Any]:
+        block = dict(no_repeat_ngram_size=self.no_repeat_ngram) if self.no_repeat_ngram > 0 else {}
         if self.temperature > 0:
-            return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0))
-        return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), **block)
+        return dict(do_sample=False, temperature=None, top_p=None, top_k=None, **block)
 
 
 def _seed(sampling: Sampling) -> None:
