@@ -12,13 +12,14 @@ stage asked):
                    and learns at the LoRA rate (--time-token-init mean --time-token-learning-rate LR);
   (c) stage rows   the new start (each stage's meaning) and the rows' own rate (the defaults, or
                    --row-lr);
+  (d) + contrast   (c) with the stage contrast (--stage-contrast WEIGHT), with --contrast WEIGHT;
 
-(b) and (c) at equal steps, at each of --steps; --sweep adds (c) with other row rates at
+(b), (c) and (d) at equal steps, at each of --steps; --sweep adds (c) with other row rates at
 --sweep-steps (how the default was chosen). Every system answers the same test questions and
 swapped questions greedily (temperature 0), --max-new-tokens each. Prints a table, and with
 --json writes every figure (rewritten after each system, so a run cut short keeps what it has).
 
-    python benchmarks/stage_fidelity.py [--steps 10,20,40] [--method sft] [--sweep 2e-3,5e-2 --sweep-steps 20]
+    python benchmarks/stage_fidelity.py [--steps 10,20,40] [--method sft] [--contrast 5] [--sweep 2e-3,5e-2 --sweep-steps 20]
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def main() -> int:
     ap.add_argument("--row-lr", type=float, default=None, help="(c)'s row rate [default: the setting's default]")
     ap.add_argument("--learning-rate", type=float, default=2e-4,
                     help="the LoRA rate of (b) and (c); (b)'s rows learn at it too, as before")
+    ap.add_argument("--contrast", type=float, default=0.0, help="add (d): (c) with --stage-contrast WEIGHT [default: leave it out]")
     ap.add_argument("--sweep", default="", help="more row rates for (c), at --sweep-steps")
     ap.add_argument("--sweep-steps", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -134,7 +136,7 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="persllm-fidelity-"))
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": os.getloadavg(), "method": args.method,
-                 "max_new_tokens": args.max_new_tokens, "row_lr": row_lr, "learning_rate": args.learning_rate, "results": []}
+                 "max_new_tokens": args.max_new_tokens, "row_lr": row_lr, "contrast": args.contrast, "learning_rate": args.learning_rate, "results": []}
 
     def save() -> None:
         if args.json:
@@ -153,6 +155,10 @@ def main() -> int:
             [*lora, "--time-token-init", "mean", "--time-token-learning-rate", str(args.learning_rate)])))
         plan.append((f"(c) stage rows, row rate {row_lr:g}", n, lambda n=n: trained(
             root, f"c{n}", n, args.method, args.max_new_tokens, [*lora, "--time-token-learning-rate", str(row_lr)])))
+        if args.contrast > 0:
+            plan.append((f"(d) (c) + stage contrast {args.contrast:g}", n, lambda n=n: trained(
+                root, f"d{n}", n, args.method, args.max_new_tokens,
+                [*lora, "--time-token-learning-rate", str(row_lr), "--stage-contrast", str(args.contrast)])))
     for lr in [float(x) for x in args.sweep.split(",") if x.strip()]:
         plan.append((f"(c) stage rows, row rate {lr:g}", args.sweep_steps, lambda lr=lr: trained(
             root, f"c{args.sweep_steps}-lr{lr:g}", args.sweep_steps, args.method, args.max_new_tokens,

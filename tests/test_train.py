@@ -8,6 +8,7 @@ trains the real SmolLM2-135M to check the adapter size and contents.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,23 @@ def test_sft_then_dpo(cli, tiny_project):
     info = json.loads((run / "run.json").read_text())
     assert info["complete"] and set(info["phases"]) == {"sft", "dpo"}
     assert not (run / "adapter" / "ref").exists()  # only the trained adapter is saved
+
+
+def test_stage_contrast_adds_to_the_loss_and_leaves_the_language_model_loss_alone(cli, tiny_project):
+    """`--stage-contrast W`: each log line carries the contrast, and the logged loss is the plain
+    run's loss plus W times it (the swapped copies carry no labels). Compared at the first step,
+    where both runs hold the same weights and see the same batch."""
+    assert cli("train", *STEP_FLAGS, "--output", "runs/plain").exit_code == 0
+    r = cli("train", *STEP_FLAGS, "--stage-contrast", "2", "--output", "runs/contrast")
+    assert r.exit_code == 0, r.output
+    plain, contrast = metrics(tiny_project / "runs" / "plain"), metrics(tiny_project / "runs" / "contrast")
+    assert "stage_contrast" not in plain[0]
+    c = contrast[0]["stage_contrast"]
+    assert 0 < c < 5 * math.log(2)   # two stages: log 2 when the time token changes nothing
+    assert contrast[0]["loss"] == pytest.approx(plain[0]["loss"] + 2 * c, abs=2e-3)
+    info = json.loads((tiny_project / "runs" / "contrast" / "run.json").read_text())
+    assert info["settings"]["stage_contrast"] == 2
+    assert "stage contrast weight 2" in (tiny_project / "runs" / "contrast" / "README.md").read_text()
 
 
 def test_qlora_code_path_on_cpu(cli, tiny_project, monkeypatch):

@@ -174,6 +174,8 @@ def _sft(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=pad_collate(tok.pad_token_id),
                          lengths=[len(e["input_ids"]) for e in dataset], stats=stats, callbacks=[progress, PlainModes()])
     trainer.time_row_lr = rows.learning_rate
+    trainer.stage_contrast = s.stage_contrast
+    trainer.stage_token_ids = tuple(token_ids)
     _remove_printer(trainer)
     out = _train(trainer, resume)
     return trainer, model, {"tokens_per_second": progress.tokens_per_second, "padding_waste": round(stats.padding_waste, 4),

@@ -38,6 +38,11 @@ class TrainSettings:
         "stage", choices=INITS,
         help="Where each time-token row starts: stage (the mean embedding of the stage's id, label and the "
              "terms only its material has) or mean (one shared mean of the vocabulary, as before).")
+    stage_contrast: float = setting(
+        0.0, at_least=0, less_than=math.inf,
+        help="Weight of the stage contrast in SFT: each answer is also scored under other stages' time tokens "
+             "(up to 2, in the same forward pass) and the loss asks its own stage to explain it best. "
+             "0 turns it off; each other stage costs one more copy of the example.")
     epochs: float = setting(1.0, more_than=0, less_than=math.inf, help='')
     max_steps: int | None = setting(None, at_least=1, help='Stop after N optimizer steps (overrides --epochs).')
     batch_size: int = setting(4, at_least=1, help='Per-device micro batch.')

@@ -9,6 +9,9 @@
 - `PlainModes`: checkpoints get ordinary file modes (safetensors writes 0600).
 - `reporting`: where transformers' own reporters (`--report-to`) write, one phase at a time.
 - `TimeRowRate`: the time-token rows' own learning rate, for SFT and (`dpo_trainer_class`) DPO.
+- `SFTTrainer`: length-grouped batches, batch statistics and, with `--stage-contrast`, the stage
+  contrast (`contrast_batch`, `contrast_loss`): each staged answer scored again under other stages'
+  time tokens in the same forward pass, and its own stage asked to explain it best.
 - `loss_plot`, `model_card`.
 """
 
@@ -157,15 +160,109 @@ class SFTTrainer(TimeRowRate, Trainer):
         super().__init__(*args, **kwargs)
         self._lengths = lengths
         self.batch_stats = stats
+        self.contrast_seen: list[float] = []   # the stage contrast of each micro-batch since the last log
 
     def _get_train_sampler(self, train_dataset=None):
         return LengthGroupedSampler(self._lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                     self.args.seed)
 
+    # The stage contrast (`--stage-contrast`): its weight, and the time tokens' ids in stage order.
+    stage_contrast: float = 0.0
+    stage_token_ids: tuple[int, ...] = ()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         samples = inputs.pop("sample_index")
         self.batch_stats.add(inputs["attention_mask"], samples.tolist())
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.stage_contrast <= 0 or len(self.stage_token_ids) < 2:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        swapped = contrast_batch(inputs, self.stage_token_ids, samples, self.state.global_step, self.args.seed)
+        if swapped is None:   # no example in this batch has a time token (general data only)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        big, rows = swapped
+        # One forward pass over the batch and its swapped copies; the copies' labels are all IGNORE,
+        # so the language-model loss is exactly the batch's own.
+        loss, outputs = super().compute_loss(model, big, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        contrast = contrast_loss(outputs.logits, inputs["labels"], rows)
+        scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        if scaled_for_accumulation:   # the Trainer then leaves the division to the loss; do it here too
+            contrast = contrast / self.current_gradient_accumulation_steps
+        self.contrast_seen.append(float(contrast.detach()))
+        loss = loss + self.stage_contrast * contrast
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """The stage contrast goes into each log line (metrics.jsonl, --report-to) beside the loss."""
+        if self.contrast_seen and "loss" in logs:
+            logs["stage_contrast"] = round(sum(self.contrast_seen) / len(self.contrast_seen), 4)
+            self.contrast_seen.clear()
+        super().log(logs, *args, **kwargs)
+
+
+NEGATIVES = 2   # other stages each example is contrasted with (all of them when there are fewer)
+
+
+def contrast_batch(inputs: dict[str, Any], stage_ids: tuple[int, ...], samples: torch.Tensor, step: int,
+                   seed: int) -> tuple[dict[str, torch.Tensor], list[list[int]]] | None:
+    """The batch with, after it, copies of its staged examples whose time token is another stage's.
+
+    Returns the enlarged inputs and, per staged example, the rows holding its answer under
+    [its own stage, other stage, ...] (its own row first); None when no example has a time token.
+    Which other stages (at most NEGATIVES) is fixed by the seed, the step and the sample, so a
+    resumed run contrasts the same ones."""
+    ids = inputs["input_ids"]
+    table = torch.tensor(stage_ids, device=ids.device)
+    copies, rows = [], []
+    n = ids.shape[0]
+    for i in range(n):
+        hit = torch.isin(ids[i], table)
+        if not bool(hit.any()):
+            continue
+        own = int(ids[i][hit][0])
+        others = [t for t in stage_ids if t != own]
+        if len(others) > NEGATIVES:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + int(samples[i]))
+            others = [others[j] for j in torch.randperm(len(others), generator=g)[:NEGATIVES].tolist()]
+        mine = [i]
+        for t in others:
+            copy = ids[i].clone()
+            copy[hit] = t
+            mine.append(n + len(copies))
+            copies.append((i, copy))
+        rows.append(mine)
+    if not copies:
+        return None
+    src = [i for i, _ in copies]
+    big = {"input_ids": torch.cat([ids, torch.stack([c for _, c in copies])]),
+           "attention_mask": torch.cat([inputs["attention_mask"], inputs["attention_mask"][src]]),
+           "labels": torch.cat([inputs["labels"], torch.full_like(inputs["labels"][src], IGNORE)])}
+    return big, rows
+
+
+CONTRAST_SCALE = 10.0   # stage logits per nat of mean log-likelihood per answer token
+
+
+def contrast_loss(logits: torch.Tensor, labels: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+    """Cross-entropy of the right stage when each example's answer is scored under every stage in
+    its rows. A stage's score is the answer's mean log-likelihood per token under that stage's time
+    token, times CONTRAST_SCALE: summed over a whole answer the differences run to tens of nats,
+    and the loss jumps between zero and spikes that throw the adapter about. Low when the answer is
+    likelier under its own time token than under the others (0.3 nats a token is already a wide
+    margin); log(stages) when the time token changes nothing."""
+    import torch.nn.functional as F
+
+    scores = []
+    for mine in rows:
+        target = labels[mine[0], 1:]
+        keep = target != IGNORE
+        if not bool(keep.any()):
+            continue
+        lp = F.log_softmax(logits[mine, :-1][:, keep].float(), dim=-1)          # (stages, answer tokens, vocab)
+        per_token = lp.gather(-1, target[keep].expand(len(mine), -1).unsqueeze(-1)).squeeze(-1)
+        scores.append(per_token.mean(-1) * CONTRAST_SCALE)
+    if not scores:
+        return logits.sum() * 0.0
+    # Own stage first in every row, so the target class is 0.
+    return torch.stack([F.cross_entropy(sc.unsqueeze(0), sc.new_zeros(1, dtype=torch.long)) for sc in scores]).mean()
 
 
 class ProgressCallback(TrainerCallback):
@@ -347,6 +444,11 @@ def _rows_line(rows: dict[str, Any], s: dict[str, Any]) -> str:
     return f"{start}; learning rate {rate if rate is not None else str(s['learning_rate']) + ', with the LoRA'}"
 
 
+def _contrast_line(s: dict[str, Any]) -> str:
+    w = s.get("stage_contrast") or 0
+    return f", stage contrast weight {w:g}" if w > 0 else ""
+
+
 def model_card(info: dict[str, Any]) -> str:
     stages = "\n".join(f"| `{s['token']}` | {s['id']} | {s['label']} |" for s in info["stages"])
     s = info["settings"]
@@ -370,7 +472,7 @@ time token:
 - method: {info['method']}; {'QLoRA (4-bit NF4 base)' if info['hardware'].get('quantized') else 'LoRA (' + info['hardware'].get('dtype', '') + ' base)'}
 - LoRA r={s['lora_r']}, alpha={s['lora_alpha']}, dropout={s['lora_dropout']}, all linear layers, plus the
   time-token embedding rows ({_rows_line(info.get('time_rows') or {}, s)})
-- learning rate {s['learning_rate']}, batch {s['batch_size']} x grad accum {s['grad_accum']} x {info['hardware'].get('processes', 1)} process(es), seed {s['seed']}
+- learning rate {s['learning_rate']}{_contrast_line(s)}, batch {s['batch_size']} x grad accum {s['grad_accum']} x {info['hardware'].get('processes', 1)} process(es), seed {s['seed']}
 - steps: {info.get('steps')}; final loss: {info.get('final_loss')}
 - tokens/s: {info.get('tokens_per_second')}; peak memory: {info.get('peak_memory_gb')} GB; padding waste: {info.get('padding_waste')}
 - hardware: {info['hardware'].get('summary')}
