@@ -29,8 +29,9 @@ cp annotations.sample.jsonl build/annotations.jsonl
 
 step "persllm annotate --backend local --limit 3 (the embedded 135M model writes a few more records)"
 # Small context budgets keep prompts short for a CPU; an API model would use the defaults (1500/500).
+# Greedy (temperature 0), so every demo trains on the same records and ends with the same model.
 PERSLLM_ANNOTATE_KNOWLEDGE_WORDS=300 PERSLLM_ANNOTATE_STYLE_WORDS=100 PERSLLM_ANNOTATE_MAX_TOKENS=96 \
-  partial_ok persllm annotate --backend local --limit 3 --pattern ordinary --concurrency 1 --max-retries 1
+  PERSLLM_ANNOTATE_TEMPERATURE=0 partial_ok persllm annotate --backend local --limit 3 --pattern ordinary --concurrency 1 --max-retries 1
 
 step "persllm annotate --batch-file (the same requests as one file for the OpenAI Batch API or vllm run-batch; nothing sent)"
 persllm annotate --limit 4 --batch-file build/requests.jsonl
@@ -93,7 +94,9 @@ kill -TERM "$server"; wait "$server"
 cat build/serve.log >&2
 
 step "persllm eval (the held-out questions, and each asked again at the other stages; stage fidelity without a judge, BLEU)"
-persllm eval --max-new-tokens 48
+# A model this small and this briefly trained may end an answer before its first word; eval counts
+# such questions as unanswered and exits 3, which the demo reports and goes past.
+partial_ok persllm eval --max-new-tokens 48
 
 end=$(date +%s)
 step "demo finished in $((end - start)) s"
