@@ -1,6 +1,6 @@
 """Stage fidelity on the example persona: does the model answer as Harry was *at the stage asked*?
 
-One run, on examples/harry's 66 hand-written records (dedup, split --seed 0, dpo, tokenize as
+One run, on examples/harry's 66 hand-written records (dedup, split --seed 0 or --split-seed, dpo, tokenize as
 `make demo` does, without the local annotation), measures with `persllm eval`'s judge-free
 figures (eval/fidelity.py: stage accuracy of a classifier against chance, the stage-swap share of
 questions answered differently at different stages, and how often those answers are placed at the
@@ -15,11 +15,12 @@ stage asked):
   (d) + contrast   (c) with the stage contrast (--stage-contrast WEIGHT), with --contrast WEIGHT;
 
 (b), (c) and (d) at equal steps, at each of --steps; --sweep adds (c) with other row rates at
---sweep-steps (how the default was chosen). Every system answers the same test questions and
+--sweep-steps (how the default was chosen); --split-seed N draws another test set (a replicate
+on the same records). Every system answers the same test questions and
 swapped questions greedily (temperature 0), --max-new-tokens each. Prints a table, and with
 --json writes every figure (rewritten after each system, so a run cut short keeps what it has).
 
-    python benchmarks/stage_fidelity.py [--steps 10,20,40] [--method sft] [--contrast 5] [--sweep 2e-3,5e-2 --sweep-steps 20]
+    python benchmarks/stage_fidelity.py [--steps 10,20,40] [--method sft] [--contrast 5] [--sweep 2e-3,5e-2 --sweep-steps 20] [--split-seed 1]
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ def persllm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return r
 
 
-def make_project(work: Path) -> Path:
+def make_project(work: Path, split_seed: int = 0) -> Path:
     root = work / "harry"
     persllm("init", str(root), "--example", "harry", cwd=work)
     (root / "build").mkdir()
     (root / "build" / "annotations.jsonl").write_bytes((root / "annotations.sample.jsonl").read_bytes())
-    for step in (["dedup"], ["split", "--test-size", "0.2", "--seed", "0"], ["dpo", "--skip", "1"],
+    for step in (["dedup"], ["split", "--test-size", "0.2", "--seed", str(split_seed)], ["dpo", "--skip", "1"],
                  ["tokenize", "--base", "smollm2-135m", "--time-tokens", "3", "--general", "general.jsonl",
                   "--repeat", "2", "--max-length", "512"]):
         persllm(*step, cwd=root)
@@ -125,6 +126,8 @@ def main() -> int:
     ap.add_argument("--sweep", default="", help="more row rates for (c), at --sweep-steps")
     ap.add_argument("--sweep-steps", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="split's --seed: another test set and training set from the same records (a replicate)")
     ap.add_argument("--skip-base", action="store_true", help="leave out (a)")
     ap.add_argument("--work", type=Path, default=None, help="keep the project here [default: a temp dir]")
     ap.add_argument("--json", type=Path, default=None)
@@ -136,14 +139,15 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="persllm-fidelity-"))
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": os.getloadavg(), "method": args.method,
-                 "max_new_tokens": args.max_new_tokens, "row_lr": row_lr, "contrast": args.contrast, "learning_rate": args.learning_rate, "results": []}
+                 "max_new_tokens": args.max_new_tokens, "row_lr": row_lr, "contrast": args.contrast, "learning_rate": args.learning_rate,
+                 "split_seed": args.split_seed, "results": []}
 
     def save() -> None:
         if args.json:
             args.json.write_text(json.dumps(out, indent=2) + "\n")
 
     t0 = time.perf_counter()
-    root = make_project(work)
+    root = make_project(work, args.split_seed)
     print(f"project: {root}", file=sys.stderr)
     plan: list[tuple[str, int | str, object]] = []
     lora = ["--learning-rate", str(args.learning_rate)]
