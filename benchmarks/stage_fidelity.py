@@ -129,6 +129,8 @@ def main() -> int:
     ap.add_argument("--split-seed", type=int, default=0,
                     help="split's --seed: another test set and training set from the same records (a replicate)")
     ap.add_argument("--skip-base", action="store_true", help="leave out (a)")
+    ap.add_argument("--systems", default="b,c,d", help="which of the trained systems (b), (c), (d) to run at each of --steps "
+                    "[default: all; (d) only with --contrast]")
     ap.add_argument("--work", type=Path, default=None, help="keep the project here [default: a temp dir]")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -153,13 +155,16 @@ def main() -> int:
     lora = ["--learning-rate", str(args.learning_rate)]
     if not args.skip_base:
         plan.append(("(a) base+prompt", "-", lambda: base_with_prompt(root, args.max_new_tokens)))
+    systems = {x.strip() for x in args.systems.split(",") if x.strip()}
     for n in [int(x) for x in args.steps.split(",") if x.strip()]:
-        plan.append(("(b) mean rows, LoRA rate", n, lambda n=n: trained(
-            root, f"b{n}", n, args.method, args.max_new_tokens,
-            [*lora, "--time-token-init", "mean", "--time-token-learning-rate", str(args.learning_rate)])))
-        plan.append((f"(c) stage rows, row rate {row_lr:g}", n, lambda n=n: trained(
-            root, f"c{n}", n, args.method, args.max_new_tokens, [*lora, "--time-token-learning-rate", str(row_lr)])))
-        if args.contrast > 0:
+        if "b" in systems:
+            plan.append(("(b) mean rows, LoRA rate", n, lambda n=n: trained(
+                root, f"b{n}", n, args.method, args.max_new_tokens,
+                [*lora, "--time-token-init", "mean", "--time-token-learning-rate", str(args.learning_rate)])))
+        if "c" in systems:
+            plan.append((f"(c) stage rows, row rate {row_lr:g}", n, lambda n=n: trained(
+                root, f"c{n}", n, args.method, args.max_new_tokens, [*lora, "--time-token-learning-rate", str(row_lr)])))
+        if args.contrast > 0 and "d" in systems:
             plan.append((f"(d) (c) + stage contrast {args.contrast:g}", n, lambda n=n: trained(
                 root, f"d{n}", n, args.method, args.max_new_tokens,
                 [*lora, "--time-token-learning-rate", str(row_lr), "--stage-contrast", str(args.contrast)])))
