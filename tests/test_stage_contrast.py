@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from persllm_cli.train.trainer import IGNORE, NEGATIVES, contrast_batch, contrast_loss
+from persllm_cli.model.chat_format import IGNORE
+from persllm_cli.train.contrast import NEGATIVES, contrast_batch, contrast_loss
 
 T1, T2, T3, T4 = 101, 102, 103, 104
 
