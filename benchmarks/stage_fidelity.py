@@ -110,7 +110,9 @@ def row(label: str, steps: int | str, res: dict) -> list[str]:
     sw = f.get("swap") or {}
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     ratio = acc.get("accuracy") / acc["chance"] if acc.get("accuracy") is not None and acc.get("chance") else None
+    p = acc.get("p_chance")
     return [label, str(steps), fmt(acc.get("accuracy")), fmt(acc.get("chance")), "-" if ratio is None else f"{ratio:.2f}x",
+            "-" if p is None else f"{p:.2g}",
             fmt(sw.get("differ")), fmt(sw.get("recognised")), fmt((f.get("leak") or {}).get("rate")),
             f"{res.get('answered')}/{res.get('asked')}", str(res.get("train_seconds", "-"))]
 
@@ -183,7 +185,7 @@ def main() -> int:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     save()
 
-    head = ["system", "steps", "stage acc %", "chance %", "x chance", "swap differ %", "swap recognised %",
+    head = ["system", "steps", "stage acc %", "chance %", "x chance", "p (chance)", "swap differ %", "swap recognised %",
             "future terms %", "answered", "train s"]
     widths = [max(len(h), *(len(r[k]) for r in table)) for k, h in enumerate(head)]
     print(" | ".join(h.ljust(w) for h, w in zip(head, widths)))

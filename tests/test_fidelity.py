@@ -115,9 +115,24 @@ def test_identical_answers_score_chance_and_no_swap(project):
                                [_system(project)], items, answers)
     f = per["sys"]
     assert f["stage_accuracy"]["accuracy"] == pytest.approx(100 / 3)    # 2 of 6: one stage named for all
+    assert f["stage_accuracy"]["p_chance"] == pytest.approx(0.6488, abs=1e-4)  # luck alone gets 2 of 6 or more this often
     assert f["swap"]["differ"] == 0.0 and f["swap"]["differ_count"] == 0
     assert f["swap"]["recognised"] == pytest.approx(100 / 3)
     assert sum(map(sum, f["stage_accuracy"]["confusion"]["matrix"])) == 6
+
+
+def test_accuracy_interval_and_p_value_match_scipy():
+    from scipy.stats import binomtest
+
+    for k, n, stages in [(8, 12, 3), (6, 12, 3), (0, 12, 3), (12, 12, 3), (3, 7, 2), (1, 30, 4)]:
+        exact = binomtest(k, n, 1 / stages, alternative="greater")
+        assert fidelity.above_chance(k, n, stages) == pytest.approx(exact.pvalue, rel=1e-9)
+        ci = binomtest(k, n).proportion_ci(method="wilson")
+        assert fidelity.wilson(k, n) == pytest.approx([100 * ci.low, 100 * ci.high], abs=1e-6)
+    assert fidelity.wilson(0, 0) is None and fidelity.above_chance(0, 0, 3) is None
+    acc = fidelity.stage_accuracy(["a"] * 6 + ["b"] * 6, ["a"] * 6 + ["a"] * 6, ["a", "b"])
+    assert (acc["correct"], acc["accuracy"], acc["chance"]) == (6, 50.0, 50.0)
+    assert acc["p_chance"] == pytest.approx(binomtest(6, 12, 0.5, alternative="greater").pvalue)
 
 
 def test_future_terms_per_stage_pair(project):
@@ -189,7 +204,8 @@ def test_eval_reports_stage_fidelity(project, cli, monkeypatch):
     assert data["fidelity"]["references"]["stage_accuracy"]["accuracy"] == 100.0
     assert "stage accuracy %" in result.stderr and "stage swap: answers differ %" in result.stderr
     md = (run / "eval" / "eval.md").read_text()
-    assert "## Stage fidelity (no judge)" in md and "| sft | 100.0 | 33.3 | 6 | 100.0 | 100.0 | 50.0 |" in md
+    # 6 of 6 right at three stages: a 95% interval of 61.0-100% and p = (1/3)^6 by luck alone.
+    assert "## Stage fidelity (no judge)" in md and "| sft | 100.0 | 61.0-100.0 | 33.3 | 0.0014 | 6 | 100.0 | 100.0 | 50.0 |" in md
     terms_found = [json.loads(x) for x in (run / "eval" / fidelity.TERMS_FILE).read_text().splitlines()]
     assert len(terms_found) == 6 and terms_found[0]["terms"] == {"late": ["horcrux"]}
     # The same line at every stage: chance, and no swapped answer differs.

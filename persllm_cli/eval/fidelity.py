@@ -24,6 +24,7 @@ Three measures per system, computed from the answers alone (no API, no GPU):
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -42,7 +43,8 @@ HOW_TO_READ = (
     "- Stage fidelity (no judge): *stage accuracy* is the share of answers a classifier of stage wording places"
     " at the stage they were asked at; chance is 1 / number of stages, the references' row its ceiling. The"
     " topic of a question already hints at its stage, so accuracy alone does not show that the time token"
-    " acts. *Stage swap* asks the same questions at every stage: *answers differ* is the share of questions"
+    " acts. With few test questions one answer moves it far: the 95% interval says how far, and *p (chance)*"
+    " how likely a stage-blind model would score as high by luck. *Stage swap* asks the same questions at every stage: *answers differ* is the share of questions"
     " whose answers are not all the same, *asked stage recognised* the share of those answers placed at the"
     " stage they were asked at (exactly chance when the answers never change with the stage). *Future terms*"
     " is the share of answers at a stage with a later one that hold a name (a word the material capitalises"
@@ -146,9 +148,32 @@ def stage_accuracy(asked: list[str], predicted: list[str], order: list[str]) -> 
     by_stage = {s: {"answers": sum(matrix[k]), "correct": matrix[k][k],
                     "accuracy": _pct(matrix[k][k], sum(matrix[k]))} for s, k in index.items()}
     correct = sum(matrix[k][k] for k in range(len(order)))
-    return {"answers": len(asked), "correct": correct, "accuracy": _pct(correct, len(asked)),
-            "chance": 100.0 / len(order) if order else None, "by_stage": by_stage,
-            "confusion": {"stages": list(order), "matrix": matrix}}
+    n = len(asked)
+    return {"answers": n, "correct": correct, "accuracy": _pct(correct, n),
+            "chance": 100.0 / len(order) if order else None,
+            "interval": wilson(correct, n), "p_chance": above_chance(correct, n, len(order)),
+            "by_stage": by_stage, "confusion": {"stages": list(order), "matrix": matrix}}
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
+    """The 95% Wilson score interval of k successes in n, in percent: how far the accuracy of so
+    few answers could be from the model's own rate (8 right of 12: 39.1-86.2%)."""
+    if n == 0:
+        return None
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)]
+
+
+def above_chance(k: int, n: int, stages: int) -> float | None:
+    """One-sided exact binomial p-value: the chance of k or more right answers in n if each answer
+    were placed at a stage drawn at random (1 / stages). Small means above chance is unlikely luck
+    (8 right of 12 at three stages: 0.019; 6 of 12, 1.5x chance: 0.18)."""
+    if n == 0 or stages < 2:
+        return None
+    q = 1.0 / stages
+    return min(1.0, sum(math.comb(n, j) * q ** j * (1 - q) ** (n - j) for j in range(k, n + 1)))
 
 
 def swap_measure(groups: dict[str, dict[str, str]], predicted: dict[tuple[str, str], str],
@@ -248,6 +273,14 @@ def _f(v: Any) -> str:
     return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
+def _span(v: list[float] | None) -> str:
+    return "-" if not v else f"{v[0]:.1f}-{v[1]:.1f}"
+
+
+def _p(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2g}"
+
+
 def markdown(result: dict[str, Any]) -> list[str]:
     """The section of eval.md on stage fidelity (empty when it was not measured)."""
     basis = result.get("fidelity")
@@ -261,14 +294,15 @@ def markdown(result: dict[str, Any]) -> list[str]:
               f" answers and {basis['material']} material paragraphs. On the test set's own reference answers it names"
               f" the stage {_f(ref['stage_accuracy']['accuracy'])}% of the time (chance"
               f" {_f(ref['stage_accuracy']['chance'])}%): the most a system's answers can be expected to reach.", "",
-              "| system | stage accuracy % | chance % | swapped questions | answers differ % | asked stage recognised % |"
-              " future terms % |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "| system | stage accuracy % | 95% interval | chance % | p (chance) | swapped questions | answers differ % |"
+              " asked stage recognised % | future terms % |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = [("references", {"stage_accuracy": ref["stage_accuracy"], "swap": None, "leak": ref.get("leak")})]
     rows += [(name, v["fidelity"]) for name, v in result["systems"].items() if v.get("fidelity")]
     for name, f in rows:
         sw = f.get("swap") or {}
-        lines.append(f"| {name} | {_f(f['stage_accuracy']['accuracy'])} | {_f(f['stage_accuracy']['chance'])} |"
-                     f" {_f(sw.get('questions'))} | {_f(sw.get('differ'))} | {_f(sw.get('recognised'))} |"
+        acc = f["stage_accuracy"]
+        lines.append(f"| {name} | {_f(acc['accuracy'])} | {_span(acc.get('interval'))} | {_f(acc['chance'])} |"
+                     f" {_p(acc.get('p_chance'))} | {_f(sw.get('questions'))} | {_f(sw.get('differ'))} | {_f(sw.get('recognised'))} |"
                      f" {_f((f.get('leak') or {}).get('rate'))} |")
     stages = basis["stages"]
     for name, f in rows:
