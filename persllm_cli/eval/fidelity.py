@@ -44,12 +44,13 @@ HOW_TO_READ = (
     " at the stage they were asked at; chance is 1 / number of stages, the references' row its ceiling. The"
     " topic of a question already hints at its stage, so accuracy alone does not show that the time token"
     " acts. With few test questions one answer moves it far: the 95% interval says how far, and *p (chance)*"
-    " how likely a stage-blind model would score as high by luck. *Stage swap* asks the same questions at every stage: *answers differ* is the share of questions"
-    " whose answers are not all the same, *asked stage recognised* the share of those answers placed at the"
-    " stage they were asked at (exactly chance when the answers never change with the stage). *Future terms*"
-    " is the share of answers at a stage with a later one that hold a name (a word the material capitalises"
-    " inside a sentence) first seen in a later stage's material and not in the question. A name the model"
-    " makes up, or a later event told without its names, is not counted; the references' rate is the floor.")
+    " how likely a stage-blind model would score as high by luck. *Stage swap* asks the same questions at"
+    " every stage: *answers differ* is the share of questions whose answers are not all the same, *asked"
+    " stage recognised* the share of those answers placed at the stage they were asked at (exactly chance"
+    " when the answers never change with the stage). *Future terms* is the share of answers at a stage with a"
+    " later one that hold a name (a word the material capitalises inside a sentence) first seen in a later"
+    " stage's material and not in the question. A name the model makes up, or a later event told without its"
+    " names, is not counted; the references' rate is the floor.")
 
 # (label, path in a system's result) for the stderr table and eval.md's main table
 ROWS: list[tuple[str, tuple[str, ...]]] = [
@@ -294,16 +295,17 @@ def markdown(result: dict[str, Any]) -> list[str]:
               f" answers and {basis['material']} material paragraphs. On the test set's own reference answers it names"
               f" the stage {_f(ref['stage_accuracy']['accuracy'])}% of the time (chance"
               f" {_f(ref['stage_accuracy']['chance'])}%): the most a system's answers can be expected to reach.", "",
-              "| system | stage accuracy % | 95% interval | chance % | p (chance) | swapped questions | answers differ % |"
-              " asked stage recognised % | future terms % |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| system | stage accuracy % | 95% interval | chance % | p (chance) | swapped questions |"
+              " answers differ % | asked stage recognised % | future terms % |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = [("references", {"stage_accuracy": ref["stage_accuracy"], "swap": None, "leak": ref.get("leak")})]
     rows += [(name, v["fidelity"]) for name, v in result["systems"].items() if v.get("fidelity")]
     for name, f in rows:
         sw = f.get("swap") or {}
         acc = f["stage_accuracy"]
         lines.append(f"| {name} | {_f(acc['accuracy'])} | {_span(acc.get('interval'))} | {_f(acc['chance'])} |"
-                     f" {_p(acc.get('p_chance'))} | {_f(sw.get('questions'))} | {_f(sw.get('differ'))} | {_f(sw.get('recognised'))} |"
-                     f" {_f((f.get('leak') or {}).get('rate'))} |")
+                     f" {_p(acc.get('p_chance'))} | {_f(sw.get('questions'))} | {_f(sw.get('differ'))} |"
+                     f" {_f(sw.get('recognised'))} | {_f((f.get('leak') or {}).get('rate'))} |")
     stages = basis["stages"]
     for name, f in rows:
         m = f["stage_accuracy"]["confusion"]["matrix"]
