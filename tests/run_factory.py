@@ -15,8 +15,9 @@ STAGES = [("early", "first year at Hogwarts"), ("middle", "fifth year"), ("late"
 
 
 def make_run(run_dir: Path, base_dir: Path, *, base_name: str = "smollm2-135m",
-             stages: list[tuple[str, str]] = STAGES, persona: str = "Harry Potter") -> Path:
-    """Write a complete run for the base model in `base_dir`; run.json names it `base_name`."""
+             stages: list[tuple[str, str]] = STAGES, persona: str = "Harry Potter", time_token_at: str | None = None) -> Path:
+    """Write a complete run for the base model in `base_dir`; run.json names it `base_name`.
+    `time_token_at` is saved with the tokenizer as `tokenize --time-token-at` saves it (None: unsaid, "first")."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,6 +30,10 @@ def make_run(run_dir: Path, base_dir: Path, *, base_name: str = "smollm2-135m",
     tokens = [time_token(i) for i in range(1, len(stages) + 1)]
     tok = AutoTokenizer.from_pretrained(base_dir)
     tok.add_special_tokens({"additional_special_tokens": tokens})
+    if time_token_at:
+        from persllm_cli.model.chat_format import set_time_token_at
+
+        set_time_token_at(tok, time_token_at)
     tok.save_pretrained(run_dir / "tokenizer")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

@@ -135,6 +135,36 @@ def test_hf_export_matches_the_run(tmp_path, cli, trained_run, llama_home):
 
 
 @pytest.mark.slow
+def test_hf_export_of_a_run_with_the_token_at_the_answer(tmp_path, cli, smollm2, llama_home):
+    # `tokenize --time-token-at answer`: the export's template puts each stage's token after every
+    # assistant header, as the run's tokenizer does, in transformers and in llama.cpp's engine alike.
+    from transformers import AutoTokenizer
+
+    from persllm_cli.export.ollama import go_template
+    from persllm_cli.model import chat_format
+
+    run = make_run(tmp_path / "runs" / "r1", smollm2, time_token_at="answer")
+    out = tmp_path / "hf"
+    result = cli("export", str(run), "-o", str(out), "--check-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert "Check passed: 6/6 identical answers" in result.output and "24/24 renders identical" in result.output
+    exported, run_tok = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(run / "tokenizer")
+    assert chat_format.time_token_at(run_tok) == "answer"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}]
+    for stage, token in zip([s for s, _ in STAGES], ["<TIME-I>", "<TIME-II>", "<TIME-III>"]):
+        text = exported.apply_chat_template(messages, add_generation_prompt=True, stage=stage, tokenize=False)
+        assert text.count(token) == 2 and text.endswith("<|im_start|>assistant\n" + token)
+        assert "<|im_start|>assistant\n" + token + "Hello." in text and not text.startswith(token)
+        got = exported.apply_chat_template(messages, add_generation_prompt=True, stage=stage)["input_ids"]
+        assert got == chat_format.prompt_ids(run_tok, messages, token)
+    # Ollama's Go template: the same places.
+    go = go_template(run_tok, "<TIME-II>")
+    assert not go.startswith("<TIME-II>") and go.endswith("<|im_start|>assistant\n<TIME-II>")
+    assert '{{ if eq .Role "assistant" }}<TIME-II>{{ end }}{{ .Content }}' in go
+
+
+@pytest.mark.slow
 def test_gguf_f16_read_back_by_transformers(tmp_path, cli, trained_run, monkeypatch):
     from persllm_cli.export import engine
 

@@ -27,7 +27,7 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}],
 ]
 # What docs/TEMPLATES.md lists as the Jinja persllm's own part of the template uses.
-USED = {"methods": {"startswith", "split"}, "filters": {"length", "title"}, "tests": {"defined", "none"},
+USED = {"methods": {"startswith", "split", "replace"}, "filters": {"length", "title"}, "tests": {"defined", "none"},
         "functions": {"raise_exception"}}
 
 
@@ -51,6 +51,8 @@ def test_wrapper_keeps_to_the_documented_subset():
     # persllm's own part of the template (around an empty base): only what docs/TEMPLATES.md lists,
     # which llama.cpp's engine implements too (no str.count: llama.cpp fails with "Callee is not a function").
     found = _features(stage_template("", STAGES, "late"))
+    at_answer = _features(stage_template("", STAGES, "late", "<|im_start|>assistant\n"))  # --time-token-at answer
+    found = {k: found[k] | at_answer[k] for k in found}
     for kind, names in found.items():
         assert names <= USED[kind], (kind, names - USED[kind])
     assert "count" not in found["methods"]
@@ -123,16 +125,21 @@ BOS_FIRST = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["smollm2 (ChatML)", "no template (plain)", "BOS first"])
+@pytest.mark.parametrize("kind", ["smollm2 (ChatML)", "no template (plain)", "BOS first",
+                                  "smollm2, token at the answer", "BOS first, token at the answer"])
 def test_llama_cpp_renders_the_stage_template_like_transformers(smollm2, llama_renderer, kind):
     from persllm_cli.model import chat_format
 
     from transformers import AutoTokenizer
 
-    base = {"smollm2 (ChatML)": AutoTokenizer.from_pretrained(smollm2).chat_template, "no template (plain)": None,
-            "BOS first": BOS_FIRST}[kind]
+    base = {"smollm2": AutoTokenizer.from_pretrained(smollm2).chat_template, "no template": None,
+            "BOS first": BOS_FIRST}[kind.split(" (")[0].split(",")[0]]
     training = _tokenizer(smollm2, base)  # as the run's tokenizer renders for training
-    tok = _tokenizer(smollm2, stage_template(base, STAGES, "middle"))  # as the export's
+    head = None
+    if kind.endswith("at the answer"):
+        chat_format.set_time_token_at(training, "answer")   # as `tokenize --time-token-at answer` saves it
+        head = chat_format.answer_header(training)
+    tok = _tokenizer(smollm2, stage_template(base, STAGES, "middle", head))  # as the export's
     cases = [{"messages": m, "add_generation_prompt": gen, "kwargs": {} if s is None else {"stage": s}}
              for m in CONVERSATIONS for gen in (True, False) for s in [st["id"] for st in STAGES] + [None]]
     rendering = engine.render(llama_renderer, tok.chat_template, cases, bos_token=tok.bos_token, eos_token=tok.eos_token)
@@ -148,6 +155,9 @@ def test_llama_cpp_renders_the_stage_template_like_transformers(smollm2, llama_r
         assert got["text"] == chat_format.with_stage(training, rendered, token)
     if kind == "BOS first":
         assert got["text"].startswith(tok.bos_token + "<TIME-II>")
+    if head:   # the last case: the second conversation, no generation prompt, the default stage
+        assert "<TIME" not in got["text"].split(head)[0] and got["text"].count(head + "<TIME-II>") == 1
+        assert got["text"].split(head + "<TIME-II>")[1].startswith("Hello.")
     bad = engine.render(llama_renderer, tok.chat_template, [{**cases[0], "kwargs": {"stage": "nope"}}],
                         bos_token=tok.bos_token, eos_token=tok.eos_token)
     assert "unknown stage nope (stages: early, middle, late)" in bad.results[0]["error"]

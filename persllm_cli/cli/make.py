@@ -159,6 +159,7 @@ def tokenize(
     base: Annotated[Optional[str], Opt(help=_h(TokenizeSettings, 'base'))] = None,
     time_tokens: Annotated[Optional[int], Opt(help=_h(TokenizeSettings, 'time_tokens'), metavar='N')] = None,
     max_length: Annotated[Optional[int], Opt(help=_h(TokenizeSettings, 'max_length'))] = None,
+    time_token_at: Annotated[Optional[str], Opt(help=_h(TokenizeSettings, 'time_token_at'), metavar='first|answer')] = None,
     output: Annotated[Optional[Path], Opt('-o', '--output', help=_h(TokenizeSettings, 'output'), metavar='DIR')] = None,
 ) -> int:
     """Render with the chat template, add time tokens, mask non-assistant labels."""

@@ -29,8 +29,11 @@ def export_tokenizer(info: runs.RunInfo, default_stage: str) -> Any:
     """The run's tokenizer with the stage-aware chat template."""
     from transformers import AutoTokenizer
 
+    from persllm_cli.model.chat_format import answer_header, time_token_at
+
     tok = AutoTokenizer.from_pretrained(info.path / "tokenizer")
-    tok.chat_template = stage_template(getattr(tok, "chat_template", None), info.stages, default_stage)
+    head = answer_header(tok) if time_token_at(tok) == "answer" else None
+    tok.chat_template = stage_template(getattr(tok, "chat_template", None), info.stages, default_stage, head)
     return tok
 
 

@@ -1,5 +1,6 @@
 """Ollama Modelfiles: one per stage, each FROM the exported GGUF with a Go TEMPLATE that renders the
-training format with that stage's token first, the stop parameters, and SYSTEM when the run has one.
+training format with that stage's token where the run has it (first, or after each assistant
+header), the stop parameters, and SYSTEM when the run has one.
 
 Ollama does not run the Jinja template inside the GGUF; its TEMPLATE is written here for ChatML
 bases (SmolLM2, Qwen2) and for bases without a template (plain User:/Assistant: lines).
@@ -21,7 +22,10 @@ def _chatml_default_system(tokenizer: Any) -> str:
 
 
 def go_template(tokenizer: Any, token: str) -> str:
+    from persllm_cli.model.chat_format import time_token_at
+
     template = getattr(tokenizer, "chat_template", None)
+    at_answer = time_token_at(tokenizer) == "answer"   # after each assistant header, as in training
     if not template:
         return (token + '{{- range .Messages }}{{ if eq .Role "user" }}User{{ else if eq .Role "assistant" }}'
                 'Assistant{{ else }}System{{ end }}: {{ .Content }}'
@@ -34,6 +38,9 @@ def go_template(tokenizer: Any, token: str) -> str:
     if default:
         opening = ('{{- if not (and .Messages (eq (index .Messages 0).Role "system")) }}'
                    + default + "{{ end }}")
+    if at_answer:
+        return (opening + "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ if eq .Role \"assistant\" }}" + token
+                + "{{ end }}{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n" + token)
     return (token + opening + "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
             "<|im_start|>assistant\n")
 

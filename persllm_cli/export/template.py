@@ -1,5 +1,6 @@
-"""The exported chat template: the base's template with the stage token put first, exactly as
-model/chat_format.py renders conversations for training (after a real BOS, else at the very start).
+"""The exported chat template: the base's template with the stage token put where the run has it,
+exactly as model/chat_format.py renders conversations for training: first (after a real BOS, else at
+the very start), or, for a run tokenized with `--time-token-at answer`, after every assistant header.
 
 The stage is a template variable: `apply_chat_template(messages, stage="early")` in transformers,
 `chat_template_kwargs={"stage": "early"}` in OpenAI-compatible servers; without it the default stage.
@@ -21,8 +22,10 @@ PLAIN_TEMPLATE = (
 )
 
 
-def stage_template(base_template: str | None, stages: list[dict[str, str]], default_stage: str) -> str:
-    """A Jinja chat template that renders like `with_stage(render(...), token_of(stage))`."""
+def stage_template(base_template: str | None, stages: list[dict[str, str]], default_stage: str,
+                   answer_head: str | None = None) -> str:
+    """A Jinja chat template that renders like `with_stage(render(...), token_of(stage))`: the token
+    first, or after each `answer_head` (chat_format.answer_header) when the run puts it at the answer."""
     tokens = {s["id"]: s["token"] for s in stages}
     known = ", ".join(tokens)
     body = base_template or PLAIN_TEMPLATE
@@ -37,9 +40,12 @@ def stage_template(base_template: str | None, stages: list[dict[str, str]], defa
         + known + ")') }}{%- endif -%}"
         "{%- set persllm_token = persllm_tokens[stage] -%}"
         "{% set persllm_body %}" + body + "{% endset %}"
+        + ("{{ persllm_body.replace(" + json.dumps(answer_head, ensure_ascii=False) + ", "
+           + json.dumps(answer_head, ensure_ascii=False) + " ~ persllm_token) }}"
+           if answer_head else
         "{%- if bos_token and persllm_body.startswith(bos_token) and persllm_body.split(bos_token)|length == 2 -%}"
         "{{ bos_token ~ persllm_token ~ persllm_body[bos_token|length:] }}"
-        "{%- else -%}{{ persllm_token ~ persllm_body }}{%- endif -%}"
+        "{%- else -%}{{ persllm_token ~ persllm_body }}{%- endif -%}")
     )
 
 

@@ -60,10 +60,55 @@ def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: boo
     return "".join(parts)
 
 
+# Where the stage token goes, kept in the tokenizer's config (tokenizer_config.json), so a run's
+# tokenizer carries it to every command that prompts the run: "first" (the method's place, and the
+# place of every run that does not say), or "answer": right before each answer, after the template's
+# assistant header (`tokenize --time-token-at answer`).
+TIME_TOKEN_AT = "persllm_time_token_at"
+PLACES = ("first", "answer")
+
+
+def time_token_at(tokenizer: Any) -> str:
+    """Where this tokenizer's runs put the stage token: "first" unless it says "answer"."""
+    at = (getattr(tokenizer, "init_kwargs", None) or {}).get(TIME_TOKEN_AT) or "first"
+    if at not in PLACES:
+        raise PersllmError(f"the tokenizer's {TIME_TOKEN_AT} is {at!r}; persllm knows {', '.join(PLACES)}")
+    return at
+
+
+def set_time_token_at(tokenizer: Any, at: str) -> None:
+    """Record where the stage token goes; save_pretrained writes it into tokenizer_config.json."""
+    if at not in PLACES:
+        raise PersllmError(f"--time-token-at must be one of {', '.join(PLACES)}, not {at!r}")
+    if at == "answer":
+        answer_header(tokenizer)   # refuses a base without a usable chat template now, not mid-run
+    tokenizer.init_kwargs[TIME_TOKEN_AT] = at
+
+
+def answer_header(tokenizer: Any) -> str:
+    """The text the chat template writes to open the assistant's turn (its generation prompt, e.g.
+    ChatML's `<|im_start|>assistant\n`): the stage token goes right after it when placed at the answer."""
+    if not has_chat_template(tokenizer):
+        raise PersllmError("the stage token can go before the answer only with a base that has a chat "
+                           "template; this one has none (use --time-token-at first)")
+    probe = [{"role": "user", "content": "x"}]
+    plain, opened = render(tokenizer, probe), render(tokenizer, probe, add_generation_prompt=True)
+    head = opened[len(plain):] if opened.startswith(plain) else ""
+    if not head.strip():
+        raise PersllmError("this base's chat template has no generation prompt to put the stage token after "
+                           "(use --time-token-at first)")
+    return head
+
+
 def with_stage(tokenizer, text: str, token: str | None) -> str:
-    """Put the stage token at the start of a rendered conversation (after a leading BOS)."""
+    """Put the stage token where this tokenizer's runs have it: at the start of a rendered conversation
+    (after a leading BOS), or, placed at the answer, after every assistant header (the turn being
+    answered included)."""
     if not token:
         return text
+    if time_token_at(tokenizer) == "answer":
+        head = answer_header(tokenizer)
+        return text.replace(head, head + token)
     bos = tokenizer.bos_token
     # A real BOS opens the text once; ChatML-style templates reuse their "BOS" as a turn marker.
     if bos and text.startswith(bos) and text.count(bos) == 1:

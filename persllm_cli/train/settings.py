@@ -13,6 +13,7 @@ from pathlib import Path
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.core.settings import setting
 from persllm_cli.data import sidecars
+from persllm_cli.model.chat_format import PLACES
 from persllm_cli.model.time_rows import INITS
 
 METHODS = ("sft", "dpo", "sft+dpo")
@@ -128,5 +129,10 @@ class TokenizeSettings:
                                       help='Number of time tokens; must equal the number of stages. [default: number of stages]')
     max_length: int = setting(2048, at_least=16,
                               help='Longest sequence; longer conversations split at turn boundaries.')
+    time_token_at: str = setting(
+        "first", choices=PLACES,
+        help="Where each example's stage token goes: first (the start of the conversation, as the method has "
+             "it) or answer (right before each answer, after the chat template's assistant header; needs a "
+             "base with a chat template). Runs trained on the data keep it everywhere they are prompted.")
     output: Path = setting(Path("build/tokenized"),
                            help='Output folder; an existing one must be empty or an earlier tokenize output.')

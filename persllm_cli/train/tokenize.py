@@ -43,7 +43,7 @@ from persllm_cli.core.settings import public_settings
 from persllm_cli.data.curation import read_numbered
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.model.chat_format import (IGNORE, encode_split, has_control_text, load_tokenizer, render,
-                                           tokenizer_fingerprint, with_stage)
+                                           set_time_token_at, tokenizer_fingerprint, with_stage)
 from persllm_cli.train.settings import TokenizeSettings
 
 FORMAT_VERSION = 1
@@ -143,6 +143,7 @@ def _run(project: Project, settings: TokenizeSettings) -> int:
         raise PersllmError(f"cannot load the tokenizer of {settings.base}: {e}") from None
     if not getattr(tok, "is_fast", False):
         raise PersllmError(f"{settings.base}: needs a fast tokenizer (tokenizer.json) to locate answer tokens")
+    set_time_token_at(tok, settings.time_token_at)   # saved with the tokenizer, so every run prompts alike
 
     repeat = settings.repeat if general_records else 1
     stats = {"persona_records": 0, "general_records": 0, "skipped_unusable": 0, "examples": 0,
@@ -202,6 +203,7 @@ def _run(project: Project, settings: TokenizeSettings) -> int:
     inputs = {str(p): sidecars.file_sha256(p) for p in (settings.train, dpo_path, settings.general) if p}
     meta = {"format": FORMAT_VERSION, "persona": project.name, "base": settings.base, "base_path": base_path,
             "tokenizer_sha256": tokenizer_fingerprint(tok), "vocab_size": len(tok), "stages": stages,
+            "time_token_at": settings.time_token_at,
             "max_length": settings.max_length, "chat_template": bool(getattr(tok, "chat_template", None)),
             "files": {"sft": "sft.jsonl", "dpo": "dpo.jsonl" if pairs else None},
             "inputs": inputs, "settings": public_settings(settings), "seconds": round(time.monotonic() - t0, 2)}
