@@ -13,14 +13,17 @@ stage asked):
   (c) stage rows   the new start (each stage's meaning) and the rows' own rate (the defaults, or
                    --row-lr);
   (d) + contrast   (c) with the stage contrast (--stage-contrast WEIGHT), with --contrast WEIGHT;
+  (e) at answer    (c) on data tokenized with --time-token-at answer (the stage token right before
+                   each answer instead of first), with --systems ...,e;
 
-(b), (c) and (d) at equal steps, at each of --steps; --sweep adds (c) with other row rates at
+(b), (c), (d) and (e) at equal steps, at each of --steps; --sweep adds (c) with other row rates at
 --sweep-steps (how the default was chosen); --split-seed N draws another test set (a replicate
-on the same records). Every system answers the same test questions and
-swapped questions greedily (temperature 0), --max-new-tokens each. Prints a table, and with
---json writes every figure (rewritten after each system, so a run cut short keeps what it has).
+on the same records); --marked is a control in which every answer opens with its stage's phrase.
+Every system answers the same test questions and swapped questions greedily (temperature 0),
+--max-new-tokens each. Prints a table, and with --json writes every figure (rewritten after each
+system, so a run cut short keeps what it has).
 
-    python benchmarks/stage_fidelity.py [--steps 10,20,40] [--method sft] [--contrast 5] [--sweep 2e-3,5e-2 --sweep-steps 20] [--split-seed 1]
+    python benchmarks/stage_fidelity.py [--steps 10,20,40] [--method sft] [--contrast 5] [--sweep 2e-3,5e-2 --sweep-steps 20] [--split-seed 1] [--marked]
 """
 
 from __future__ import annotations
@@ -49,12 +52,35 @@ def persllm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return r
 
 
-def make_project(work: Path, split_seed: int = 0) -> Path:
+# --marked: every answer opens with its stage's phrase, in the training and the test records alike. A
+# control, not the persona: a difference between stages that a 135M model can learn in a few steps,
+# so it shows whether the time token can carry a stage at all when the content cannot.
+MARKS = {"early": "Gosh! ", "middle": "Honestly? ", "late": "Looking back: "}
+MARKED = "marked.txt"   # in build/: this project is the control
+
+
+def mark(path: Path) -> None:
+    """Open each record's answers with its stage's phrase (MARKS), in place."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for r in rows:
+        for m in r["messages"]:
+            if m["role"] == "assistant":
+                m["content"] = MARKS[r["stage"]] + m["content"]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def make_project(work: Path, split_seed: int = 0, marked: bool = False) -> Path:
     root = work / "harry"
     persllm("init", str(root), "--example", "harry", cwd=work)
     (root / "build").mkdir()
     (root / "build" / "annotations.jsonl").write_bytes((root / "annotations.sample.jsonl").read_bytes())
-    for step in (["dedup"], ["split", "--test-size", "0.2", "--seed", str(split_seed)], ["dpo", "--skip", "1"],
+    persllm("dedup", cwd=root)
+    persllm("split", "--test-size", "0.2", "--seed", str(split_seed), cwd=root)
+    if marked:
+        mark(root / "build" / "train.jsonl")
+        mark(root / "build" / "test.jsonl")
+        (root / "build" / MARKED).write_text("every answer opens with its stage's phrase (MARKS)\n")
+    for step in (["dpo", "--skip", "1"],
                  ["tokenize", "--base", "smollm2-135m", "--time-tokens", "3", "--general", "general.jsonl",
                   "--repeat", "2", "--max-length", "512"]):
         persllm(*step, cwd=root)
@@ -101,7 +127,17 @@ def trained(root: Path, name: str, steps: int, method: str, max_new_tokens: int,
     asked = system["answered"] + system["unanswered"]
     return {"fidelity": system.get("fidelity"), "references": data["fidelity"].get("references"),
             "answered": system["answered"], "asked": asked, "train_seconds": round(t1 - t0, 1),
-            "eval_seconds": round(time.perf_counter() - t1, 1), "settings": extra}
+            "eval_seconds": round(time.perf_counter() - t1, 1), "settings": extra,
+            "marks": marks_right(root / "runs" / name / "eval" / "answers.jsonl") if (root / "build" / MARKED).exists() else None}
+
+
+def marks_right(answers: Path) -> dict:
+    """--marked: how many answers (test and swapped) open with the phrase of the stage they were asked at,
+    and how many with another stage's."""
+    rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines() if line.strip()]
+    opens = [next((st for st, m in MARKS.items() if r["messages"][-1]["content"].startswith(m.strip())), None) for r in rows]
+    return {"answers": len(rows), "own": sum(1 for r, o in zip(rows, opens) if o == r["stage"]),
+            "other": sum(1 for r, o in zip(rows, opens) if o is not None and o != r["stage"])}
 
 
 def row(label: str, steps: int | str, res: dict) -> list[str]:
@@ -114,6 +150,7 @@ def row(label: str, steps: int | str, res: dict) -> list[str]:
     return [label, str(steps), fmt(acc.get("accuracy")), fmt(acc.get("chance")), "-" if ratio is None else f"{ratio:.2f}x",
             "-" if p is None else f"{p:.2g}",
             fmt(sw.get("differ")), fmt(sw.get("recognised")), fmt((f.get("leak") or {}).get("rate")),
+            f"{res['marks']['own']}/{res['marks']['other']}/{res['marks']['answers']}" if res.get("marks") else "-",
             f"{res.get('answered')}/{res.get('asked')}", str(res.get("train_seconds", "-"))]
 
 
@@ -130,9 +167,11 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--split-seed", type=int, default=0,
                     help="split's --seed: another test set and training set from the same records (a replicate)")
+    ap.add_argument("--marked", action="store_true", help="a control: every answer opens with its stage's phrase "
+                    "(MARKS), so the stages differ in a way a small model can learn")
     ap.add_argument("--skip-base", action="store_true", help="leave out (a)")
-    ap.add_argument("--systems", default="b,c,d", help="which of the trained systems (b), (c), (d) to run at each of --steps "
-                    "[default: all; (d) only with --contrast]")
+    ap.add_argument("--systems", default="b,c,d", help="which of the trained systems (b), (c), (d), (e) to run at each of "
+                    "--steps [default: b,c,d; (d) only with --contrast]")
     ap.add_argument("--work", type=Path, default=None, help="keep the project here [default: a temp dir]")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -144,14 +183,17 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": os.getloadavg(), "method": args.method,
                  "max_new_tokens": args.max_new_tokens, "row_lr": row_lr, "contrast": args.contrast, "learning_rate": args.learning_rate,
-                 "split_seed": args.split_seed, "results": []}
+                 "split_seed": args.split_seed, "marked": args.marked, "results": []}
 
     def save() -> None:
         if args.json:
             args.json.write_text(json.dumps(out, indent=2) + "\n")
 
     t0 = time.perf_counter()
-    root = make_project(work, args.split_seed)
+    root = make_project(work, args.split_seed, args.marked)
+    if "e" in args.systems:
+        persllm("tokenize", "--base", "smollm2-135m", "--time-tokens", "3", "--general", "general.jsonl", "--repeat", "2",
+                "--max-length", "512", "--time-token-at", "answer", "-o", "build/tokenized.answer", cwd=root)
     print(f"project: {root}", file=sys.stderr)
     plan: list[tuple[str, int | str, object]] = []
     lora = ["--learning-rate", str(args.learning_rate)]
@@ -166,6 +208,10 @@ def main() -> int:
         if "c" in systems:
             plan.append((f"(c) stage rows, row rate {row_lr:g}", n, lambda n=n: trained(
                 root, f"c{n}", n, args.method, args.max_new_tokens, [*lora, "--time-token-learning-rate", str(row_lr)])))
+        if "e" in systems:
+            plan.append(("(e) (c), token at the answer", n, lambda n=n: trained(
+                root, f"e{n}", n, args.method, args.max_new_tokens,
+                [*lora, "--time-token-learning-rate", str(row_lr), "--data", "build/tokenized.answer"])))
         if args.contrast > 0 and "d" in systems:
             plan.append((f"(d) (c) + stage contrast {args.contrast:g}", n, lambda n=n: trained(
                 root, f"d{n}", n, args.method, args.max_new_tokens,
@@ -186,7 +232,7 @@ def main() -> int:
     save()
 
     head = ["system", "steps", "stage acc %", "chance %", "x chance", "p (chance)", "swap differ %", "swap recognised %",
-            "future terms %", "answered", "train s"]
+            "future terms %", "own/other mark", "answered", "train s"]
     widths = [max(len(h), *(len(r[k]) for r in table)) for k, h in enumerate(head)]
     print(" | ".join(h.ljust(w) for h, w in zip(head, widths)))
     print("-|-".join("-" * w for w in widths))

@@ -28,6 +28,40 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def decode(model, tok, rows: list[list[int]], g: float = 0.0, alpha: float = 0.1, max_new_tokens: int = 48) -> str:
+    """The answer continuing rows[0], guided away from rows[1:] (the same prompt under the other
+    stages' tokens) with strength g; g = 0 (or one row) is plain greedy, as `persllm eval` decodes."""
+    import torch
+
+    from persllm_cli.model.chat_format import end_ids, end_texts
+
+    if len({len(r) for r in rows}) != 1:
+        raise SystemExit("the stages' prompts differ in length: each time token must be one token")
+    eos, stops = set(end_ids(tok)), end_texts(tok)
+    floor = torch.log(torch.tensor(alpha))
+    cur, past, out = torch.tensor(rows), None, []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            o = model(input_ids=cur, cache=past, use_cache=True)
+            past = o.cache
+            lp = torch.log_softmax(o.logits[:, -1].float(), -1)
+            score = lp[0]
+            if g and len(rows) > 1:
+                score = lp[0] + g * (lp[0] - lp[1:].mean(0))
+                score = score.masked_fill(lp[0] < lp[0].max() + floor, float("-inf"))
+            nxt = int(score.argmax())
+            if nxt in eos:
+                break
+            out.append(nxt)
+            if any(s in tok.decode(out, skip_special_tokens=True) for s in stops):
+                break
+            cur = torch.full((len(rows), 1), nxt)
+    text = tok.decode(out, skip_special_tokens=True)
+    for s in stops:
+        text = text.split(s)[0]
+    return text.strip()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("project", type=Path, help="the project directory (holds build/test.jsonl and runs/)")
@@ -38,13 +72,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the figures and every answer here")
     args = ap.parse_args()
 
-    import torch
-
     from persllm_cli.core.project import load_project
     from persllm_cli.eval import fidelity
     from persllm_cli.eval.command import read_test, stage_order
     from persllm_cli.eval.items import System
-    from persllm_cli.model.chat_format import end_ids, end_texts, prompt_ids
+    from persllm_cli.model.chat_format import prompt_ids
     from persllm_cli.model.load import load_run
 
     root = args.project
@@ -54,34 +86,11 @@ def main() -> int:
     order = stage_order(project, [], items)
     swaps = fidelity.swap_items(order, items, 20, 0)   # eval's default --swap-questions and --seed
     tokens = {s: info.stage_token(s)[1] for s in order}
-    eos, stops = set(end_ids(tok)), end_texts(tok)
-    floor = torch.log(torch.tensor(args.alpha))
 
-    @torch.inference_mode()
     def guided(question: str, stage: str, g: float) -> str:
         rows = [prompt_ids(tok, [{"role": "user", "content": question}], tokens[st])
                 for st in [stage, *(s for s in order if s != stage)]]
-        if len({len(r) for r in rows}) != 1:
-            raise SystemExit("the stages' prompts differ in length: each time token must be one token")
-        cur, past, out = torch.tensor(rows), None, []
-        for _ in range(args.max_new_tokens):
-            o = model(input_ids=cur, cache=past, use_cache=True)
-            past = o.cache
-            lp = torch.log_softmax(o.logits[:, -1].float(), -1)
-            score = lp[0] + g * (lp[0] - lp[1:].mean(0))
-            if g:
-                score = score.masked_fill(lp[0] < lp[0].max() + floor, float("-inf"))
-            nxt = int(score.argmax())
-            if nxt in eos:
-                break
-            out.append(nxt)
-            if any(s in tok.decode(out, skip_special_tokens=True) for s in stops):
-                break
-            cur = torch.full((len(rows), 1), nxt)
-        text = tok.decode(out, skip_special_tokens=True)
-        for s in stops:
-            text = text.split(s)[0]
-        return text.strip()
+        return decode(model, tok, rows, g, args.alpha, args.max_new_tokens)
 
     answers: dict[str, dict] = {}
     systems, seconds = [], {}
