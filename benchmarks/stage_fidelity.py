@@ -190,8 +190,9 @@ def main() -> int:
             args.json.write_text(json.dumps(out, indent=2) + "\n")
 
     t0 = time.perf_counter()
+    systems = {x.strip() for x in args.systems.split(",") if x.strip()}
     root = make_project(work, args.split_seed, args.marked)
-    if "e" in args.systems:
+    if "e" in systems:
         persllm("tokenize", "--base", "smollm2-135m", "--time-tokens", "3", "--general", "general.jsonl", "--repeat", "2",
                 "--max-length", "512", "--time-token-at", "answer", "-o", "build/tokenized.answer", cwd=root)
     print(f"project: {root}", file=sys.stderr)
@@ -199,7 +200,6 @@ def main() -> int:
     lora = ["--learning-rate", str(args.learning_rate)]
     if not args.skip_base:
         plan.append(("(a) base+prompt", "-", lambda: base_with_prompt(root, args.max_new_tokens)))
-    systems = {x.strip() for x in args.systems.split(",") if x.strip()}
     for n in [int(x) for x in args.steps.split(",") if x.strip()]:
         if "b" in systems:
             plan.append(("(b) mean rows, LoRA rate", n, lambda n=n: trained(
