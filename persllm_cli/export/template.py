@@ -29,6 +29,7 @@ def stage_template(base_template: str | None, stages: list[dict[str, str]], defa
     tokens = {s["id"]: s["token"] for s in stages}
     known = ", ".join(tokens)
     body = base_template or PLAIN_TEMPLATE
+    head = json.dumps(answer_head, ensure_ascii=False)   # a Jinja string literal (JSON's escapes are Jinja's)
     # The base template renders into a variable (no whitespace control around it, so its output is
     # kept byte for byte); the stage token then goes where chat_format.with_stage puts it. Only the
     # Jinja that every engine implements (docs/TEMPLATES.md): "BOS exactly once" is a split into two
@@ -40,8 +41,7 @@ def stage_template(base_template: str | None, stages: list[dict[str, str]], defa
         + known + ")') }}{%- endif -%}"
         "{%- set persllm_token = persllm_tokens[stage] -%}"
         "{% set persllm_body %}" + body + "{% endset %}"
-        + ("{{ persllm_body.replace(" + json.dumps(answer_head, ensure_ascii=False) + ", "
-           + json.dumps(answer_head, ensure_ascii=False) + " ~ persllm_token) }}"
+        + ("{{ persllm_body.replace(" + head + ", " + head + " ~ persllm_token) }}"
            if answer_head else
         "{%- if bos_token and persllm_body.startswith(bos_token) and persllm_body.split(bos_token)|length == 2 -%}"
         "{{ bos_token ~ persllm_token ~ persllm_body[bos_token|length:] }}"
