@@ -126,6 +126,18 @@ def test_stream_without_usage_and_done_marker(server):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_ignore_eos_runs_to_max_tokens(server):
+    # vLLM's extra, sent as the openai client sends extras: the same greedy answer, past its end token.
+    c = client(server)
+    hi = [{"role": "user", "content": "Hi"}]
+    ended = c.chat.completions.create(model="r1@early", messages=hi, temperature=0, max_tokens=120)
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 120
+    longer = c.chat.completions.create(model="r1@early", messages=hi, temperature=0, max_tokens=120,
+                                       extra_body={"ignore_eos": True})
+    assert longer.choices[0].finish_reason == "length" and longer.usage.completion_tokens == 120
+    assert longer.choices[0].message.content.startswith(ended.choices[0].message.content)
+
+
 def test_stop_seed_and_concurrent_requests_are_batched(server):
     c = client(server)
     base = c.chat.completions.create(model="r1@early", messages=ASK, temperature=0, max_tokens=16)
@@ -334,7 +346,8 @@ def test_sigterm_drains_with_503_cuts_streams_as_length_and_exits_within_the_gra
     s = ServeProcess(str(serve_run), env=_env(_embedded_models, PERSLLM_SERVE_SHUTDOWN_GRACE=str(grace)))
     try:
         with httpx.stream("POST", s.v1 + "/chat/completions", timeout=120,
-                          json={"model": "r1", "messages": ASK, "max_tokens": 3000, "stream": True}) as r:
+                          json={"model": "r1", "messages": ASK, "max_tokens": 3000, "stream": True,
+                                    "ignore_eos": True}) as r:   # still running when the grace ends
             lines = r.iter_lines()
             next(lines)
             s.proc.send_signal(signal.SIGTERM)

@@ -34,6 +34,7 @@ class Sampling:
     top_k: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False         # vLLM's extra: the model's end token does not end the answer
     # Local generation (chat, converse): never complete a run of this many tokens that the prompt or
     # the answer already holds (transformers' no_repeat_ngram_size, which sees the prompt too); 0 is off.
     no_repeat_ngram: int = 0

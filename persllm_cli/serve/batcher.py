@@ -236,7 +236,8 @@ class Scheduler:
         group = _Batch(tok)
         group.cache, group.mask = cache, mask
         for i, job in enumerate(jobs):
-            row = _Row(job, tok, tuple(job.sampling.stop) + batch.plain_stop, device)
+            ends = () if job.sampling.ignore_eos else batch.plain_stop
+            row = _Row(job, tok, tuple(job.sampling.stop) + ends, device)
             row.next_pos = len(job.prompt)
             t = row.pick(logits[i])
             row.add(t, batch.eos)
@@ -378,7 +379,7 @@ class _Row:
         return pick(logits, self.job.sampling, self.tokens, self.generator)
 
     def add(self, token: int, eos: set[int]) -> None:
-        if token in eos:
+        if token in eos and not self.job.sampling.ignore_eos:
             self.finish("stop")
             return
         self.tokens.append(token)

@@ -84,7 +84,7 @@ def prepare(raw: bytes, state: State) -> ChatRequest:
         temperature=lim.default_temperature if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=tuple(s for s in stops if s),
         top_k=max(body.top_k or 0, 0), presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0)
+        frequency_penalty=body.frequency_penalty or 0.0, ignore_eos=bool(body.ignore_eos))
     req = ChatRequest(body.model, served, stage_id, messages, sampling, body.n or 1, bool(body.stream),
                       bool(body.stream_options and body.stream_options.include_usage))
     if served.key is not None:

@@ -90,6 +90,7 @@ class ChatCompletionRequest(Strict):
     stop: Text | Annotated[list[Text], Field(max_length=MAX_STOPS)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = None      # vLLM's extra, sent by benchmark clients for fixed-length answers
     # Accepted and not used (docs/CLI.md says why for each):
     logit_bias: dict[str, Annotated[Number, Field(ge=-100, le=100)]] | None = None
     logprobs: bool | None = None
