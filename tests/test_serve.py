@@ -264,7 +264,8 @@ def test_errors_have_openai_shape(server):
 
 def test_disconnect_stops_generation(server):
     with httpx.stream("POST", server.v1 + "/chat/completions", timeout=120,
-                      json={"model": "r1", "messages": ASK, "max_tokens": 2000, "stream": True}) as r:
+                      json={"model": "r1", "messages": ASK, "max_tokens": 2000, "stream": True,
+                            "ignore_eos": True}) as r:
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
@@ -324,7 +325,8 @@ def test_full_queue_is_429_with_retry_after(strict):
     def long() -> int:
         with httpx.stream("POST", strict.v1 + "/chat/completions", timeout=120,
                           headers={"Authorization": f"Bearer {KEY}"},
-                          json={"model": "r1", "messages": ASK, "max_tokens": 40, "stream": True}) as r:
+                          json={"model": "r1", "messages": ASK, "max_tokens": 40, "stream": True,
+                                "ignore_eos": True}) as r:
             for _ in r.iter_lines():
                 pass
             return r.status_code
