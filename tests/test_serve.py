@@ -82,8 +82,9 @@ ASK = [{"role": "user", "content": "Who are you?"}]
 # ----------------------------------------------------------------------------------- models
 
 def test_models_one_id_per_stage_and_a_default(server):
-    ids = [m.id for m in client(server).models.list().data]
-    assert ids == ["r1@early", "r1@middle", "r1@late", "r1"]
+    models = client(server).models.list().data
+    assert [m.id for m in models] == ["r1@early", "r1@middle", "r1@late", "r1"]
+    assert {m.max_model_len for m in models} == {8192}   # the model's own context, as vLLM lists it
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["models"] == 4
 
@@ -375,6 +376,14 @@ def test_sigterm_with_nothing_in_flight_exits_at_once(serve_run, _embedded_model
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(timeout=60) == 0
     assert time.monotonic() - sent < 5
+
+
+def test_max_model_len_above_the_models_context_is_refused(serve_run, _embedded_models):
+    r = run_persllm("serve", str(serve_run), "--max-model-len", "9000", "--port", "0", env=_env(_embedded_models),
+                    timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: --max-model-len 9000 is more than r1 can read: its context is 8192 tokens")
 
 
 def test_public_bind_needs_a_key(serve_run, _embedded_models):

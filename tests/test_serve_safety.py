@@ -29,8 +29,9 @@ def safe_run(_embedded_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def safe_server(safe_run, _embedded_models):
-    """A keyless server whose answers are 4 tokens unless asked otherwise (fuzzing stays quick)."""
-    s = ServeProcess(str(safe_run), "--max-tokens", "4", env=_env(_embedded_models))
+    """A keyless server whose answers are 4 tokens unless asked otherwise and whose requests take at
+    most 2048 tokens, a quarter of the model's context (fuzzing and long histories stay quick)."""
+    s = ServeProcess(str(safe_run), "--max-tokens", "4", "--max-model-len", "2048", env=_env(_embedded_models))
     yield s
     assert s.stop() == 0, s.log()
 
@@ -89,11 +90,11 @@ def test_max_tokens_beyond_the_context_is_blamed_on_max_tokens(safe_server):
     with pytest.raises(openai.BadRequestError) as e:
         client(safe_server).chat.completions.create(model="r1", messages=ASK, max_tokens=1_000_000_000)
     assert e.value.param == "max_tokens" and e.value.code == "context_length_exceeded"
-    assert "8192" in e.value.message and "--" not in e.value.message   # the model's limit; no CLI flag
+    assert "2048" in e.value.message and "--" not in e.value.message   # the served limit; no CLI flag
     with pytest.raises(openai.BadRequestError) as e:   # a prompt that cannot fit even alone: the message's fault
         client(safe_server).chat.completions.create(model="r1", messages=[{"role": "user", "content": "word " * 9000}],
                                                     max_tokens=100)
-    assert e.value.param == "messages" and "8192" in e.value.message and "--" not in e.value.message
+    assert e.value.param == "messages" and "2048" in e.value.message and "--" not in e.value.message
 
 
 # -------------------------------------------------------------------------- extra parameters
@@ -161,7 +162,8 @@ def test_a_3000_message_history_is_fitted_without_stalling_the_server(safe_serve
         time.sleep(0.05)
     thread.join()
     answer = done["answer"]
-    assert answer.usage.prompt_tokens <= 8192 - 2 and answer.usage.prompt_tokens > 7000   # old turns dropped, not all
+    assert answer.usage.prompt_tokens <= 2048 - 2 and answer.usage.prompt_tokens > 1800   # old turns dropped, not all
+    assert {m.max_model_len for m in client(safe_server).models.list().data} == {2048}
     assert healths and set(healths) == {200}
 
 

@@ -65,6 +65,7 @@ def serve(
     max_batch: Annotated[Optional[int], Opt(help=_h(ServeSettings, 'max_batch'))] = None,
     max_queue: Annotated[Optional[int], Opt(help=_h(ServeSettings, 'max_queue'))] = None,
     max_tokens: Annotated[Optional[int], Opt(help=_h(ServeSettings, 'max_tokens'))] = None,
+    max_model_len: Annotated[Optional[int], Opt(help=_h(ServeSettings, 'max_model_len'), metavar='N')] = None,
     temperature: Annotated[Optional[float], Opt(help=_h(ServeSettings, 'temperature'))] = None,
     weights: Annotated[Optional[str], Opt(help=_h(ServeSettings, 'weights'))] = None,
 ) -> int:

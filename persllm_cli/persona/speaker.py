@@ -70,6 +70,11 @@ class BatchSpeaker(Speaker, Protocol):
         token first (encoded once, while fitting)."""
         ...
 
+    def context(self) -> int:
+        """How many tokens it reads, prompt and answer together: the model's own context, or fewer
+        where a server caps it (`serve --max-model-len`)."""
+        ...
+
 
 def stage_ids(speaker: Speaker) -> list[str]:
     """The speaker's stage ids, chronological: what `core.project.check_stage` checks a stage against."""
@@ -93,6 +98,7 @@ class RunSpeaker:
         self.description = str(self.info.data.get("description", ""))
         self.stages = [(s["id"], s.get("label", s["id"])) for s in self.info.stages]
         self.sampling = sampling or Sampling()
+        self.max_context: int | None = None   # a cap below the model's own context (serve --max-model-len)
         self.model: Any = None
         self.tokenizer: Any = None
         if loaded is not None:
@@ -146,11 +152,17 @@ class RunSpeaker:
         kept, dropped, _ = self._fit(messages, stage_id, sampling)
         return kept, dropped
 
+    def context(self) -> int:
+        from persllm_cli.model.chat_format import context_size
+
+        own = context_size(self.model)
+        return own if self.max_context is None else min(own, self.max_context)
+
     def _fit(self, messages: list[Message], stage_id: str,
              sampling: Sampling | None) -> tuple[list[Message], int, list[int]]:
-        from persllm_cli.model.chat_format import context_size, fit_prompt
+        from persllm_cli.model.chat_format import fit_prompt
 
-        budget = context_size(self.model) - (sampling or self.sampling).max_new_tokens
+        budget = self.context() - (sampling or self.sampling).max_new_tokens
         return fit_prompt(self.tokenizer, messages, self.token(stage_id), budget)
 
     def stream(self, messages: list[Message], stage_id: str, sampling: Sampling | None = None) -> Iterator[str]:

@@ -131,7 +131,9 @@ def create_app(state: State) -> FastAPI:
                          # persllm's own fields, for the page: who speaks, from which stage
                          "persona": s.speaker.persona, "description": s.speaker.description,
                          "stage": sid, "stage_label": dict(s.speaker.stages)[sid],
-                         "default": "@" not in mid})
+                         "default": "@" not in mid,
+                         # vLLM's field: tokens a request may take, prompt and answer (a run only)
+                         **({"max_model_len": s.run.context()} if s.key is not None else {})})
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")

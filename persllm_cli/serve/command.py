@@ -22,12 +22,16 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from persllm_cli.core import console
 from persllm_cli.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, PersllmError
 from persllm_cli.core.project import Project
 from persllm_cli.model.generate import Sampling
 from persllm_cli.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from persllm_cli.persona.speaker import RunSpeaker
 
 KEY_ENV = "PERSLLM_API_KEY"
 
@@ -75,6 +79,8 @@ def run(project: Project | None, settings: ServeSettings) -> int:
                 console.note(f"Loading {sp.info.path} (base {sp.info.base})...")
                 sp.load()
                 served.append(Served(sp, key=str(sp.info.path)))
+        for sp in speakers:
+            _cap_context(sp, s.max_model_len)
     names = [x.name for x in served]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -101,6 +107,17 @@ def run(project: Project | None, settings: ServeSettings) -> int:
     if scheduler:
         scheduler.start()
     return _serve(app, state, s)
+
+
+def _cap_context(speaker: RunSpeaker, cap: int | None) -> None:
+    """--max-model-len: fewer tokens than the loaded model reads, never more."""
+    from persllm_cli.model.chat_format import context_size
+
+    own = context_size(speaker.model)
+    if cap is not None and cap > own:
+        raise PersllmError(f"--max-model-len {cap} is more than {speaker.name} can read: its context is {own} tokens",
+                           exit_code=EXIT_USAGE)
+    speaker.max_context = cap
 
 
 def _share(weights: str) -> bool:

@@ -14,7 +14,7 @@ from fastapi import Request
 
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.core.project import check_stage
-from persllm_cli.model.chat_format import PromptTooLong, context_size
+from persllm_cli.model.chat_format import PromptTooLong
 from persllm_cli.model.generate import Sampling
 from persllm_cli.persona.speaker import stage_ids
 from persllm_cli.serve import schema
@@ -111,7 +111,7 @@ def _fit(served: Served, stage_id: str, messages: list[dict[str, str]],
          sampling: Sampling) -> tuple[list[dict[str, str]], list[int]]:
     """The oldest turns that do not fit next to max_tokens dropped (as `chat` does), and the prompt ids."""
     run = served.run
-    context = context_size(run.model)
+    context = run.context()
     asked = sampling.max_new_tokens
     if asked >= context:
         raise ApiError(400, f"max_tokens is {asked}, but {served.name} reads at most {context} tokens, prompt and "

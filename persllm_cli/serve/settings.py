@@ -22,6 +22,11 @@ class ServeSettings:
     max_batch: int = setting(8, at_least=1, help='Requests answered together on a model.')
     max_queue: int = setting(64, at_least=1, help='Requests that may wait; more get 429 with Retry-After.')
     max_tokens: int = setting(256, at_least=1, help='Longest answer when a request does not say.')
+    max_model_len: int | None = setting(None, at_least=2,
+                                        help="Tokens a request may take, prompt and answer together (vLLM's "
+                                             "--max-model-len): below the model's own context it bounds each "
+                                             "request's memory and prefill time, and longer histories lose their "
+                                             "oldest turns sooner. [default: the model's context]")
     temperature: float = setting(0.7, at_least=0, at_most=2, help='Temperature when a request does not say.')
     weights: str = setting("auto", choices=["auto", "merged", "shared"],
                            help='merged: each run its own model with its adapter folded in (fastest on CPU); shared: '
