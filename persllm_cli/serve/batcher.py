@@ -236,11 +236,10 @@ class Scheduler:
         group = _Batch(tok)
         group.cache, group.mask = cache, mask
         for i, job in enumerate(jobs):
-            ends = () if job.sampling.ignore_eos else batch.plain_stop
-            row = _Row(job, tok, tuple(job.sampling.stop) + ends, device)
+            row = _Row(job, tok, batch, device)
             row.next_pos = len(job.prompt)
             t = row.pick(logits[i])
-            row.add(t, batch.eos)
+            row.add(t)
             row.pending = t
             group.rows.append(row)
         group.drop_done()
@@ -274,7 +273,7 @@ class Scheduler:
         for i, row in enumerate(batch.rows):
             row.next_pos += 1
             t = row.pick(logits[i])
-            row.add(t, batch.eos)
+            row.add(t)
             row.pending = t
         batch.drop_done()
 
@@ -359,17 +358,20 @@ class _Batch:
 class _Row:
     """One request inside a batch: its tokens so far, the text already sent, when it ends."""
 
-    def __init__(self, job: Job, tok: Any, stops: tuple[str, ...], device: Any) -> None:
+    def __init__(self, job: Job, tok: Any, batch: _Batch, device: Any) -> None:
         import torch
 
-        self.job, self.tok, self.stops = job, tok, tuple(s for s in stops if s)
+        self.job, self.tok = job, tok
+        s = job.sampling
+        # The answer ends at the model's end tokens and end texts (none under ignore_eos) or a stop string.
+        self.eos: set[int] = set() if s.ignore_eos else batch.eos
+        self.stops = tuple(x for x in tuple(s.stop) + (() if s.ignore_eos else batch.plain_stop) if x)
         self.tokens: list[int] = []
         self.sent = 0          # characters of the (left-stripped) answer already emitted
         self.done = False
         self.text = ""
         self.pending = 0       # the token picked last, fed to the model at the next step
         self.next_pos = 0      # its position id
-        s = job.sampling
         self.generator = None
         if s.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -378,8 +380,8 @@ class _Row:
     def pick(self, logits: Any) -> int:
         return pick(logits, self.job.sampling, self.tokens, self.generator)
 
-    def add(self, token: int, eos: set[int]) -> None:
-        if token in eos and not self.job.sampling.ignore_eos:
+    def add(self, token: int) -> None:
+        if token in self.eos:
             self.finish("stop")
             return
         self.tokens.append(token)
