@@ -42,15 +42,20 @@ demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_DIR="$(DEMO_DIR)" bash scripts/demo.sh
 
 # The layering contract (pyproject.toml [tool.importlinter]), then every test but the GPU-only
-# ones, the slow model and browser tests included.
+# ones, the slow model and browser tests included. pytest-xdist runs one worker per core (at most 4),
+# a whole test file to a worker so a file's shared server or run is built once; TEST_JOBS=0 runs
+# them in one process.
+TEST_JOBS ?= logical
+PYTEST    := $(PY) -m pytest -n $(TEST_JOBS) --maxprocesses 4 --dist loadfile
+
 test: venv llama-cpp
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -m "not gpu"
+	$(PYTEST) -m "not gpu"
 
 # Without the slow model and training tests.
 test-fast: venv llama-cpp
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -m "not gpu and not slow"
+	$(PYTEST) -m "not gpu and not slow"
 
 bench: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/bench.sh

@@ -92,8 +92,14 @@ def fake_openai(monkeypatch):
 
 @pytest.fixture(scope="session")
 def _embedded_models(tmp_path_factory) -> Path:
-    """The embedded smollm2-135m converted once for the whole session (about 20 s)."""
-    home = tmp_path_factory.mktemp("shared-persllm-home")
+    """The embedded smollm2-135m converted once for the whole session (20-40 s). Under pytest-xdist
+    (`make test` runs two or more workers) every worker uses the run's shared folder: the first converts,
+    the others wait on the conversion's own lock and take its result."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    home = root / "shared-persllm-home"
+    home.mkdir(exist_ok=True)
     old = os.environ.get("PERSLLM_HOME")
     os.environ["PERSLLM_HOME"] = str(home)
     try:
