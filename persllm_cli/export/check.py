@@ -153,11 +153,11 @@ def load_hf(out: Path) -> tuple[Any, Any]:
 
 def load_gguf(path: Path) -> tuple[Any, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return model, tok
+    from persllm_cli.model import gguf_load
+
+    model, tok = gguf_load.load(path, dtype=torch.float32)
+    return model.eval(), tok
 
 
 # Conversations the template is rendered with in llama.cpp's engine: the check's prompts, and one with

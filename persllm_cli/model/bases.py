@@ -130,11 +130,11 @@ def _own_progress(title: str) -> Iterator[None]:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from persllm_cli.model import gguf_load
+
     with _own_progress(f"converting {gguf.name}"):
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model, tok = gguf_load.load(gguf, dtype=torch.float32)
     # The GGUF loader marks the model as quantised; the dequantised weights save fine once that
     # marker is gone.
     if hasattr(model.config, "quantization_config"):
