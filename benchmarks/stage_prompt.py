@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -107,6 +108,52 @@ def one_seed(work: Path, seed: int, steps: int, lr: float, max_new_tokens: int) 
             "seconds": seconds, "answers": answers}
 
 
+def run_seeds(args: argparse.Namespace, work: Path, settings: dict, one: Callable[[int], dict]) -> dict:
+    """`one(seed)` for each of --split-seeds, with the settings, machine load and seconds; written to
+    --json after each test set, so a run cut short keeps what it has."""
+    work.mkdir(parents=True, exist_ok=True)
+    out = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": os.getloadavg(), "steps": args.steps,
+           "learning_rate": args.learning_rate, **settings, "seeds": []}
+    t0 = time.perf_counter()
+    for seed in [int(x) for x in args.split_seeds.split(",") if x.strip()]:
+        out["seeds"].append(one(seed))
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    out["load_end"], out["seconds"] = os.getloadavg(), round(time.perf_counter() - t0, 1)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    return out
+
+
+def print_tables(out: dict, systems: tuple[str, ...], future_terms: bool = False) -> None:
+    """Each test set's figures per system, the references' own stage accuracy, then one stage
+    accuracy per system over every test set's answers, with its 95% interval, p against chance, the
+    swap share placed at the stage asked, and the answers left empty."""
+    from persllm_cli.eval.fidelity import above_chance, wilson
+
+    seeds = out["seeds"]
+    print("stage accuracy % / swap differ % / swap recognised %" + (" / future terms %" if future_terms else "")
+          + ", per test set (split seed)")
+    print("system | " + " | ".join(f"seed {s['seed']}" for s in seeds))
+    for name in systems:
+        cells = []
+        for f in (s["figures"][name] for s in seeds):
+            cells.append(f"{f['accuracy']:.1f} / {f['differ']:.0f} / {f['recognised']:.1f}" + (
+                "" if not future_terms else " / -" if f["future_terms"] is None else f" / {f['future_terms']:.1f}"))
+        print(f"{name} | " + " | ".join(cells))
+    print("references' own stage accuracy: " + ", ".join(f"{s['references']:.1f}" for s in seeds))
+    print("\npooled over the test sets: system | right / answers | stage acc % | 95% interval | p (chance) | recognised % | empty")
+    stages = round(100.0 / seeds[0]["figures"][systems[0]]["chance"])
+    for name in systems:
+        figs = [s["figures"][name] for s in seeds]
+        k, n = sum(f["correct"] for f in figs), sum(f["answers"] for f in figs)
+        rec = sum(f["recognised"] * f["swap_answers"] for f in figs) / max(1, sum(f["swap_answers"] for f in figs))
+        lo, hi = wilson(k, n)
+        print(f"{name} | {k}/{n} | {100 * k / n:.1f} | {lo:.1f}-{hi:.1f} | {above_chance(k, n, stages):.2g} | {rec:.1f}"
+              f" | {sum(f['empty'] for f in figs)}")
+    print(f"load average {out['load_start'][0]:.1f} -> {out['load_end'][0]:.1f}; {out['seconds']:.0f} s")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split-seeds", default="0,1,2,3", help="split's --seed for each test set, comma-separated")
@@ -116,40 +163,10 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None, help="keep the projects here [default: a temp dir]")
     ap.add_argument("--json", type=Path, default=None, help="write every figure and answer here (after each test set)")
     args = ap.parse_args()
-
-    from persllm_cli.eval.fidelity import above_chance, wilson
-
     work = args.work or Path(tempfile.mkdtemp(prefix="persllm-stage-prompt-"))
-    work.mkdir(parents=True, exist_ok=True)
-    out = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": os.getloadavg(), "steps": args.steps,
-           "learning_rate": args.learning_rate, "system": SYSTEM, "seeds": []}
-    t0 = time.perf_counter()
-    for seed in [int(x) for x in args.split_seeds.split(",") if x.strip()]:
-        out["seeds"].append(one_seed(work, seed, args.steps, args.learning_rate, args.max_new_tokens))
-        if args.json:
-            args.json.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
-    out["load_end"], out["seconds"] = os.getloadavg(), round(time.perf_counter() - t0, 1)
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
-
-    seeds = out["seeds"]
-    print("stage accuracy % / swap differ % / swap recognised %, per test set (split seed)")
-    print("system | " + " | ".join(f"seed {s['seed']}" for s in seeds))
-    for name in SYSTEMS:
-        cells = [f"{s['figures'][name]['accuracy']:.1f} / {s['figures'][name]['differ']:.0f} / {s['figures'][name]['recognised']:.1f}"
-                 for s in seeds]
-        print(f"{name} | " + " | ".join(cells))
-    print("references' own stage accuracy: " + ", ".join(f"{s['references']:.1f}" for s in seeds))
-    print("\npooled over the test sets: system | right / answers | stage acc % | 95% interval | p (chance) | recognised %")
-    stages = round(100.0 / seeds[0]["figures"]["(c)"]["chance"])
-    for name in SYSTEMS:
-        k = sum(s["figures"][name]["correct"] for s in seeds)
-        n = sum(s["figures"][name]["answers"] for s in seeds)
-        rec = sum(s["figures"][name]["recognised"] * s["figures"][name]["swap_answers"] for s in seeds) / max(
-            1, sum(s["figures"][name]["swap_answers"] for s in seeds))
-        lo, hi = wilson(k, n)
-        print(f"{name} | {k}/{n} | {100 * k / n:.1f} | {lo:.1f}-{hi:.1f} | {above_chance(k, n, stages):.2g} | {rec:.1f}")
-    print(f"load average {out['load_start'][0]:.1f} -> {out['load_end'][0]:.1f}; {out['seconds']:.0f} s")
+    out = run_seeds(args, work, {"system": SYSTEM},
+                    lambda seed: one_seed(work, seed, args.steps, args.learning_rate, args.max_new_tokens))
+    print_tables(out, SYSTEMS)
     return 0
 
 
