@@ -51,6 +51,24 @@ def named(src: Path, dst: Path, persona: str, labels: dict[str, str]) -> None:
             out.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def answer_record(item, text: str) -> dict:
+    """A greedy answer to a test or swapped item, as eval's answers.jsonl holds it (empty: failed)."""
+    return {"id": item.id, "status": "ok" if text else "failed",
+            "messages": [{"role": "user", "content": item.question}, {"role": "assistant", "content": text}]}
+
+
+def figures_of(per: dict[str, dict], answers: dict[str, dict]) -> dict[str, dict]:
+    """What the tables print, per system, from eval's judge-free figures (fidelity.score)."""
+    figures = {}
+    for name, f in per.items():
+        acc, sw, leak = f["stage_accuracy"], f["swap"], f.get("leak") or {}
+        figures[name] = {"correct": acc["correct"], "answers": acc["answers"], "accuracy": acc["accuracy"],
+                         "chance": acc["chance"], "differ": sw.get("differ"), "recognised": sw.get("recognised"),
+                         "swap_answers": sw.get("answers"), "future_terms": leak.get("rate"),
+                         "empty": sum(1 for r in answers[name].values() if r["status"] != "ok")}
+    return figures
+
+
 def one_seed(work: Path, seed: int, steps: int, lr: float, max_new_tokens: int) -> dict:
     from persllm_cli.core.project import load_project
     from persllm_cli.eval import fidelity
@@ -91,20 +109,13 @@ def one_seed(work: Path, seed: int, steps: int, lr: float, max_new_tokens: int) 
             if with_system:
                 msgs.insert(0, {"role": "system", "content": SYSTEM.format(persona=project.name, label=labels[item.stage])})
             text = decode(model, tok, [prompt_ids(tok, msgs, info.stage_token(item.stage)[1])], 0.0, 0.1, max_new_tokens)
-            answers[name][item.id] = {"id": item.id, "status": "ok" if text else "failed", "messages": [
-                {"role": "user", "content": item.question}, {"role": "assistant", "content": text}]}
+            answers[name][item.id] = answer_record(item, text)
         seconds[name] = round(time.perf_counter() - t0, 1)
         systems.append(System(name=name, kind="run", model=run, persona=project.name, labels=labels,
                               dir=root / "build" / "eval"))
         print(f"seed {seed} {name}: {len(items) + len(swaps)} answers in {seconds[name]} s", file=sys.stderr, flush=True)
     basis, per, _ = fidelity.score(project, root / "build" / "train.jsonl", order, systems, items, answers)
-    figures = {}
-    for name, f in per.items():
-        acc, sw = f["stage_accuracy"], f["swap"]
-        figures[name] = {"correct": acc["correct"], "answers": acc["answers"], "accuracy": acc["accuracy"],
-                         "chance": acc["chance"], "differ": sw.get("differ"), "recognised": sw.get("recognised"),
-                         "swap_answers": sw.get("answers"), "empty": sum(1 for r in answers[name].values() if r["status"] != "ok")}
-    return {"seed": seed, "figures": figures, "references": basis["references"]["stage_accuracy"]["accuracy"],
+    return {"seed": seed, "figures": figures_of(per, answers), "references": basis["references"]["stage_accuracy"]["accuracy"],
             "seconds": seconds, "answers": answers}
 
 

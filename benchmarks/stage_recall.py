@@ -27,7 +27,6 @@ table pools the test sets, with a 95% interval and p against chance.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -40,10 +39,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from stage_fidelity import make_project, persllm  # noqa: E402
 from stage_guidance import decode  # noqa: E402
-from stage_prompt import print_tables, run_seeds  # noqa: E402
+from stage_prompt import answer_record, figures_of, print_tables, run_seeds  # noqa: E402
 
 SYSTEMS = ("(c)", "(c+r)", "(c+r=)", "(a+r)")
 RECALL = "What you remember, in your own words:\n\n{paragraphs}\n\nAnswer from what you remember."
+
+
+def source_text(record: dict) -> str:
+    """The seed paragraph a record was written from ("" when it names none)."""
+    return ((record.get("source") or {}).get("text") or "").strip()
 
 
 class Recall:
@@ -53,10 +57,11 @@ class Recall:
     def __init__(self, train: Path, held_out: set[str]) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
+        from persllm_cli.data import store
+
         seen: dict[str, str] = {}
-        for line in train.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)
-            text = ((r.get("source") or {}).get("text") or "").strip()
+        for r in store.read_records(train, what="training records"):
+            text = source_text(r)
             if text and text not in held_out:
                 seen.setdefault(text, r["stage"])
         self.texts, self.stages = list(seen), list(seen.values())
@@ -71,6 +76,7 @@ class Recall:
 
 def one_seed(work: Path, seed: int, steps: int, lr: float, k: int, max_new_tokens: int) -> dict:
     from persllm_cli.core.project import load_project
+    from persllm_cli.data import store
     from persllm_cli.eval import fidelity
     from persllm_cli.eval.command import read_test, stage_order
     from persllm_cli.eval.items import System
@@ -89,9 +95,7 @@ def one_seed(work: Path, seed: int, steps: int, lr: float, k: int, max_new_token
     seconds["train (c)"] = round(time.perf_counter() - t0, 1)
 
     items = read_test(root / "build" / "test.jsonl", None)
-    test_sources = set()
-    for line in (root / "build" / "test.jsonl").read_text(encoding="utf-8").splitlines():
-        test_sources.add(((json.loads(line).get("source") or {}).get("text") or "").strip())
+    test_sources = {source_text(r) for r in store.read_records(root / "build" / "test.jsonl", what="test records")}
     recall = Recall(root / "build" / "train.jsonl", test_sources)
     order = stage_order(project, [], items)
     swaps = fidelity.swap_items(order, items, 20, 0)   # eval's default --swap-questions and --seed
@@ -103,14 +107,11 @@ def one_seed(work: Path, seed: int, steps: int, lr: float, k: int, max_new_token
 
     answers: dict[str, dict] = {}
     shown: dict[str, str] = {}
-    loaded: dict = {}
+    model, tok, info = load_run(root / "runs" / "c")
     for name in SYSTEMS:
-        if name == "(a+r)":
+        if name == "(a+r)":   # the last system: the untrained model takes the run's place
             base = resolve_base("smollm2-135m")
-            loaded = {"base": (load_base(base).eval(), load_tokenizer(base), None)}
-        elif "run" not in loaded:
-            loaded = {"run": load_run(root / "runs" / "c")}
-        model, tok, info = next(iter(loaded.values()))
+            model, tok, info = load_base(base).eval(), load_tokenizer(base), None
         t0 = time.perf_counter()
         answers[name] = {}
         for item in items + swaps:
@@ -127,21 +128,13 @@ def one_seed(work: Path, seed: int, steps: int, lr: float, k: int, max_new_token
             if name == "(c+r)":
                 shown[item.id] = msgs[0]["content"]
             text = decode(model, tok, [prompt_ids(tok, msgs, token)], 0.0, 0.1, max_new_tokens)
-            answers[name][item.id] = {"id": item.id, "status": "ok" if text else "failed", "messages": [
-                {"role": "user", "content": item.question}, {"role": "assistant", "content": text}]}
+            answers[name][item.id] = answer_record(item, text)
         seconds[name] = round(time.perf_counter() - t0, 1)
         print(f"seed {seed} {name}: {len(items) + len(swaps)} answers in {seconds[name]} s", file=sys.stderr, flush=True)
     systems = [System(name=n, kind="run", model="c", persona=project.name, labels=labels, dir=root / "build" / "eval")
                for n in SYSTEMS]
-    basis, per, found = fidelity.score(project, root / "build" / "train.jsonl", order, systems, items, answers)
-    figures = {}
-    for name, f in per.items():
-        acc, sw, leak = f["stage_accuracy"], f["swap"], f.get("leak") or {}
-        figures[name] = {"correct": acc["correct"], "answers": acc["answers"], "accuracy": acc["accuracy"],
-                         "chance": acc["chance"], "differ": sw.get("differ"), "recognised": sw.get("recognised"),
-                         "swap_answers": sw.get("answers"), "future_terms": leak.get("rate"),
-                         "empty": sum(1 for r in answers[name].values() if r["status"] != "ok")}
-    return {"seed": seed, "figures": figures, "references": basis["references"]["stage_accuracy"]["accuracy"],
+    basis, per, _ = fidelity.score(project, root / "build" / "train.jsonl", order, systems, items, answers)
+    return {"seed": seed, "figures": figures_of(per, answers), "references": basis["references"]["stage_accuracy"]["accuracy"],
             "seconds": seconds, "answers": answers, "recalled": shown}
 
 
