@@ -112,8 +112,8 @@ def base_with_prompt(root: Path, max_new_tokens: int) -> dict:
     system = System(name="base+prompt", kind="api", model="smollm2-135m", persona=project.name,
                     labels={s.id: s.label for s in project.stages}, dir=root / "build" / "eval")
     basis, per, _ = fidelity.score(project, root / "build" / "train.jsonl", order, [system], items, {system.name: answers})
-    return {"fidelity": per[system.name], "references": basis["references"], "answered": sum(1 for a in answers.values() if a["status"] == "ok"),
-            "asked": len(answers), "eval_seconds": round(time.perf_counter() - t0, 1)}
+    return {"fidelity": per[system.name], "references": basis["references"], "questions": basis["questions"],
+            "answered": sum(1 for a in answers.values() if a["status"] == "ok"), "asked": len(answers), "eval_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def trained(root: Path, name: str, steps: int, method: str, max_new_tokens: int, extra: list[str]) -> dict:
@@ -126,6 +126,7 @@ def trained(root: Path, name: str, steps: int, method: str, max_new_tokens: int,
     system = data["systems"][name]
     asked = system["answered"] + system["unanswered"]
     return {"fidelity": system.get("fidelity"), "references": data["fidelity"].get("references"),
+            "questions": data["fidelity"].get("questions"),
             "answered": system["answered"], "asked": asked, "train_seconds": round(t1 - t0, 1),
             "eval_seconds": round(time.perf_counter() - t1, 1), "settings": extra,
             "marks": marks_right(root / "runs" / name / "eval" / "answers.jsonl") if (root / "build" / MARKED).exists() else None}
@@ -242,6 +243,10 @@ def main() -> int:
     if ref:
         print(f"references (the test set's own answers): stage accuracy {ref['stage_accuracy']['accuracy']:.1f}%, "
               f"future terms {(ref.get('leak') or {}).get('rate', 0):.1f}%")
+    questions = next((r["questions"] for r in out["results"] if r.get("questions")), None)
+    if questions:
+        print(f"questions (what answers that only repeat them would score): stage accuracy "
+              f"{questions['stage_accuracy']['accuracy']:.1f}%")
     print(f"goal: (c) >= {GOAL_ACCURACY:g}x chance and >= {GOAL_DIFFER:g}% of swapped questions answered differently, "
           f"where (b) is at chance. load average {out['load_start'][0]:.1f} -> {out['load_end'][0]:.1f}; {out['seconds']:.0f} s")
     return 0

@@ -121,6 +121,29 @@ def test_identical_answers_score_chance_and_no_swap(project):
     assert sum(map(sum, f["stage_accuracy"]["confusion"]["matrix"])) == 6
 
 
+def test_answers_that_echo_their_question_score_the_questions_row(project):
+    """A question's topic already names its stage: answers that only repeat their question score what the
+    classifier gives the questions themselves (the floor eval reports), though the stage token does nothing."""
+    items = _items(project)
+    # Four questions name a word of their own stage, two a word of another stage.
+    topic = {"tearly0": "early", "tearly1": "early", "tmiddle0": "middle", "tmiddle1": "late", "tlate0": "late", "tlate1": "early"}
+    items = [Question(id=i.id, persona=i.persona, stage=i.stage, pattern=i.pattern, reference=i.reference,
+                      question=f"What about the {WORDS[topic[i.id]][5].title()}?") for i in items]
+    swaps = fidelity.swap_items(ORDER, items, 20, 0)
+    answers = _answers(items, swaps, lambda i: i.question)
+    basis, per, _ = fidelity.score(load_project(project), project / "build" / "train.jsonl", ORDER,
+                                   [_system(project)], items, answers)
+    assert basis["questions"]["stage_accuracy"]["accuracy"] == pytest.approx(100 * 4 / 6)
+    assert basis["questions"]["stage_accuracy"]["confusion"]["matrix"] == [[2, 0, 0], [0, 1, 1], [1, 0, 1]]
+    f = per["sys"]
+    assert f["stage_accuracy"]["accuracy"] == basis["questions"]["stage_accuracy"]["accuracy"]
+    assert f["swap"]["differ"] == 0.0 and f["swap"]["recognised"] == pytest.approx(100 / 3)
+    result = {"fidelity": basis, "systems": {"sys": {"fidelity": f}}}
+    md = "\n".join(fidelity.markdown(result))
+    assert "On the test questions themselves it names the stage 66.7% of the time" in md
+    assert "| questions (echoed) | 66.7 |" in md
+
+
 def test_accuracy_interval_and_p_value_match_scipy():
     from scipy.stats import binomtest
 
@@ -203,6 +226,10 @@ def test_eval_reports_stage_fidelity(project, cli, monkeypatch):
     assert f["leak"]["by_pair"]["early>late"]["rate"] == 100.0 and f["leak"]["by_pair"]["middle>late"]["rate"] == 0.0
     assert data["fidelity"]["references"]["stage_accuracy"]["accuracy"] == 100.0
     assert "stage accuracy %" in result.stderr and "stage swap: answers differ %" in result.stderr
+    # The questions ("What do you remember, 0?") hold no stage words: the one stage the classifier names for all.
+    assert data["fidelity"]["questions"]["stage_accuracy"]["accuracy"] == pytest.approx(100 / 3)
+    assert ("stage accuracy to read against: the test set's own answers 100.0%, the questions alone 33.3%"
+            in " ".join(result.stderr.split()))
     md = (run / "eval" / "eval.md").read_text()
     # 6 of 6 right at three stages: a 95% interval of 61.0-100% and p = (1/3)^6 by luck alone.
     assert "## Stage fidelity (no judge)" in md and "| sft | 100.0 | 61.0-100.0 | 33.3 | 0.0014 | 6 | 100.0 | 100.0 | 50.0 |" in md

@@ -243,6 +243,8 @@ def write(report_dir: Path, result: dict[str, Any], s) -> None:
     sidecars.write_meta(report_dir / "eval.json", command="eval", settings=public_settings(s), inputs=[s.test, s.train, *s.pool],
                        counts={"items": result["items"], "systems": len(result["systems"])}, seconds=result.get("seconds"))
     console.table("persllm eval", ["metric", *result["systems"]], rows(result))
+    if _fidelity_measured(result):
+        console.note(fidelity.bounds(result["fidelity"]))
     console.note(f"report: {report_dir / 'eval.md'}")
     if s.json_output:
         sys.stdout.write(text + "\n")
