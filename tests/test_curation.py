@@ -192,6 +192,28 @@ def test_dedup_drops_by_reason_and_keeps_file_order(tmp_path, cli):
     assert len(read(out2)) < len(out)
 
 
+def test_dedup_within_stage_keeps_one_question_answered_at_every_stage(tmp_path, cli):
+    """annotate --instructions answers each instruction at every stage: by default dedup keeps only the
+    first stage's answer and says so; --within-stage keeps each stage's, and still drops repeats inside a stage."""
+    proj = make_project(cli, tmp_path / "p")
+    ask = "Describe what courage means to you."
+    recs = [rec(st, ask, f"Courage, as I saw it at the {st} stage.", pattern="instruction", line=1) for st in ("early", "middle", "late")]
+    recs += [rec("early", "Who sent the first letter?", "An owl.", line=2),
+             rec("early", "Who sent the first letter?!", "Hagrid's owl.", line=3)]     # a repeat within one stage
+    write(proj / "build" / "annotations.jsonl", recs)
+    result = cli("-C", str(proj), "dedup")
+    assert result.exit_code == 0, result.output
+    assert [r["stage"] for r in read(proj / "build" / "dedup.jsonl")] == ["early", "early"]
+    assert "2 of the near-duplicates repeat a question kept at another stage" in " ".join(result.stderr.split())
+    result = cli("-C", str(proj), "dedup", "--within-stage")
+    assert result.exit_code == 0, result.output
+    out = read(proj / "build" / "dedup.jsonl")
+    assert [(r["stage"], r["messages"][0]["content"]) for r in out] == [
+        ("early", ask), ("middle", ask), ("late", ask), ("early", "Who sent the first letter?")]
+    assert meta(proj / "build" / "dedup.jsonl")["counts"]["dropped"]["near-duplicate"] == 1
+    assert "another stage" not in result.stderr
+
+
 def test_dedup_works_on_chinese(tmp_path, cli):
     proj = make_project(cli, tmp_path / "p")
     qs = ["你第一次骑扫帚是什么感觉？", "你第一次骑扫帚是什么感觉", "你最好的朋友是谁？", "分院帽为什么犹豫了？"]

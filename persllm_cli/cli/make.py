@@ -89,6 +89,7 @@ def dedup(
     output: Annotated[Optional[Path], Opt('-o', '--output', help=_h(DedupSettings, 'output'), metavar='OUT')] = None,
     threshold: Annotated[Optional[float], Opt(help=_h(DedupSettings, 'threshold'))] = None,
     embedder: Annotated[Optional[str], Opt(help=_h(DedupSettings, 'embedder'))] = None,
+    within_stage: Annotated[Optional[bool], Opt('--within-stage', help=_h(DedupSettings, 'within_stage'))] = None,
 ) -> int:
     """Drop failed records and near-duplicate questions (greedy, in file order)."""
     from persllm_cli.curate import dedup as stage

@@ -19,6 +19,8 @@ class DedupSettings:
     threshold: float = setting(0.95, more_than=0, at_most=1,
                                help='Drop a question whose cosine similarity to a kept one reaches this.')
     embedder: str = setting("tfidf", help='tfidf or st:NAME.')
+    within_stage: bool = setting(False, help="Compare a question only with the kept questions of its own stage, so the same "
+                                             "question answered at several stages (annotate --instructions) stays at each.")
 
 
 @dataclass(frozen=True)
