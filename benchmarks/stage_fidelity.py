@@ -69,12 +69,15 @@ def mark(path: Path) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def make_project(work: Path, split_seed: int = 0, marked: bool = False) -> Path:
+def make_project(work: Path, split_seed: int = 0, marked: bool = False, instructions: bool = False) -> Path:
     root = work / "harry"
     persllm("init", str(root), "--example", "harry", cwd=work)
     (root / "build").mkdir()
-    (root / "build" / "annotations.jsonl").write_bytes((root / "annotations.sample.jsonl").read_bytes())
-    persllm("dedup", cwd=root)
+    sample = (root / "annotations.sample.jsonl").read_bytes()
+    if instructions:   # the 12 instructions answered at every stage, as annotate --instructions writes them
+        sample += (root / "instructions.sample.jsonl").read_bytes()
+    (root / "build" / "annotations.jsonl").write_bytes(sample)
+    persllm("dedup", *(["--within-stage"] if instructions else []), cwd=root)
     persllm("split", "--test-size", "0.2", "--seed", str(split_seed), cwd=root)
     if marked:
         mark(root / "build" / "train.jsonl")
@@ -170,6 +173,8 @@ def main() -> int:
                     help="split's --seed: another test set and training set from the same records (a replicate)")
     ap.add_argument("--marked", action="store_true", help="a control: every answer opens with its stage's phrase "
                     "(MARKS), so the stages differ in a way a small model can learn")
+    ap.add_argument("--instructions", action="store_true", help="add examples/harry/instructions.sample.jsonl: the same 12 "
+                    "instructions answered at every stage, so the question no longer tells the stage (dedup --within-stage)")
     ap.add_argument("--skip-base", action="store_true", help="leave out (a)")
     ap.add_argument("--systems", default="b,c,d", help="which of the trained systems (b), (c), (d), (e) to run at each of "
                     "--steps [default: b,c,d; (d) only with --contrast]")
@@ -184,7 +189,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": os.getloadavg(), "method": args.method,
                  "max_new_tokens": args.max_new_tokens, "row_lr": row_lr, "contrast": args.contrast, "learning_rate": args.learning_rate,
-                 "split_seed": args.split_seed, "marked": args.marked, "results": []}
+                 "split_seed": args.split_seed, "marked": args.marked, "instructions": args.instructions, "results": []}
 
     def save() -> None:
         if args.json:
@@ -192,7 +197,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     systems = {x.strip() for x in args.systems.split(",") if x.strip()}
-    root = make_project(work, args.split_seed, args.marked)
+    root = make_project(work, args.split_seed, args.marked, args.instructions)
     if "e" in systems:
         persllm("tokenize", "--base", "smollm2-135m", "--time-tokens", "3", "--general", "general.jsonl", "--repeat", "2",
                 "--max-length", "512", "--time-token-at", "answer", "-o", "build/tokenized.answer", cwd=root)

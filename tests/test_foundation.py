@@ -176,6 +176,16 @@ def test_init_example_harry(harry):
         assert r["id"] == records.record_id(r["persona"], r["stage"], r["pattern"], r["source"]["file"],
                                             r["source"]["line"], 0) or len(r["id"]) == 64
         assert records.unusable_reason(r) is None
+    # The instructions answered at every stage, under the ids annotate --instructions gives them.
+    lines = [x for x in (harry / "instructions.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
+    answered = store.read_jsonl(harry / "instructions.sample.jsonl")
+    assert sorted((r["stage"], r["source"]["line"]) for r in answered) == sorted(
+        (s.id, n) for s in project.stages for n in range(1, len(lines) + 1))
+    for r in answered:
+        assert r["id"] == records.record_id(r["persona"], r["stage"], "instruction", "instructions.txt", r["source"]["line"], 0)
+        assert r["pattern"] == "instruction" and records.question(r) == lines[r["source"]["line"] - 1]
+        assert records.unusable_reason(r) is None
+    assert len({records.answer(r) for r in answered}) == len(answered)
 
 
 def test_init_unknown_example(tmp_path, cli):
