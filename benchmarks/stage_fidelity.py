@@ -18,7 +18,9 @@ stage asked):
 
 (b), (c), (d) and (e) at equal steps, at each of --steps; --sweep adds (c) with other row rates at
 --sweep-steps (how the default was chosen); --split-seed N draws another test set (a replicate
-on the same records); --marked is a control in which every answer opens with its stage's phrase.
+on the same records); --marked is a control in which every answer opens with its stage's phrase;
+--instructions adds the example's 12 instructions answered at every stage (instructions.sample.jsonl,
+kept by dedup --within-stage), questions whose stage only the time token can tell.
 Every system answers the same test questions and swapped questions greedily (temperature 0),
 --max-new-tokens each. Prints a table, and with --json writes every figure (rewritten after each
 system, so a run cut short keeps what it has).
