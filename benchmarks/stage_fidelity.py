@@ -71,7 +71,8 @@ def mark(path: Path) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def make_project(work: Path, split_seed: int = 0, marked: bool = False, instructions: bool = False) -> Path:
+def make_project(work: Path, split_seed: int = 0, marked: bool = False, instructions: bool = False,
+                 base: str = "smollm2-135m") -> Path:
     root = work / "harry"
     persllm("init", str(root), "--example", "harry", cwd=work)
     (root / "build").mkdir()
@@ -86,13 +87,13 @@ def make_project(work: Path, split_seed: int = 0, marked: bool = False, instruct
         mark(root / "build" / "test.jsonl")
         (root / "build" / MARKED).write_text("every answer opens with its stage's phrase (MARKS)\n")
     for step in (["dpo", "--skip", "1"],
-                 ["tokenize", "--base", "smollm2-135m", "--time-tokens", "3", "--general", "general.jsonl",
+                 ["tokenize", "--base", base, "--time-tokens", "3", "--general", "general.jsonl",
                   "--repeat", "2", "--max-length", "512"]):
         persllm(*step, cwd=root)
     return root
 
 
-def base_with_prompt(root: Path, max_new_tokens: int) -> dict:
+def base_with_prompt(root: Path, max_new_tokens: int, base: str = "smollm2-135m") -> dict:
     """(a): the untrained model, prompted as eval's --api-model baseline is, scored like a run."""
     from persllm_cli.core.project import load_project
     from persllm_cli.eval import fidelity
@@ -106,7 +107,7 @@ def base_with_prompt(root: Path, max_new_tokens: int) -> dict:
     items = read_test(root / "build" / "test.jsonl", None)
     order = stage_order(project, [], items)
     swaps = fidelity.swap_items(order, items, 20, 0)   # eval's default --swap-questions and --seed
-    speaker = ApiSpeaker(make_backend("local", "smollm2-135m"), project.name, project.description,
+    speaker = ApiSpeaker(make_backend("local", base), project.name, project.description,
                          [(s.id, s.label) for s in project.stages], Sampling(max_new_tokens=max_new_tokens, temperature=0.0))
     t0 = time.perf_counter()
     answers = {}
@@ -114,7 +115,7 @@ def base_with_prompt(root: Path, max_new_tokens: int) -> dict:
         text = speaker.answer_batch([[{"role": "user", "content": item.question}]], item.stage)[0]
         answers[item.id] = {"id": item.id, "status": "ok" if text else "failed",
                             "messages": [{"role": "user", "content": item.question}, {"role": "assistant", "content": text or ""}]}
-    system = System(name="base+prompt", kind="api", model="smollm2-135m", persona=project.name,
+    system = System(name="base+prompt", kind="api", model=base, persona=project.name,
                     labels={s.id: s.label for s in project.stages}, dir=root / "build" / "eval")
     basis, per, _ = fidelity.score(project, root / "build" / "train.jsonl", order, [system], items, {system.name: answers})
     return {"fidelity": per[system.name], "references": basis["references"], "questions": basis["questions"],
@@ -177,6 +178,8 @@ def main() -> int:
                     "(MARKS), so the stages differ in a way a small model can learn")
     ap.add_argument("--instructions", action="store_true", help="add examples/harry/instructions.sample.jsonl: the same 12 "
                     "instructions answered at every stage, so the question no longer tells the stage (dedup --within-stage)")
+    ap.add_argument("--base", default="smollm2-135m", help="the base model, as tokenize --base takes it: for a GPU run, a "
+                    "local model directory (the commands run offline) [default: the embedded smollm2-135m]")
     ap.add_argument("--skip-base", action="store_true", help="leave out (a)")
     ap.add_argument("--systems", default="b,c,d", help="which of the trained systems (b), (c), (d), (e) to run at each of "
                     "--steps [default: b,c,d; (d) only with --contrast]")
@@ -191,7 +194,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": os.getloadavg(), "method": args.method,
                  "max_new_tokens": args.max_new_tokens, "row_lr": row_lr, "contrast": args.contrast, "learning_rate": args.learning_rate,
-                 "split_seed": args.split_seed, "marked": args.marked, "instructions": args.instructions, "results": []}
+                 "split_seed": args.split_seed, "marked": args.marked, "instructions": args.instructions, "base": args.base,
+                 "results": []}
 
     def save() -> None:
         if args.json:
@@ -199,15 +203,15 @@ def main() -> int:
 
     t0 = time.perf_counter()
     systems = {x.strip() for x in args.systems.split(",") if x.strip()}
-    root = make_project(work, args.split_seed, args.marked, args.instructions)
+    root = make_project(work, args.split_seed, args.marked, args.instructions, args.base)
     if "e" in systems:
-        persllm("tokenize", "--base", "smollm2-135m", "--time-tokens", "3", "--general", "general.jsonl", "--repeat", "2",
+        persllm("tokenize", "--base", args.base, "--time-tokens", "3", "--general", "general.jsonl", "--repeat", "2",
                 "--max-length", "512", "--time-token-at", "answer", "-o", "build/tokenized.answer", cwd=root)
     print(f"project: {root}", file=sys.stderr)
     plan: list[tuple[str, int | str, object]] = []
     lora = ["--learning-rate", str(args.learning_rate)]
     if not args.skip_base:
-        plan.append(("(a) base+prompt", "-", lambda: base_with_prompt(root, args.max_new_tokens)))
+        plan.append(("(a) base+prompt", "-", lambda: base_with_prompt(root, args.max_new_tokens, args.base)))
     for n in [int(x) for x in args.steps.split(",") if x.strip()]:
         if "b" in systems:
             plan.append(("(b) mean rows, LoRA rate", n, lambda n=n: trained(
