@@ -5,7 +5,8 @@ lack a question, an answer or a stage, counting each reason, then walks the rest
 keeps a record when its question's cosine similarity to every question kept so far is below the
 threshold ("file order": a retried record keeps the place of its first attempt). With --within-stage
 a question is compared with the kept questions of its own stage only, so one question answered at
-every stage (annotate --instructions) keeps every stage's answer. The rule is computed in blocks (persllm_cli/neardup.py), never as an n x n matrix.
+every stage (annotate --instructions) keeps every stage's answer. The rule is computed in blocks
+(data/neardup.py), never as an n x n matrix.
 """
 
 from __future__ import annotations
@@ -66,16 +67,14 @@ def run(project: Project, s: DedupSettings) -> int:
         task = bar.add_task("embedding questions", total=None)
         vectors = embedder.fit(questions).transform(questions)
         bar.update(task, description="near-duplicates")
-        keep = greedy_keep(vectors, s.threshold)
-        # The same rule within each stage: what --within-stage keeps, and what the default drops only
-        # because the question was already kept at another stage.
+        # The rule within each stage: what --within-stage keeps. Without it, the rule over all records,
+        # and how many it drops only because the question was kept at another stage.
         by_stage = np.zeros(len(usable), dtype=bool)
         for st in dict.fromkeys(stages):
             rows = np.flatnonzero(stages == st)
             by_stage[rows] = greedy_keep(vectors[rows], s.threshold)
+        keep = by_stage if s.within_stage else greedy_keep(vectors, s.threshold)
     other_stage = int((by_stage & ~keep).sum())
-    if s.within_stage:
-        keep = by_stage
     kept = [r for r, k in zip(usable, keep) if k]
     dropped["near-duplicate"] = len(usable) - len(kept)
 
@@ -92,7 +91,7 @@ def run(project: Project, s: DedupSettings) -> int:
     rows += [[f"dropped: {k}", v] for k, v in sorted(dropped.items()) if v or k == "near-duplicate"]
     rows.append(["kept", len(kept)])
     console.table(f"dedup (threshold {s.threshold}, {embedder.name})", ["", "records"], rows)
-    if other_stage and not s.within_stage:
+    if other_stage:
         console.note(f"{other_stage} of the near-duplicates repeat a question kept at another stage; "
                      "--within-stage keeps each stage's answer")
     console.info(f"wrote {len(kept)} records to {s.output} in {seconds:.1f}s")

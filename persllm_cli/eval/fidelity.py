@@ -44,7 +44,8 @@ HOW_TO_READ = (
     "- Stage fidelity (no judge): *stage accuracy* is the share of answers a classifier of stage wording places"
     " at the stage they were asked at; chance is 1 / number of stages, the references' row its ceiling. The"
     " topic of a question already hints at its stage, so accuracy alone does not show that the time token"
-    " acts: the *questions (echoed)* row is what answers that only repeat their questions would score. With few test questions one answer moves it far: the 95% interval says how far, and *p (chance)*"
+    " acts: the *questions (echoed)* row is what answers that only repeat their questions would score. With"
+    " few test questions one answer moves it far: the 95% interval says how far, and *p (chance)*"
     " how likely a stage-blind model would score as high by luck. *Stage swap* asks the same questions at"
     " every stage: *answers differ* is the share of questions whose answers are not all the same, *asked"
     " stage recognised* the share of those answers placed at the stage they were asked at (exactly chance"
@@ -240,7 +241,8 @@ def score(project: Project | None, train: Path, order: list[str], systems: list[
         "stage_accuracy": stage_accuracy([i.stage for i in refs], clf.predict([i.reference for i in refs]), order),
         "leak": leak_measure([(i.id, i.stage, i.question, i.reference) for i in refs], order, first)[0] if first else None}
     # The questions alone: what a system that echoes each question would score on stage accuracy.
-    basis["questions"] = {"stage_accuracy": stage_accuracy([i.stage for i in refs], clf.predict([i.question for i in refs]), order)}
+    basis["questions"] = {"stage_accuracy": stage_accuracy([i.stage for i in refs], clf.predict([i.question for i in refs]),
+                                                           order)}
     by_id = {i.id: i for i in items}
     per_system: dict[str, dict] = {}
     found_all: list[dict] = []
@@ -300,22 +302,18 @@ def markdown(result: dict[str, Any]) -> list[str]:
     lines = ["## Stage fidelity (no judge)", ""]
     if basis.get("skipped"):
         return lines + [f"Not measured: {basis['skipped']}.", ""]
-    ref = basis["references"]
+    ref, questions = basis["references"], basis["questions"]
     lines += [f"A stage classifier (character 3-5-grams, logistic regression) was fitted on {basis['answers']} training"
               f" answers and {basis['material']} material paragraphs. On the test set's own reference answers it names"
               f" the stage {_f(ref['stage_accuracy']['accuracy'])}% of the time (chance"
-              f" {_f(ref['stage_accuracy']['chance'])}%): the most a system's answers can be expected to reach."]
-    questions = basis.get("questions")   # absent in eval.json written before it was measured
-    if questions:
-        lines[-1] += (f" On the test questions themselves it names the stage {_f(questions['stage_accuracy']['accuracy'])}%"
-                      " of the time: what answers that only repeat their questions would score, with no sense of time.")
-    lines += ["",
+              f" {_f(ref['stage_accuracy']['chance'])}%): the most a system's answers can be expected to reach."
+              f" On the test questions themselves it names the stage {_f(questions['stage_accuracy']['accuracy'])}%"
+              " of the time: what answers that only repeat their questions would score, with no sense of time.", "",
               "| system | stage accuracy % | 95% interval | chance % | p (chance) | swapped questions |"
               " answers differ % | asked stage recognised % | future terms % |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    rows = [("references", {"stage_accuracy": ref["stage_accuracy"], "swap": None, "leak": ref.get("leak")})]
-    if questions:
-        rows.append(("questions (echoed)", {"stage_accuracy": questions["stage_accuracy"], "swap": None, "leak": None}))
+    rows = [("references", {"stage_accuracy": ref["stage_accuracy"], "swap": None, "leak": ref.get("leak")}),
+            ("questions (echoed)", {"stage_accuracy": questions["stage_accuracy"], "swap": None, "leak": None})]
     rows += [(name, v["fidelity"]) for name, v in result["systems"].items() if v.get("fidelity")]
     for name, f in rows:
         sw = f.get("swap") or {}
