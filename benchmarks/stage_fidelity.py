@@ -119,7 +119,8 @@ def base_with_prompt(root: Path, max_new_tokens: int, base: str = "smollm2-135m"
                     labels={s.id: s.label for s in project.stages}, dir=root / "build" / "eval")
     basis, per, _ = fidelity.score(project, root / "build" / "train.jsonl", order, [system], items, {system.name: answers})
     return {"fidelity": per[system.name], "references": basis["references"], "questions": basis["questions"],
-            "answered": sum(1 for a in answers.values() if a["status"] == "ok"), "asked": len(answers), "eval_seconds": round(time.perf_counter() - t0, 1)}
+            "answered": sum(1 for a in answers.values() if a["status"] == "ok"), "asked": len(answers),
+            "eval_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def trained(root: Path, name: str, steps: int, method: str, max_new_tokens: int, extra: list[str]) -> dict:

@@ -71,8 +71,8 @@ def run(project: Project, s: DedupSettings) -> int:
         # and how many it drops only because the question was kept at another stage.
         by_stage = np.zeros(len(usable), dtype=bool)
         for st in dict.fromkeys(stages):
-            rows = np.flatnonzero(stages == st)
-            by_stage[rows] = greedy_keep(vectors[rows], s.threshold)
+            members = np.flatnonzero(stages == st)
+            by_stage[members] = greedy_keep(vectors[members], s.threshold)
         keep = by_stage if s.within_stage else greedy_keep(vectors, s.threshold)
     other_stage = int((by_stage & ~keep).sum())
     kept = [r for r, k in zip(usable, keep) if k]
