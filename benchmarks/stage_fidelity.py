@@ -19,7 +19,7 @@ stage asked):
 (b), (c), (d) and (e) at equal steps, at each of --steps; --sweep adds (c) with other row rates at
 --sweep-steps (how the default was chosen); --split-seed N draws another test set (a replicate
 on the same records); --marked is a control in which every answer opens with its stage's phrase;
---instructions adds the example's 12 instructions answered at every stage (instructions.sample.jsonl,
+--instructions adds the example's 36 instructions answered at every stage (instructions.sample.jsonl,
 kept by dedup --within-stage), questions whose stage only the time token can tell.
 Every system answers the same test questions and swapped questions greedily (temperature 0),
 --max-new-tokens each. Prints a table, and with --json writes every figure (rewritten after each
@@ -77,7 +77,7 @@ def make_project(work: Path, split_seed: int = 0, marked: bool = False, instruct
     persllm("init", str(root), "--example", "harry", cwd=work)
     (root / "build").mkdir()
     sample = (root / "annotations.sample.jsonl").read_bytes()
-    if instructions:   # the 12 instructions answered at every stage, as annotate --instructions writes them
+    if instructions:   # the 36 instructions answered at every stage, as annotate --instructions writes them
         sample += (root / "instructions.sample.jsonl").read_bytes()
     (root / "build" / "annotations.jsonl").write_bytes(sample)
     persllm("dedup", *(["--within-stage"] if instructions else []), cwd=root)
@@ -177,7 +177,7 @@ def main() -> int:
                     help="split's --seed: another test set and training set from the same records (a replicate)")
     ap.add_argument("--marked", action="store_true", help="a control: every answer opens with its stage's phrase "
                     "(MARKS), so the stages differ in a way a small model can learn")
-    ap.add_argument("--instructions", action="store_true", help="add examples/harry/instructions.sample.jsonl: the same 12 "
+    ap.add_argument("--instructions", action="store_true", help="add examples/harry/instructions.sample.jsonl: the same 36 "
                     "instructions answered at every stage, so the question no longer tells the stage (dedup --within-stage)")
     ap.add_argument("--base", default="smollm2-135m", help="the base model, as tokenize --base takes it: for a GPU run, a "
                     "local model directory (the commands run offline) [default: the embedded smollm2-135m]")
