@@ -30,7 +30,6 @@ instructions (the same question trained at the other stages) and the other quest
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -43,7 +42,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from stage_fidelity import make_project, persllm  # noqa: E402
 from stage_guidance import decode  # noqa: E402
-from stage_prompt import answer_record, figures_of, print_tables, run_seeds  # noqa: E402
+from stage_prompt import answer_record, figures_of, print_tables, run_seeds, seed_parser  # noqa: E402
 
 SYSTEMS = ("(c)", "(e)", "(s)")
 TRAIN = ["--method", "sft", "--batch-size", "2", "--grad-accum", "1"]
@@ -173,14 +172,7 @@ def print_kinds(out: dict) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--split-seeds", default="0,1,2,3", help="split's --seed for each test set, comma-separated")
-    ap.add_argument("--steps", type=int, default=70, help="(c)'s SFT steps; (s) scales them by each stage's share")
-    ap.add_argument("--learning-rate", type=float, default=1e-3, help="the LoRA rate (the demo's)")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--work", type=Path, default=None, help="keep the projects here [default: a temp dir]")
-    ap.add_argument("--json", type=Path, default=None, help="write every figure and answer here (after each test set)")
-    args = ap.parse_args()
+    args = seed_parser(__doc__, 70, "(c)'s and (e)'s SFT steps; (s) scales them by each stage's share").parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="persllm-stage-apart-"))
     out = run_seeds(args, work, {}, lambda seed: one_seed(work, seed, args.steps, args.learning_rate, args.max_new_tokens))
     print_tables(out, SYSTEMS, future_terms=True)

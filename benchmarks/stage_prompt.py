@@ -165,15 +165,20 @@ def print_tables(out: dict, systems: tuple[str, ...], future_terms: bool = False
     print(f"load average {out['load_start'][0]:.1f} -> {out['load_end'][0]:.1f}; {out['seconds']:.0f} s")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def seed_parser(doc: str, steps: int, steps_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every script that runs one_seed per --split-seeds shares (the caller adds its own)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--split-seeds", default="0,1,2,3", help="split's --seed for each test set, comma-separated")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
     ap.add_argument("--learning-rate", type=float, default=1e-3, help="the LoRA rate (the demo's)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--work", type=Path, default=None, help="keep the projects here [default: a temp dir]")
     ap.add_argument("--json", type=Path, default=None, help="write every figure and answer here (after each test set)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    args = seed_parser(__doc__, 20).parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="persllm-stage-prompt-"))
     out = run_seeds(args, work, {"system": SYSTEM},
                     lambda seed: one_seed(work, seed, args.steps, args.learning_rate, args.max_new_tokens))

@@ -26,7 +26,6 @@ table pools the test sets, with a 95% interval and p against chance.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from stage_fidelity import make_project, persllm  # noqa: E402
 from stage_guidance import decode  # noqa: E402
-from stage_prompt import answer_record, figures_of, print_tables, run_seeds  # noqa: E402
+from stage_prompt import answer_record, figures_of, print_tables, run_seeds, seed_parser  # noqa: E402
 
 SYSTEMS = ("(c)", "(c+r)", "(c+r=)", "(a+r)")
 RECALL = "What you remember, in your own words:\n\n{paragraphs}\n\nAnswer from what you remember."
@@ -139,14 +138,8 @@ def one_seed(work: Path, seed: int, steps: int, lr: float, k: int, max_new_token
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--split-seeds", default="0,1,2,3", help="split's --seed for each test set, comma-separated")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--learning-rate", type=float, default=1e-3, help="the LoRA rate (the demo's)")
+    ap = seed_parser(__doc__, 100)
     ap.add_argument("--top", type=int, default=2, help="paragraphs recalled per question")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--work", type=Path, default=None, help="keep the projects here [default: a temp dir]")
-    ap.add_argument("--json", type=Path, default=None, help="write every figure and answer here (after each test set)")
     args = ap.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="persllm-stage-recall-"))
