@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from stage_fidelity import make_project, persllm  # noqa: E402
+from stage_fidelity import make_project, persllm, tokenize  # noqa: E402
 from stage_guidance import decode  # noqa: E402
 from stage_prompt import answer_record, figures_of, print_tables, run_seeds, seed_parser  # noqa: E402
 
@@ -100,19 +100,18 @@ def one_seed(work: Path, seed: int, steps: int, lr: float, max_new_tokens: int) 
     labels = {s.id: s.label for s in project.stages}
     seconds = {"train (c)": trained(root, "c", steps, lr, "tokenized")}
     if not (root / "build" / "tokenized.answer" / "sft.jsonl").exists():
-        persllm("tokenize", "--base", "smollm2-135m", "--time-tokens", "3", "--general", "general.jsonl", "--repeat", "2",
-                "--max-length", "512", "--time-token-at", "answer", "-o", "build/tokenized.answer", cwd=root)
+        tokenize(root, "--time-token-at", "answer", "-o", "build/tokenized.answer")
     seconds["train (e)"] = trained(root, "e", steps, lr, "tokenized.answer")
     everything = lines(root / "build" / "tokenized" / "sft.jsonl")
     stage_steps = {}
-    for stage in labels:
-        records = [line for line in (root / "build" / "train.jsonl").read_text(encoding="utf-8").splitlines()
-                   if line.strip() and json.loads(line)["stage"] == stage]
+    by_stage: dict[str, list[str]] = {stage: [] for stage in labels}
+    for line in (root / "build" / "train.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            by_stage[json.loads(line)["stage"]].append(line)
+    for stage, records in by_stage.items():
         (root / "build" / f"train.{stage}.jsonl").write_text("\n".join(records) + "\n", encoding="utf-8")
         if not (root / "build" / f"tokenized.{stage}" / "sft.jsonl").exists():
-            persllm("tokenize", "--train", f"build/train.{stage}.jsonl", "--base", "smollm2-135m", "--time-tokens", "3",
-                    "--general", "general.jsonl", "--repeat", "2", "--max-length", "512", "-o", f"build/tokenized.{stage}",
-                    cwd=root)
+            tokenize(root, "--train", f"build/train.{stage}.jsonl", "-o", f"build/tokenized.{stage}")
         mine = lines(root / "build" / f"tokenized.{stage}" / "sft.jsonl")
         stage_steps[stage] = {"records": len(records), "examples": mine, "steps": max(1, round(steps * mine / everything))}
         seconds[f"train (s) {stage}"] = trained(root, f"s-{stage}", stage_steps[stage]["steps"], lr, f"tokenized.{stage}")

@@ -86,11 +86,15 @@ def make_project(work: Path, split_seed: int = 0, marked: bool = False, instruct
         mark(root / "build" / "train.jsonl")
         mark(root / "build" / "test.jsonl")
         (root / "build" / MARKED).write_text("every answer opens with its stage's phrase (MARKS)\n")
-    for step in (["dpo", "--skip", "1"],
-                 ["tokenize", "--base", base, "--time-tokens", "3", "--general", "general.jsonl",
-                  "--repeat", "2", "--max-length", "512"]):
-        persllm(*step, cwd=root)
+    persllm("dpo", "--skip", "1", cwd=root)
+    tokenize(root, base=base)
     return root
+
+
+def tokenize(root: Path, *extra: str, base: str = "smollm2-135m") -> None:
+    """`persllm tokenize` as `make demo` runs it (the general records, --repeat 2), plus `extra`."""
+    persllm("tokenize", "--base", base, "--time-tokens", "3", "--general", "general.jsonl", "--repeat", "2",
+            "--max-length", "512", *extra, cwd=root)
 
 
 def base_with_prompt(root: Path, max_new_tokens: int, base: str = "smollm2-135m") -> dict:
@@ -206,8 +210,7 @@ def main() -> int:
     systems = {x.strip() for x in args.systems.split(",") if x.strip()}
     root = make_project(work, args.split_seed, args.marked, args.instructions, args.base)
     if "e" in systems:
-        persllm("tokenize", "--base", args.base, "--time-tokens", "3", "--general", "general.jsonl", "--repeat", "2",
-                "--max-length", "512", "--time-token-at", "answer", "-o", "build/tokenized.answer", cwd=root)
+        tokenize(root, "--time-token-at", "answer", "-o", "build/tokenized.answer", base=args.base)
     print(f"project: {root}", file=sys.stderr)
     plan: list[tuple[str, int | str, object]] = []
     lora = ["--learning-rate", str(args.learning_rate)]

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from stage_fidelity import make_project, persllm  # noqa: E402
+from stage_fidelity import make_project, persllm, tokenize  # noqa: E402
 from stage_guidance import decode  # noqa: E402
 
 SYSTEM = "You are {persona}, {label}."
@@ -87,8 +87,7 @@ def one_seed(work: Path, seed: int, steps: int, lr: float, max_new_tokens: int) 
     persllm("train", *train, "--output", "runs/c", cwd=root)
     seconds["train (c)"] = round(time.perf_counter() - t0, 1)
     named(root / "build" / "train.jsonl", root / "build" / "train.named.jsonl", project.name, labels)
-    persllm("tokenize", "--train", "build/train.named.jsonl", "--base", "smollm2-135m", "--time-tokens", "3",
-            "--general", "general.jsonl", "--repeat", "2", "--max-length", "512", "-o", "build/tokenized.named", cwd=root)
+    tokenize(root, "--train", "build/train.named.jsonl", "-o", "build/tokenized.named")
     t0 = time.perf_counter()
     persllm("train", *train, "--data", "build/tokenized.named", "--output", "runs/e", cwd=root)
     seconds["train (e)"] = round(time.perf_counter() - t0, 1)
