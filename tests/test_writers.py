@@ -57,12 +57,13 @@ ANNOTATE = ("annotate", "--stage", "early", "--concurrency", "1")
 def test_second_run_names_the_holder_and_exits_1_and_wait_waits(tmp_path, cli, fake_openai):
     root = _project(cli, tmp_path)
     out = root / "build/annotations.jsonl"
-    fake_openai.latency = 1.5   # 8 requests one at a time: about 12 s of writing to overlap with
+    fake_openai.latency = 0.2
     env = _env(fake_openai)
     first = _start(root, env, *ANNOTATE)
     waiter_err = tmp_path / "waiter.err"
     try:
         _wait_lines(out, 1, first)
+        fake_openai.gate.clear()   # the first run stays mid-write until the waiter has been seen waiting
         second = run_persllm(*ANNOTATE, cwd=root, env=env, timeout=60)
         assert second.returncode == 1, second.stderr
         (line,) = second.stderr.strip().splitlines()
@@ -76,11 +77,13 @@ def test_second_run_names_the_holder_and_exits_1_and_wait_waits(tmp_path, cli, f
             time.sleep(0.05)
         assert f"waiting for process {first.pid}" in waiter_err.read_text()
         assert first.poll() is None                      # it waits while the first one writes
+        fake_openai.gate.set()
         _, err_first = first.communicate(timeout=60)
         assert first.returncode == 0, err_first
         assert waiter.wait(timeout=60) == 0, waiter_err.read_text()
         assert "nothing to do" in waiter_err.read_text()
     finally:
+        fake_openai.gate.set()
         first.kill()
     ids = _ids(out)
     assert len(ids) == len(set(ids)) == len(PARAS)       # no record twice, nothing interleaved
@@ -141,8 +144,12 @@ def test_sigterm_stops_like_ctrl_c_and_the_rerun_resumes(tmp_path, cli, fake_ope
     env = _env(fake_openai)
     proc = _start(root, env, *ANNOTATE)
     _wait_lines(out, 2, proc)
-    os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
+    fake_openai.gate.clear()   # mid-run when the signal lands, however slow the machine
+    try:
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        fake_openai.gate.set()
     assert proc.returncode == 130, err
     assert "interrupted by SIGTERM; the work done so far is saved" in err and "Traceback" not in err
     done = _ids(out)                                     # whole records only

@@ -147,6 +147,10 @@ class FakeOpenAI(LocalServer):
         self._script: deque = deque()
         self._lock = threading.Lock()
         self._count = 0
+        # Cleared by a test to hold every chat request where it is (after its latency) until set again:
+        # a run that must still be writing when something else happens, however slow the machine.
+        self.gate = threading.Event()
+        self.gate.set()
         self.batches = BatchStore(self._batch_answer, self._next_action, self.batch_validate_seconds,
                                   self.batch_run_seconds, self.batch_max_requests, self.batch_max_bytes)
 
@@ -310,6 +314,7 @@ class FakeOpenAI(LocalServer):
                     action = fake._script.popleft() if fake._script else None
                 if fake.latency:
                     time.sleep(fake.latency)
+                fake.gate.wait(timeout=120)
                 if isinstance(action, Hang):
                     time.sleep(action.seconds)
                     action = None
