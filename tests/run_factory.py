@@ -50,3 +50,42 @@ def make_run(run_dir: Path, base_dir: Path, *, base_name: str = "smollm2-135m",
     })
     runs.update_latest(run_dir)
     return run_dir
+
+
+def perturb_lora(run_dir: Path, seed: int, scale: float = 0.05) -> Path:
+    """Give the run's LoRA B weights random values (seeded), so it answers unlike its base and unlike
+    a run perturbed with another seed."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f = Path(run_dir) / "adapter" / "adapter_model.safetensors"
+    weights = load_file(f)
+    g = torch.Generator().manual_seed(seed)
+    for k, v in weights.items():
+        if "lora_B" in k:
+            weights[k] = torch.randn(v.shape, generator=g) * scale
+    save_file(weights, f)
+    return Path(run_dir)
+
+
+def make_staged_run(run_dir: Path, base_dir: Path, *, stages: list[tuple[str, str]] = STAGES, **kw) -> Path:
+    """A complete run with one adapter per stage, as `train --adapter-per-stage` lays it out:
+    stages/<id>/ holds an ordinary run whose LoRA weights are perturbed with the stage's index as seed."""
+    import shutil
+
+    from persllm_cli.model import runs
+
+    run_dir = Path(run_dir)
+    first = None
+    for i, (sid, _) in enumerate(stages):
+        sub = run_dir / "stages" / sid
+        if first is None:
+            first = make_run(sub, base_dir, stages=stages, **kw)
+            (sub.parent / runs.LATEST).unlink()
+        else:
+            shutil.copytree(first, sub)
+        perturb_lora(sub, seed=i + 1)
+    data = runs.read_run(first).data
+    runs.write_run_json(run_dir, {**data, "stage_runs": {sid: f"stages/{sid}" for sid, _ in stages}})
+    runs.update_latest(run_dir)
+    return run_dir

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import run_persllm, subprocess_env
-from tests.run_factory import make_run
+from tests.run_factory import make_run, make_staged_run, perturb_lora
 from tests.serve_server import ServeProcess
 
 pytestmark = pytest.mark.slow
@@ -47,19 +47,9 @@ def other_run(serve_run) -> Path:
     """A second run on the same base whose LoRA weights are not zero, so it answers unlike r1."""
     import shutil
 
-    import torch
-    from safetensors.torch import load_file, save_file
-
     r2 = serve_run.parent / "r2"
     shutil.copytree(serve_run, r2, symlinks=True)
-    f = r2 / "adapter" / "adapter_model.safetensors"
-    weights = load_file(f)
-    g = torch.Generator().manual_seed(1)
-    for k, v in weights.items():
-        if "lora_B" in k:
-            weights[k] = torch.randn(v.shape, generator=g) * 0.05
-    save_file(weights, f)
-    return r2
+    return perturb_lora(r2, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -392,3 +382,32 @@ def test_public_bind_needs_a_key(serve_run, _embedded_models):
     assert r.stderr.strip().splitlines() == [
         "error: refusing to serve on 0.0.0.0 without an API key: set PERSLLM_API_KEY (clients send it as "
         "Authorization: Bearer KEY), or bind 127.0.0.1"]
+
+
+# --------------------------------------------------------------------- one adapter per stage
+
+def test_a_run_with_one_adapter_per_stage_answers_each_stage_with_its_own(serve_run, _embedded_models, smollm2):
+    """train --adapter-per-stage: one base in memory, each request decoded with the adapter of the
+    stage its model names, requests at several stages at once included; the answers equal each
+    stage's own run loaded alone."""
+    from persllm_cli.model.generate import Sampling, stream_reply
+    from persllm_cli.model.load import load_run
+
+    staged = make_staged_run(serve_run.parent / "ps", _embedded_models / "smollm2-135m")
+    own = {}
+    for sid in ("early", "late"):
+        model, tok, info = load_run(staged / "stages" / sid)
+        own[sid] = "".join(stream_reply(model, tok, ASK, info.stage_token(sid)[1],
+                                        Sampling(max_new_tokens=8, temperature=0)))
+    assert own["early"] != own["late"]
+    s = ServeProcess(str(staged), env=_env(_embedded_models))
+    try:
+        c = client(s)
+        assert [m.id for m in c.models.list().data] == ["ps@early", "ps@middle", "ps@late", "ps"]
+        ask = dict(messages=ASK, temperature=0, max_tokens=8)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda m: c.chat.completions.create(model=m, **ask).choices[0].message.content,
+                                ["ps@early", "ps@late", "ps@early", "ps"]))
+        assert got == [own["early"], own["late"], own["early"], own["late"]]   # "ps": the last stage
+    finally:
+        assert s.stop() == 0, s.log()

@@ -402,3 +402,91 @@ def test_report_to_wandb_stays_offline(cli, tiny_project, monkeypatch):
     import os
 
     assert os.environ["WANDB_MODE"] == "online"
+
+
+# ------------------------------------------------------------------------ one adapter per stage
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def test_adapter_per_stage_trains_each_stage_on_its_own_and_answers_with_the_stage_asked(cli, tiny_project):
+    import torch
+
+    from persllm_cli.core.errors import PersllmError
+    from persllm_cli.model.chat_format import prompt_ids
+    from persllm_cli.model.load import load_run
+    from persllm_cli.persona.speaker import RunSpeaker
+
+    r = cli("train", "--adapter-per-stage", "--method", "sft+dpo", "--batch-size", "2", "--grad-accum", "1",
+            "--max-steps", "4", "--learning-rate", "0.01", "--output", "runs/ps")
+    assert r.exit_code == 0, r.output
+    run = tiny_project / "runs" / "ps"
+    info = json.loads((run / "run.json").read_text())
+    assert info["complete"] and info["stage_runs"] == {"early": "stages/early", "late": "stages/late"}
+    assert info["steps"] == {"early": 2, "late": 2}   # 4 steps times each stage's half of the 12 examples
+    assert not (run / ".data").exists() and not (run / "adapter").exists()
+    assert (tiny_project / "runs" / "latest").resolve() == run.resolve()
+    assert not (run / "stages" / "latest").exists()
+    for sid in ("early", "late"):
+        sub = json.loads((run / "stages" / sid / "run.json").read_text())
+        assert sub["complete"] and sub["trained_stage"] == sid and sub["steps"] == 2
+        assert [(m["phase"], m["step"]) for m in metrics(run / "stages" / sid)] == [("sft", 1), ("sft", 2), ("dpo", 1), ("dpo", 2)]
+    # Each stage saw only its own examples: the early run's data holds no late record, and the other way round.
+    early_data = json.loads((run / "stages" / "early" / "run.json").read_text())["data"]
+    late_data = json.loads((run / "stages" / "late" / "run.json").read_text())["data"]
+    assert early_data != late_data
+
+    speaker = RunSpeaker(run)
+    speaker.load()
+    ids = {sid: prompt_ids(speaker.tokenizer, [{"role": "user", "content": "Question 3 about the castle?"}],
+                           speaker.token(sid)) for sid in ("early", "late")}
+    seen = {}
+    for sid in ("late", "early", "late"):   # switching back and forth
+        speaker.route(sid)
+        seen[sid] = _logits(speaker.model, ids[sid])
+        alone, _, _ = load_run(run / "stages" / sid)   # the stage's own run, merged
+        assert torch.allclose(seen[sid], _logits(alone, ids[sid]), atol=1e-4)
+    assert not torch.allclose(_logits(load_run(run / "stages" / "early")[0], ids["late"]), seen["late"], atol=1e-3)
+    answers = {sid: speaker.answer_batch([[{"role": "user", "content": "Hello?"}]], sid) for sid in ("early", "late")}
+    assert all(a[0] is not None for a in answers.values())
+
+    with pytest.raises(PersllmError, match="holds one adapter per stage"):
+        load_run(run)   # one model only: export and the local backend name a stage's run
+    e = cli("export", "runs/ps", "-f", "hf", "-o", "out")
+    assert e.exit_code == 2 and "--stage (early, late)" in e.stderr and len(e.stderr.strip().splitlines()) == 1, e.stderr
+    again = cli("train", "--adapter-per-stage", "--output", "runs/ps", "--resume")
+    assert again.exit_code == 1 and "already finished" in again.stderr
+
+
+def test_adapter_per_stage_refuses_a_stage_without_examples(cli, tiny_project):
+    sft = tiny_project / "build" / "tokenized" / "sft.jsonl"
+    sft.write_text("".join(line + "\n" for line in sft.read_text().splitlines() if json.loads(line)["stage"] != "late"))
+    r = cli("train", "--adapter-per-stage", *STEP_FLAGS, "--output", "runs/ps")
+    assert r.exit_code == 1 and "no training examples at stage(s) late" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tiny_project / "runs" / "ps").exists()
+    r = cli("train", "--adapter-per-stage", "--nproc", "2", *STEP_FLAGS, "--output", "runs/ps")
+    assert r.exit_code == 1 and "leave out --gpus/--nproc" in r.stderr
+
+
+def test_stage_data_holds_its_stage_and_the_general_examples(tmp_path):
+    from persllm_cli.train.per_stage import stage_data
+
+    data = tmp_path / "tok"
+    (data / "tokenizer").mkdir(parents=True)
+    (data / "tokenizer" / "tokenizer.json").write_text("{}")
+    rows = [{"id": "a", "stage": "early", "source": "persona"}, {"id": "b", "stage": "late", "source": "persona"},
+            {"id": "g", "stage": None, "source": "general"}, {"id": "c", "stage": "early", "source": "persona"}]
+    (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "dpo.jsonl").write_text(json.dumps({"id": "p", "stage": "late"}) + "\n")
+    meta = {"stages": [{"id": "early"}, {"id": "late"}], "files": {"sft": "sft.jsonl", "dpo": "dpo.jsonl"}}
+    assert stage_data(data, meta, "early", tmp_path / "early") == 3
+    assert [json.loads(x)["id"] for x in (tmp_path / "early" / "sft.jsonl").read_text().splitlines()] == ["a", "g", "c"]
+    early_meta = json.loads((tmp_path / "early" / "meta.json").read_text())
+    assert early_meta["only_stage"] == "early" and early_meta["files"]["dpo"] is None
+    assert not (tmp_path / "early" / "dpo.jsonl").exists() and (tmp_path / "early" / "tokenizer" / "tokenizer.json").is_file()
+    assert stage_data(data, meta, "late", tmp_path / "late") == 2
+    assert (tmp_path / "late" / "dpo.jsonl").read_text().count("\n") == 1

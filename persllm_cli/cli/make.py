@@ -187,6 +187,7 @@ def train(
     time_token_learning_rate: Annotated[Optional[float], Opt(help=_h(TrainSettings, 'time_token_learning_rate'))] = None,
     time_token_init: Annotated[Optional[str], Opt(help=_h(TrainSettings, 'time_token_init'))] = None,
     stage_contrast: Annotated[Optional[float], Opt(help=_h(TrainSettings, 'stage_contrast'), metavar='WEIGHT')] = None,
+    adapter_per_stage: Annotated[Optional[bool], Opt('--adapter-per-stage/--one-adapter', help=_h(TrainSettings, 'adapter_per_stage', flag='--adapter-per-stage/--one-adapter'))] = None,
     epochs: Annotated[Optional[float], Opt(help=_h(TrainSettings, 'epochs'))] = None,
     max_steps: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'max_steps'))] = None,
     batch_size: Annotated[Optional[int], Opt(help=_h(TrainSettings, 'batch_size'))] = None,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm_cli.core import console
-from persllm_cli.core.errors import PersllmError
+from persllm_cli.core.errors import EXIT_USAGE, PersllmError
 from persllm_cli.core.project import Project
 from persllm_cli.data.lock import hold
 from persllm_cli.data.store import replace_dir
@@ -62,6 +62,12 @@ def run(project: Project | None, settings: ExportSettings) -> int:
     run_dir = runs.resolve_run(settings.run, project)
     info = runs.read_run(run_dir)
     default_stage, _ = info.stage_token(settings.stage)  # an unknown stage fails here
+    if info.stage_runs:   # one adapter per stage: a model holds one of them, the stage's own run
+        if settings.stage is None:
+            raise PersllmError(f"{run_dir} holds one adapter per stage; say which stage's model to export with "
+                               f"--stage ({', '.join(info.stage_runs)})", exit_code=EXIT_USAGE)
+        run_dir = info.stage_runs[default_stage]
+        info = runs.read_run(run_dir)
     if settings.check:
         from persllm_cli.export import engine
 

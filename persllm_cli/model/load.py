@@ -33,6 +33,10 @@ def load_run(run_dir: Path, *, device: str | None = None, dtype: str | None = No
     """
     tokenizer, info, base = _tokenizer_and_info(Path(run_dir))
     run = info.path
+    if info.stage_runs:
+        first = next(iter(info.stage_runs))
+        raise PersllmError(f"{run} holds one adapter per stage (train --adapter-per-stage), not one model; "
+                           f"name a stage's own run, e.g. {run / info.data['stage_runs'][first]}")
     device = device or default_device()
     merging = merge if merge is not None else device == "cpu"
     cacheable = merging and device == "cpu" and dtype in (None, "float32")
@@ -99,11 +103,28 @@ def load_runs_shared(run_dirs: list[Path]) -> list[tuple[Any, Any, runs.RunInfo,
     return out
 
 
+def load_stages(run_dir: Path) -> tuple[Any, Any, runs.RunInfo, dict[str, str]]:
+    """(model, tokenizer, info, adapter name per stage) for a run trained with --adapter-per-stage:
+    one copy of the base holding every stage's adapter (load_runs_shared), which the caller
+    activates with `model.set_adapter(name)` before generating at that stage."""
+    info = runs.read_run(Path(run_dir))
+    assert info.stage_runs, "not a run with one adapter per stage"
+    stages = list(info.stage_runs)
+    loaded = load_runs_shared([info.stage_runs[sid] for sid in stages])
+    models_ = {id(model) for model, *_ in loaded}
+    if len(models_) > 1:
+        raise PersllmError(f"the stage runs in {info.path} do not share one base and tokenizer; train them again")
+    model, tokenizer = loaded[0][0], loaded[0][1]
+    return model, tokenizer, info, {sid: name for sid, (*_, name) in zip(stages, loaded)}
+
+
 def _tokenizer_and_info(run_dir: Path) -> tuple[Any, runs.RunInfo, str]:
     """The run's tokenizer (checked to hold its time tokens), its run.json and its resolved base."""
     info = runs.read_run(run_dir)
     run = info.path
     base = models.resolve_base(info.base)
+    if info.stage_runs:   # its tokenizer is its stages' (load_stages); load_run says what to do instead
+        return None, info, base
 
     import logging
 

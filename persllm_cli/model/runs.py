@@ -10,6 +10,9 @@ run.json holds at least:
    "method": "sft+dpo", "settings": {...}, "data": {...hashes...}, "versions": {...},
    "hardware": {...}, "tokens_per_second": ..., "peak_memory_gb": ..., "complete": true}
 "complete" turns true only when training finished and the adapter was saved.
+
+A run trained with `--adapter-per-stage` has no adapter/ or tokenizer/ of its own: its run.json adds
+"stage_runs" ({stage id: "stages/<id>"}), each an ordinary run holding that stage's adapter.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ class RunInfo:
     @property
     def stages(self) -> list[dict[str, str]]:
         return list(self.data.get("stages", []))
+
+    @property
+    def stage_runs(self) -> dict[str, Path] | None:
+        """Per stage, the run holding its own adapter (`train --adapter-per-stage`); None for a run
+        with one adapter for every stage."""
+        staged = self.data.get("stage_runs")
+        return {sid: self.path / rel for sid, rel in staged.items()} if isinstance(staged, dict) else None
 
     @property
     def base(self) -> str:
@@ -90,7 +100,9 @@ def read_run(run: Path) -> RunInfo:
         raise PersllmError(f"{run} is not a persllm run (no {RUN_FILE})") from None
     except json.JSONDecodeError as e:
         raise PersllmError(f"{path}: not valid JSON ({e.msg})") from None
-    missing = [p for p in ("adapter", "tokenizer") if not (run / p).is_dir()]
+    staged = data.get("stage_runs")
+    needed = list(staged.values()) if isinstance(staged, dict) else ["adapter", "tokenizer"]
+    missing = [p for p in needed if not (run / p).is_dir()]
     if missing or not data.get("complete", False):
         what = ", ".join(missing) if missing else "training did not finish"
         raise PersllmError(f"run {run} is incomplete ({what}); train again or resume with `persllm train --resume --output {run}`")

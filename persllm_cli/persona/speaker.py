@@ -2,7 +2,8 @@
 
 `chat`, `eval`, `serve` and `converse` all talk through it. Two kinds:
 - `RunSpeaker`: a trained run on this machine (its base, adapter or merged cache, and the tokenizer
-  with the time tokens), prompted in the training format (model/chat_format.py). It is also a
+  with the time tokens), prompted in the training format (model/chat_format.py); a run with one
+  adapter per stage (train --adapter-per-stage) answers with the adapter of the stage asked. It is also a
   `BatchSpeaker`: serve's scheduler decodes its model itself, many requests in one batch;
 - `ApiSpeaker` (persona/api.py): an OpenAI-compatible model told who it is and when, with the
   stage's material retrieved into its system prompt (the original project's prompt-only agent).
@@ -101,6 +102,9 @@ class RunSpeaker:
         self.max_context: int | None = None   # a cap below the model's own context (serve --max-model-len)
         self.model: Any = None
         self.tokenizer: Any = None
+        # A run with one adapter per stage (train --adapter-per-stage): the adapter name of each stage
+        # on the one loaded model, activated before each generation (`route`).
+        self.stage_adapters: dict[str, str] | None = None
         if loaded is not None:
             self.model, self.tokenizer = loaded
         self._loader: threading.Thread | None = None
@@ -109,7 +113,18 @@ class RunSpeaker:
     def load(self) -> None:
         from persllm_cli.model import load
 
-        self.model, self.tokenizer, self.info = load.load_run(self.info.path)
+        if self.info.stage_runs:
+            self.model, self.tokenizer, self.info, self.stage_adapters = load.load_stages(self.info.path)
+        else:
+            self.model, self.tokenizer, self.info = load.load_run(self.info.path)
+
+    def route(self, stage_id: str | None) -> None:
+        """Activate the adapter of `stage_id` (None: the last stage's, the default time) where the run
+        has one per stage; a run with one adapter for every stage needs nothing."""
+        if self.stage_adapters:
+            name = self.stage_adapters[stage_id if stage_id is not None else self.stages[-1][0]]
+            if getattr(self.model, "active_adapter", None) != name:
+                self.model.set_adapter(name)
 
     def load_in_background(self) -> None:
         """Load while the user types the first message: in a terminal most of the wait for the
@@ -168,7 +183,9 @@ class RunSpeaker:
     def stream(self, messages: list[Message], stage_id: str, sampling: Sampling | None = None) -> Iterator[str]:
         from persllm_cli.model.generate import stream_reply
 
-        return stream_reply(self.model, self.tokenizer, messages, self.token(stage_id), sampling or self.sampling)
+        token = self.token(stage_id)
+        self.route(stage_id)
+        return stream_reply(self.model, self.tokenizer, messages, token, sampling or self.sampling)
 
     def answer_batch(self, conversations: list[list[Message]], stage_id: str | None,
                      sampling: Sampling | None = None) -> list[str | None]:
@@ -176,20 +193,28 @@ class RunSpeaker:
         from persllm_cli.model.generate import generate_batch
 
         token = None if stage_id is None else self.token(stage_id)
+        self.route(stage_id)
         return list(generate_batch(self.model, self.tokenizer, conversations, stage_token=token,
                                    sampling=sampling or self.sampling))
 
 
-def load_shared(speakers: list[RunSpeaker]) -> list[str]:
+def load_shared(speakers: list[RunSpeaker]) -> list[str | None]:
     """Load the runs with one copy of each base between them, each run's adapter kept apart on it
-    under its own name (to be switched per decode step). Returns each speaker's adapter name."""
+    under its own name (to be switched per decode step). Returns each speaker's adapter name: None
+    for a run with one adapter per stage, which loads its own base with its stages' adapters on it
+    (`stage_adapters`)."""
     from persllm_cli.model.load import load_runs_shared
 
-    names = []
-    for sp, (model, tok, info, name) in zip(speakers, load_runs_shared([sp.info.path for sp in speakers])):
+    single = [sp for sp in speakers if not sp.info.stage_runs]
+    names: dict[int, str | None] = {}
+    for sp, (model, tok, info, name) in zip(single, load_runs_shared([sp.info.path for sp in single])):
         sp.model, sp.tokenizer, sp.info = model, tok, info
-        names.append(name)
-    return names
+        names[id(sp)] = name
+    for sp in speakers:
+        if sp.info.stage_runs:
+            sp.load()
+            names[id(sp)] = None
+    return [names[id(sp)] for sp in speakers]
 
 
 def with_sampling(sampling: Sampling, **changes: Any) -> Sampling:

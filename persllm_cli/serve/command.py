@@ -73,7 +73,8 @@ def run(project: Project | None, settings: ServeSettings) -> int:
             console.note(f"Loading {len(speakers)} run(s), one copy of each base, adapters apart...")
             for sp, name in zip(speakers, load_shared(speakers)):
                 served.append(Served(sp, key=str(sp.info.path)))
-                adapters[str(sp.info.path)] = name
+                if name is not None:
+                    adapters[str(sp.info.path)] = name
         else:
             for sp in speakers:
                 console.note(f"Loading {sp.info.path} (base {sp.info.base})...")
@@ -85,7 +86,16 @@ def run(project: Project | None, settings: ServeSettings) -> int:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise PersllmError(f"two served models are both named {twice[0]!r}: serve runs from folders with different names")
-    runs_loaded = {x.key: (x.run.model, x.run.tokenizer) for x in served if x.key is not None}
+    runs_loaded = {}
+    for x in served:
+        if x.key is None:
+            continue
+        stage_adapters = getattr(x.speaker, "stage_adapters", None) or {}
+        for sid, adapter in stage_adapters.items():   # one adapter per stage: one key per stage
+            runs_loaded[x.key_at(sid)] = (x.run.model, x.run.tokenizer)
+            adapters[x.key_at(sid)] = adapter
+        if not stage_adapters:
+            runs_loaded[x.key] = (x.run.model, x.run.tokenizer)
     from persllm_cli.model.chat_format import warm_up
 
     for _, tok in runs_loaded.values():

@@ -40,7 +40,7 @@ def _start_one(state: State, req: ChatRequest, sampling: Sampling, emit: Callabl
     if req.served.key is not None:
         assert state.scheduler is not None and req.prompt is not None
         try:
-            return state.scheduler.submit(req.served.key, req.prompt, sampling, emit)
+            return state.scheduler.submit(req.served.key_at(req.stage_id), req.prompt, sampling, emit)
         except QueueFull:
             raise ApiError(429, "too many requests are waiting; retry shortly", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": RETRY_AFTER}) from None

@@ -19,6 +19,12 @@ class Served:
     speaker: Speaker
     key: str | None = None
 
+    def key_at(self, stage_id: str) -> str:
+        """The scheduler's key for an answer at `stage_id`: the run's own, or for a run with one
+        adapter per stage that stage's (each activates its stage's adapter on the shared model)."""
+        assert self.key is not None
+        return f"{self.key}@{stage_id}" if getattr(self.speaker, "stage_adapters", None) else self.key
+
     @property
     def name(self) -> str:
         return self.speaker.name

@@ -63,7 +63,8 @@ def _gpu_count(gpus: str) -> int:
 def _pick_run_dir(project: Project, s: TrainSettings) -> Path:
     runs = project.root / "runs"
     if s.output is None and s.resume:
-        candidates = [d for d in runs.iterdir() if d.is_dir() and not d.is_symlink() and (d / "checkpoints").is_dir()
+        progress = "stages" if s.adapter_per_stage else "checkpoints"
+        candidates = [d for d in runs.iterdir() if d.is_dir() and not d.is_symlink() and (d / progress).is_dir()
                       and not _complete(d)] if runs.is_dir() else []
         if not candidates:
             raise PersllmError(f"--resume: no unfinished run with checkpoints in {runs}; name one with --output runs/NAME")
@@ -104,7 +105,7 @@ def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
     if first_rank and not s.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise PersllmError(f"{run_dir} already exists; continue it with --resume or choose another --output")
     if s.resume:
-        if not (run_dir / "checkpoints").is_dir():
+        if not (run_dir / ("stages" if s.adapter_per_stage else "checkpoints")).is_dir():
             raise PersllmError(f"--resume: {run_dir} has no checkpoints to continue from")
         if _complete(run_dir):
             raise PersllmError(f"--resume: {run_dir} already finished")
@@ -125,6 +126,10 @@ def run(project: Project, settings: TrainSettings) -> int:
     settings = dataclasses.replace(settings, output=run_dir)  # the run folder this run writes
     with hold(run_dir):
         meta, run_dir = validate(project, settings)
+        if settings.adapter_per_stage:
+            from persllm_cli.train import per_stage
+
+            return per_stage.run(project, settings, meta, run_dir, lambda one: _run(project, one, *validate(project, one)))
         return _run(project, settings, meta, run_dir)
 
 

@@ -344,7 +344,8 @@ def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) ->
             "versions": versions(), "hardware": _hardware(device, rank, s), "run_name": f"runs/{run_dir.name}",
             "time_rows": {"init": "stage" if rows.meanings else "mean", "learning_rate": rows.learning_rate,
                           "meanings": [m.text for m in rows.meanings or []]},
-            "complete": False}
+            # one stage's adapter of a --adapter-per-stage run (train/per_stage.py) says which
+            **({"trained_stage": meta["only_stage"]} if meta.get("only_stage") else {}), "complete": False}
     if rank.main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         runs.write_run_json(run_dir, {**info, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -388,7 +389,8 @@ def train_rank(project: Project, s: TrainSettings, meta: dict, run_dir: Path) ->
     (run_dir / "README.md").write_text(model_card(info), encoding="utf-8")
     info["complete"] = True
     runs.write_run_json(run_dir, info)
-    runs.update_latest(run_dir)
+    if not meta.get("only_stage"):   # a stage's own run: runs/latest comes when every stage is done
+        runs.update_latest(run_dir)
     console.table(f"Trained {run_dir}", ["", "value"], [
         ["method", s.method], ["steps", info["steps"]],
         ["final loss", round(info["final_loss"], 4) if info["final_loss"] is not None else None],

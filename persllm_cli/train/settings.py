@@ -44,6 +44,9 @@ class TrainSettings:
         help="Weight of the stage contrast in SFT: each answer is also scored under other stages' time tokens "
              "(up to 2, in the same forward pass) and the loss asks its own stage to explain it best. "
              "0 turns it off; each other stage costs one more copy of the example.")
+    adapter_per_stage: bool = setting(
+        False, help="One LoRA adapter per stage, each trained only on its stage's examples and the general ones "
+                    "(runs/NAME/stages/ID/); chat, eval, serve and converse answer with the stage's own adapter.")
     epochs: float = setting(1.0, more_than=0, less_than=math.inf, help='')
     max_steps: int | None = setting(None, at_least=1, help='Stop after N optimizer steps (overrides --epochs).')
     batch_size: int = setting(4, at_least=1, help='Per-device micro batch.')
