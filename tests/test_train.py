@@ -490,3 +490,30 @@ def test_stage_data_holds_its_stage_and_the_general_examples(tmp_path):
     assert not (tmp_path / "early" / "dpo.jsonl").exists() and (tmp_path / "early" / "tokenizer" / "tokenizer.json").is_file()
     assert stage_data(data, meta, "late", tmp_path / "late") == 2
     assert (tmp_path / "late" / "dpo.jsonl").read_text().count("\n") == 1
+
+
+def test_adapter_per_stage_resumes_with_the_stages_not_yet_trained(cli, tiny_project, monkeypatch):
+    import persllm_cli.train.rank as training
+
+    real = training._run_phases
+
+    def late_fails(s, rank, device, tok, meta, run_dir, *rest):
+        if meta.get("only_stage") == "late":
+            raise ValueError("stopped while the second stage trains")
+        return real(s, rank, device, tok, meta, run_dir, *rest)
+
+    monkeypatch.setattr(training, "_run_phases", late_fails)
+    flags = ("--adapter-per-stage", *STEP_FLAGS, "--output", "runs/ps")
+    with pytest.raises(ValueError):
+        cli("train", *flags)
+    run = tiny_project / "runs" / "ps"
+    early = json.loads((run / "stages" / "early" / "run.json").read_text())
+    trained_at = (run / "stages" / "early" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert early["complete"] and not json.loads((run / "run.json").read_text())["complete"]   # the first stage is kept
+    assert cli("train", *flags).exit_code == 1   # a stopped run is resumed, not overwritten
+    monkeypatch.setattr(training, "_run_phases", real)
+    r = cli("train", *flags, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "Stage early: already trained" in r.stderr
+    assert (run / "stages" / "early" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == trained_at
+    assert json.loads((run / "run.json").read_text())["complete"] and not (run / ".data").exists()

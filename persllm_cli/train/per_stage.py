@@ -92,7 +92,8 @@ def run(project: Project, settings: TrainSettings, meta: dict, run_dir: Path,
     try:
         return _train_stages(project, settings, meta, run_dir, train_one)
     except BaseException:   # nothing trained yet: leave nothing behind, as a one-adapter run does
-        if not existed and not any((run_dir / STAGES_DIR).glob("*/checkpoints/*/checkpoint-*")):
+        kept = [d for d in (run_dir / STAGES_DIR).glob("*") if _complete(d) or any(d.glob("checkpoints/*/checkpoint-*"))]
+        if not existed and not kept:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
