@@ -98,6 +98,14 @@ step "persllm eval (the held-out questions, and each asked again at the other st
 # such questions as unanswered and exits 3, which the demo reports and goes past.
 partial_ok persllm eval --max-new-tokens 48
 
+step "persllm train --adapter-per-stage (one adapter per stage, each on its own stage's examples), then chat with it at two stages"
+# The stage is picked by the adapter as well as the time token. Each stage gets its share of the
+# steps, so this trains about as long as one adapter of $STEPS steps.
+persllm train --adapter-per-stage --max-steps "$STEPS" --learning-rate 1e-3 --batch-size 2 --grad-accum 1 --output runs/demo-stages
+for stage in early late; do
+  persllm chat runs/demo-stages --stage "$stage" --max-new-tokens 40 --prompt "What are you most afraid of?"
+done
+
 end=$(date +%s)
 step "demo finished in $((end - start)) s"
 cat >&2 <<TXT
@@ -110,7 +118,8 @@ Where everything went (in $DEMO_DIR/):
   build/converse.jsonl     young and old Harry talking (and build/converse.md)
   export/hf/               the run merged into its base, chat template with the stage (transformers, vLLM)
   export/ollama/           the same as a GGUF file, with Modelfile.<stage> for Ollama
-  runs/latest -> demo
+  runs/demo-stages/        one adapter per stage: stages/<stage>/ each a run of its own
+  runs/latest -> demo-stages
 Talk to it:  cd $DEMO_DIR && persllm chat --stage early
 Serve it:    cd $DEMO_DIR && persllm serve    (then open http://127.0.0.1:8000/)
 TXT
