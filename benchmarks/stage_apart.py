@@ -55,8 +55,9 @@ def lines(path: Path) -> int:
 
 def trained(root: Path, name: str, steps: int, lr: float, data: str) -> float:
     """Seconds to train runs/<name> on build/<data> (0 when a complete run is there already)."""
-    run = root / "runs" / name / "run.json"
-    if run.exists() and json.loads(run.read_text(encoding="utf-8")).get("complete"):
+    from persllm_cli.model.runs import is_complete
+
+    if is_complete(root / "runs" / name):
         return 0.0
     t0 = time.perf_counter()
     persllm("train", *TRAIN, "--max-steps", str(steps), "--learning-rate", str(lr), "--data", f"build/{data}",

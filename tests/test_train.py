@@ -473,7 +473,7 @@ def test_adapter_per_stage_refuses_a_stage_without_examples(cli, tiny_project):
 
 
 def test_stage_data_holds_its_stage_and_the_general_examples(tmp_path):
-    from persllm_cli.train.per_stage import stage_data
+    from persllm_cli.train.per_stage import Tokenized, stage_data
 
     data = tmp_path / "tok"
     (data / "tokenizer").mkdir(parents=True)
@@ -483,12 +483,14 @@ def test_stage_data_holds_its_stage_and_the_general_examples(tmp_path):
     (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (data / "dpo.jsonl").write_text(json.dumps({"id": "p", "stage": "late"}) + "\n")
     meta = {"stages": [{"id": "early"}, {"id": "late"}], "files": {"sft": "sft.jsonl", "dpo": "dpo.jsonl"}}
-    assert stage_data(data, meta, "early", tmp_path / "early") == 3
+    tokenized = Tokenized.read(data)
+    assert (tokenized.own("early"), tokenized.general()) == (2, 1)
+    assert stage_data(tokenized, meta, "early", tmp_path / "early") == 3
     assert [json.loads(x)["id"] for x in (tmp_path / "early" / "sft.jsonl").read_text().splitlines()] == ["a", "g", "c"]
     early_meta = json.loads((tmp_path / "early" / "meta.json").read_text())
     assert early_meta["only_stage"] == "early" and early_meta["files"]["dpo"] is None
     assert not (tmp_path / "early" / "dpo.jsonl").exists() and (tmp_path / "early" / "tokenizer" / "tokenizer.json").is_file()
-    assert stage_data(data, meta, "late", tmp_path / "late") == 2
+    assert stage_data(tokenized, meta, "late", tmp_path / "late") == 2
     assert (tmp_path / "late" / "dpo.jsonl").read_text().count("\n") == 1
 
 

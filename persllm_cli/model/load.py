@@ -33,10 +33,6 @@ def load_run(run_dir: Path, *, device: str | None = None, dtype: str | None = No
     """
     tokenizer, info, base = _tokenizer_and_info(Path(run_dir))
     run = info.path
-    if info.stage_runs:
-        first = next(iter(info.stage_runs))
-        raise PersllmError(f"{run} holds one adapter per stage (train --adapter-per-stage), not one model; "
-                           f"name a stage's own run, e.g. {run / info.data['stage_runs'][first]}")
     device = device or default_device()
     merging = merge if merge is not None else device == "cpu"
     cacheable = merging and device == "cpu" and dtype in (None, "float32")
@@ -122,9 +118,10 @@ def _tokenizer_and_info(run_dir: Path) -> tuple[Any, runs.RunInfo, str]:
     """The run's tokenizer (checked to hold its time tokens), its run.json and its resolved base."""
     info = runs.read_run(run_dir)
     run = info.path
+    if info.stage_runs:   # no one model: its stages' runs each hold one (load_stages loads them together)
+        raise PersllmError(f"{run} holds one adapter per stage (train --adapter-per-stage), not one model; "
+                           f"name a stage's own run, e.g. {next(iter(info.stage_runs.values()))}")
     base = models.resolve_base(info.base)
-    if info.stage_runs:   # its tokenizer is its stages' (load_stages); load_run says what to do instead
-        return None, info, base
 
     import logging
 

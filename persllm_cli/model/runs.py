@@ -90,6 +90,14 @@ def resolve_run(run: Path | None, project: Project | None) -> Path:
     return run.resolve()
 
 
+def is_complete(run_dir: Path) -> bool:
+    """Whether run_dir's run.json says its training finished (False when there is none to read)."""
+    try:
+        return bool(json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8")).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def read_run(run: Path) -> RunInfo:
     """Read and check a run directory; says what is missing when it is incomplete."""
     run = Path(run)

@@ -205,16 +205,16 @@ def load_shared(speakers: list[RunSpeaker]) -> list[str | None]:
     (`stage_adapters`)."""
     from persllm_cli.model.load import load_runs_shared
 
-    single = [sp for sp in speakers if not sp.info.stage_runs]
-    names: dict[int, str | None] = {}
-    for sp, (model, tok, info, name) in zip(single, load_runs_shared([sp.info.path for sp in single])):
-        sp.model, sp.tokenizer, sp.info = model, tok, info
-        names[id(sp)] = name
+    shared = iter(load_runs_shared([sp.info.path for sp in speakers if not sp.info.stage_runs]))
+    names: list[str | None] = []
     for sp in speakers:
         if sp.info.stage_runs:
             sp.load()
-            names[id(sp)] = None
-    return [names[id(sp)] for sp in speakers]
+            names.append(None)
+        else:
+            sp.model, sp.tokenizer, sp.info, name = next(shared)
+            names.append(name)
+    return names
 
 
 def with_sampling(sampling: Sampling, **changes: Any) -> Sampling:

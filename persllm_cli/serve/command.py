@@ -90,11 +90,10 @@ def run(project: Project | None, settings: ServeSettings) -> int:
     for x in served:
         if x.key is None:
             continue
-        stage_adapters = getattr(x.speaker, "stage_adapters", None) or {}
-        for sid, adapter in stage_adapters.items():   # one adapter per stage: one key per stage
+        for sid, adapter in x.stage_adapters.items():   # one adapter per stage: one key per stage
             runs_loaded[x.key_at(sid)] = (x.run.model, x.run.tokenizer)
             adapters[x.key_at(sid)] = adapter
-        if not stage_adapters:
+        if not x.stage_adapters:
             runs_loaded[x.key] = (x.run.model, x.run.tokenizer)
     from persllm_cli.model.chat_format import warm_up
 

@@ -19,11 +19,17 @@ class Served:
     speaker: Speaker
     key: str | None = None
 
+    @property
+    def stage_adapters(self) -> dict[str, str]:
+        """Each stage's adapter name on the loaded model, for a run with one adapter per stage; empty
+        for a run with one adapter, or an API model."""
+        return getattr(self.speaker, "stage_adapters", None) or {}
+
     def key_at(self, stage_id: str) -> str:
         """The scheduler's key for an answer at `stage_id`: the run's own, or for a run with one
         adapter per stage that stage's (each activates its stage's adapter on the shared model)."""
         assert self.key is not None
-        return f"{self.key}@{stage_id}" if getattr(self.speaker, "stage_adapters", None) else self.key
+        return f"{self.key}@{stage_id}" if self.stage_adapters else self.key
 
     @property
     def name(self) -> str:

@@ -32,6 +32,7 @@ from persllm_cli.core.project import Project
 from persllm_cli.core.settings import public_settings
 from persllm_cli.core.errors import PersllmError
 from persllm_cli.data import store
+from persllm_cli.model.runs import is_complete
 from persllm_cli.train.settings import TrainSettings, check_reporter, launched_by_torchrun, read_data
 
 
@@ -63,9 +64,8 @@ def _gpu_count(gpus: str) -> int:
 def _pick_run_dir(project: Project, s: TrainSettings) -> Path:
     runs = project.root / "runs"
     if s.output is None and s.resume:
-        progress = "stages" if s.adapter_per_stage else "checkpoints"
-        candidates = [d for d in runs.iterdir() if d.is_dir() and not d.is_symlink() and (d / progress).is_dir()
-                      and not _complete(d)] if runs.is_dir() else []
+        candidates = [d for d in runs.iterdir() if d.is_dir() and not d.is_symlink() and (d / _progress(s)).is_dir()
+                      and not is_complete(d)] if runs.is_dir() else []
         if not candidates:
             raise PersllmError(f"--resume: no unfinished run with checkpoints in {runs}; name one with --output runs/NAME")
         return max(candidates, key=lambda d: d.stat().st_mtime)
@@ -74,11 +74,9 @@ def _pick_run_dir(project: Project, s: TrainSettings) -> Path:
     return Path(s.output)
 
 
-def _complete(run_dir: Path) -> bool:
-    try:
-        return bool(json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("complete"))
-    except (OSError, json.JSONDecodeError):
-        return False
+def _progress(s: TrainSettings) -> str:
+    """The folder in which a stopped run keeps what `--resume` continues from."""
+    return "stages" if s.adapter_per_stage else "checkpoints"
 
 
 def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
@@ -105,9 +103,9 @@ def validate(project: Project, s: TrainSettings) -> tuple[dict, Path]:
     if first_rank and not s.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise PersllmError(f"{run_dir} already exists; continue it with --resume or choose another --output")
     if s.resume:
-        if not (run_dir / ("stages" if s.adapter_per_stage else "checkpoints")).is_dir():
+        if not (run_dir / _progress(s)).is_dir():
             raise PersllmError(f"--resume: {run_dir} has no checkpoints to continue from")
-        if _complete(run_dir):
+        if is_complete(run_dir):
             raise PersllmError(f"--resume: {run_dir} already finished")
     return meta, run_dir
 

@@ -41,46 +41,49 @@ def _lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def stage_data(data: Path, meta: dict, stage_id: str, target: Path) -> int:
+@dataclasses.dataclass
+class Tokenized:
+    """A tokenized directory's lines, read and parsed once: each SFT example as (its stage, whether it
+    is general, the line), each preference pair as (its stage, the line)."""
+
+    path: Path
+    examples: list[tuple[str | None, bool, str]]
+    pairs: list[tuple[str | None, str]]
+
+    @classmethod
+    def read(cls, data: Path) -> "Tokenized":
+        examples = []
+        for line in _lines(data / "sft.jsonl"):
+            r = json.loads(line)
+            examples.append((r.get("stage"), r.get("source") == "general", line))
+        return cls(data, examples, [(json.loads(line).get("stage"), line) for line in _lines(data / "dpo.jsonl")])
+
+    def own(self, stage_id: str) -> int:
+        """The stage's persona examples."""
+        return sum(1 for stage, general, _ in self.examples if not general and stage == stage_id)
+
+    def general(self) -> int:
+        return sum(1 for _, general, _ in self.examples if general)
+
+    def pairs_at(self, stage_id: str) -> list[str]:
+        return [line for stage, line in self.pairs if stage == stage_id]
+
+
+def stage_data(data: Tokenized, meta: dict, stage_id: str, target: Path) -> int:
     """A tokenized directory at `target` holding `data`'s examples of `stage_id` and its general
     ones (and the stage's preference pairs); returns how many SFT examples it holds."""
-    sft = [line for line in _lines(data / "sft.jsonl")
-           if (r := json.loads(line)).get("stage") == stage_id or r.get("source") == "general"]
-    pairs = [line for line in _lines(data / "dpo.jsonl") if json.loads(line).get("stage") == stage_id]
+    sft = [line for stage, general, line in data.examples if general or stage == stage_id]
+    pairs = data.pairs_at(stage_id)
     files = dict(meta.get("files") or {})
     files["dpo"] = "dpo.jsonl" if pairs else None
     with store.replace_dir(target) as tmp:
         (tmp / "sft.jsonl").write_text("".join(line + "\n" for line in sft), encoding="utf-8")
         if pairs:
             (tmp / "dpo.jsonl").write_text("".join(line + "\n" for line in pairs), encoding="utf-8")
-        shutil.copytree(data / "tokenizer", tmp / "tokenizer")
+        shutil.copytree(data.path / "tokenizer", tmp / "tokenizer")
         (tmp / "meta.json").write_text(json.dumps({**meta, "files": files, "only_stage": stage_id}, indent=2,
                                                   ensure_ascii=False) + "\n", encoding="utf-8")
     return len(sft)
-
-
-def _counts(data: Path, meta: dict) -> tuple[int, dict[str, int], dict[str, int]]:
-    """All SFT examples, and per stage its persona examples and its preference pairs."""
-    every = 0
-    persona = {st["id"]: 0 for st in meta["stages"]}
-    pairs = {st["id"]: 0 for st in meta["stages"]}
-    for line in _lines(data / "sft.jsonl"):
-        every += 1
-        r = json.loads(line)
-        if r.get("source") != "general" and r.get("stage") in persona:
-            persona[r["stage"]] += 1
-    for line in _lines(data / "dpo.jsonl"):
-        sid = json.loads(line).get("stage")
-        if sid in pairs:
-            pairs[sid] += 1
-    return every, persona, pairs
-
-
-def _complete(run_dir: Path) -> bool:
-    try:
-        return bool(json.loads((run_dir / runs.RUN_FILE).read_text(encoding="utf-8")).get("complete"))
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def run(project: Project, settings: TrainSettings, meta: dict, run_dir: Path,
@@ -92,7 +95,8 @@ def run(project: Project, settings: TrainSettings, meta: dict, run_dir: Path,
     try:
         return _train_stages(project, settings, meta, run_dir, train_one)
     except BaseException:   # nothing trained yet: leave nothing behind, as a one-adapter run does
-        kept = [d for d in (run_dir / STAGES_DIR).glob("*") if _complete(d) or any(d.glob("checkpoints/*/checkpoint-*"))]
+        kept = [d for d in (run_dir / STAGES_DIR).glob("*")
+                if runs.is_complete(d) or any(d.glob("checkpoints/*/checkpoint-*"))]
         if not existed and not kept:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -102,16 +106,17 @@ def _train_stages(project: Project, settings: TrainSettings, meta: dict, run_dir
                   train_one: Callable[[TrainSettings], int]) -> int:
     if settings.gpus is not None or settings.nproc:
         raise PersllmError("--adapter-per-stage trains in this process only for now; leave out --gpus/--nproc")
-    data = Path(settings.data)
-    every, persona, pairs = _counts(data, meta)
+    data = Tokenized.read(Path(settings.data))
+    persona = {st["id"]: data.own(st["id"]) for st in meta["stages"]}
+    general = data.general()
     empty = [sid for sid, n in persona.items() if n == 0]
     if empty:
-        raise PersllmError(f"--adapter-per-stage: {data} has no training examples at stage(s) {', '.join(empty)}; "
+        raise PersllmError(f"--adapter-per-stage: {data.path} has no training examples at stage(s) {', '.join(empty)}; "
                            "every stage needs its own (annotate and tokenize them, or train one adapter)")
     if "dpo" in settings.method:
-        lacking = [sid for sid, n in pairs.items() if n == 0]
+        lacking = [sid for sid in persona if not data.pairs_at(sid)]
         if lacking:
-            raise PersllmError(f"--adapter-per-stage with --method {settings.method}: {data} has no preference "
+            raise PersllmError(f"--adapter-per-stage with --method {settings.method}: {data.path} has no preference "
                                f"pairs at stage(s) {', '.join(lacking)}")
     stage_runs = {st["id"]: f"{STAGES_DIR}/{st['id']}" for st in meta["stages"]}
     info = {"persona": project.name, "base": settings.base or meta["base"], "base_path": meta.get("base_path"),
@@ -126,14 +131,15 @@ def _train_stages(project: Project, settings: TrainSettings, meta: dict, run_dir
     for st in meta["stages"]:
         sid = st["id"]
         sub = run_dir / stage_runs[sid]
-        where = run_dir / DATA_DIR / sid
-        mine = stage_data(data, meta, sid, where)
-        steps[sid] = max(1, round(settings.max_steps * mine / every)) if settings.max_steps else None
-        if _complete(sub):
+        mine = persona[sid] + general
+        steps[sid] = max(1, round(settings.max_steps * mine / len(data.examples))) if settings.max_steps else None
+        if runs.is_complete(sub):
             console.info(f"Stage {sid}: already trained in {sub}")
             continue
+        where = run_dir / DATA_DIR / sid
+        stage_data(data, meta, sid, where)
         resume = settings.resume and (sub / "checkpoints").is_dir()
-        console.info(f"Stage {sid}: {persona[sid]} of its own examples and {mine - persona[sid]} general ones"
+        console.info(f"Stage {sid}: {persona[sid]} of its own examples and {general} general ones"
                      + (f", {steps[sid]} steps" if steps[sid] else ""))
         sub_settings = dataclasses.replace(settings, data=where, output=sub, resume=resume, max_steps=steps[sid],
                                            adapter_per_stage=False)
