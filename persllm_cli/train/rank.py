@@ -199,8 +199,9 @@ def _dpo(s, rank, device, tok, data, ckpt, metrics, resume, token_ids, base_path
         model = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)
     else:
         peft_config = lora_config(s, token_ids)
-    args = _training_args(DPOConfig, s, ckpt, device, rank.world, len(ds), beta=s.beta,
-                          max_length=meta.get("max_length"), precompute_ref_log_probs=False)
+    # Gradient checkpointing (TRL's default) on CPU only costs a second forward pass, 10% of a step.
+    args = _training_args(DPOConfig, s, ckpt, device, rank.world, len(ds), beta=s.beta, max_length=meta.get("max_length"),
+                          precompute_ref_log_probs=False, gradient_checkpointing=device == "cuda")
     progress = ProgressCallback(metrics, "dpo", None, rank.world)
     trainer = dpo_trainer_class()(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                                   peft_config=peft_config, callbacks=[progress, PlainModes()])
