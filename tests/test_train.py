@@ -458,6 +458,22 @@ def test_adapter_per_stage_trains_each_stage_on_its_own_and_answers_with_the_sta
         load_run(run)   # one model only: export and the local backend name a stage's run
     e = cli("export", "runs/ps", "-f", "hf", "-o", "out")
     assert e.exit_code == 2 and "--stage (early, late)" in e.stderr and len(e.stderr.strip().splitlines()) == 1, e.stderr
+    # A stage's model speaks for that stage alone: its template refuses the others and it has no
+    # Modelfile or card row for them.
+    e = cli("export", "runs/ps", "-f", "hf", "--stage", "early", "-o", "out", "--no-check")
+    assert e.exit_code == 0, e.output
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(tiny_project / "out")
+    hello = [{"role": "user", "content": "Hello?"}]
+    rendered = exported.apply_chat_template(hello, add_generation_prompt=True)["input_ids"]
+    assert rendered == prompt_ids(speaker.tokenizer, hello, speaker.token("early"))   # early is the default
+    with pytest.raises(Exception, match="unknown stage late"):
+        exported.apply_chat_template(hello, add_generation_prompt=True, stage="late")
+    card = (tiny_project / "out" / "README.md").read_text()
+    assert "| early (default) |" in card and "| late" not in card and "stage early's own model" in card
+    e = cli("export", "runs/ps/stages/early", "-f", "hf", "--stage", "late", "-o", "out2", "--no-check")
+    assert e.exit_code == 2 and "trained for stage early alone" in e.stderr and not (tiny_project / "out2").exists()
     again = cli("train", "--adapter-per-stage", "--output", "runs/ps", "--resume")
     assert again.exit_code == 1 and "already finished" in again.stderr
 

@@ -68,6 +68,11 @@ def run(project: Project | None, settings: ExportSettings) -> int:
                                f"--stage ({', '.join(info.stage_runs)})", exit_code=EXIT_USAGE)
         run_dir = info.stage_runs[default_stage]
         info = runs.read_run(run_dir)
+    if info.trained_stage is not None:   # a stage's own run: its model, template and Modelfiles hold that stage alone
+        if settings.stage not in (None, info.trained_stage):
+            raise PersllmError(f"{run_dir} was trained for stage {info.trained_stage} alone; for stage {settings.stage}: "
+                               f"persllm export {run_dir.parent.parent} --stage {settings.stage}", exit_code=EXIT_USAGE)
+        info, default_stage = info.as_trained(), info.trained_stage
     if settings.check:
         from persllm_cli.export import engine
 
@@ -129,11 +134,13 @@ def _check(job: Export, fmt: Format, merged: Path) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     info, settings, default_stage = job.info, job.settings, job.default_stage
-    reference = load.load_run(info.path)
+    ref_model, ref_tok, _ = load.load_run(info.path)
+    reference = (ref_model, ref_tok, info)   # the stages exported (a stage's own run: that stage alone)
     hf_logging.disable_progress_bar()
     exported, what, exact = fmt.weights.load(job, merged), fmt.weights.label(settings), fmt.weights.exact(settings)
     rounded = fmt.weights.rounded(settings)  # an export in 16 bits: (the dtype of its matrices, vectors too?)
-    console.info(f"Checking the {what} export against the run ({len(info.stages)} stages x {len(check.PROMPTS)} prompts)...")
+    n = len(info.stages)
+    console.info(f"Checking the {what} export against the run ({n} stage{'s' * (n > 1)} x {len(check.PROMPTS)} prompts)...")
     as_trained = check.compare(reference, exported, default_stage=default_stage, exact=exact and rounded is None,
                                max_new_tokens=settings.check_tokens, what=what)
     _report(f"{what} export vs the run as trained (float32)", settings, as_trained)
@@ -146,7 +153,7 @@ def _check(job: Export, fmt: Format, merged: Path) -> dict[str, Any]:
                                max_new_tokens=settings.check_tokens, what=f"{what} vs the run rounded alike")
         _report(f"{what} export vs the run with its weights rounded alike", settings, report)
     engine_line = check.template_in_llama_cpp(exported[1], info.stages, settings.llama_cpp, what)
-    del exported, reference
+    del exported, reference, ref_model
     gc.collect()
     ties = f" ({report.near_ties} differ after a near tie of the run's own top two tokens)" if report.near_ties else ""
     console.info(f"Check passed: {report.exact}/{report.answers} identical answers{ties}, token agreement "

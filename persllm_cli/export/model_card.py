@@ -30,6 +30,9 @@ def render(info: runs.RunInfo, fmt: str, default_stage: str, facts: dict[str, An
              f"({info.data.get('method', 'sft')}) merged in. Each conversation starts with a time token that "
              "puts the persona at a stage of life.", "",
              "| stage | label | token |", "|---|---|---|"]
+    if info.trained_stage is not None:
+        lines[3:3] = [f"This is stage {info.trained_stage}'s own model (`persllm train --adapter-per-stage`): its "
+                      "adapter learned that stage's examples alone, so it speaks for that stage only.", ""]
     for s in info.stages:
         mark = " (default)" if s["id"] == default_stage else ""
         lines.append(f"| {s['id']}{mark} | {s.get('label', '')} | `{s['token']}` |")

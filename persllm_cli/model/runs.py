@@ -48,6 +48,20 @@ class RunInfo:
         return {sid: self.path / rel for sid, rel in staged.items()} if isinstance(staged, dict) else None
 
     @property
+    def trained_stage(self) -> str | None:
+        """The one stage a stage's own run (`train --adapter-per-stage`) was trained for; None for a
+        run trained for every stage."""
+        stage = self.data.get("trained_stage")
+        return str(stage) if stage else None
+
+    def as_trained(self) -> RunInfo:
+        """This run with the stages its model speaks for: a stage's own run has the other stages' time
+        tokens too, but no training behind them."""
+        if self.trained_stage is None:
+            return self
+        return RunInfo(self.path, {**self.data, "stages": [s for s in self.stages if s["id"] == self.trained_stage]})
+
+    @property
     def base(self) -> str:
         return str(self.data["base"])
 
