@@ -54,13 +54,8 @@ step "persllm train --method sft+dpo --max-steps $STEPS --learning-rate 1e-3 (SF
 # rows start from each stage's meaning and learn at their own rate (--time-token-learning-rate).
 persllm train --method sft+dpo --max-steps "$STEPS" --learning-rate 1e-3 --batch-size 2 --grad-accum 1 --output runs/demo
 
-ask() {  # stage, question
-  step "persllm chat --stage $1 --prompt '$2'"
-  persllm chat --stage "$1" --max-new-tokens 60 --prompt "$2"
-}
-ask early "What was it like to see Hogwarts for the first time?"
-ask middle "What do you think of Professor Umbridge?"
-ask late "What do you do for a living now?"
+step "persllm chat --stage early --prompt 'What was it like to see Hogwarts for the first time?' (the other stages answer through serve below)"
+persllm chat --stage early --max-new-tokens 60 --prompt "What was it like to see Hogwarts for the first time?"
 
 step "persllm converse .@early .@late (young and old Harry talk; transcript in build/converse.md)"
 persllm converse .@early .@late --turns 6 --max-new-tokens 60 --seed 0 \
@@ -75,7 +70,7 @@ step "persllm export --format card (one chara_card_v2 per stage, JSON and PNG, n
 persllm export --format card -o export/cards --force
 ls export/cards >&2
 
-step "persllm serve (OpenAI-compatible API and chat page), asked once with the openai client, then stopped with SIGTERM"
+step "persllm serve (OpenAI-compatible API and chat page), asked at two stages with the openai client, then stopped with SIGTERM"
 persllm serve --port 0 2> build/serve.log &
 server=$!
 for _ in $(seq 1 600); do grep -q "Listening on" build/serve.log && break; kill -0 "$server" 2>/dev/null || break; sleep 0.2; done
@@ -86,9 +81,12 @@ from openai import OpenAI
 
 client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
 print("models:", ", ".join(m.id for m in client.models.list().data), file=sys.stderr)
-reply = client.chat.completions.create(model="demo@early", max_tokens=40, temperature=0,
-                                       messages=[{"role": "user", "content": "Who is your best friend?"}])
-print(f"demo@early: {reply.choices[0].message.content}\n({reply.usage.completion_tokens} tokens)", file=sys.stderr)
+for model, question in (("demo@middle", "What do you think of Professor Umbridge?"),
+                        ("demo@late", "What do you do for a living now?")):
+    reply = client.chat.completions.create(model=model, max_tokens=60, temperature=0,
+                                           messages=[{"role": "user", "content": question}])
+    print(f"{model}: {question}\n  {reply.choices[0].message.content}\n  ({reply.usage.completion_tokens} tokens)",
+          file=sys.stderr)
 PY
 kill -TERM "$server"; wait "$server"
 cat build/serve.log >&2
