@@ -484,8 +484,23 @@ def test_adapter_per_stage_refuses_a_stage_without_examples(cli, tiny_project):
     r = cli("train", "--adapter-per-stage", *STEP_FLAGS, "--output", "runs/ps")
     assert r.exit_code == 1 and "no training examples at stage(s) late" in r.stderr, r.output
     assert len(r.stderr.strip().splitlines()) == 1 and not (tiny_project / "runs" / "ps").exists()
-    r = cli("train", "--adapter-per-stage", "--nproc", "2", *STEP_FLAGS, "--output", "runs/ps")
-    assert r.exit_code == 1 and "leave out --gpus/--nproc" in r.stderr
+
+
+def test_adapter_per_stage_under_nproc_2_trains_each_stage_on_both_ranks(tiny_project):
+    r = run_persllm("train", "--adapter-per-stage", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "2",
+                    "--nproc", "2", "--output", "runs/psddp", cwd=tiny_project, env=subprocess_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("Launching 2 processes") == 2 and not r.stdout.strip()
+    run = tiny_project / "runs" / "psddp"
+    assert json.loads((run / "run.json").read_text())["complete"] and not (run / ".data").exists()
+    for sid in ("early", "late"):
+        sub = json.loads((run / "stages" / sid / "run.json").read_text())
+        hashes = sub["hardware"]["adapter_sha256_per_rank"]
+        assert sub["complete"] and sub["trained_stage"] == sid and sub["hardware"]["processes"] == 2
+        assert len(hashes) == 2 and hashes[0] == hashes[1]
+        seen = [i for m in metrics(run / "stages" / sid) for i in m["samples"]]
+        assert len(seen) == len(set(seen)) == 2 * 2   # its 1 step x 2 ranks x batch 2, no example twice
+    assert not list(run.rglob(".launch-*.json"))
 
 
 def test_stage_data_holds_its_stage_and_the_general_examples(tmp_path):

@@ -11,7 +11,8 @@ or `export` also take on its own. Each stage trains as `train` would, on a copy 
 data holding that stage's persona examples and every general example (runs/NAME/.data/<id>/, removed
 once every stage is done). `--max-steps N` gives each stage N times its share of the examples (so each
 example is seen about as often as in one adapter trained N steps); `--epochs` applies to each stage.
-`--resume` skips the stages already complete and continues the one that stopped.
+`--resume` skips the stages already complete and continues the one that stopped. With `--gpus N` or
+`--nproc N` each stage is launched under torchrun in turn (train's own relaunch).
 """
 
 from __future__ import annotations
@@ -104,8 +105,6 @@ def run(project: Project, settings: TrainSettings, meta: dict, run_dir: Path,
 
 def _train_stages(project: Project, settings: TrainSettings, meta: dict, run_dir: Path,
                   train_one: Callable[[TrainSettings], int]) -> int:
-    if settings.gpus is not None or settings.nproc:
-        raise PersllmError("--adapter-per-stage trains in this process only for now; leave out --gpus/--nproc")
     data = Tokenized.read(Path(settings.data))
     persona = {st["id"]: data.own(st["id"]) for st in meta["stages"]}
     general = data.general()
