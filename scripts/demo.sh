@@ -83,7 +83,8 @@ client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
 print("models:", ", ".join(m.id for m in client.models.list().data), file=sys.stderr)
 for model, question in (("demo@middle", "What do you think of Professor Umbridge?"),
                         ("demo@late", "What do you do for a living now?")):
-    reply = client.chat.completions.create(model=model, max_tokens=60, temperature=0,
+    # Greedy; OpenAI's frequency_penalty keeps a 135M model's answer from going round in a loop.
+    reply = client.chat.completions.create(model=model, max_tokens=60, temperature=0, frequency_penalty=0.5,
                                            messages=[{"role": "user", "content": question}])
     print(f"{model}: {question}\n  {reply.choices[0].message.content}\n  ({reply.usage.completion_tokens} tokens)",
           file=sys.stderr)
