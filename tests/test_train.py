@@ -458,8 +458,8 @@ def test_adapter_per_stage_trains_each_stage_on_its_own_and_answers_with_the_sta
         load_run(run)   # one model only: export and the local backend name a stage's run
     e = cli("export", "runs/ps", "-f", "hf", "-o", "out")
     assert e.exit_code == 2 and "--stage (early, late)" in e.stderr and len(e.stderr.strip().splitlines()) == 1, e.stderr
-    # A stage's model speaks for that stage alone: its template refuses the others and it has no
-    # Modelfile or card row for them.
+    # A stage's model speaks for that stage alone: its template refuses the others and its card has
+    # no row for them.
     e = cli("export", "runs/ps", "-f", "hf", "--stage", "early", "-o", "out", "--no-check")
     assert e.exit_code == 0, e.output
     from transformers import AutoTokenizer

@@ -28,11 +28,11 @@ def render(info: runs.RunInfo, fmt: str, default_stage: str, facts: dict[str, An
     lines = [f"# {persona} (persllm export, {fmt})", "",
              f"A persona model of {persona} made with persllm: {info.base} with a LoRA adapter "
              f"({info.data.get('method', 'sft')}) merged in. Each conversation starts with a time token that "
-             "puts the persona at a stage of life.", "",
-             "| stage | label | token |", "|---|---|---|"]
+             "puts the persona at a stage of life.", ""]
     if info.trained_stage is not None:
-        lines[3:3] = [f"This is stage {info.trained_stage}'s own model (`persllm train --adapter-per-stage`): its "
-                      "adapter learned that stage's examples alone, so it speaks for that stage only.", ""]
+        lines += [f"This is stage {info.trained_stage}'s own model (`persllm train --adapter-per-stage`): its "
+                  "adapter learned that stage's examples alone, so it speaks for that stage only.", ""]
+    lines += ["| stage | label | token |", "|---|---|---|"]
     for s in info.stages:
         mark = " (default)" if s["id"] == default_stage else ""
         lines.append(f"| {s['id']}{mark} | {s.get('label', '')} | `{s['token']}` |")
