@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.llama_cpp import llama_home, llama_renderer, llama_source  # noqa: F401 (fixtures)
-from tests.run_factory import STAGES, make_run
+from tests.run_factory import STAGES, make_run, make_staged_run
 
 
 def _fake_run(tmp_path: Path, base: str) -> Path:
@@ -214,3 +214,76 @@ def test_ollama_q8_0_modelfiles(tmp_path, cli, trained_run, llama_home):
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
     assert kinds["token_embd.weight"] == "F16"
+
+
+def _own_rows(run: Path, own: float = 0.05, others: float = 0.005) -> dict[str, object]:
+    """Move the time-token rows of each stage's own run as training moves them: its own token's row
+    far (SmolLM2's rows have a norm of about 3; `own` x N(0, 1) per value gives about 1.2), the
+    other stages' rows a little (with tied embeddings every row is an output column, pushed by the
+    softmax). Seeded by the stage's place; returns each stage's own row."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    rows = {}
+    for i, (sid, _) in enumerate(STAGES):
+        f = run / "stages" / sid / "adapter" / "adapter_model.safetensors"
+        weights = load_file(f)
+        [key] = [k for k in weights if "trainable_tokens_delta" in k]
+        delta = weights[key].clone()
+        g = torch.Generator().manual_seed(10 + i)
+        moved = torch.randn(delta.shape, generator=g) * others
+        moved[i] = torch.randn(delta.shape[1], generator=g) * own
+        delta += moved
+        weights[key] = delta
+        rows[sid] = delta[i]
+        save_file(weights, f)
+    return rows
+
+
+@pytest.mark.slow
+def test_every_stage_of_a_run_with_one_adapter_per_stage_in_one_gguf_with_a_lora_per_stage(tmp_path, cli, smollm2,
+                                                                                            llama_home):
+    """train --adapter-per-stage, exported whole: one base GGUF holding every stage's time-token row,
+    and each stage's adapter as a llama.cpp LoRA GGUF, which the check puts back on the base and
+    compares with each stage's own run."""
+    import numpy as np
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    run = make_staged_run(tmp_path / "runs" / "ps", smollm2)
+    rows = _own_rows(run)
+    out = tmp_path / "ollama"
+    result = cli("export", str(run), "--format", "ollama", "-o", str(out), "--check-tokens", "8")
+    assert result.exit_code == 0, result.output
+    # f16: each stage's greedy answers identical to its run with the weights rounded alike.
+    assert "Check passed: 6/6 identical answers" in result.output, result.output
+    assert "24/24 renders identical to transformers" in result.output, result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["Modelfile.early", "Modelfile.late", "Modelfile.middle", "README.md",
+                     "harry-potter-early-lora.gguf", "harry-potter-f16.gguf", "harry-potter-late-lora.gguf",
+                     "harry-potter-middle-lora.gguf"]
+    early = (out / "Modelfile.early").read_text()
+    assert early.startswith("FROM ./harry-potter-f16.gguf\nADAPTER ./harry-potter-early-lora.gguf\n")
+    assert 'TEMPLATE """<TIME-I>' in early and "<TIME-II>" not in early
+
+    lora = GGUFReader(out / "harry-potter-late-lora.gguf")
+    fields = {f.name: f.contents() for f in lora.fields.values()}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == 8.0   # r 8, PEFT's default alpha 8: scale 1
+    kinds = {t.name: t.tensor_type.name for t in lora.tensors}
+    assert kinds["blk.0.attn_q.weight.lora_a"] == "F16" and "blk.29.ffn_down.weight.lora_b" in kinds
+    assert not any(n.startswith("token_embd") for n in kinds)   # the rows are in the base
+    # The base holds each stage's own row (in F16), from that stage's adapter.
+    base = {t.name: t for t in GGUFReader(out / "harry-potter-f16.gguf").tensors}
+    embd = np.array(base["token_embd.weight"].data, dtype=np.float32)
+    tok = AutoTokenizer.from_pretrained(run / "stages" / "early" / "tokenizer")
+    for sid, token in zip(("early", "middle", "late"), ("<TIME-I>", "<TIME-II>", "<TIME-III>")):
+        want = rows[sid].numpy().astype(np.float16).astype(np.float32)
+        assert np.array_equal(embd[tok.convert_tokens_to_ids(token)], want), sid
+    card = (out / "README.md").read_text()
+    assert "one LoRA adapter (sft) per stage" in card and "--lora harry-potter-middle-lora.gguf" in card
+    assert "Export check (gguf f16 + LoRA GGUF per stage" in card
+
+    # hf still needs a stage: a merged model holds one adapter.
+    r = cli("export", str(run), "--format", "hf", "-o", str(tmp_path / "hf"))
+    assert r.exit_code == 2 and "--format gguf or ollama" in r.stderr and not (tmp_path / "hf").exists()

@@ -236,3 +236,55 @@ def test_gguf_is_what_llama_cpps_converter_writes(tmp_path, cli, smollm2, llama_
 def _write(gguf_file, hf: Path, path: Path, quant: str, tok) -> Path:
     gguf_file.write(hf, path, quant=quant, tokenizer=tok, name="harry-potter")
     return path
+
+
+@pytest.mark.slow
+def test_lora_gguf_is_what_llama_cpps_lora_converter_writes(tmp_path, smollm2, llama_source):
+    """A stage's adapter as `export` writes it for a run with one adapter per stage (export/gguf_lora.py)
+    against llama.cpp's own convert_lora_to_gguf.py on the same adapter. The converter refuses an
+    adapter that holds embedding rows (the time tokens), so it is given the adapter without them:
+    export puts those rows in the base GGUF instead."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from persllm_cli.export import gguf_lora
+    from persllm_cli.model import load
+    from tests.run_factory import make_run, perturb_lora
+
+    run = perturb_lora(make_run(tmp_path / "runs" / "r1", smollm2), seed=3)
+    model, _, _ = load.load_run(run, device="cpu", dtype="float32", merge=False)
+    ours_keys, ours = _gguf(_write_lora(gguf_lora, model, tmp_path / "ours.gguf"))
+
+    refused = subprocess.run([sys.executable, str(llama_source / "convert_lora_to_gguf.py"), str(run / "adapter"),
+                              "--base", str(smollm2), "--outtype", "f16", "--outfile", str(tmp_path / "no.gguf")],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "Not a lora_A or lora_B tensor" in refused.stderr
+    plain = tmp_path / "adapter"
+    shutil.copytree(run / "adapter", plain)
+    weights = load_file(plain / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if "trainable_tokens" not in k}, plain / "adapter_model.safetensors")
+    config = json.loads((plain / "adapter_config.json").read_text())
+    config["trainable_token_indices"] = None
+    (plain / "adapter_config.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, str(llama_source / "convert_lora_to_gguf.py"), str(plain),
+                           "--base", str(smollm2), "--outtype", "f16", "--outfile", str(tmp_path / "ref.gguf")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref_keys, ref = _gguf(tmp_path / "ref.gguf")
+
+    differ = {k for k in ours_keys.keys() | ref_keys.keys() if ours_keys.get(k) != ref_keys.get(k)}
+    # The name (the persona's; the converter's is "Adapter"), and where the converter records the
+    # adapter's folder as a Hugging Face repository it came from.
+    assert differ - {"general.base_model.count", "general.base_model.0.name", "general.base_model.0.repo_url",
+                     "general.tags"} == {"general.name"}, differ
+    assert (ours_keys["general.type"], ours_keys["adapter.type"], ours_keys["adapter.lora.alpha"]) == ("adapter", "lora", 8.0)
+    assert sorted(ours) == sorted(ref) and len(ours) == 30 * 7 * 2   # every linear layer's A and B
+    for name in ours:
+        assert ours[name] == ref[name], name   # type, shape and bytes: q/k's B rows permuted alike
+
+
+def _write_lora(gguf_lora, model, path: Path) -> Path:
+    gguf_lora.write(model, "default", path, config=model.get_base_model().config.to_dict(), name="harry-potter")
+    return path

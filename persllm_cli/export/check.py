@@ -37,6 +37,16 @@ class Report:
     def agreement(self) -> float:
         return self.agree / self.total if self.total else 1.0
 
+    def merge(self, other: "Report") -> None:
+        """Add another comparison's rows and counts to this one."""
+        self.rows += other.rows
+        self.max_logit_diff = max(self.max_logit_diff, other.max_logit_diff)
+        self.agree += other.agree
+        self.total += other.total
+        self.exact += other.exact
+        self.answers += other.answers
+        self.near_ties += other.near_ties
+
 
 def _ids(encoded: Any) -> list[int]:
     if isinstance(encoded, dict) or hasattr(encoded, "keys"):
@@ -63,8 +73,9 @@ def _logits(model: Any, ids: list[int]) -> Any:
 
 
 def compare(reference: tuple[Any, Any, runs.RunInfo], exported: tuple[Any, Any], *, default_stage: str,
-            exact: bool, max_new_tokens: int, what: str) -> Report:
-    """Compare the exported (model, tokenizer) with the run's; raise PersllmError on a failure."""
+            exact: bool, max_new_tokens: int, what: str, skip_ids: list[int] | None = None) -> Report:
+    """Compare the exported (model, tokenizer) with the run's; raise PersllmError on a failure.
+    `skip_ids`: vocabulary entries whose logits the logit difference leaves out."""
     ref_model, ref_tok, info = reference
     model, tok = exported
     eos = stop_ids(ref_tok)
@@ -88,7 +99,10 @@ def compare(reference: tuple[Any, Any, runs.RunInfo], exported: tuple[Any, Any],
             # Teacher-forced: the export's next-token choice along the run's own answer.
             seq = want + ref_answer
             a, b = _logits(ref_model, seq), _logits(model, seq)
-            diff = float((a - b).abs().max())
+            gap = (a - b).abs()
+            if skip_ids:
+                gap[:, skip_ids] = 0.0
+            diff = float(gap.max())
             start = len(want) - 1
             picks = b[start:len(seq) - 1].argmax(-1).tolist()
             agree = sum(int(p == t) for p, t in zip(picks, ref_answer))

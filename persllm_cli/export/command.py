@@ -1,7 +1,8 @@
 """`persllm export`: a run as a merged transformers model (hf), a GGUF file (gguf), or a GGUF with one
 Ollama Modelfile per stage (ollama), checked against the run itself before it is kept; or, with no
 weights, one character card per stage (card). What each format writes and how it is checked is its
-entry in export/formats.py.
+entry in export/formats.py. A run with one adapter per stage exports one stage's run (`--stage`), or,
+as GGUF, every stage: the base and a LoRA GGUF per stage (export/stages.py).
 
 Everything is built in a hidden temporary folder next to `-o` and renamed into place at the end:
 a failure, a failed check or Ctrl-C leaves no half export.
@@ -20,7 +21,7 @@ from persllm_cli.core.errors import EXIT_USAGE, PersllmError
 from persllm_cli.core.project import Project
 from persllm_cli.data.lock import hold
 from persllm_cli.data.store import replace_dir
-from persllm_cli.export.formats import FORMATS, Export, Format, FromProject
+from persllm_cli.export.formats import FORMATS, Export, Format, FromProject, Gguf
 from persllm_cli.export.settings import ExportSettings
 
 
@@ -62,12 +63,16 @@ def run(project: Project | None, settings: ExportSettings) -> int:
     run_dir = runs.resolve_run(settings.run, project)
     info = runs.read_run(run_dir)
     default_stage, _ = info.stage_token(settings.stage)  # an unknown stage fails here
-    if info.stage_runs:   # one adapter per stage: a model holds one of them, the stage's own run
-        if settings.stage is None:
+    every_stage = False
+    if info.stage_runs:   # one adapter per stage: GGUF holds them all, a merged model one, the stage's own run
+        every_stage = settings.stage is None and isinstance(fmt.weights, Gguf)
+        if settings.stage is None and not every_stage:
             raise PersllmError(f"{run_dir} holds one adapter per stage; say which stage's model to export with "
-                               f"--stage ({', '.join(info.stage_runs)})", exit_code=EXIT_USAGE)
-        run_dir = info.stage_runs[default_stage]
-        info = runs.read_run(run_dir)
+                               f"--stage ({', '.join(info.stage_runs)}), or export every stage with --format gguf "
+                               "or ollama", exit_code=EXIT_USAGE)
+        if not every_stage:
+            run_dir = info.stage_runs[default_stage]
+            info = runs.read_run(run_dir)
     if info.trained_stage is not None:   # a stage's own run: its model, template and Modelfiles hold that stage alone
         if settings.stage not in (None, info.trained_stage):
             raise PersllmError(f"{run_dir} was trained for stage {info.trained_stage} alone; for stage {settings.stage}: "
@@ -89,15 +94,27 @@ def run(project: Project | None, settings: ExportSettings) -> int:
             job = Export(info, settings, tmp, default_stage)
             merged = fmt.weights.merged_dir(job)
             merged.mkdir(exist_ok=True)
-            console.info(f"Merging {run_dir.name} into its base {info.base} ({settings.dtype})...")
-            facts = hf.write(info, merged, dtype=settings.dtype, default_stage=default_stage)
-            fmt.weights.write(job, merged, hf.export_tokenizer(info, default_stage))
+            if every_stage:
+                from persllm_cli.export import stages
+
+                console.info(f"Writing {info.base} with every stage's time token, and each stage's adapter as a "
+                             "LoRA GGUF...")
+                facts, tokenizer = stages.write(job, merged)
+            else:
+                console.info(f"Merging {run_dir.name} into its base {info.base} ({settings.dtype})...")
+                facts = hf.write(info, merged, dtype=settings.dtype, default_stage=default_stage)
+                tokenizer = hf.export_tokenizer(info, default_stage)
+            fmt.weights.write(job, merged, tokenizer)
             if fmt.extra is not None:
                 fmt.extra(job)
             export_seconds = time.monotonic() - started
             export_peak = _peak_gb()
             figures: dict[str, Any] = {}
-            if settings.check:
+            if settings.check and every_stage:
+                rounded = fmt.weights.rounded(settings)
+                figures = stages.check(job, tmp / job.gguf_name, exact=fmt.weights.exact(settings),
+                                       rounded=None if rounded is None else rounded[0])
+            elif settings.check:
                 figures = _check(job, fmt, merged)
             fmt.weights.finish(merged)
             (tmp / "README.md").write_text(model_card.render(info, fmt.name, default_stage, facts, figures, fmt.usage(job)),

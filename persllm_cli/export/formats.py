@@ -47,6 +47,15 @@ class Export:
     def gguf_name(self) -> str:
         return f"{self.slug}-{self.settings.quant}.gguf"
 
+    @property
+    def every_stage(self) -> bool:
+        """A run with one adapter per stage exported whole: a base GGUF and a LoRA GGUF per stage."""
+        return bool(self.info.stage_runs)
+
+    def lora_name(self, stage_id: str) -> str:
+        """A stage's LoRA GGUF beside the base (export/stages.py)."""
+        return f"{self.slug}-{stage_id}-lora.gguf"
+
 
 class Weights(Protocol):
     """How a format stores the merged model's weights."""
@@ -185,6 +194,15 @@ def _hf_usage(job: Export) -> list[str]:
 
 def _gguf_usage(job: Export) -> list[str]:
     first = job.info.stages[0]["id"]
+    if job.every_stage:
+        loras = " ".join(f"--lora {job.lora_name(s['id'])}" for s in job.info.stages)
+        return [f"llama.cpp: `llama-server -m {job.gguf_name} --jinja --lora-init-without-apply {loras}`, and with",
+                "each chat request the stage twice, its time token and its adapter (the adapter's id is its place",
+                f"among the --lora flags, from 0): `\"chat_template_kwargs\": {{\"stage\": \"{first}\"}}, "
+                f"\"lora\": [{{\"id\": 0, \"scale\": 1.0}}]`.",
+                f"A request without \"lora\" gets the base without any adapter; without a stage, {job.default_stage}'s token.",
+                f"llama-cli: `llama-cli -m {job.gguf_name} --jinja --lora {job.lora_name(first)} "
+                f"--chat-template-kwargs '{{\"stage\": \"{first}\"}}'`."]
     return [f"llama.cpp: `llama-server -m {job.gguf_name} --jinja` and send",
             f"`\"chat_template_kwargs\": {{\"stage\": \"{first}\"}}` with a chat request (default: {job.default_stage}).",
             f"transformers: `AutoModelForCausalLM.from_pretrained(\".\", gguf_file=\"{job.gguf_name}\")`."]
@@ -199,16 +217,20 @@ def _ollama_usage(job: Export) -> list[str]:
 
 
 def _modelfiles(job: Export) -> None:
-    """One Ollama Modelfile per stage, each FROM the GGUF with that stage's token first."""
+    """One Ollama Modelfile per stage, each FROM the GGUF with that stage's token first (and, for a run
+    with one adapter per stage, that stage's LoRA GGUF as its ADAPTER)."""
     from transformers import AutoTokenizer
 
     from persllm_cli.export import ollama
 
-    run_tok = AutoTokenizer.from_pretrained(job.info.path / "tokenizer")
+    # A run with one adapter per stage has no tokenizer of its own: its stages' runs share one.
+    run = next(iter(job.info.stage_runs.values())) if job.info.stage_runs else job.info.path
+    run_tok = AutoTokenizer.from_pretrained(run / "tokenizer")
     system = job.info.data.get("system")
     for s in job.info.stages:
+        adapter = job.lora_name(s["id"]) if job.every_stage else None
         (job.tmp / f"Modelfile.{s['id']}").write_text(
-            ollama.modelfile(job.gguf_name, run_tok, s["token"], system), encoding="utf-8")
+            ollama.modelfile(job.gguf_name, run_tok, s["token"], system, adapter=adapter), encoding="utf-8")
 
 
 def _cards(job: FromProject) -> list[str]:

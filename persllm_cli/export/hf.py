@@ -39,10 +39,14 @@ def export_tokenizer(info: runs.RunInfo, default_stage: str) -> Any:
 
 def write(info: runs.RunInfo, out: Path, *, dtype: str, default_stage: str) -> dict[str, Any]:
     """Write the merged model into `out` (an empty folder). Returns facts for the model card."""
+    return save(merged_model(info), export_tokenizer(info, default_stage), out, dtype=dtype)
+
+
+def save(model: Any, tok: Any, out: Path, *, dtype: str) -> dict[str, Any]:
+    """Save a transformers model (in `dtype`) with the export's tokenizer and a generation config that
+    stops where the run stops. Returns facts for the model card."""
     import torch
 
-    model = merged_model(info)
-    tok = export_tokenizer(info, default_stage)
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     gen = model.generation_config

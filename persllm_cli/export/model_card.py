@@ -25,10 +25,15 @@ def render(info: runs.RunInfo, fmt: str, default_stage: str, facts: dict[str, An
            use: list[str]) -> str:
     """The card of a `fmt` export; `use` is its "Use" section (the format's entry in formats.py)."""
     persona = info.data.get("persona", "the persona")
-    lines = [f"# {persona} (persllm export, {fmt})", "",
-             f"A persona model of {persona} made with persllm: {info.base} with a LoRA adapter "
-             f"({info.data.get('method', 'sft')}) merged in. Each conversation starts with a time token that "
-             "puts the persona at a stage of life.", ""]
+    if info.stage_runs:
+        made = (f"{info.base} with one LoRA adapter ({info.data.get('method', 'sft')}) per stage "
+                "(`persllm train --adapter-per-stage`), each in a LoRA GGUF of its own beside the base GGUF, which "
+                "holds every stage's time token. Each conversation starts with a time token that puts the persona "
+                "at a stage of life, and is answered with that stage's adapter applied.")
+    else:
+        made = (f"{info.base} with a LoRA adapter ({info.data.get('method', 'sft')}) merged in. Each conversation "
+                "starts with a time token that puts the persona at a stage of life.")
+    lines = [f"# {persona} (persllm export, {fmt})", "", f"A persona model of {persona} made with persllm: {made}", ""]
     if info.trained_stage is not None:
         lines += [f"This is stage {info.trained_stage}'s own model (`persllm train --adapter-per-stage`): its "
                   "adapter learned that stage's examples alone, so it speaks for that stage only.", ""]
@@ -45,7 +50,8 @@ def render(info: runs.RunInfo, fmt: str, default_stage: str, facts: dict[str, An
     elif data:
         lines.append("- Training data: " + json.dumps(data, ensure_ascii=False)[:500])
     if figures:
-        against = "the run with its weights rounded alike" if "vs_float32" in figures else "the run"
+        against = (("each stage's run" if info.stage_runs else "the run")
+                   + (" with its weights rounded alike" if "vs_float32" in figures or "rounded" in figures else ""))
         lines.append(f"- Export check ({figures['format']}, greedy, vs {against}): {figures['identical']}/{figures['answers']} "
                      f"identical answers, token agreement {figures['agreement']:.1%}, largest logit difference "
                      f"{figures['max_logit_diff']:.2e}")

@@ -1,6 +1,7 @@
 """Ollama Modelfiles: one per stage, each FROM the exported GGUF with a Go TEMPLATE that renders the
 training format with that stage's token where the run has it (first, or after each assistant
-header), the stop parameters, and SYSTEM when the run has one.
+header), the stop parameters, and SYSTEM when the run has one; for a run with one adapter per
+stage, ADAPTER names the stage's LoRA GGUF.
 
 Ollama does not run the Jinja template inside the GGUF; its TEMPLATE is written here for ChatML
 bases (SmolLM2, Qwen2) and for bases without a template (plain User:/Assistant: lines).
@@ -45,8 +46,9 @@ def go_template(tokenizer: Any, token: str) -> str:
             "<|im_start|>assistant\n")
 
 
-def modelfile(gguf_name: str, tokenizer: Any, token: str, system: str | None) -> str:
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(tokenizer, token)}"""']
+def modelfile(gguf_name: str, tokenizer: Any, token: str, system: str | None, *, adapter: str | None = None) -> str:
+    lines = [f"FROM ./{gguf_name}"] + ([f"ADAPTER ./{adapter}"] if adapter else [])
+    lines.append(f'TEMPLATE """{go_template(tokenizer, token)}"""')
     for stop in stop_strings(tokenizer):
         lines.append(f"PARAMETER stop {json.dumps(stop)}")
     if system:

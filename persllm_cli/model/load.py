@@ -72,12 +72,14 @@ def _load_base(info: runs.RunInfo, base: str, device: str | None = None, dtype: 
     return models.load_base(base, device=device, dtype=dtype, nf4=nf4, name=info.base)
 
 
-def load_runs_shared(run_dirs: list[Path]) -> list[tuple[Any, Any, runs.RunInfo, str]]:
+def load_runs_shared(run_dirs: list[Path], *, device: str | None = None,
+                     dtype: str | None = None) -> list[tuple[Any, Any, runs.RunInfo, str]]:
     """(model, tokenizer, info, adapter name) per run, where runs on the same base (and with
     tokenizers of the same size) share one loaded base: one PeftModel holding every run's adapter
     (`load_adapter`), the caller activating a run's adapter with `model.set_adapter(name)` before
     each forward pass. The adapters stay unmerged, so on CPU each forward pass is slower than a
     merged run's (the LoRA products are computed apart), for the memory of a single base.
+    `device` and `dtype` as for load_run.
     """
     loaded = [_tokenizer_and_info(Path(d)) for d in run_dirs]
     groups: dict[tuple[str, int], list[int]] = {}
@@ -86,7 +88,7 @@ def load_runs_shared(run_dirs: list[Path]) -> list[tuple[Any, Any, runs.RunInfo,
     out: list[Any] = [None] * len(loaded)
     for (base, _), members in groups.items():
         first_tok, first_info, _ = loaded[members[0]]
-        model = _load_base(first_info, base)
+        model = _load_base(first_info, base, device, dtype)
         models.resize_embeddings(model, len(first_tok))
         model = _attach_adapter(model, first_info.path, first_info.base, adapter_name="run0")
         out[members[0]] = (model, first_tok, first_info, "run0")
@@ -99,14 +101,16 @@ def load_runs_shared(run_dirs: list[Path]) -> list[tuple[Any, Any, runs.RunInfo,
     return out
 
 
-def load_stages(run_dir: Path) -> tuple[Any, Any, runs.RunInfo, dict[str, str]]:
+def load_stages(run_dir: Path, *, device: str | None = None,
+                dtype: str | None = None) -> tuple[Any, Any, runs.RunInfo, dict[str, str]]:
     """(model, tokenizer, info, adapter name per stage) for a run trained with --adapter-per-stage:
     one copy of the base holding every stage's adapter (load_runs_shared), which the caller
-    activates with `model.set_adapter(name)` before generating at that stage."""
+    activates with `model.set_adapter(name)` before generating at that stage. `device` and `dtype`
+    as for load_run."""
     info = runs.read_run(Path(run_dir))
     assert info.stage_runs, "not a run with one adapter per stage"
     stages = list(info.stage_runs)
-    loaded = load_runs_shared([info.stage_runs[sid] for sid in stages])
+    loaded = load_runs_shared([info.stage_runs[sid] for sid in stages], device=device, dtype=dtype)
     models_ = {id(model) for model, *_ in loaded}
     if len(models_) > 1:
         raise PersllmError(f"the stage runs in {info.path} do not share one base and tokenizer; train them again")
