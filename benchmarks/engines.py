@@ -231,6 +231,29 @@ def decode_speed(llama_url: str, llama_model: str, serve_url: str, serve_model: 
             "ratio": statistics.median(ratios) if ratios else None, "ratios": ratios}
 
 
+def llama_server() -> tuple[Path, dict]:
+    """llama-server built from the llama.cpp source persllm finds (PERSLLM_HOME/llama.cpp/server-build,
+    built the first time), and how long finding or building it took."""
+    from persllm_cli.export import engine
+
+    source = engine.find_source()
+    if source is None:
+        sys.exit(f"no llama.cpp source: {engine.HOW}")
+    home = engine.home()
+    home.mkdir(parents=True, exist_ok=True)
+    built = not (home / "server-build" / "bin" / "llama-server").is_file()
+    started, start_load = time.monotonic(), load()
+    if built:
+        print(f"Building llama-server from {engine.describe(source)} into {home / 'server-build'} "
+              f"(10+ minutes on 2 cores; load {start_load})...", flush=True)
+    binary = engine.server(source, log=home / "server-build.log")
+    build = {"built_now": built, "seconds": round(time.monotonic() - started, 1), "load_before": start_load,
+             "load_after": load(), "llama_cpp": engine.describe(source)}
+    if built:
+        print(f"llama-server built in {build['seconds']:.0f} s (load {build['load_after']})")
+    return binary, build
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", nargs="?", type=Path)
@@ -245,25 +268,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from persllm_cli.export import engine
     from persllm_cli.model import runs
     from tests.conftest import run_persllm, subprocess_env
     from tests.serve_server import ServeProcess
 
-    source = engine.find_source()
-    if source is None:
-        sys.exit(f"no llama.cpp source: {engine.HOW}")
-    home = engine.home()
-    home.mkdir(parents=True, exist_ok=True)
-    built = not (home / "server-build" / "bin" / "llama-server").is_file()
-    started, start_load = time.monotonic(), load()
-    if built:
-        print(f"Building llama-server from {engine.describe(source)} into {home / 'server-build'} "
-              f"(10+ minutes on 2 cores; load {start_load})...", flush=True)
-    binary = engine.server(source, log=home / "server-build.log")
-    build = {"built_now": built, "seconds": round(time.monotonic() - started, 1), "load_before": start_load, "load_after": load()}
-    if built:
-        print(f"llama-server built in {build['seconds']:.0f} s (load {build['load_after']})")
+    binary, build = llama_server()
 
     with tempfile.TemporaryDirectory(prefix="persllm-engines-") as tmp:
         tmp = Path(tmp)
@@ -276,7 +285,7 @@ def main() -> None:
         info = runs.read_run(Path(run))
         default = info.stages[-1]["id"]
         run_tok = AutoTokenizer.from_pretrained(Path(run) / "tokenizer")
-        results: dict = {"llama_cpp": engine.describe(source), "build": build, "tokens": args.tokens, "quants": {}}
+        results: dict = {"llama_cpp": build["llama_cpp"], "build": build, "tokens": args.tokens, "quants": {}}
         ggufs = {}
         for quant in ("f16",) if args.speed_only else ("f16", "q8_0"):
             out = tmp / f"gguf-{quant}"

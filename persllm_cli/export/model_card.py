@@ -54,7 +54,8 @@ def render(info: runs.RunInfo, fmt: str, default_stage: str, facts: dict[str, An
                    + (" with its weights rounded alike" if "vs_float32" in figures or "rounded" in figures else ""))
         lines.append(f"- Export check ({figures['format']}, greedy, vs {against}): {figures['identical']}/{figures['answers']} "
                      f"identical answers, token agreement {figures['agreement']:.1%}, largest logit difference "
-                     f"{figures['max_logit_diff']:.2e}")
+                     f"{figures['max_logit_diff']:.2e}"
+                     + (" (the other stages' time tokens left out)" if info.stage_runs else ""))
         if "vs_float32" in figures:
             f32 = figures["vs_float32"]
             lines.append(f"- Against the run as trained (float32): {f32['identical']}/{f32['answers']} identical answers, "
