@@ -104,6 +104,9 @@ persllm train --adapter-per-stage --max-steps 4 --learning-rate 1e-3 --batch-siz
 persllm converse runs/demo-stages@early runs/demo-stages@late --turns 2 --max-new-tokens 40 --seed 0 \
   -o build/converse-stages.jsonl \
   --scene "Harry, eleven, meets his older self, an Auror after the war, in the Gryffindor common room late at night. The young one speaks first."
+step "persllm export runs/demo-stages --format ollama --no-check (every stage: one base GGUF, a LoRA GGUF and a Modelfile per stage)"
+persllm export runs/demo-stages --format ollama -o export/stages --force --no-check
+ls -l export/stages >&2
 
 end=$(date +%s)
 step "demo finished in $((end - start)) s"
@@ -119,6 +122,7 @@ Where everything went (in $DEMO_DIR/):
   export/ollama/           the same as a GGUF file, with Modelfile.<stage> for Ollama
   runs/demo-stages/        one adapter per stage: stages/<stage>/ each a run of its own
   build/converse-stages.jsonl  its young and old stage talking, each with its own adapter
+  export/stages/           its base GGUF with every stage's time token, a LoRA GGUF per stage, Modelfile.<stage>
   runs/latest -> demo-stages
 Talk to it:  cd $DEMO_DIR && persllm chat --stage early
 Serve it:    cd $DEMO_DIR && persllm serve    (then open http://127.0.0.1:8000/)
