@@ -387,8 +387,8 @@ def test_public_bind_needs_a_key(serve_run, _embedded_models):
 # --------------------------------------------------------------------- one adapter per stage
 
 def test_a_run_with_one_adapter_per_stage_answers_each_stage_with_its_own(serve_run, _embedded_models, smollm2):
-    """train --adapter-per-stage: one base in memory, each request decoded with the adapter of the
-    stage its model names, requests at several stages at once included; the answers equal each
+    """train --adapter-per-stage: each request decoded with the adapter of the stage its model names
+    (on CPU each stage's merged model), requests at several stages at once included; the answers equal each
     stage's own run loaded alone."""
     from persllm_cli.model.generate import Sampling, stream_reply
     from persllm_cli.model.load import load_run

@@ -102,8 +102,10 @@ class RunSpeaker:
         self.max_context: int | None = None   # a cap below the model's own context (serve --max-model-len)
         self.model: Any = None
         self.tokenizer: Any = None
-        # A run with one adapter per stage (train --adapter-per-stage): the adapter name of each stage
-        # on the one loaded model, activated before each generation (`route`).
+        # A run with one adapter per stage (train --adapter-per-stage): on CPU each stage's merged
+        # model, else the adapter name of each stage on the one loaded model; `route` picks the
+        # stage's before each generation.
+        self.stage_models: dict[str, Any] | None = None
         self.stage_adapters: dict[str, str] | None = None
         if loaded is not None:
             self.model, self.tokenizer = loaded
@@ -113,16 +115,23 @@ class RunSpeaker:
     def load(self) -> None:
         from persllm_cli.model import load
 
-        if self.info.stage_runs:
+        if self.info.stage_runs and load.default_device() == "cpu":
+            self.stage_models, self.tokenizer, self.info = load.load_stage_models(self.info.path)
+            self.model = self.stage_models[self.stages[-1][0]]
+        elif self.info.stage_runs:
             self.model, self.tokenizer, self.info, self.stage_adapters = load.load_stages(self.info.path)
         else:
             self.model, self.tokenizer, self.info = load.load_run(self.info.path)
 
     def route(self, stage_id: str | None) -> None:
-        """Activate the adapter of `stage_id` (None: the last stage's, the default time) where the run
-        has one per stage; a run with one adapter for every stage needs nothing."""
-        if self.stage_adapters:
-            name = self.stage_adapters[stage_id if stage_id is not None else self.stages[-1][0]]
+        """Take the model (CPU) or activate the adapter of `stage_id` (None: the last stage's, the
+        default time) where the run has one per stage; a run with one adapter for every stage needs
+        nothing."""
+        sid = stage_id if stage_id is not None else self.stages[-1][0]
+        if self.stage_models:
+            self.model = self.stage_models[sid]
+        elif self.stage_adapters:
+            name = self.stage_adapters[sid]
             if getattr(self.model, "active_adapter", None) != name:
                 self.model.set_adapter(name)
 
@@ -201,8 +210,8 @@ class RunSpeaker:
 def load_shared(speakers: list[RunSpeaker]) -> list[str | None]:
     """Load the runs with one copy of each base between them, each run's adapter kept apart on it
     under its own name (to be switched per decode step). Returns each speaker's adapter name: None
-    for a run with one adapter per stage, which loads its own base with its stages' adapters on it
-    (`stage_adapters`)."""
+    for a run with one adapter per stage, which loads its own (`stage_models` on CPU, else
+    `stage_adapters`)."""
     from persllm_cli.model.load import load_runs_shared
 
     shared = iter(load_runs_shared([sp.info.path for sp in speakers if not sp.info.stage_runs]))

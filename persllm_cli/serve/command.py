@@ -90,10 +90,12 @@ def run(project: Project | None, settings: ServeSettings) -> int:
     for x in served:
         if x.key is None:
             continue
+        for sid, model in x.stage_models.items():   # one adapter per stage, on CPU: a merged model per stage
+            runs_loaded[x.key_at(sid)] = (model, x.run.tokenizer)
         for sid, adapter in x.stage_adapters.items():   # one adapter per stage: one key per stage
             runs_loaded[x.key_at(sid)] = (x.run.model, x.run.tokenizer)
             adapters[x.key_at(sid)] = adapter
-        if not x.stage_adapters:
+        if not x.stage_adapters and not x.stage_models:
             runs_loaded[x.key] = (x.run.model, x.run.tokenizer)
     from persllm_cli.model.chat_format import warm_up
 

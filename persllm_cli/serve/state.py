@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from persllm_cli.persona.speaker import BatchSpeaker, Speaker
 from persllm_cli.serve.batcher import Scheduler
@@ -25,11 +25,18 @@ class Served:
         for a run with one adapter, or an API model."""
         return getattr(self.speaker, "stage_adapters", None) or {}
 
+    @property
+    def stage_models(self) -> dict[str, Any]:
+        """Each stage's own model, for a run with one adapter per stage loaded on CPU (merged per
+        stage); empty otherwise."""
+        return getattr(self.speaker, "stage_models", None) or {}
+
     def key_at(self, stage_id: str) -> str:
         """The scheduler's key for an answer at `stage_id`: the run's own, or for a run with one
-        adapter per stage that stage's (each activates its stage's adapter on the shared model)."""
+        adapter per stage that stage's (each decodes with its stage's model, or activates its
+        stage's adapter on the shared one)."""
         assert self.key is not None
-        return f"{self.key}@{stage_id}" if self.stage_adapters else self.key
+        return f"{self.key}@{stage_id}" if self.stage_adapters or self.stage_models else self.key
 
     @property
     def name(self) -> str:
